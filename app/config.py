@@ -1,0 +1,409 @@
+"""Kaizen's configuration: one pydantic model tree, loaded from YAML with dotted overrides.
+
+The tree follows the seed's ``LearningConfig`` (collection, quality, training, model, privacy,
+performance) plus the sections a running service needs (store, serve, ray, security).
+Unknown keys are rejected with the key named; :func:`validate_config` returns the seed's errors
+and warnings; :func:`load_config` raises :class:`ConfigError` on any error.
+
+Example::
+
+    cfg = load_config("configs/default.yaml", ["collection.capture_rate=0.5"])
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "KaizenConfig",
+    "ValidationReport",
+    "apply_overrides",
+    "load_config",
+    "validate_config",
+]
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; ``errors`` lists every problem as ``key: reason``."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid configuration{where}:\n  " + "\n  ".join(errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- the seed's LearningConfig sections -------------------------------------------------------
+
+
+class CollectionConfig(_Section):
+    capture_rate: float = Field(
+        1.0, description="Share of sessions captured, 0.0-1.0; sampled deterministically by session."
+    )
+    exclude_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regexes; an interaction whose prompt or response matches one is dropped whole.",
+    )
+    anonymize: bool = Field(True, description="Run the privacy filter before anything is stored.")
+    retention_days: int = Field(30, description="Days raw interactions are kept (at least 1).")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body, in bytes (413 above)."
+    )
+    max_events_per_batch: int = Field(
+        5000, gt=0, description="Most events one POST /v1/events may carry (413 above)."
+    )
+    max_future_skew_s: float = Field(
+        300.0, ge=0, description="How far in the future an event timestamp may be before it is rejected."
+    )
+
+
+class QualityConfig(_Section):
+    real_time: bool = Field(True, description="Score interactions as they are committed.")
+    threshold: float = Field(0.70, description="Quality needed for training inclusion, 0.0-1.0.")
+    assessment_timeout_ms: float = Field(
+        500.0, gt=0, description="Time budget of one assessment; below 100 ms accuracy suffers."
+    )
+    fallback_on_timeout: bool = Field(True, description="Answer with a cheap score past the budget.")
+
+
+class ResourceLimitsConfig(_Section):
+    max_vram_gb: float = Field(35.0, gt=0, description="VRAM a training run may use (the seed's 35 GB).")
+    max_system_memory_gb: float = Field(16.0, gt=0, description="Host memory a training run may use.")
+    max_cpu_cores: int = Field(2, gt=0, description="CPU cores a training run may use.")
+
+
+class TrainingConfig(_Section):
+    auto_training: bool = Field(True, description="Let the scheduler start learning cycles by itself.")
+    min_interactions: int = Field(
+        100, ge=0, description="Training-eligible interactions needed before a cycle starts."
+    )
+    interval_hours: float = Field(24.0, gt=0, description="Least time between two learning cycles.")
+    max_hours: float = Field(4.0, gt=0, description="Longest a learning cycle may run.")
+    resource_limits: ResourceLimitsConfig = Field(
+        default_factory=ResourceLimitsConfig, description="Resources a training run may use."
+    )
+
+
+class ModelConfig(_Section):
+    base_model: str = Field(
+        "tiny", description="Base model: 'tiny' (embedded), a Hugging Face id, or a local path."
+    )
+    checkpoint_dir: str = Field("data/checkpoints", description="Where fine-tuned adapters are kept.")
+    max_checkpoints: int = Field(5, gt=0, description="Adapters kept per lineage before pruning.")
+    deployment_strategy: Literal["immediate", "staged", "manual"] = Field(
+        "staged", description="How a validated adapter reaches production."
+    )
+
+
+class PrivacyConfig(_Section):
+    data_minimization: bool = Field(True, description="Store only the fields the learning loop uses.")
+    exclude_sensitive_patterns: list[str] = Field(
+        default_factory=list, description="Extra regexes whose matches are redacted as 'custom'."
+    )
+    encryption: bool = Field(False, description="Encrypt stored text at rest (engine-level).")
+    audit_trail: bool = Field(True, description="Write alias moves and deletions to the audit log.")
+    hmac_key: str | None = Field(
+        None, description="Key for hashing session and user ids; prefer hmac_key_env in production."
+    )
+    hmac_key_env: str = Field(
+        "KAIZEN_HMAC_KEY", description="Environment variable read for the HMAC key when hmac_key is unset."
+    )
+
+
+class PerformanceConfig(_Section):
+    max_collection_overhead_ms: float = Field(
+        5.0, gt=0, description="Most time recording may add to an agent call (the seed's 5 ms)."
+    )
+    async_processing: bool = Field(True, description="Score and process off the request path.")
+    batch_size: int = Field(100, gt=0, description="Events per client batch.")
+    cache_size: int = Field(10000, ge=0, description="Entries in the quality-score LRU cache.")
+
+
+# --- service sections ----------------------------------------------------------------------------
+
+
+class StoreConfig(_Section):
+    engine: Literal["sqlite", "postgres"] = Field("sqlite", description="Storage engine.")
+    sqlite_path: str = Field("data/kaizen.db", description="SQLite database file (engine=sqlite).")
+    postgres_dsn: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/kaizen",
+        description="libpq connection string (engine=postgres); the password may come from PGPASSWORD.",
+    )
+    pool_size: int = Field(4, gt=0, description="PostgreSQL connections per process.")
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="Requests per replica to aim for.")
+
+
+class CollectorServeConfig(_Section):
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per collector replica.")
+    max_ongoing_requests: int = Field(256, gt=0, description="Concurrent requests per replica.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Serve autoscaling of the collector."
+    )
+    max_batch_size: int = Field(
+        64, gt=0, description="Requests group-committed in one transaction (@serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="Longest a request waits for others to share its commit."
+    )
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port the HTTP proxy binds.")
+    app_name: str = Field("kaizen", description="Serve application name.")
+    route_prefix: str = Field("/", description="Route prefix of the application.")
+    collector: CollectorServeConfig = Field(
+        default_factory=CollectorServeConfig, description="The collector deployment."
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster to join; None starts a local one.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray; None means all.")
+    namespace: str = Field("kaizen", description="Ray namespace of the actors and Serve app.")
+
+
+class ApiKeyConfig(_Section):
+    key_env: str | None = Field(None, description="Environment variable that holds the key.")
+    key: str | None = Field(None, description="The key itself (prefer key_env).")
+    role: Literal["agent", "operator"] = Field(
+        "agent", description="agent: record and read interactions; operator: everything."
+    )
+
+
+class SecurityConfig(_Section):
+    api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="Accepted API keys; empty means no authentication."
+    )
+
+
+class KaizenConfig(_Section):
+    """The whole configuration tree; ``configs/default.yaml`` is the embedded default."""
+
+    enabled: bool = Field(True, description="Master switch for the learning loop.")
+    collection: CollectionConfig = Field(default_factory=CollectionConfig, description="Data collection.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality assessment.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training triggers.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and checkpoints.")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Privacy and security.")
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig, description="Overhead limits and batching."
+    )
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Interaction store.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve application.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and roles.")
+
+    def hmac_key(self) -> bytes:
+        """The key for hashing ids: ``privacy.hmac_key``, else the environment variable, else a
+        fixed development key (the embedded default only; ``kaizen up`` warns about it)."""
+        key = self.privacy.hmac_key or os.environ.get(self.privacy.hmac_key_env)
+        return (key or "kaizen-development-key").encode()
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    """The seed's validation result: errors make a config unusable, warnings do not."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    config: KaizenConfig | None = None
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where ``loc`` points (its parent section)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        args = getattr(annotation, "__args__", ()) or (annotation,)
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)
+
+
+def _pydantic_errors(exc: ValidationError) -> list[str]:
+    messages = []
+    for err in exc.errors():
+        loc = err["loc"]
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(KaizenConfig, loc)
+            messages.append(f"{key}: unknown key (allowed: {', '.join(allowed)})")
+        elif err["type"] == "literal_error":
+            messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        else:
+            messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return messages
+
+
+def validate_config(data: dict[str, Any]) -> ValidationReport:
+    """Validate a raw config mapping: types and unknown keys, then the seed's rules.
+
+    Returns:
+        A report with ``errors`` (``key: reason``), ``warnings`` and, when valid, the config.
+    """
+    report = ValidationReport()
+    try:
+        cfg = KaizenConfig.model_validate(data or {})
+    except ValidationError as exc:
+        report.errors = _pydantic_errors(exc)
+        return report
+
+    c = cfg.collection
+    if not 0.0 <= c.capture_rate <= 1.0:
+        report.errors.append(
+            f"collection.capture_rate: must be between 0.0 and 1.0 (got {c.capture_rate})"
+        )
+    if c.retention_days < 1:
+        report.errors.append(f"collection.retention_days: must be at least 1 (got {c.retention_days})")
+    if not 0.0 <= cfg.quality.threshold <= 1.0:
+        report.errors.append(f"quality.threshold: must be between 0.0 and 1.0 (got {cfg.quality.threshold})")
+    if not cfg.model.base_model.strip():
+        report.errors.append("model.base_model: a base model (name or path) is required")
+    if not cfg.model.checkpoint_dir.strip():
+        report.errors.append("model.checkpoint_dir: a checkpoint directory is required")
+    if cfg.serve.collector.autoscaling.min_replicas > cfg.serve.collector.autoscaling.max_replicas:
+        report.errors.append(
+            "serve.collector.autoscaling.min_replicas: must not exceed max_replicas "
+            f"({cfg.serve.collector.autoscaling.min_replicas} > {cfg.serve.collector.autoscaling.max_replicas})"
+        )
+    for section, patterns in (
+        ("collection.exclude_patterns", c.exclude_patterns),
+        ("privacy.exclude_sensitive_patterns", cfg.privacy.exclude_sensitive_patterns),
+    ):
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                report.errors.append(f"{section}.{i}: not a valid regular expression ({exc})")
+    for i, key in enumerate(cfg.security.api_keys):
+        if not key.key and not key.key_env:
+            report.errors.append(f"security.api_keys.{i}: set key or key_env")
+
+    if cfg.quality.assessment_timeout_ms < 100:
+        report.warnings.append(
+            f"quality.assessment_timeout_ms: {cfg.quality.assessment_timeout_ms} ms is below 100 ms "
+            "and may affect accuracy"
+        )
+    if cfg.training.min_interactions < 10:
+        report.warnings.append(
+            f"training.min_interactions: {cfg.training.min_interactions} is very low and may affect quality"
+        )
+    if cfg.training.resource_limits.max_vram_gb < 8:
+        report.warnings.append(
+            f"training.resource_limits.max_vram_gb: {cfg.training.resource_limits.max_vram_gb} GB is below "
+            "8 GB and may prevent training of larger models"
+        )
+    if not cfg.privacy.hmac_key and not os.environ.get(cfg.privacy.hmac_key_env):
+        report.warnings.append(
+            f"privacy.hmac_key: unset and ${cfg.privacy.hmac_key_env} is empty; ids are hashed with a "
+            "development key"
+        )
+    if report.valid:
+        report.config = cfg
+    return report
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config mapping.
+
+    Raises:
+        ConfigError: an override without ``=`` or one that descends into a non-mapping.
+    """
+    data = dict(data or {})
+    errors = []
+    for item in overrides or []:
+        if "=" not in item:
+            errors.append(f"{item}: an override must look like section.key=value")
+            continue
+        dotted, value = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            errors.append(f"{item}: empty key")
+            continue
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                errors.append(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
+                break
+            else:
+                child = dict(child)
+            node[part] = child
+            node = child
+        else:
+            node[parts[-1]] = _parse_value(value)
+    if errors:
+        raise ConfigError(errors)
+    return data
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (empty file: empty mapping)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError([f"{p}: no such file"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{p}: not valid YAML ({exc})"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: the top level must be a mapping"])
+    return data
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> KaizenConfig:
+    """Load and validate a config file (default ``configs/default.yaml``) with dotted overrides.
+
+    Raises:
+        ConfigError: listing every error, each naming its key.
+    """
+    source = str(path or DEFAULT_CONFIG_PATH)
+    data = apply_overrides(read_config_file(source), overrides)
+    report = validate_config(data)
+    if not report.valid:
+        raise ConfigError(report.errors, source)
+    assert report.config is not None
+    return report.config

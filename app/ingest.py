@@ -1,0 +1,267 @@
+"""From raw JSON events to privacy-filtered rows: validation, exclusion, sampling, redaction.
+
+:class:`IngestPipeline` is the collector's logic without Serve or HTTP: ``prepare`` answers every
+event of a batch on its own (one bad event never spoils the rest) and returns the accepted ones as
+:class:`~app.store.StoredEvent` rows; the caller commits them and fills in accepted or duplicate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.config import KaizenConfig
+from app.privacy import PrivacyFilter
+from app.schemas import (
+    EventEnvelope,
+    EventResult,
+    Feedback,
+    Interaction,
+    Outcome,
+    ToolUsage,
+    format_validation_error,
+    parse_event_body,
+)
+from app.store.base import OUTCOME_FIELDS, StoredEvent
+
+__all__ = ["IngestPipeline", "Prepared"]
+
+
+@dataclass
+class Prepared:
+    """``prepare``'s answer: a result per input event (``None`` where the commit decides) and the
+    events to commit, with their positions in the input."""
+
+    results: list[EventResult | None]
+    to_commit: list[StoredEvent]
+    positions: list[int]
+
+    def finish(self, written: Sequence[bool]) -> list[EventResult]:
+        """Fill in accepted or duplicate from the store's answer for ``to_commit``."""
+        for pos, ev, new in zip(self.positions, self.to_commit, written):
+            self.results[pos] = EventResult(id=ev.id, status="accepted" if new else "duplicate")
+        return [r for r in self.results if r is not None]
+
+
+class IngestPipeline:
+    """Validate, filter and convert events; see the module docstring."""
+
+    def __init__(self, cfg: KaizenConfig):
+        self.cfg = cfg
+        self.anonymize = cfg.collection.anonymize
+        self.max_skew = timedelta(seconds=cfg.collection.max_future_skew_s)
+        self.privacy = PrivacyFilter(
+            hmac_key=cfg.hmac_key(),
+            extra_patterns=cfg.privacy.exclude_sensitive_patterns,
+            exclude_patterns=cfg.collection.exclude_patterns,
+            capture_rate=cfg.collection.capture_rate,
+        )
+
+    # --- the batch -----------------------------------------------------------------------------
+
+    def prepare(self, raw_events: Sequence[Any], now: datetime | None = None) -> Prepared:
+        now = now or datetime.now(timezone.utc)
+        out = Prepared(results=[], to_commit=[], positions=[])
+        for i, raw in enumerate(raw_events):
+            try:
+                result, stored = self._prepare_one(raw, now)
+            except Exception as exc:  # a bug must reject one event, never the batch
+                result = EventResult(
+                    id=raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None,
+                    status="rejected",
+                    field=None,
+                    reason=f"internal error while processing the event: {type(exc).__name__}: {exc}",
+                )
+                stored = None
+            out.results.append(result)
+            if stored is not None:
+                out.positions.append(i)
+                out.to_commit.append(stored)
+        return out
+
+    def _prepare_one(self, raw: Any, now: datetime) -> tuple[EventResult | None, StoredEvent | None]:
+        if not isinstance(raw, dict):
+            return _rejected(None, "", f"an event must be a JSON object, not {type(raw).__name__}"), None
+        event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+        try:
+            env = EventEnvelope.model_validate(raw)
+        except ValidationError as exc:
+            field, reason = format_validation_error(exc)
+            return _rejected(event_id, field, reason), None
+        if env.timestamp - now > self.max_skew:
+            ahead = (env.timestamp - now).total_seconds()
+            return (
+                _rejected(
+                    env.id,
+                    "timestamp",
+                    f"{ahead:.0f} s in the future (at most {self.max_skew.total_seconds():.0f} s allowed)",
+                ),
+                None,
+            )
+        try:
+            body = parse_event_body(env.type, env.body)
+        except ValidationError as exc:
+            field, reason = format_validation_error(exc, prefix="body")
+            return _rejected(env.id, field, reason), None
+        except ValueError as exc:
+            field, _, reason = str(exc).partition(": ")
+            return _rejected(env.id, f"body.{field}", reason), None
+
+        if isinstance(body, Interaction):
+            if self.privacy.excluded(body.input.raw, body.output.content):
+                return EventResult(id=env.id, status="excluded", reason="matched an exclude pattern"), None
+            if not self.privacy.should_capture(body.session_id):
+                return EventResult(id=env.id, status="sampled_out", reason="session not sampled"), None
+            return None, self._interaction(env, body, now)
+        return None, self._attachment(env, body, now)
+
+    # --- rows ------------------------------------------------------------------------------------
+
+    def _text(self, value: str | None, found: Counter[str]) -> str | None:
+        if value is None or not self.anonymize:
+            return value
+        red = self.privacy.redact(value)
+        found.update(red.findings)
+        return red.text
+
+    def _json(self, value: Any, found: Counter[str]) -> Any:
+        if not self.anonymize:
+            return value
+        clean, kinds = self.privacy.redact_json(value)
+        found.update(kinds)
+        return clean
+
+    def _interaction(self, env: EventEnvelope, it: Interaction, now: datetime) -> StoredEvent:
+        found: Counter[str] = Counter()
+        rows: dict[str, list[dict[str, Any]]] = {
+            "interactions": [
+                {
+                    "id": env.id,
+                    "session_hash": self.privacy.hash_id(it.session_id),
+                    "user_hash": self.privacy.hash_id(it.user_id) if it.user_id else None,
+                    "timestamp": env.timestamp,
+                    "received_at": now,
+                    "sequence_number": it.sequence_number,
+                    "input_raw": self._text(it.input.raw, found),
+                    "input_processed": self._text(it.input.processed, found),
+                    "input_type": it.input.type,
+                    "intent": it.input.intent,
+                    "complexity": it.input.complexity,
+                    "output_content": self._text(it.output.content, found),
+                    "output_format": it.output.format,
+                    "generation_time_ms": it.output.generation_time_ms,
+                    "token_count": it.output.token_count,
+                    "streaming": it.output.streaming,
+                    "model_version": it.metadata.model_version,
+                    "temperature": it.metadata.temperature,
+                    "max_tokens": it.metadata.max_tokens,
+                    "stop_sequences": list(it.metadata.stop_sequences),
+                    "system_prompt": self._text(it.metadata.system_prompt, found),
+                }
+            ]
+        }
+        if it.context is not None:
+            rows["context_snapshots"] = [
+                {
+                    "interaction_id": env.id,
+                    "project_context": self._json(it.context.model_dump(mode="json", exclude_none=True), found),
+                    "created_at": env.timestamp,
+                }
+            ]
+        for i, tool in enumerate(it.tool_calls):
+            rows.setdefault("tool_usage", []).append(
+                self._tool_row(f"{env.id}/tool/{i}", env.id, env.timestamp, tool, found)
+            )
+        if it.feedback is not None:
+            rows["feedback"] = [self._feedback_row(f"{env.id}/feedback", env.id, env.timestamp, it.feedback, found)]
+        if it.outcome is not None:
+            rows["outcomes"] = [self._outcome_row(f"{env.id}/outcome", env.id, env.timestamp, it.outcome)]
+        rows["interactions"][0]["redaction_count"] = sum(found.values())
+        self._redaction_rows(rows, env, found)
+        return StoredEvent(id=env.id, type=env.type, timestamp=env.timestamp, rows=rows, received_at=now)
+
+    def _attachment(self, env: EventEnvelope, body: Any, now: datetime) -> StoredEvent:
+        found: Counter[str] = Counter()
+        target = body.interaction_id
+        if isinstance(body, Feedback):
+            rows = {"feedback": [self._feedback_row(env.id, target, env.timestamp, body, found)]}
+        elif isinstance(body, ToolUsage):
+            rows = {"tool_usage": [self._tool_row(env.id, target, env.timestamp, body, found)]}
+        else:
+            assert isinstance(body, Outcome)
+            rows = {"outcomes": [self._outcome_row(env.id, target, env.timestamp, body)]}
+        self._redaction_rows(rows, env, found)
+        return StoredEvent(id=env.id, type=env.type, timestamp=env.timestamp, rows=rows, received_at=now)
+
+    def _tool_row(
+        self, row_id: str, interaction_id: str, ts: datetime, tool: ToolUsage, found: Counter[str]
+    ) -> dict[str, Any]:
+        return {
+            "id": row_id,
+            "interaction_id": interaction_id,
+            "timestamp": ts,
+            "tool_name": tool.tool_name,
+            "invocation_order": tool.invocation_order,
+            "parameters_raw": self._json(tool.parameters_raw, found),
+            "parameters_processed": (
+                self._json(tool.parameters_processed, found) if tool.parameters_processed is not None else None
+            ),
+            "start_time": tool.start_time,
+            "end_time": tool.end_time,
+            "duration_ms": (
+                tool.duration_ms
+                if tool.duration_ms is not None or not (tool.start_time and tool.end_time)
+                else (tool.end_time - tool.start_time).total_seconds() * 1000
+            ),
+            "success": tool.success,
+            "retry_count": tool.retry_count,
+            "output": self._text(tool.output, found),
+            "error": self._text(tool.error, found),
+            "exit_code": tool.exit_code,
+            "resource_usage": tool.resource_usage,
+        }
+
+    def _feedback_row(
+        self, row_id: str, interaction_id: str, ts: datetime, fb: Feedback, found: Counter[str]
+    ) -> dict[str, Any]:
+        ex, im, te = fb.explicit, fb.implicit, fb.temporal
+        return {
+            "id": row_id,
+            "interaction_id": interaction_id,
+            "timestamp": ts,
+            "rating": ex.rating if ex else None,
+            "thumbs": ex.thumbs if ex else None,
+            "comment": self._text(ex.comment, found) if ex else None,
+            "correction": self._text(ex.correction, found) if ex else None,
+            "accepted": im.accepted if im else None,
+            "modified": im.modified if im else None,
+            "abandoned": im.abandoned if im else None,
+            "time_to_acceptance_s": im.time_to_acceptance_s if im else None,
+            "time_to_first_use_s": te.time_to_first_use_s if te else None,
+            "usage_time_s": te.usage_time_s if te else None,
+            "return_visits": te.return_visits if te else None,
+            "copy_events": te.copy_events if te else None,
+        }
+
+    @staticmethod
+    def _outcome_row(row_id: str, interaction_id: str, ts: datetime, oc: Outcome) -> dict[str, Any]:
+        row: dict[str, Any] = {"id": row_id, "interaction_id": interaction_id, "timestamp": ts}
+        row.update({name: getattr(oc, name) for name in OUTCOME_FIELDS})
+        return row
+
+    @staticmethod
+    def _redaction_rows(rows: dict[str, list[dict[str, Any]]], env: EventEnvelope, found: Counter[str]) -> None:
+        if found:
+            rows["redactions"] = [
+                {"event_id": env.id, "kind": kind, "count": n, "timestamp": env.timestamp}
+                for kind, n in sorted(found.items())
+            ]
+
+
+def _rejected(event_id: str | None, field: str, reason: str) -> EventResult:
+    return EventResult(id=event_id, status="rejected", field=field or None, reason=reason)

@@ -1,0 +1,263 @@
+"""The collector's HTTP API as a FastAPI app over a plain :class:`CollectorService`.
+
+``create_api(service)`` is what the Serve deployment mounts (``app/serve/collector.py``) and what
+tests run under plain uvicorn. Writes are group-committed with ``@serve.batch``: concurrent
+requests share one transaction, and a 2xx is sent only after that transaction committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from app.config import KaizenConfig
+from app.ingest import IngestPipeline
+from app.schemas import EventResult
+from app.store import InteractionStore, StoredEvent, open_store
+
+__all__ = ["CollectorService", "create_api"]
+
+log = logging.getLogger("kaizen.collector")
+Role = Literal["agent", "operator"]
+
+
+class CollectorService:
+    """Ingestion and queries: validation and privacy (``IngestPipeline``), group commit, store."""
+
+    def __init__(self, cfg: KaizenConfig, store: InteractionStore | None = None):
+        self.cfg = cfg
+        self.pipeline = IngestPipeline(cfg)
+        self.store = store or open_store(cfg.store)
+        self.started = time.time()
+        self.keys: list[tuple[bytes, Role]] = []
+        for entry in cfg.security.api_keys:
+            key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
+            if key:
+                self.keys.append((key.encode(), entry.role))
+        self._commit.set_max_batch_size(cfg.serve.collector.max_batch_size)
+        self._commit.set_batch_wait_timeout_s(cfg.serve.collector.batch_wait_timeout_s)
+
+    # --- auth ----------------------------------------------------------------------------------
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.keys)
+
+    def role_of(self, presented: str | None) -> Role | None:
+        if presented is None:
+            return None
+        for key, role in self.keys:
+            if hmac.compare_digest(key, presented.encode()):
+                return role
+        return None
+
+    # --- writes --------------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _commit(self, batches: list[list[StoredEvent]]) -> list[list[bool]]:
+        flat = [ev for batch in batches for ev in batch]
+        # The write blocks; a worker thread keeps the event loop parsing the next requests.
+        written = await asyncio.to_thread(self.store.write, flat)
+        out, start = [], 0
+        for batch in batches:
+            out.append(written[start : start + len(batch)])
+            start += len(batch)
+        return out
+
+    async def ingest(self, raw_events: Sequence[Any]) -> list[EventResult]:
+        """Validate, filter and commit a batch; one result per event, in order."""
+        prepared = self.pipeline.prepare(raw_events)
+        written = await self._commit(prepared.to_commit) if prepared.to_commit else []
+        return prepared.finish(written)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def hash_session(self, session_id: str) -> str:
+        return self.pipeline.privacy.hash_id(session_id)
+
+
+def _error(status: int, field: str | None, reason: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"field": field, "reason": reason}})
+
+
+def _summary(results: list[EventResult]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {
+        "results": [r.model_dump(exclude_none=True) for r in results],
+        "counts": counts,
+    }
+
+
+def create_api(service: CollectorService) -> FastAPI:
+    """The FastAPI app of the collector (OpenAPI at ``/openapi.json``)."""
+    cfg = service.cfg
+    api = FastAPI(
+        title="Kaizen",
+        version="0.1.0",
+        description="Collects coding-agent interactions: privacy-filtered, durable, idempotent.",
+    )
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path")]
+        return _error(422, ".".join(loc) or None, err["msg"])
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict):
+            return _error(exc.status_code, exc.detail.get("field"), exc.detail.get("reason", ""))
+        return _error(exc.status_code, None, str(exc.detail))
+
+    def require(role: Role):
+        async def check(request: Request) -> Role:
+            if not service.auth_required:
+                return "operator"
+            presented = request.headers.get("x-api-key")
+            auth = request.headers.get("authorization", "")
+            if presented is None and auth.lower().startswith("bearer "):
+                presented = auth[7:].strip()
+            got = service.role_of(presented)
+            if got is None:
+                raise HTTPException(401, {"field": "authorization", "reason": "missing or unknown API key"})
+            if role == "operator" and got != "operator":
+                raise HTTPException(403, {"field": "authorization", "reason": "needs the operator role"})
+            return got
+
+        return Depends(check)
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        limit = cfg.collection.max_body_bytes
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, {"field": "body", "reason": f"body of {declared} bytes exceeds {limit}"})
+        body = await request.body()
+        if len(body) > limit:
+            raise HTTPException(413, {"field": "body", "reason": f"body of {len(body)} bytes exceeds {limit}"})
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPException(400, {"field": "body", "reason": f"not valid JSON: {exc}"}) from None
+
+    @api.post("/v1/events", summary="Record a batch of events", dependencies=[require("agent")])
+    async def post_events(request: Request) -> JSONResponse:
+        """Body ``{"events": [{id, type, timestamp, body}, ...]}``. Answers per event: accepted,
+        duplicate, excluded, sampled_out, or rejected with the field and the reason. 200 when no
+        event was rejected, 207 otherwise; every accepted event is committed before the answer."""
+        data = await read_json(request)
+        if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+            raise HTTPException(422, {"field": "events", "reason": "expected an object with an 'events' list"})
+        events = data["events"]
+        if len(events) > cfg.collection.max_events_per_batch:
+            raise HTTPException(
+                413,
+                {"field": "events", "reason": f"{len(events)} events exceed {cfg.collection.max_events_per_batch}"},
+            )
+        results = await service.ingest(events)
+        status = 207 if any(r.status == "rejected" for r in results) else 200
+        return JSONResponse(status_code=status, content=_summary(results))
+
+    async def post_single(request: Request, event_type: str) -> JSONResponse:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise HTTPException(422, {"field": "body", "reason": "expected a JSON object"})
+        body = dict(body)
+        event = {
+            "id": body.pop("id", None) or uuid.uuid4().hex,
+            "type": event_type,
+            "timestamp": body.pop("timestamp", None) or datetime.now(timezone.utc).isoformat(),
+            "body": body,
+        }
+        (result,) = await service.ingest([event])
+        if result.status == "rejected":
+            field = result.field or ""
+            field = field[5:] if field.startswith("body.") else field
+            return _error(422, field or None, result.reason or "rejected")
+        status = 201 if result.status == "accepted" else 200
+        return JSONResponse(status_code=status, content=result.model_dump(exclude_none=True))
+
+    @api.post("/v1/interactions", summary="Record one interaction", dependencies=[require("agent")])
+    async def post_interaction(request: Request) -> JSONResponse:
+        """The interaction body itself; optional ``id`` and ``timestamp`` at its top level."""
+        return await post_single(request, "interaction")
+
+    @api.post("/v1/feedback", summary="Record feedback on an interaction", dependencies=[require("agent")])
+    async def post_feedback(request: Request) -> JSONResponse:
+        return await post_single(request, "feedback")
+
+    @api.post("/v1/tool-usage", summary="Record one tool invocation", dependencies=[require("agent")])
+    async def post_tool_usage(request: Request) -> JSONResponse:
+        return await post_single(request, "tool_usage")
+
+    @api.post("/v1/outcomes", summary="Record outcome metrics", dependencies=[require("agent")])
+    async def post_outcome(request: Request) -> JSONResponse:
+        return await post_single(request, "outcome")
+
+    @api.get("/v1/interactions/{interaction_id}", dependencies=[require("agent")])
+    async def get_interaction(interaction_id: str) -> dict[str, Any]:
+        """The interaction with its context, tool usage, feedback and merged outcome."""
+        record = await asyncio.to_thread(service.store.get_interaction, interaction_id)
+        if record is None:
+            raise HTTPException(404, {"field": "interaction_id", "reason": f"no interaction {interaction_id!r}"})
+        return record
+
+    @api.get("/v1/interactions", dependencies=[require("operator")])
+    async def list_interactions(
+        session_id: str | None = Query(None, description="Raw session id (hashed here)."),
+        since: datetime | None = Query(None, description="Inclusive lower time bound."),
+        until: datetime | None = Query(None, description="Exclusive upper time bound."),
+        min_quality: float | None = Query(None, ge=0, le=1),
+        max_quality: float | None = Query(None, ge=0, le=1),
+        quality_status: str | None = Query(None),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        """Interactions by session, time range and quality range, oldest first."""
+        rows = await asyncio.to_thread(
+            service.store.query_interactions,
+            session_hash=service.hash_session(session_id) if session_id else None,
+            since=since,
+            until=until,
+            min_quality=min_quality,
+            max_quality=max_quality,
+            quality_status=quality_status,
+            limit=limit,
+            offset=offset,
+        )
+        return {"interactions": rows, "count": len(rows)}
+
+    @api.get("/v1/stats", dependencies=[require("operator")])
+    async def stats() -> dict[str, Any]:
+        """Interactions per day, redactions per kind, and the store engine."""
+        return await asyncio.to_thread(service.store.stats)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the process answers."""
+        return {"status": "ok", "uptime_s": round(time.time() - service.started, 1)}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: the store answers a query."""
+        ok = await asyncio.to_thread(service.store.ping)
+        return JSONResponse(
+            status_code=200 if ok else 503,
+            content={"status": "ready" if ok else "store unavailable", "engine": service.store.engine},
+        )
+
+    return api

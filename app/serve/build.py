@@ -1,0 +1,50 @@
+"""Typed Serve application builder: ``serve run app.serve.build:build_app config=configs/default.yaml``.
+
+``kaizen up`` calls :func:`build_app` with a loaded config; ``serve run`` passes string args.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from app.config import KaizenConfig, load_config
+from app.serve.collector import CollectorDeployment
+
+__all__ = ["BuildArgs", "build_app", "collector_options"]
+
+
+class BuildArgs(BaseModel):
+    """Arguments of ``serve run app.serve.build:build_app``."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: str = Field("configs/default.yaml", description="Config file.")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides, key=value.")
+
+
+def collector_options(cfg: KaizenConfig) -> dict[str, Any]:
+    """Deployment options of the collector from ``serve.collector``."""
+    c = cfg.serve.collector
+    return {
+        "ray_actor_options": {"num_cpus": c.num_cpus},
+        "max_ongoing_requests": c.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": c.autoscaling.min_replicas,
+            "initial_replicas": max(1, c.autoscaling.min_replicas),
+            "max_replicas": c.autoscaling.max_replicas,
+            "target_ongoing_requests": c.autoscaling.target_ongoing_requests,
+        },
+        "health_check_period_s": 5,
+    }
+
+
+def build_app(args: dict[str, Any] | KaizenConfig | None = None) -> Application:
+    """The Kaizen Serve application from a config (or ``serve run`` args)."""
+    if isinstance(args, KaizenConfig):
+        cfg = args
+    else:
+        parsed = BuildArgs.model_validate(args or {})
+        cfg = load_config(parsed.config, parsed.overrides)
+    return CollectorDeployment.options(**collector_options(cfg)).bind(cfg.model_dump(mode="json"))

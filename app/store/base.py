@@ -1,0 +1,517 @@
+"""The interaction store's engine-independent half: schema migrations, batched idempotent writes,
+and the queries. ``SQLiteStore`` and ``PostgresStore`` supply a connection and a SQL dialect.
+
+Every write is one transaction. The ``events`` ledger holds every accepted event id, so a retried
+event is reported as a duplicate and written once. Feedback, tool usage and outcomes reference
+their interaction by id without a foreign key, so they attach whichever arrives first.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["MIGRATIONS", "InteractionStore", "StoredEvent", "WRITABLE_TABLES"]
+
+
+@dataclass
+class StoredEvent:
+    """An accepted, privacy-filtered event ready to commit: its ledger entry and its rows."""
+
+    id: str
+    type: str
+    timestamp: datetime
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+# Column types are placeholders filled per engine: {TS} timestamp, {JSON}, {BOOL}, {REAL}, {ID} serial key.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "interactions, context, tool usage, feedback, outcomes, redactions, quality, registry, audit",
+        [
+            """CREATE TABLE events (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                received_at {TS} NOT NULL)""",
+            """CREATE TABLE interactions (
+                id TEXT PRIMARY KEY,
+                session_hash TEXT NOT NULL,
+                user_hash TEXT,
+                timestamp {TS} NOT NULL,
+                received_at {TS} NOT NULL,
+                sequence_number INTEGER NOT NULL DEFAULT 0,
+                input_raw TEXT NOT NULL,
+                input_processed TEXT,
+                input_type TEXT NOT NULL,
+                intent TEXT,
+                complexity TEXT,
+                output_content TEXT NOT NULL,
+                output_format TEXT NOT NULL,
+                generation_time_ms {REAL},
+                token_count INTEGER,
+                streaming {BOOL},
+                model_version TEXT,
+                temperature {REAL},
+                max_tokens INTEGER,
+                stop_sequences {JSON},
+                system_prompt TEXT,
+                redaction_count INTEGER NOT NULL DEFAULT 0,
+                quality_score {REAL},
+                quality_confidence {REAL},
+                quality_status TEXT NOT NULL DEFAULT 'pending')""",
+            "CREATE INDEX idx_interactions_session_time ON interactions (session_hash, timestamp)",
+            "CREATE INDEX idx_interactions_time ON interactions (timestamp)",
+            "CREATE INDEX idx_interactions_quality ON interactions (quality_score)",
+            "CREATE INDEX idx_interactions_status ON interactions (quality_status)",
+            """CREATE TABLE context_snapshots (
+                interaction_id TEXT PRIMARY KEY,
+                project_context {JSON} NOT NULL,
+                created_at {TS} NOT NULL)""",
+            """CREATE TABLE tool_usage (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                tool_name TEXT NOT NULL,
+                invocation_order INTEGER NOT NULL DEFAULT 0,
+                parameters_raw {JSON},
+                parameters_processed {JSON},
+                start_time {TS},
+                end_time {TS},
+                duration_ms {REAL},
+                success {BOOL},
+                retry_count INTEGER NOT NULL DEFAULT 0,
+                output TEXT,
+                error TEXT,
+                exit_code INTEGER,
+                resource_usage {JSON})""",
+            "CREATE INDEX idx_tool_usage_interaction ON tool_usage (interaction_id)",
+            """CREATE TABLE feedback (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                rating INTEGER,
+                thumbs TEXT,
+                comment TEXT,
+                correction TEXT,
+                accepted {BOOL},
+                modified {BOOL},
+                abandoned {BOOL},
+                time_to_acceptance_s {REAL},
+                time_to_first_use_s {REAL},
+                usage_time_s {REAL},
+                return_visits INTEGER,
+                copy_events INTEGER)""",
+            "CREATE INDEX idx_feedback_interaction ON feedback (interaction_id)",
+            """CREATE TABLE outcomes (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                code_compiles {BOOL},
+                tests_pass {BOOL},
+                lint_passes {BOOL},
+                type_check_passes {BOOL},
+                deployment_success {BOOL},
+                no_runtime_errors {BOOL})""",
+            "CREATE INDEX idx_outcomes_interaction ON outcomes (interaction_id)",
+            """CREATE TABLE redactions (
+                event_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                timestamp {TS} NOT NULL,
+                PRIMARY KEY (event_id, kind))""",
+            """CREATE TABLE quality_scores (
+                interaction_id TEXT NOT NULL,
+                assessor_version TEXT NOT NULL,
+                overall {REAL} NOT NULL,
+                components {JSON} NOT NULL,
+                confidence {REAL} NOT NULL,
+                interval_low {REAL},
+                interval_high {REAL},
+                created_at {TS} NOT NULL,
+                PRIMARY KEY (interaction_id, assessor_version))""",
+            """CREATE TABLE adapters (
+                id TEXT PRIMARY KEY,
+                base_model TEXT NOT NULL,
+                uri TEXT NOT NULL,
+                status TEXT NOT NULL DEFAULT 'candidate',
+                manifest {JSON} NOT NULL,
+                created_at {TS} NOT NULL)""",
+            """CREATE TABLE adapter_aliases (
+                alias TEXT PRIMARY KEY,
+                adapter_id TEXT NOT NULL,
+                updated_at {TS} NOT NULL)""",
+            """CREATE TABLE alias_history (
+                id {ID},
+                alias TEXT NOT NULL,
+                adapter_id TEXT,
+                previous_adapter_id TEXT,
+                actor TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                created_at {TS} NOT NULL)""",
+            """CREATE TABLE training_runs (
+                id TEXT PRIMARY KEY,
+                status TEXT NOT NULL,
+                started_at {TS} NOT NULL,
+                finished_at {TS},
+                config {JSON},
+                metrics {JSON},
+                adapter_id TEXT)""",
+            """CREATE TABLE audit_log (
+                id {ID},
+                timestamp {TS} NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT,
+                details {JSON})""",
+        ],
+    ),
+]
+
+# Tables an ingestion write may fill, with their JSON, boolean and timestamp columns (for decoding).
+WRITABLE_TABLES = (
+    "interactions",
+    "context_snapshots",
+    "tool_usage",
+    "feedback",
+    "outcomes",
+    "redactions",
+)
+JSON_COLUMNS = {
+    "stop_sequences", "project_context", "parameters_raw", "parameters_processed",
+    "resource_usage", "components", "manifest", "config", "metrics", "details",
+}  # fmt: skip
+BOOL_COLUMNS = {
+    "streaming", "success", "accepted", "modified", "abandoned", "code_compiles", "tests_pass",
+    "lint_passes", "type_check_passes", "deployment_success", "no_runtime_errors",
+}  # fmt: skip
+OUTCOME_FIELDS = (
+    "code_compiles",
+    "tests_pass",
+    "lint_passes",
+    "type_check_passes",
+    "deployment_success",
+    "no_runtime_errors",
+)
+_ROWS_PER_STATEMENT = 200  # rows per multi-row INSERT: well under both engines' parameter limits
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc).isoformat()
+    return value
+
+
+class InteractionStore(ABC):
+    """One interface over SQLite and PostgreSQL (see module docstring)."""
+
+    engine: str = "abstract"
+    placeholder = "?"
+    types: dict[str, str] = {}
+
+    def __init__(self) -> None:
+        self._migrate_lock = threading.Lock()
+
+    # --- engine hooks ----------------------------------------------------------------------
+
+    @abstractmethod
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """Yield a cursor inside one transaction; commit on exit, roll back on error."""
+
+    @abstractmethod
+    def _encode(self, value: Any) -> Any:
+        """Convert a Python value to what the driver stores."""
+
+    @abstractmethod
+    def _day_expr(self, column: str) -> str:
+        """SQL for the UTC calendar day ('YYYY-MM-DD') of a timestamp column."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def _decode_row(self, columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for col, value in zip(columns, row):
+            if value is not None:
+                if col in JSON_COLUMNS and isinstance(value, str):
+                    value = json.loads(value)
+                elif col in BOOL_COLUMNS:
+                    value = bool(value)
+                elif isinstance(value, datetime):
+                    value = _iso(value)
+            out[col] = value
+        return out
+
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._transaction() as cur:
+            cur.execute(self._sql(sql), [self._encode(p) for p in params])
+            if cur.description is None:
+                return []
+            columns = [d[0] for d in cur.description]
+            return [self._decode_row(columns, row) for row in cur.fetchall()]
+
+    # --- schema ------------------------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations not yet applied, each in its own transaction.
+
+        Returns:
+            The versions applied now (empty when the schema is current).
+        """
+        with self._migrate_lock:
+            with self._transaction() as cur:
+                cur.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                )
+            applied = []
+            for version, description, statements in MIGRATIONS:
+                with self._transaction() as cur:
+                    self._lock_migrations(cur)
+                    cur.execute(self._sql("SELECT 1 FROM schema_migrations WHERE version = ?"), [version])
+                    if cur.fetchone():
+                        continue
+                    for statement in statements:
+                        cur.execute(statement.format(**self.types))
+                    cur.execute(
+                        self._sql(
+                            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)"
+                        ),
+                        [version, description, _iso(datetime.now(timezone.utc))],
+                    )
+                    applied.append(version)
+            return applied
+
+    def _lock_migrations(self, cur: Any) -> None:
+        """Serialise concurrent migrators (several replicas starting at once); engine-specific."""
+
+    def schema_version(self) -> int:
+        rows = self._fetch("SELECT MAX(version) AS v FROM schema_migrations")
+        return int(rows[0]["v"] or 0)
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def write(self, events: Sequence[StoredEvent]) -> list[bool]:
+        """Commit a batch of events in one transaction, idempotently on event id.
+
+        Returns:
+            For each event, True if it was new and written, False if its id was already stored
+            (or appeared earlier in the same batch).
+        """
+        if not events:
+            return []
+        first_index: dict[str, int] = {}
+        for i, ev in enumerate(events):
+            first_index.setdefault(ev.id, i)
+        unique = [events[i] for i in sorted(first_index.values())]
+        with self._transaction() as cur:
+            inserted = self._insert_returning_ids(
+                cur,
+                "events",
+                ("id", "type", "timestamp", "received_at"),
+                [(ev.id, ev.type, ev.timestamp, ev.received_at) for ev in unique],
+            )
+            by_table: dict[str, list[dict[str, Any]]] = {}
+            for ev in unique:
+                if ev.id in inserted:
+                    for table, rows in ev.rows.items():
+                        by_table.setdefault(table, []).extend(rows)
+            for table, rows in by_table.items():
+                if table not in WRITABLE_TABLES:
+                    raise ValueError(f"{table}: not a table ingestion may write")
+                self._insert_rows(cur, table, rows)
+        return [first_index[ev.id] == i and ev.id in inserted for i, ev in enumerate(events)]
+
+    def _insert_returning_ids(
+        self, cur: Any, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]
+    ) -> set[str]:
+        inserted: set[str] = set()
+        row_sql = "(" + ", ".join("?" * len(columns)) + ")"
+        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[start : start + _ROWS_PER_STATEMENT]
+            sql = (
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                + ", ".join([row_sql] * len(chunk))
+                + " ON CONFLICT (id) DO NOTHING RETURNING id"
+            )
+            cur.execute(self._sql(sql), [self._encode(v) for row in chunk for v in row])
+            inserted.update(r[0] for r in cur.fetchall())
+        return inserted
+
+    def _insert_rows(self, cur: Any, table: str, rows: list[dict[str, Any]]) -> None:
+        # Rows of one table may differ in which optional columns they carry: group by column set.
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(tuple(row), []).append(row)
+        for columns, group in groups.items():
+            row_sql = "(" + ", ".join("?" * len(columns)) + ")"
+            for start in range(0, len(group), _ROWS_PER_STATEMENT):
+                chunk = group[start : start + _ROWS_PER_STATEMENT]
+                sql = (
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                    + ", ".join([row_sql] * len(chunk))
+                    + " ON CONFLICT DO NOTHING"
+                )
+                cur.execute(self._sql(sql), [self._encode(row[c]) for row in chunk for c in columns])
+
+    def set_quality(
+        self, interaction_id: str, overall: float, confidence: float, status: str = "scored"
+    ) -> bool:
+        """Record an interaction's current quality score; False if no such interaction."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE interactions SET quality_score = ?, quality_confidence = ?, quality_status = ? "
+                    "WHERE id = ?"
+                ),
+                [overall, confidence, status, interaction_id],
+            )
+            return cur.rowcount > 0
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get_interaction(self, interaction_id: str) -> dict[str, Any] | None:
+        """The interaction with its context, tool usage, feedback and merged outcome, or None."""
+        rows = self._fetch("SELECT * FROM interactions WHERE id = ?", [interaction_id])
+        if not rows:
+            return None
+        record = rows[0]
+        ctx = self._fetch(
+            "SELECT project_context FROM context_snapshots WHERE interaction_id = ?", [interaction_id]
+        )
+        record["context"] = ctx[0]["project_context"] if ctx else None
+        record["tool_usage"] = self._fetch(
+            "SELECT * FROM tool_usage WHERE interaction_id = ? ORDER BY invocation_order, timestamp",
+            [interaction_id],
+        )
+        record["feedback"] = self._fetch(
+            "SELECT * FROM feedback WHERE interaction_id = ? ORDER BY timestamp", [interaction_id]
+        )
+        outcomes = self._fetch(
+            "SELECT * FROM outcomes WHERE interaction_id = ? ORDER BY timestamp", [interaction_id]
+        )
+        record["outcome"] = _merge_outcomes(outcomes)
+        record["redactions"] = {
+            r["kind"]: r["count"]
+            for r in self._fetch("SELECT kind, count FROM redactions WHERE event_id = ?", [interaction_id])
+        }
+        return record
+
+    def query_interactions(
+        self,
+        *,
+        session_hash: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        min_quality: float | None = None,
+        max_quality: float | None = None,
+        quality_status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Interactions matching every given filter, oldest first.
+
+        ``since`` is inclusive and ``until`` exclusive; quality bounds are inclusive, and an
+        interaction without a score never matches a quality bound.
+        """
+        clauses, params = [], []
+        if session_hash is not None:
+            clauses.append("session_hash = ?")
+            params.append(session_hash)
+        if since is not None:
+            clauses.append("timestamp >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("timestamp < ?")
+            params.append(until)
+        if min_quality is not None:
+            clauses.append("quality_score >= ?")
+            params.append(min_quality)
+        if max_quality is not None:
+            clauses.append("quality_score <= ?")
+            params.append(max_quality)
+        if quality_status is not None:
+            clauses.append("quality_status = ?")
+            params.append(quality_status)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        params.extend([int(limit), int(offset)])
+        return self._fetch(
+            f"SELECT * FROM interactions{where} ORDER BY timestamp, id LIMIT ? OFFSET ?", params
+        )
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored interactions."""
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ", ".join("?" * len(chunk))
+            found.update(
+                r["id"] for r in self._fetch(f"SELECT id FROM interactions WHERE id IN ({marks})", chunk)
+            )
+        return found
+
+    def count(self, table: str = "interactions") -> int:
+        if table not in WRITABLE_TABLES + ("events", "quality_scores"):
+            raise ValueError(f"{table}: unknown table")
+        return int(self._fetch(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"])
+
+    def stats(self, days: int = 14) -> dict[str, Any]:
+        """What ``kaizen status`` shows: totals, interactions per day, redactions per kind."""
+        day = self._day_expr("timestamp")
+        per_day = self._fetch(
+            f"SELECT {day} AS day, COUNT(*) AS n FROM interactions GROUP BY {day} ORDER BY day DESC LIMIT ?",
+            [days],
+        )
+        redactions = self._fetch(
+            "SELECT kind, SUM(count) AS n FROM redactions GROUP BY kind ORDER BY SUM(count) DESC"
+        )
+        status = self._fetch(
+            "SELECT quality_status AS status, COUNT(*) AS n FROM interactions GROUP BY quality_status"
+        )
+        return {
+            "engine": self.engine,
+            "schema_version": self.schema_version(),
+            "events": self.count("events"),
+            "interactions": self.count("interactions"),
+            "feedback": self.count("feedback"),
+            "tool_usage": self.count("tool_usage"),
+            "outcomes": self.count("outcomes"),
+            "quality_status": {r["status"]: int(r["n"]) for r in status},
+            "per_day": [{"day": r["day"], "interactions": int(r["n"])} for r in reversed(per_day)],
+            "redactions": {r["kind"]: int(r["n"]) for r in redactions},
+        }
+
+    def ping(self) -> bool:
+        """True when the engine answers a trivial query."""
+        try:
+            self._fetch("SELECT 1 AS ok")
+            return True
+        except Exception:
+            return False
+
+
+def _merge_outcomes(outcomes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Later reports win, field by field; a field nobody reported stays None."""
+    if not outcomes:
+        return None
+    merged: dict[str, Any] = {name: None for name in OUTCOME_FIELDS}
+    for row in outcomes:
+        for name in OUTCOME_FIELDS:
+            if row.get(name) is not None:
+                merged[name] = row[name]
+    return merged

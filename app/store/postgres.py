@@ -1,0 +1,63 @@
+"""PostgreSQL engine (psycopg 3): for collectors on several nodes sharing one database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from app.store.base import InteractionStore
+
+__all__ = ["PostgresStore"]
+
+_MIGRATION_LOCK_KEY = 0x4B41495A454E  # "KAIZEN": advisory lock id shared by every migrator
+
+
+class PostgresStore(InteractionStore):
+    """An :class:`InteractionStore` on PostgreSQL through a connection pool."""
+
+    engine = "postgres"
+    placeholder = "%s"
+    types = {
+        "TS": "TIMESTAMPTZ",
+        "JSON": "JSONB",
+        "BOOL": "BOOLEAN",
+        "REAL": "DOUBLE PRECISION",
+        "ID": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    }
+
+    def __init__(self, dsn: str, pool_size: int = 4, connect_timeout_s: float = 10.0):
+        super().__init__()
+        self.dsn = dsn
+        self._pool = ConnectionPool(
+            dsn, min_size=1, max_size=max(1, pool_size), open=False, timeout=connect_timeout_s,
+            kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
+        )
+        # Fails here, with the server's reason, when the database cannot be reached.
+        self._pool.open(wait=True, timeout=connect_timeout_s)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    yield cur
+
+    def _lock_migrations(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
+
+    def _encode(self, value: Any) -> Any:
+        if isinstance(value, (dict, list)):
+            return Jsonb(value)
+        if isinstance(value, tuple):
+            return Jsonb(list(value))
+        return value
+
+    def _day_expr(self, column: str) -> str:
+        return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+    def close(self) -> None:
+        self._pool.close()
