@@ -1,0 +1,265 @@
+"""The ``kaizen`` command for operators.
+
+    kaizen up [--config FILE] [--address ADDR] [--seed-if-empty] [key=value ...]
+    kaizen status [--config FILE] [--url URL]
+    kaizen config check FILE [key=value ...]
+    kaizen seed [--count N] [--url URL] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from app.config import ConfigError, KaizenConfig, apply_overrides, load_config, read_config_file, validate_config
+
+__all__ = ["main"]
+
+
+def _absolute_paths(cfg: KaizenConfig) -> KaizenConfig:
+    """Resolve relative paths against the caller's directory: Ray workers run elsewhere."""
+    cfg.store.sqlite_path = str(Path(cfg.store.sqlite_path).expanduser().resolve())
+    cfg.model.checkpoint_dir = str(Path(cfg.model.checkpoint_dir).expanduser().resolve())
+    return cfg
+
+
+def _base_url(cfg: KaizenConfig) -> str:
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}"
+
+
+def _wait_ready(url: str, timeout_s: float = 120.0) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _seed(url: str, count: int, seed: int, api_key: str | None) -> dict[str, int]:
+    from app.client import KaizenClient
+    from app.sample import send_samples
+
+    with KaizenClient(url, api_key=api_key) as client:
+        sent = send_samples(client, count, seed=seed)
+        delivered = client.flush(timeout=120.0)
+        sent["delivered"] = int(delivered)
+        sent.update({f"server_{k}": v for k, v in client.stats.items() if k in ("accepted", "duplicate", "rejected")})
+    return sent
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from app.serve.build import build_app
+    from app.store import open_store
+
+    cfg = _absolute_paths(load_config(args.config, args.overrides))
+    report = validate_config(cfg.model_dump(mode="json"))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = args.address or cfg.ray.address
+    ray.init(
+        address=address,
+        num_cpus=None if address else cfg.ray.num_cpus,
+        namespace=cfg.ray.namespace,
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
+    url = _base_url(cfg)
+    if not _wait_ready(url):
+        print(f"error: Kaizen did not become ready at {url}/readyz", file=sys.stderr)
+        serve.shutdown()
+        ray.shutdown()
+        return 1
+
+    store_desc = cfg.store.sqlite_path if cfg.store.engine == "sqlite" else cfg.store.postgres_dsn.split("@")[-1]
+    print(f"Kaizen is up ({cfg.store.engine}: {store_desc})")
+    print(f"  events      POST {url}/v1/events")
+    print(f"  interaction POST {url}/v1/interactions   GET {url}/v1/interactions/{{id}}")
+    print(f"  health      GET  {url}/healthz  {url}/readyz")
+    print(f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)")
+
+    if args.seed_if_empty:
+        store = open_store(cfg.store)
+        empty = store.count("interactions") == 0
+        store.close()
+        if empty:
+            print(f"The store is empty: seeding {args.seed_count} sample interactions through the client ...")
+            sent = _seed(url, args.seed_count, 0, None)
+            print(f"  sent {sent['interactions']} interactions ({sent['poor']} poor answers), "
+                  f"{sent['tool_usage']} tool calls, {sent['feedback']} feedback, {sent['outcomes']} outcomes")
+
+    print("Press Ctrl-C to stop.")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    print("\nShutting down ...")
+    serve.shutdown()
+    ray.shutdown()
+    print("Stopped.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app.store import open_store
+
+    cfg = _absolute_paths(load_config(args.config, args.overrides))
+    try:
+        store = open_store(cfg.store, migrate=False)
+        stats = store.stats()
+        store.close()
+    except Exception as exc:
+        print(f"store ({cfg.store.engine}): unavailable: {exc}")
+        stats = None
+    serve_status = _serve_status(cfg)
+    if args.json:
+        print(json.dumps({"store": stats, "serve": serve_status}, indent=2, default=str))
+        return 0
+    if stats:
+        print(f"store: {stats['engine']} (schema v{stats['schema_version']})  "
+              f"interactions {stats['interactions']}, feedback {stats['feedback']}, "
+              f"tool calls {stats['tool_usage']}, outcomes {stats['outcomes']}")
+        print("interactions per day:")
+        for row in stats["per_day"] or [{"day": "(none)", "interactions": 0}]:
+            print(f"  {row['day']}  {row['interactions']:>8}")
+        print("redactions per kind:")
+        for kind, n in (stats["redactions"] or {"(none)": 0}).items():
+            print(f"  {kind:<22}{n:>8}")
+        print("quality status: " + ", ".join(f"{k} {v}" for k, v in stats["quality_status"].items()))
+    print(f"serve: {serve_status['status']}")
+    for name, app in serve_status.get("applications", {}).items():
+        print(f"  {name}: {app['status']}")
+        for dep, info in app.get("deployments", {}).items():
+            print(f"    {dep}: {info['status']} replicas {info['replicas']}")
+    return 0
+
+
+def _serve_status(cfg: KaizenConfig) -> dict[str, Any]:
+    """Serve's view of the applications, when a Ray cluster with Serve is running."""
+    import ray
+
+    try:
+        ray.init(address=cfg.ray.address or "auto", namespace=cfg.ray.namespace, logging_level="ERROR",
+                 log_to_driver=False)
+    except Exception:
+        return {"status": "not running (no Ray cluster found)"}
+    try:
+        from ray import serve
+
+        status = serve.status()
+        apps = {}
+        for name, app in status.applications.items():
+            apps[name] = {
+                "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+                "deployments": {
+                    dname: {
+                        "status": str(d.status.value if hasattr(d.status, "value") else d.status),
+                        "replicas": dict(d.replica_states),
+                    }
+                    for dname, d in app.deployments.items()
+                },
+            }
+        return {"status": "running" if apps else "no applications", "applications": apps}
+    except Exception as exc:
+        return {"status": f"unknown ({exc})"}
+    finally:
+        ray.shutdown()
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        data = apply_overrides(read_config_file(args.file), args.overrides)
+    except ConfigError as exc:
+        for err in exc.errors:
+            print(f"error: {err}")
+        return 1
+    report = validate_config(data)
+    for err in report.errors:
+        print(f"error: {err}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    if report.valid:
+        print(f"{args.file}: valid ({len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''})")
+    return 0 if report.valid else 1
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    url = (args.url or _base_url(cfg)).rstrip("/")
+    sent = _seed(url, args.count, args.seed, args.api_key or os.environ.get("KAIZEN_API_KEY"))
+    print(json.dumps(sent, indent=2))
+    return 0 if sent["delivered"] else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kaizen", description="Continuous learning for LLM coding agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. collection.capture_rate=0.5")
+
+    up = sub.add_parser("up", help="start Ray (or join one), deploy Kaizen, run until Ctrl-C")
+    with_config(up)
+    up.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    up.add_argument("--seed-if-empty", action="store_true", help="send sample interactions to an empty store")
+    up.add_argument("--seed-count", type=int, default=200, help="how many (with --seed-if-empty)")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="interactions per day, redactions per kind, store and Serve status")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="print a config file's errors and warnings")
+    check.add_argument("file")
+    check.add_argument("overrides", nargs="*")
+    check.set_defaults(func=cmd_config_check)
+
+    seed = sub.add_parser("seed", help="send realistic sample interactions through the client")
+    with_config(seed)
+    seed.add_argument("--count", type=int, default=200)
+    seed.add_argument("--seed", type=int, default=0, help="random seed of the sample")
+    seed.add_argument("--url", default=None, help="Kaizen's base URL (default: from the config)")
+    seed.add_argument("--api-key", default=None, help="API key (default: $KAIZEN_API_KEY)")
+    seed.set_defaults(func=cmd_seed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
