@@ -394,7 +394,7 @@ class KaizenClient:
     def _send(self, batch: list[dict[str, Any]]) -> str:
         """One POST; 'ok' (answered per event), 'retry', or 'fatal' (spool and wait)."""
         try:
-            resp = self._http.post("/v1/events", content=json.dumps({"events": batch}, separators=(",", ":")))
+            resp = self._http.post("/v1/events", content=json.dumps({"events": batch}, separators=(",", ":"), default=str))
         except httpx.HTTPError as exc:
             log.debug("kaizen server unreachable: %s", exc)
             return "retry"
@@ -443,7 +443,7 @@ class KaizenClient:
 
     @staticmethod
     def _append_lines(path: Path, items: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in items)
+        data = "".join(json.dumps(item, separators=(",", ":"), default=str) + "\n" for item in items)
         with open(path, "a", encoding="utf-8") as f:
             f.write(data)
             f.flush()

@@ -87,3 +87,61 @@ def ray_session() -> Iterator[None]:
 @pytest.fixture
 def tmp_db(tmp_path: Path) -> str:
     return str(tmp_path / "kaizen.db")
+
+
+class LocalServer:
+    """The collector's FastAPI app under uvicorn in a thread: a real HTTP server without Ray.
+
+    ``stop()`` and ``start()`` take it down and bring it back on the same port, so client tests
+    can exercise retries, spooling and replay.
+    """
+
+    def __init__(self, cfg, port: int | None = None):
+        self.cfg = cfg
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+        self._thread = None
+        self.service = None
+
+    def start(self) -> "LocalServer":
+        import threading
+        import time
+
+        import httpx
+        import uvicorn
+
+        from app.serve.api import CollectorService, create_api
+
+        self.service = CollectorService(self.cfg)
+        config = uvicorn.Config(create_api(self.service), host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("local server did not start")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+            self.service.store.close()
+            self._server = None
+
+
+@pytest.fixture
+def local_server(tmp_path: Path):
+    from app.config import KaizenConfig
+
+    cfg = KaizenConfig.model_validate(
+        {"store": {"sqlite_path": str(tmp_path / "kaizen.db")}, "privacy": {"hmac_key": "test-key"}}
+    )
+    server = LocalServer(cfg).start()
+    yield server
+    server.stop()

@@ -1,0 +1,175 @@
+"""The collector's HTTP API over real HTTP (uvicorn, real SQLite): good and bad input."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+NOW = datetime.now(timezone.utc)
+
+
+def event(i: int | str, type: str = "interaction", body: dict | None = None, ts: datetime | None = None) -> dict:
+    body = body if body is not None else {
+        "session_id": "sess-1",
+        "input": {"raw": f"request {i}"},
+        "output": {"content": f"```python\nprint({i})\n```"},
+    }
+    return {"id": f"ev-{i}", "type": type, "timestamp": (ts or NOW).isoformat(), "body": body}
+
+
+@pytest.fixture
+def http(local_server) -> httpx.Client:
+    with httpx.Client(base_url=local_server.url, timeout=10) as client:
+        yield client
+
+
+def test_batch_answers_per_event_and_bad_events_do_not_spoil_it(http: httpx.Client) -> None:
+    events = [
+        event(1),
+        event(2, body={"session_id": "s", "input": {"raw": "x"}}),  # no output
+        event(3, type="click"),
+        event(4, ts=NOW + timedelta(hours=2)),
+        "not an object",
+        {"id": "ev-6", "type": "feedback", "timestamp": NOW.isoformat(), "body": {"explicit": {"rating": 9}}},
+        event(7, body={"session_id": "s", "input": {"raw": "x", "type": "chat"}, "output": {"content": "y"}}),
+        event(1),  # repeated inside the batch
+    ]
+    r = http.post("/v1/events", json={"events": events})
+    assert r.status_code == 207
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [
+        "accepted", "rejected", "rejected", "rejected", "rejected", "rejected", "rejected", "duplicate"]  # fmt: skip
+    assert results[1]["field"] == "body.output" and "missing" in results[1]["reason"]
+    assert results[2]["field"] == "type" and "unknown event type" in results[2]["reason"]
+    assert results[3]["field"] == "timestamp" and "future" in results[3]["reason"]
+    assert "JSON object" in results[4]["reason"]
+    assert results[5]["field"].startswith("body.") and results[5]["id"] == "ev-6"
+    assert results[6]["field"] == "body.input.type"
+    # Only the good one was stored, and a retry of the whole batch stores nothing new.
+    assert http.get("/v1/interactions/ev-1").status_code == 200
+    again = http.post("/v1/events", json={"events": [event(1)]}).json()
+    assert again["results"][0]["status"] == "duplicate"
+
+
+def test_all_good_batch_is_200_and_round_trips(http: httpx.Client) -> None:
+    iid = "it-round-trip"
+    body = {"session_id": "s", "input": {"raw": "email me: a.b@example.org"}, "output": {"content": "ok"},
+            "tool_calls": [{"tool_name": "shell", "parameters_raw": {"cmd": "ls /home/alice"}}]}
+    events = [
+        {"id": "fb-early", "type": "feedback", "timestamp": NOW.isoformat(),
+         "body": {"interaction_id": iid, "implicit": {"accepted": True}}},
+        {"id": iid, "type": "interaction", "timestamp": NOW.isoformat(), "body": body},
+        {"id": "oc-1", "type": "outcome", "timestamp": NOW.isoformat(),
+         "body": {"interaction_id": iid, "tests_pass": True}},
+    ]
+    r = http.post("/v1/events", json={"events": events})
+    assert r.status_code == 200 and r.json()["counts"] == {"accepted": 3}
+    got = http.get(f"/v1/interactions/{iid}").json()
+    assert "a.b@example.org" not in got["input_raw"] and "[REDACTED:email]" in got["input_raw"]
+    assert "alice" not in str(got["tool_usage"][0]["parameters_raw"])
+    assert got["feedback"][0]["accepted"] is True and got["outcome"]["tests_pass"] is True
+
+
+def test_convenience_endpoints(http: httpx.Client) -> None:
+    r = http.post("/v1/interactions", json={"id": "conv-1", "sessionId": "s", "input": {"raw": "q"},
+                                            "output": {"content": "a", "generationTime": 5}})
+    assert r.status_code == 201 and r.json() == {"id": "conv-1", "status": "accepted"}
+    assert http.post("/v1/interactions", json={"id": "conv-1", "session_id": "s", "input": {"raw": "q"},
+                                               "output": {"content": "a"}}).status_code == 200
+    assert http.post("/v1/feedback", json={"interaction_id": "conv-1", "explicit": {"rating": 5}}).status_code == 201
+    assert http.post("/v1/tool-usage", json={"interaction_id": "conv-1", "tool_name": "grep"}).status_code == 201
+    assert http.post("/v1/outcomes", json={"interaction_id": "conv-1", "code_compiles": True}).status_code == 201
+    got = http.get("/v1/interactions/conv-1").json()
+    assert got["generation_time_ms"] == 5 and got["feedback"][0]["rating"] == 5
+    assert got["tool_usage"][0]["tool_name"] == "grep" and got["outcome"]["code_compiles"] is True
+    bad = http.post("/v1/feedback", json={"interaction_id": "conv-1", "explicit": {"rating": 0}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "explicit.rating"
+    missing = http.post("/v1/tool-usage", json={"tool_name": "grep"})
+    assert missing.status_code == 422 and missing.json()["error"]["field"] == "interaction_id"
+
+
+@pytest.mark.parametrize(
+    "content, status, field",
+    [
+        (b"{not json", 400, "body"),
+        (b'{"events": "nope"}', 422, "events"),
+        (b"[1, 2]", 422, "events"),
+    ],
+)
+def test_malformed_requests_get_clear_4xx(http: httpx.Client, content: bytes, status: int, field: str) -> None:
+    r = http.post("/v1/events", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    assert r.json()["error"]["field"] == field and r.json()["error"]["reason"]
+
+
+def test_oversized_bodies_and_batches_are_413(http: httpx.Client, local_server) -> None:
+    limit = local_server.cfg.collection.max_body_bytes
+    r = http.post("/v1/events", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    too_many = local_server.cfg.collection.max_events_per_batch + 1
+    r = http.post("/v1/events", json={"events": [{}] * too_many})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "events"
+
+
+def test_queries_health_and_openapi(http: httpx.Client) -> None:
+    http.post("/v1/events", json={"events": [event(i) for i in range(5)]})
+    listed = http.get("/v1/interactions", params={"session_id": "sess-1", "limit": 3}).json()
+    assert listed["count"] == 3
+    assert http.get("/v1/interactions", params={"min_quality": 2}).status_code == 422
+    assert http.get("/v1/interactions/missing").status_code == 404
+    stats = http.get("/v1/stats").json()
+    assert stats["engine"] == "sqlite" and stats["interactions"] == 5
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert http.get("/readyz").status_code == 200
+    spec = http.get("/openapi.json").json()
+    assert "/v1/events" in spec["paths"] and "/v1/interactions/{interaction_id}" in spec["paths"]
+
+
+def test_api_keys_and_roles(tmp_path, monkeypatch) -> None:
+    from app.config import KaizenConfig
+    from tests.conftest import LocalServer
+
+    monkeypatch.setenv("TEST_AGENT_KEY", "agent-secret")
+    cfg = KaizenConfig.model_validate({
+        "store": {"sqlite_path": str(tmp_path / "k.db")},
+        "security": {"api_keys": [{"key_env": "TEST_AGENT_KEY", "role": "agent"},
+                                  {"key": "op-secret", "role": "operator"}]},
+    })
+    server = LocalServer(cfg).start()
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            assert http.post("/v1/events", json={"events": []}).status_code == 401
+            agent = {"authorization": "Bearer agent-secret"}
+            assert http.post("/v1/events", json={"events": [event(1)]}, headers=agent).status_code == 200
+            assert http.get("/v1/stats", headers=agent).status_code == 403
+            assert http.get("/v1/stats", headers={"x-api-key": "op-secret"}).status_code == 200
+            assert http.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_exclusion_and_sampling(tmp_path) -> None:
+    from app.config import KaizenConfig
+    from tests.conftest import LocalServer
+
+    cfg = KaizenConfig.model_validate({
+        "store": {"sqlite_path": str(tmp_path / "k.db")},
+        "collection": {"exclude_patterns": ["TOP-SECRET-PROJECT"], "capture_rate": 0.5},
+    })
+    server = LocalServer(cfg).start()
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            secret = event("x", body={"session_id": "s", "input": {"raw": "about TOP-SECRET-PROJECT"},
+                                      "output": {"content": "ok"}})
+            assert http.post("/v1/events", json={"events": [secret]}).json()["results"][0]["status"] == "excluded"
+            statuses = []
+            for i in range(40):
+                body = {"session_id": f"session-{i}", "input": {"raw": "q"}, "output": {"content": "a"}}
+                statuses.append(http.post("/v1/events", json={"events": [event(f"s{i}", body=body)]})
+                                .json()["results"][0]["status"])
+            assert 5 < statuses.count("sampled_out") < 35 and statuses.count("accepted") > 5
+            assert http.get("/v1/stats").json()["interactions"] == statuses.count("accepted")
+    finally:
+        server.stop()
