@@ -28,6 +28,7 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class KaizenClient:
         spool_dir: Where batches wait while the server is down (default: a per-user temp folder).
         max_queue: Events held in memory; beyond it batches go straight to the spool.
         exit_timeout_s: How long the interpreter-exit flush may take.
+        on_delivered: Called on the sender thread with each batch the server answered and its
+            per-event results (for delivery acknowledgements and metrics); must be quick.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class KaizenClient:
         spool_dir: str | os.PathLike[str] | None = None,
         max_queue: int = 100_000,
         exit_timeout_s: float = 5.0,
+        on_delivered: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size: must be at least 1")
@@ -92,6 +96,7 @@ class KaizenClient:
         self.probe_interval_s = probe_interval_s
         self.max_queue = max_queue
         self.exit_timeout_s = exit_timeout_s
+        self.on_delivered = on_delivered
         self.spool_dir = Path(spool_dir or Path(tempfile.gettempdir()) / f"kaizen-spool-{os.getuid()}")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         headers = {"content-type": "application/json"}
@@ -429,6 +434,11 @@ class KaizenClient:
                 len(rejected), rejected[0]["field"], rejected[0]["reason"], self.spool_dir / "rejected.jsonl",
             )  # fmt: skip
             self._append_lines(self.spool_dir / "rejected.jsonl", rejected)
+        if self.on_delivered is not None:
+            try:
+                self.on_delivered(batch, results)
+            except Exception:
+                log.exception("kaizen client: on_delivered callback failed")
 
     # --- the spool -------------------------------------------------------------------------------
 

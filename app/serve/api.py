@@ -1,8 +1,8 @@
 """The collector's HTTP API as a FastAPI app over a plain :class:`CollectorService`.
 
 ``create_api(service)`` is what the Serve deployment mounts (``app/serve/collector.py``) and what
-tests run under plain uvicorn. Writes are group-committed with ``@serve.batch``: concurrent
-requests share one transaction, and a 2xx is sent only after that transaction committed.
+tests run under plain uvicorn. Under Serve, writes are group-committed with ``@serve.batch``:
+concurrent requests share one transaction. Either way a 2xx is sent only after the commit.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray import serve
 
 from app.config import KaizenConfig
 from app.ingest import IngestPipeline
@@ -35,9 +34,14 @@ Role = Literal["agent", "operator"]
 
 
 class CollectorService:
-    """Ingestion and queries: validation and privacy (``IngestPipeline``), group commit, store."""
+    """Ingestion and queries: validation and privacy (``IngestPipeline``), commit, store."""
 
-    def __init__(self, cfg: KaizenConfig, store: InteractionStore | None = None):
+    def __init__(
+        self,
+        cfg: KaizenConfig,
+        store: InteractionStore | None = None,
+        commit: Callable[[list[StoredEvent]], Awaitable[list[bool]]] | None = None,
+    ):
         self.cfg = cfg
         self.pipeline = IngestPipeline(cfg)
         self.store = store or open_store(cfg.store)
@@ -47,8 +51,9 @@ class CollectorService:
             key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
             if key:
                 self.keys.append((key.encode(), entry.role))
-        self._commit.set_max_batch_size(cfg.serve.collector.max_batch_size)
-        self._commit.set_batch_wait_timeout_s(cfg.serve.collector.batch_wait_timeout_s)
+        # Under Serve, ``commit`` is the deployment's @serve.batch method (group commit across
+        # concurrent requests); without Serve each request commits on its own.
+        self._commit = commit or self._commit_direct
 
     # --- auth ----------------------------------------------------------------------------------
 
@@ -66,11 +71,14 @@ class CollectorService:
 
     # --- writes --------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _commit(self, batches: list[list[StoredEvent]]) -> list[list[bool]]:
-        flat = [ev for batch in batches for ev in batch]
+    async def _commit_direct(self, events: list[StoredEvent]) -> list[bool]:
         # The write blocks; a worker thread keeps the event loop parsing the next requests.
-        written = await asyncio.to_thread(self.store.write, flat)
+        return await asyncio.to_thread(self.store.write, events)
+
+    async def commit_group(self, batches: list[list[StoredEvent]]) -> list[list[bool]]:
+        """Commit the events of several requests in one transaction (the body of the Serve
+        deployment's ``@serve.batch`` method); one list of flags per request."""
+        written = await self._commit_direct([ev for batch in batches for ev in batch])
         out, start = [], 0
         for batch in batches:
             out.append(written[start : start + len(batch)])

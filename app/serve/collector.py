@@ -13,6 +13,7 @@ from ray import serve
 
 from app.config import KaizenConfig
 from app.serve.api import CollectorService, create_api
+from app.store import StoredEvent
 
 __all__ = ["CollectorDeployment"]
 
@@ -33,8 +34,16 @@ class CollectorDeployment:
 
     def __init__(self, config: dict[str, Any]):
         global _replica_service
-        self.service = CollectorService(KaizenConfig.model_validate(config))
+        cfg = KaizenConfig.model_validate(config)
+        self.commit.set_max_batch_size(cfg.serve.collector.max_batch_size)
+        self.commit.set_batch_wait_timeout_s(cfg.serve.collector.batch_wait_timeout_s)
+        self.service = CollectorService(cfg, commit=self.commit)
         _replica_service = self.service
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def commit(self, batches: list[list[StoredEvent]]) -> list[list[bool]]:
+        """Group commit: the events of concurrent requests in one transaction."""
+        return await self.service.commit_group(batches)
 
     def check_health(self) -> None:
         """Serve's health probe: an unreachable store takes the replica out of rotation."""

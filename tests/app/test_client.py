@@ -38,7 +38,7 @@ def test_records_are_batched_and_all_stored(local_server, tmp_path: Path) -> Non
     got = store.get_interaction(ids[0])
     assert got["feedback"][0]["rating"] == 4 and got["tool_usage"][0]["id"] == tool
     assert got["outcome"]["tests_pass"] is True
-    assert client.stats["accepted"] == 462 + 2 and client.stats["rejected"] == 0
+    assert client.stats["accepted"] == 460 + 2 and client.stats["rejected"] == 0
     client.close()
 
 

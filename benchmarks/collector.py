@@ -1,0 +1,455 @@
+"""Collector benchmark: ``python -m benchmarks.collector [--duration 20] [--sessions 1000]``.
+
+Measures, on this machine, in one run:
+  1. the client's ``record_*`` cost per call (p50/p99), beside a blocking HTTP POST per
+     interaction as the baseline;
+  2. ingestion through Ray Serve from N concurrent simulated agent sessions using the client, with
+     ~2 KB interactions of real code and prose: sustained interactions/s, p99 record-to-committed,
+     and loss (every recorded id must be in the store, once);
+  3. the same interactions written straight into the store without Serve (the baseline, a ratio);
+  4. the privacy filter's cost per interaction and its share of the direct-ingestion time;
+  5. fault runs: the collector replica killed, and the whole app stopped, in the middle of a load.
+
+Prints a table and writes ``benchmarks/results/collector.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --- payloads ----------------------------------------------------------------------------------
+
+
+def build_payloads(n: int = 400, target_bytes: int = 2048) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of about ``target_bytes`` together, from real stdlib code."""
+    from app.sample import sample_interactions
+
+    pairs = []
+    for s in sample_interactions(n * 2, seed=7):
+        prompt, response = s.interaction["prompt"], s.interaction["response"]
+        size = len(prompt) + len(response)
+        if size < target_bytes * 0.6:
+            continue
+        if size > target_bytes:
+            response = response[: max(200, target_bytes - len(prompt))]
+        pairs.append((prompt, response))
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
+    return values[k]
+
+
+# --- 1. record cost ----------------------------------------------------------------------------
+
+
+def bench_record_cost(url: str, payloads: list[tuple[str, str]], n: int, spool: Path) -> dict[str, Any]:
+    from app.client import KaizenClient
+
+    client = KaizenClient(url, spool_dir=spool / "record-cost", batch_size=200)
+    costs = []
+    perf = time.perf_counter_ns
+    for k in range(n):
+        prompt, response = payloads[k % len(payloads)]
+        t0 = perf()
+        client.record_interaction(f"session-{k % 1000}", prompt, response, generation_time_ms=900.0)
+        costs.append((perf() - t0) / 1000)
+        if k % 1000 == 999:
+            time.sleep(0.05)  # an agent's pace: the sender thread runs between calls, as in real use
+    delivered = client.flush(timeout=120)
+    client.close()
+    return {
+        "calls": n,
+        "p50_us": pct(costs, 50),
+        "p99_us": pct(costs, 99),
+        "p999_us": pct(costs, 99.9),
+        "mean_us": statistics.fmean(costs),
+        "delivered": delivered,
+    }
+
+
+def bench_blocking_post(url: str, payloads: list[tuple[str, str]], n: int) -> dict[str, Any]:
+    """The baseline an agent without the client pays: one blocking POST per interaction."""
+    import httpx
+
+    costs = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for k in range(n):
+            prompt, response = payloads[k % len(payloads)]
+            body = {"session_id": "baseline", "input": {"raw": prompt}, "output": {"content": response}}
+            t0 = time.perf_counter_ns()
+            http.post("/v1/interactions", json=body)
+            costs.append((time.perf_counter_ns() - t0) / 1000)
+    return {"calls": n, "p50_us": pct(costs, 50), "p99_us": pct(costs, 99), "mean_us": statistics.fmean(costs)}
+
+
+# --- 2. load through Serve -------------------------------------------------------------------
+
+
+def _agent_process(
+    proc: int, run: str, url: str, sessions: int, rate: float, duration: float, spool: str,
+    start_at: float, out: Any,
+) -> None:  # fmt: skip
+    """N simulated sessions in one process sharing one client, paced to ``rate`` interactions/s."""
+    from app.client import KaizenClient
+
+    payloads = build_payloads()
+    recorded_at: dict[str, float] = {}
+    latencies: list[float] = []
+
+    def delivered(batch: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+        t = time.perf_counter()
+        for event, result in zip(batch, results):
+            t0 = recorded_at.pop(event["id"], None)
+            if t0 is not None and result.get("status") in ("accepted", "duplicate"):
+                latencies.append(t - t0)
+
+    client = KaizenClient(
+        url, spool_dir=spool, batch_size=250, flush_interval_s=0.02, max_retries=6, backoff_base_s=0.1,
+        backoff_max_s=2.0, probe_interval_s=0.5, timeout_s=30, on_delivered=delivered,
+    )  # fmt: skip
+    seq = [0] * sessions
+    while time.time() < start_at:
+        time.sleep(0.005)
+    t_start = time.perf_counter()
+    k = 0
+    tick = 0.01
+    while True:
+        elapsed = time.perf_counter() - t_start
+        if elapsed >= duration:
+            break
+        due = int(rate * elapsed) - k
+        for _ in range(max(0, due)):
+            s = k % sessions
+            prompt, response = payloads[k % len(payloads)]
+            iid = f"{run}-{proc}-{k}"
+            recorded_at[iid] = time.perf_counter()
+            client.record_interaction(
+                f"agent-{proc}-{s}", prompt, response, id=iid, sequence_number=seq[s], generation_time_ms=850.0
+            )
+            seq[s] += 1
+            k += 1
+        time.sleep(tick)
+    load_end = time.perf_counter()
+    ok = client.flush(timeout=180)
+    drained = time.perf_counter()
+    client.close(timeout=5)
+    out.put({
+        "proc": proc, "recorded": k, "load_s": load_end - t_start, "drain_s": drained - load_end,
+        "flushed": ok, "latencies": latencies, "stats": dict(client.stats),
+    })  # fmt: skip
+
+
+def run_load(
+    url: str, store_path: str, run: str, sessions: int, rate: float, duration: float, procs: int, spool: Path,
+    fault: Any = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Drive the load from ``procs`` processes; ``fault(t)`` is called in a thread mid-load."""
+    from app.store.sqlite import SQLiteStore
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 8.0  # spawned interpreters need a few seconds to import
+    workers = [
+        ctx.Process(
+            target=_agent_process,
+            args=(p, run, url, sessions // procs, rate / procs, duration, str(spool / f"{run}-{p}"), start_at, out),
+        )
+        for p in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    store = SQLiteStore(store_path)
+    while time.time() < start_at:
+        time.sleep(0.01)
+    fault_info: dict[str, Any] = {}
+    if fault is not None:
+        threading.Thread(target=lambda: fault_info.update(fault()), daemon=True).start()
+    # Sustained rate: committed interactions over the middle of the load (past warm-up).
+    time.sleep(duration * 0.2)
+    c0, t0 = store.count("interactions"), time.perf_counter()
+    time.sleep(duration * 0.6)
+    c1, t1 = store.count("interactions"), time.perf_counter()
+    reports = [out.get(timeout=duration + 400) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    latencies = [x for r in reports for x in r["latencies"]]
+    recorded = sum(r["recorded"] for r in reports)
+    expected = [f"{run}-{r['proc']}-{k}" for r in reports for k in range(r["recorded"])]
+    stored = store.existing_ids(expected)
+    rows = store._fetch("SELECT COUNT(*) AS n FROM interactions WHERE id LIKE ?", [f"{run}-%"])[0]["n"]
+    store.close()
+    stats = {k: sum(r["stats"].get(k, 0) for r in reports) for k in reports[0]["stats"]}
+    return {
+        "sessions": sessions,
+        "offered_rate": rate,
+        "duration_s": duration,
+        "recorded": recorded,
+        "sustained_per_s": (c1 - c0) / (t1 - t0),
+        "achieved_offered_per_s": recorded / max(r["load_s"] for r in reports),
+        "latency_p50_ms": pct(latencies, 50) * 1000,
+        "latency_p99_ms": pct(latencies, 99) * 1000,
+        "stored_unique": len(stored),
+        "stored_rows": int(rows),
+        "lost": recorded - len(stored),
+        "duplicated_rows": int(rows) - len(stored),
+        "flushed": all(r["flushed"] for r in reports),
+        "drain_s": max(r["drain_s"] for r in reports),
+        "client": stats,
+        "fault": fault_info,
+    }
+
+
+# --- 3 and 4. direct store baseline, privacy cost ----------------------------------------------
+
+
+def _events(payloads: list[tuple[str, str]], n: int, run: str) -> list[dict[str, Any]]:
+    now = datetime.now(timezone.utc).isoformat()
+    return [
+        {
+            "id": f"{run}-{k}",
+            "type": "interaction",
+            "timestamp": now,
+            "body": {
+                "session_id": f"agent-{k % 1000}",
+                "input": {"raw": payloads[k % len(payloads)][0]},
+                "output": {"content": payloads[k % len(payloads)][1], "generation_time_ms": 850.0},
+            },
+        }
+        for k in range(n)
+    ]
+
+
+def bench_direct(payloads: list[tuple[str, str]], n: int, workdir: Path) -> dict[str, Any]:
+    """The same ingestion (parse, validate, privacy, commit in batches of 250) without Serve."""
+    from app.config import KaizenConfig
+    from app.ingest import IngestPipeline
+    from app.store.sqlite import SQLiteStore
+
+    out: dict[str, Any] = {}
+    for anonymize in (True, False):
+        db = workdir / f"direct-{anonymize}.db"
+        store = SQLiteStore(db)
+        store.migrate()
+        cfg = KaizenConfig.model_validate({"collection": {"anonymize": anonymize}, "privacy": {"hmac_key": "b"}})
+        pipeline = IngestPipeline(cfg)
+        raw = json.dumps({"events": _events(payloads, n, f"direct-{anonymize}")}).encode()
+        t_prepare = t_write = 0.0
+        t0 = time.perf_counter()
+        events = json.loads(raw)["events"]
+        t_parse = time.perf_counter() - t0
+        for start in range(0, n, 250):
+            t0 = time.perf_counter()
+            prepared = pipeline.prepare(events[start : start + 250])
+            t1 = time.perf_counter()
+            prepared.finish(store.write(prepared.to_commit))
+            t_write += time.perf_counter() - t1
+            t_prepare += t1 - t0
+        assert store.count("interactions") == n
+        store.close()
+        total = t_parse + t_prepare + t_write
+        out["with_privacy" if anonymize else "without_privacy"] = {
+            "interactions": n,
+            "per_s": n / total,
+            "parse_us": t_parse / n * 1e6,
+            "prepare_us": t_prepare / n * 1e6,
+            "write_us": t_write / n * 1e6,
+            "total_us": total / n * 1e6,
+        }
+    on, off = out["with_privacy"], out["without_privacy"]
+    out["privacy_us_per_interaction"] = on["prepare_us"] - off["prepare_us"]
+    out["privacy_share_of_direct"] = out["privacy_us_per_interaction"] / on["total_us"]
+    return out
+
+
+def bench_redact(payloads: list[tuple[str, str]]) -> dict[str, Any]:
+    from app.privacy import redact
+
+    costs = []
+    for prompt, response in payloads * 5:
+        t0 = time.perf_counter_ns()
+        redact(prompt)
+        redact(response)
+        costs.append((time.perf_counter_ns() - t0) / 1000)
+    return {"p50_us": pct(costs, 50), "p99_us": pct(costs, 99), "mean_us": statistics.fmean(costs)}
+
+
+# --- Serve --------------------------------------------------------------------------------------
+
+
+def deploy(cfg: Any, name: str) -> None:
+    import httpx
+    from ray import serve
+
+    from app.serve.build import build_app
+
+    serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("Serve app did not become ready")
+
+
+def make_config(db: Path, port: int, replicas: int) -> Any:
+    from app.config import KaizenConfig
+
+    return KaizenConfig.model_validate({
+        "store": {"sqlite_path": str(db)},
+        "privacy": {"hmac_key": "bench"},
+        "serve": {"port": port, "collector": {"num_cpus": 0.5, "max_batch_size": 64,
+                                              "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}},
+    })  # fmt: skip
+
+
+def kill_replica() -> dict[str, Any]:
+    import ray
+
+    time.sleep(4.0)
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "SERVE_REPLICA" in a["name"] and "Collector" in a["name"]]  # fmt: skip
+    if not names:
+        return {"killed": 0}
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    return {"killed": 1, "at_s": 4.0}
+
+
+def stop_app(cfg: Any, name: str, down_s: float = 6.0) -> Any:
+    def fault() -> dict[str, Any]:
+        from ray import serve
+
+        time.sleep(4.0)
+        t0 = time.perf_counter()
+        serve.delete(name)
+        time.sleep(down_s)
+        deploy(cfg, name)
+        return {"stopped_at_s": 4.0, "down_s": time.perf_counter() - t0}
+
+    return fault
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=7000.0, help="offered interactions/s")
+    parser.add_argument("--procs", type=int, default=2, help="agent processes")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--record-calls", type=int, default=100_000)
+    parser.add_argument("--skip-faults", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    work = Path(tempfile.mkdtemp(prefix="kaizen-bench-"))
+    payloads = build_payloads()
+    avg_bytes = statistics.fmean(len(p) + len(r) for p, r in payloads)
+    result: dict[str, Any] = {"name": "collector", "machine": f"{os.cpu_count()} cores",
+                              "payload_bytes_mean": avg_bytes, "args": vars(args)}  # fmt: skip
+
+    print("privacy filter and direct-store baseline ...", flush=True)
+    result["redact"] = bench_redact(payloads)
+    result["direct"] = bench_direct(payloads, 20_000, work)
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        cfg = make_config(work / "load.db", port, args.replicas)
+        deploy(cfg, "kaizen-bench")
+        print("record cost ...", flush=True)
+        result["record_cost"] = bench_record_cost(url, payloads, args.record_calls, work)
+        result["blocking_post_baseline"] = bench_blocking_post(url, payloads, 300)
+        print(f"load: {args.sessions} sessions, {args.rate:.0f}/s offered, {args.duration:.0f} s ...", flush=True)
+        result["load"] = run_load(url, str(work / "load.db"), "load", args.sessions, args.rate, args.duration,
+                                  args.procs, work / "spool")  # fmt: skip
+        if not args.skip_faults:
+            fault_rate = min(args.rate, 3000.0)
+            print("fault run: collector replica killed mid-load ...", flush=True)
+            result["fault_kill_replica"] = run_load(url, str(work / "load.db"), "kill", args.sessions, fault_rate,
+                                                    args.duration, args.procs, work / "spool", kill_replica)  # fmt: skip
+            print("fault run: whole app stopped mid-load ...", flush=True)
+            result["fault_stop_app"] = run_load(url, str(work / "load.db"), "stop", args.sessions, fault_rate,
+                                                args.duration, args.procs, work / "spool",
+                                                stop_app(cfg, "kaizen-bench"))  # fmt: skip
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    report(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "collector.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {RESULTS / 'collector.json'}")
+
+
+def report(r: dict[str, Any]) -> None:
+    rc, base, load, direct = r["record_cost"], r["blocking_post_baseline"], r["load"], r["direct"]
+    on = direct["with_privacy"]
+    rows = [
+        ("record_* cost p50 (µs)", f"{rc['p50_us']:.1f}", f"blocking POST {base['p50_us']:.0f}", "-"),
+        ("record_* cost p99 (µs)", f"{rc['p99_us']:.1f}", f"blocking POST {base['p99_us']:.0f}",
+         "<= 50 (seed: 5000)"),
+        ("record_* p99 speed-up vs blocking POST", f"{base['p99_us'] / rc['p99_us']:.0f}x", "", ""),
+        (f"ingest via Serve, {load['sessions']} sessions (/s)", f"{load['sustained_per_s']:.0f}",
+         f"direct store {on['per_s']:.0f}", ">= 5000"),
+        ("Serve / direct-store ratio", f"{load['sustained_per_s'] / on['per_s']:.2f}", "", ""),
+        ("record -> committed p50 (ms)", f"{load['latency_p50_ms']:.0f}", "", ""),
+        ("record -> committed p99 (ms)", f"{load['latency_p99_ms']:.0f}", "", ""),
+        ("lost / duplicated", f"{load['lost']} / {load['duplicated_rows']}", "", "0 / 0"),
+        ("privacy filter per interaction (µs)", f"{direct['privacy_us_per_interaction']:.0f}",
+         f"direct total {on['total_us']:.0f}", ""),
+        ("privacy share of direct ingestion", f"{direct['privacy_share_of_direct']:.0%}", "", ""),
+    ]  # fmt: skip
+    for key, label in (("fault_kill_replica", "fault: replica killed"), ("fault_stop_app", "fault: app stopped")):
+        if key in r:
+            f = r[key]
+            rows.append((f"{label}: recorded / stored", f"{f['recorded']} / {f['stored_unique']}",
+                         f"spooled {f['client'].get('spooled', 0)}, retries {f['client'].get('retries', 0)}",
+                         "all, once"))  # fmt: skip
+            rows.append((f"{label}: lost / duplicated", f"{f['lost']} / {f['duplicated_rows']}", "", "0 / 0"))
+    widths = [max(len(str(row[i])) for row in rows + [("metric", "measured", "baseline", "goal")]) for i in range(4)]
+    header = ("metric", "measured", "baseline", "goal")
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()
