@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -162,9 +163,13 @@ def _serve_status(cfg: KaizenConfig) -> dict[str, Any]:
     """Serve's view of the applications, when a Ray cluster with Serve is running."""
     import ray
 
+    address = cfg.ray.address or "auto"
+    if address != "auto" and not address.startswith("ray://") and not _reachable(address):
+        return {"status": f"not running (no Ray cluster at {address})"}
+    if ray.is_initialized():
+        return {"status": "unknown (this process already runs Ray)"}
     try:
-        ray.init(address=cfg.ray.address or "auto", namespace=cfg.ray.namespace, logging_level="ERROR",
-                 log_to_driver=False)
+        ray.init(address=address, namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)
     except Exception:
         return {"status": "not running (no Ray cluster found)"}
     try:
@@ -188,6 +193,16 @@ def _serve_status(cfg: KaizenConfig) -> dict[str, Any]:
         return {"status": f"unknown ({exc})"}
     finally:
         ray.shutdown()
+
+
+def _reachable(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether host:port accepts a TCP connection (ray.init would retry for minutes otherwise)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

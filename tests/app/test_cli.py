@@ -1,0 +1,95 @@
+"""The ``kaizen`` CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_config_check_prints_errors_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", "check", str(ROOT / "configs/default.yaml")]) == 0
+    assert "valid" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("collection:\n  capture_rate: 2\n  retention_days: 0\ntraining:\n  min_interactions: 3\n")
+    assert main(["config", "check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "error: collection.capture_rate: must be between 0.0 and 1.0" in out
+    assert "error: collection.retention_days: must be at least 1" in out
+    assert "warning: training.min_interactions" in out
+    assert main(["config", "check", str(bad), "collection.capture_rate=1", "collection.retention_days=7"]) == 0
+    assert main(["config", "check", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_status_reads_the_store(local_server, capsys: pytest.CaptureFixture) -> None:
+    import httpx
+
+    events = [{"id": f"st-{i}", "type": "interaction", "timestamp": "2026-11-01T10:00:00Z",
+               "body": {"session_id": "s", "input": {"raw": f"mail x{i}@example.com"}, "output": {"content": "ok"}}}
+              for i in range(3)]  # fmt: skip
+    httpx.post(local_server.url + "/v1/events", json={"events": events}).raise_for_status()
+    db = local_server.cfg.store.sqlite_path
+    assert main(["status", f"store.sqlite_path={db}", "ray.address=127.0.0.1:1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["store"]["engine"] == "sqlite" and report["store"]["interactions"] == 3
+    assert report["store"]["per_day"] == [{"day": "2026-11-01", "interactions": 3}]
+    assert report["store"]["redactions"]["email"] == 3
+    assert main(["status", f"store.sqlite_path={db}", "ray.address=127.0.0.1:1"]) == 0
+    text = capsys.readouterr().out
+    assert "2026-11-01" in text and "email" in text and "serve: not running" in text
+
+
+def test_seed_sends_realistic_samples_through_the_client(local_server, capsys: pytest.CaptureFixture) -> None:
+    assert main(["seed", "--count", "40", "--url", local_server.url]) == 0
+    sent = json.loads(capsys.readouterr().out)
+    assert sent["interactions"] == 40 and sent["delivered"] == 1 and sent["server_rejected"] == 0
+    stats = local_server.service.store.stats()
+    assert stats["interactions"] == 40 and stats["feedback"] == sent["feedback"]
+    assert stats["tool_usage"] == sent["tool_usage"] and 0 < sent["poor"] < 40
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    db = tmp_path / "kaizen.db"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "up", "--seed-if-empty", "--seed-count", "30",
+         f"store.sqlite_path={db}", f"serve.port={port}", "ray.num_cpus=2", "serve.app_name=kaizen-up-test"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        out = "".join(lines)
+        assert "Press Ctrl-C" in out, out
+        assert f"POST http://127.0.0.1:{port}/v1/events" in out
+        assert "seeding 30 sample interactions" in out
+        import httpx
+
+        stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=10).json()
+        assert stats["interactions"] == 30
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest
+    assert "Stopped." in rest
