@@ -17,28 +17,21 @@ from app.store import StoredEvent
 
 __all__ = ["CollectorDeployment"]
 
-# The ASGI builder below runs on the replica right after __init__ and takes no arguments, so
-# __init__ leaves the replica's service here for it. One replica per process: no sharing.
-_replica_service: CollectorService | None = None
-
-
-def _build_asgi() -> FastAPI:
-    assert _replica_service is not None, "CollectorDeployment.__init__ must run first"
-    return create_api(_replica_service)
-
 
 @serve.deployment(name="Collector")
-@serve.ingress(_build_asgi)
+@serve.ingress()
 class CollectorDeployment:
     """Receives agent events over HTTP, filters them and group-commits them to the store."""
 
     def __init__(self, config: dict[str, Any]):
-        global _replica_service
         cfg = KaizenConfig.model_validate(config)
         self.commit.set_max_batch_size(cfg.serve.collector.max_batch_size)
         self.commit.set_batch_wait_timeout_s(cfg.serve.collector.batch_wait_timeout_s)
         self.service = CollectorService(cfg, commit=self.commit)
-        _replica_service = self.service
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve's late-bound ingress: the app is built after __init__, around this replica's service."""
+        return create_api(self.service)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def commit(self, batches: list[list[StoredEvent]]) -> list[list[bool]]:
