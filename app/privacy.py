@@ -205,7 +205,8 @@ def _email_accept(m: re.Match[str], text: str) -> tuple[int, int, str] | None:
     while s < at and text[s] in "._%+-":
         s += 1
     local = text[s:at]
-    if not local or local == "git" or _before(text, s) in "/:":  # ssh remotes, URLs' user@host
+    b = _before(text, s)
+    if not local or local == "git" or (b and b in "/:"):  # ssh remotes, URLs' user@host
         return None
     e = m.end()
     if _after(text, e) and (_is_word(_after(text, e))):
@@ -274,7 +275,7 @@ _RULES: tuple[Rule, ...] = (
     Rule("slack_token", _rx(r"xox[abposr]-[A-Za-z0-9-]{10,}|https://hooks\.slack\.com/services/T[A-Za-z0-9_]+/B[A-Za-z0-9_]+/[A-Za-z0-9_]+"), ("xox", "hooks.slack.com"), _whole("slack_token")),
     Rule("openai_key", _rx(r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"), ("sk-",), _whole("openai_key", bad_after="-")),
     Rule("stripe_key", _rx(r"(?:sk|rk|pk)_(?:live|test)_[0-9A-Za-z]{16,}"), ("_live_", "_test_"), _whole("stripe_key")),
-    Rule("url_password", _rx(r"[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]+:(?P<value>[^\s@/'\"]+)@"), ("://",), _value("url_password", lambda v: not _is_placeholder(v))),
+    Rule("url_password", _rx(r"[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]*:(?P<value>[^\s@/'\"]+)@"), ("://",), _value("url_password", lambda v: not _is_placeholder(v))),
     Rule("email", _rx(r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.[A-Za-z]{2,24}"), ("@",), _email_accept),
     Rule("home_path", _rx(r"(?:/home/|/Users/|[A-Za-z]:(?:\\\\|\\)Users(?:\\\\|\\))(?P<value>[A-Za-z0-9._-]+)"), ("/home/", "Users"), _value("home_path", lambda v: v.lower() not in {"shared", "public", "default", "user", "username", "me", "you"})),
     Rule("ipv6", _rx(r"(?:[0-9A-Fa-f]{1,4}:|::)[0-9A-Fa-f:]{2,37}"), ("::",), _whole("ipv6", bad_before=":.", bad_after=":", check=_ipv6_check)),
