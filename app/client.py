@@ -38,7 +38,8 @@ import httpx
 __all__ = ["KaizenClient"]
 
 log = logging.getLogger("kaizen.client")
-_RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# 404: the Serve proxy answers it while the app is not (yet) deployed; /v1/events always exists.
+_RETRYABLE_STATUS = {404, 408, 425, 429, 500, 502, 503, 504}
 
 
 def _now_iso() -> str:

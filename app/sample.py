@@ -120,7 +120,7 @@ def _poor_answer(kind: str, fn: StdlibFunction, other: StdlibFunction, rng: rand
 
 
 def sample_interactions(
-    count: int, seed: int = 0, poor_share: float = 0.25, start: datetime | None = None
+    count: int, seed: int = 0, poor_share: float = 0.25, pii_share: float = 0.08, start: datetime | None = None
 ) -> Iterator[SampleInteraction]:
     """``count`` sample interactions, deterministic for a seed (see the module docstring)."""
     rng = random.Random(seed)
@@ -138,7 +138,7 @@ def sample_interactions(
         prompt = rng.choice(_PROMPTS).format(
             name=fn.name, sig=fn.signature, module=fn.module, doc=_lower_first(fn.doc), Doc=fn.doc
         )
-        if rng.random() < 0.08:
+        if rng.random() < pii_share:
             prompt += " " + rng.choice(_PII).format(user=user)
         if poor:
             response = _poor_answer(poor, fn, other, rng)

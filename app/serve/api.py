@@ -176,7 +176,11 @@ def create_api(service: CollectorService) -> FastAPI:
                 413,
                 {"field": "events", "reason": f"{len(events)} events exceed {cfg.collection.max_events_per_batch}"},
             )
-        results = await service.ingest(events)
+        try:
+            results = await service.ingest(events)
+        except Exception as exc:  # the store failed: nothing was committed, the client retries
+            log.exception("commit failed")
+            raise HTTPException(503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}) from None
         status = 207 if any(r.status == "rejected" for r in results) else 200
         return JSONResponse(status_code=status, content=_summary(results))
 
@@ -191,7 +195,11 @@ def create_api(service: CollectorService) -> FastAPI:
             "timestamp": body.pop("timestamp", None) or datetime.now(timezone.utc).isoformat(),
             "body": body,
         }
-        (result,) = await service.ingest([event])
+        try:
+            (result,) = await service.ingest([event])
+        except Exception as exc:
+            log.exception("commit failed")
+            raise HTTPException(503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}) from None
         if result.status == "rejected":
             field = result.field or ""
             field = field[5:] if field.startswith("body.") else field

@@ -429,25 +429,16 @@ class InteractionStore(ABC):
         ``since`` is inclusive and ``until`` exclusive; quality bounds are inclusive, and an
         interaction without a score never matches a quality bound.
         """
-        clauses, params = [], []
-        if session_hash is not None:
-            clauses.append("session_hash = ?")
-            params.append(session_hash)
-        if since is not None:
-            clauses.append("timestamp >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("timestamp < ?")
-            params.append(until)
-        if min_quality is not None:
-            clauses.append("quality_score >= ?")
-            params.append(min_quality)
-        if max_quality is not None:
-            clauses.append("quality_score <= ?")
-            params.append(max_quality)
-        if quality_status is not None:
-            clauses.append("quality_status = ?")
-            params.append(quality_status)
+        filters = [
+            ("session_hash = ?", session_hash),
+            ("timestamp >= ?", since),
+            ("timestamp < ?", until),
+            ("quality_score >= ?", min_quality),
+            ("quality_score <= ?", max_quality),
+            ("quality_status = ?", quality_status),
+        ]
+        clauses = [sql for sql, value in filters if value is not None]
+        params: list[Any] = [value for _, value in filters if value is not None]
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         params.extend([int(limit), int(offset)])
         return self._fetch(

@@ -173,3 +173,11 @@ def test_exclusion_and_sampling(tmp_path) -> None:
             assert http.get("/v1/stats").json()["interactions"] == statuses.count("accepted")
     finally:
         server.stop()
+
+
+def test_store_failure_is_503_and_nothing_is_acknowledged(local_server) -> None:
+    with httpx.Client(base_url=local_server.url) as http:
+        local_server.service.store.close()  # the database goes away under the server
+        r = http.post("/v1/events", json={"events": [event("lost-1")]})
+        assert r.status_code == 503 and "retry" in r.json()["error"]["reason"]
+        assert http.get("/readyz").status_code == 503
