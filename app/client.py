@@ -111,6 +111,7 @@ class KaizenClient:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._current: list[dict[str, Any]] | None = None
         self._down_until = 0.0  # while the server is down: next time a send is tried
         self.stats: dict[str, int] = {
             "recorded": 0, "sent": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "excluded": 0,
@@ -327,6 +328,10 @@ class KaizenClient:
         self._wake.set()
         self._thread.join(timeout=max(0.1, timeout))
         leftover = []
+        current = self._current
+        if self._thread.is_alive() and current:
+            # A send still in flight may never finish before exit: keep a copy (a resend is idempotent).
+            leftover.extend(current)
         while self._queue:
             leftover.append(self._queue.popleft())
         if leftover:
@@ -363,12 +368,14 @@ class KaizenClient:
                 while self._queue and len(batch) < self.batch_size:
                     batch.append(self._queue.popleft())
                 self._in_flight = len(batch)
+                self._current = batch
             try:
                 if time.monotonic() < self._down_until or len(self._queue) > self.max_queue:
                     self._spool(batch)
                 elif not self._send_with_retries(batch):
                     self._spool(batch)
             finally:
+                self._current = None
                 self._in_flight = 0
                 self._idle.set()
         # Replay the spool while the server is up and new events are not waiting behind it.

@@ -2,8 +2,8 @@
 
 It replaces personal data and secrets with ``[REDACTED:<kind>]`` and records only the kinds:
 
-- personal data: e-mail addresses, IPv4 and IPv6 addresses (loopback and unspecified ones are
-  kept: they identify nobody), US and international phone numbers, SSNs, Luhn-valid payment card
+- personal data: e-mail addresses, IPv4 and IPv6 addresses (loopback, unspecified and the
+  documentation ranges are kept: they identify nobody), US and international phone numbers, SSNs, Luhn-valid payment card
   numbers with or without separators, user names in home-directory paths;
 - secrets: AWS, GCP and Azure keys, GitHub, GitLab, Slack, OpenAI and Stripe tokens, JWTs,
   private-key blocks, passwords in connection URLs and in assignments, high-entropy values
@@ -163,12 +163,59 @@ def _value(kind: str, check: Callable[[str], bool] | None = None) -> Accept:
     return accept
 
 
-def _ipv4_check(s: str) -> bool:
+# Reserved for documentation (RFC 5737, RFC 3849): example addresses identify nobody.
+_DOC_NETS = tuple(
+    ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+
+
+def _is_mask(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A netmask (ones then zeros) or hostmask (zeros then ones)."""
+    bits = int(ip)
+    width = ip.max_prefixlen
+    inverted = bits ^ ((1 << width) - 1)
+    return any(v & (v + 1) == 0 for v in (bits, inverted))
+
+
+def _identifying(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address can point at a person's machine: not loopback, unspecified, multicast,
+    reserved, link-local, a mask, or a documentation example."""
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local:
+        return False
+    if _is_mask(ip):
+        return False
+    return not any(ip.version == net.version and ip in net for net in _DOC_NETS)
+
+
+def _network_cidr(text: str, end: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """``10.0.0.0/8``: a network (host bits zero) names a range of addresses, not a host."""
+    m = re.match(r"/(\d{1,3})(?!\d)", text[end : end + 5])
+    if not m or int(m.group(1)) > ip.max_prefixlen:
+        return False
     try:
-        ip = ipaddress.IPv4Address(s)
+        ipaddress.ip_network(f"{ip}/{m.group(1)}", strict=True)
+        return True
     except ValueError:
         return False
-    return not (ip.is_loopback or ip.is_unspecified or s == "255.255.255.255")
+
+
+def _ip_accept(kind: str, base: Accept) -> Accept:
+    def accept(m: re.Match[str], text: str) -> tuple[int, int, str] | None:
+        span = base(m, text)
+        if span is None:
+            return None
+        if _network_cidr(text, span[1], ipaddress.ip_address(text[span[0] : span[1]])):
+            return None
+        return span
+
+    return accept
+
+
+def _ipv4_check(s: str) -> bool:
+    try:
+        return _identifying(ipaddress.IPv4Address(s))
+    except ValueError:
+        return False
 
 
 def _ipv4_accept(m: re.Match[str], text: str) -> tuple[int, int, str] | None:
@@ -186,7 +233,7 @@ def _ipv6_check(s: str) -> bool:
         ip = ipaddress.IPv6Address(s)
     except ValueError:
         return False
-    return not (ip.is_loopback or ip.is_unspecified) and ("::" not in s or len(s) >= 6)
+    return _identifying(ip) and ("::" not in s or len(s) >= 6)
 
 
 def _us_phone_check(s: str) -> bool:
@@ -278,7 +325,7 @@ _RULES: tuple[Rule, ...] = (
     Rule("url_password", _rx(r"[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@'\"]*:(?P<value>[^\s@/'\"]+)@"), ("://",), _value("url_password", lambda v: not _is_placeholder(v))),
     Rule("email", _rx(r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.[A-Za-z]{2,24}"), ("@",), _email_accept),
     Rule("home_path", _rx(r"(?:/home/|/Users/|[A-Za-z]:(?:\\\\|\\)Users(?:\\\\|\\))(?P<value>[A-Za-z0-9._-]+)"), ("/home/", "Users"), _value("home_path", lambda v: v.lower() not in {"shared", "public", "default", "user", "username", "me", "you"})),
-    Rule("ipv6", _rx(r"(?:[0-9A-Fa-f]{1,4}:|::)[0-9A-Fa-f:]{2,37}"), ("::",), _whole("ipv6", bad_before=":.", bad_after=":", check=_ipv6_check)),
+    Rule("ipv6", _rx(r"(?:[0-9A-Fa-f]{1,4}:|::)[0-9A-Fa-f:]{2,37}"), ("::",), _ip_accept("ipv6", _whole("ipv6", bad_before=":.", bad_after=":", check=_ipv6_check))),
 )  # fmt: skip
 
 # Full-form IPv6 (no "::") needs this shape somewhere; the gate is a literal-led, fast search.
@@ -288,7 +335,7 @@ _IPV6_RULE = _RULES[-1]
 # Rules over runs of digits run only inside candidate runs found by one pass over the text.
 _DIGIT_CANDIDATE = re.compile(r"\d[\d ().\-]{5,24}\d")
 _DIGIT_RULES: tuple[Rule, ...] = (
-    Rule("ipv4", _rx(r"(?:\d{1,3}\.){3}\d{1,3}"), (), _ipv4_accept),
+    Rule("ipv4", _rx(r"(?:\d{1,3}\.){3}\d{1,3}"), (), _ip_accept("ipv4", _ipv4_accept)),
     Rule("ssn", _rx(r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}"), (), _whole("ssn", bad_before="-", bad_after="-")),
     Rule("card", _rx(r"\d(?:[ -]?\d){12,18}"), (), _whole("card", bad_before=".-", bad_after=".-", check=lambda s: _card_ok_text(s))),
     Rule("phone", _rx(r"(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"), (), _whole("phone", bad_before="+.-", bad_after="-", check=_us_phone_check)),
