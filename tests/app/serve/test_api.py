@@ -181,3 +181,21 @@ def test_store_failure_is_503_and_nothing_is_acknowledged(local_server) -> None:
         r = http.post("/v1/events", json={"events": [event("lost-1")]})
         assert r.status_code == 503 and "retry" in r.json()["error"]["reason"]
         assert http.get("/readyz").status_code == 503
+
+
+def test_the_api_on_postgres(tmp_path, pg_dsn) -> None:
+    from app.config import KaizenConfig
+    from tests.conftest import LocalServer
+
+    cfg = KaizenConfig.model_validate({"store": {"engine": "postgres", "postgres_dsn": pg_dsn}})
+    server = LocalServer(cfg).start()
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            events = [event(i) for i in range(3)] + [event(9, type="nope")]
+            r = http.post("/v1/events", json={"events": events})
+            assert r.status_code == 207 and r.json()["counts"] == {"accepted": 3, "rejected": 1}
+            assert http.post("/v1/events", json={"events": [event(0)]}).json()["counts"] == {"duplicate": 1}
+            assert http.get("/v1/interactions/ev-2").json()["input_raw"] == "request 2"
+            assert http.get("/v1/stats").json()["engine"] == "postgres"
+    finally:
+        server.stop()
