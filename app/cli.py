@@ -86,8 +86,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         include_dashboard=False,
         logging_level="WARNING",
     )
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
+    logging_config = {"log_level": cfg.serve.log_level, "enable_access_log": cfg.serve.access_log}
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
+    serve.run(
+        build_app(cfg),
+        name=cfg.serve.app_name,
+        route_prefix=cfg.serve.route_prefix,
+        blocking=False,
+        logging_config=logging_config,
+    )
     url = _base_url(cfg)
     if not _wait_ready(url):
         print(f"error: Kaizen did not become ready at {url}/readyz", file=sys.stderr)

@@ -170,6 +170,10 @@ class ServeConfig(_Section):
     port: int = Field(8000, gt=0, lt=65536, description="Port the HTTP proxy binds.")
     app_name: str = Field("kaizen", description="Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Log level of Serve and the replicas (their logs go to Ray's log folder too)."
+    )
+    access_log: bool = Field(False, description="Log every request (noisy at thousands per second).")
     collector: CollectorServeConfig = Field(
         default_factory=CollectorServeConfig, description="The collector deployment."
     )

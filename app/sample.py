@@ -127,7 +127,8 @@ def sample_interactions(
     functions = stdlib_functions()
     if not functions:
         raise RuntimeError("no standard-library sources found; is this Python built without them?")
-    start = start or datetime.now(timezone.utc) - timedelta(hours=max(1, count // 100))
+    # Gaps are at most 40 s, so the last interaction is never in the future.
+    start = start or datetime.now(timezone.utc) - timedelta(seconds=40 * count + 60)
     users = ("alice", "bob", "carol", "dmitri", "eun-ji", "farid")
     sessions = [f"session-{rng.randrange(16**8):08x}" for _ in range(max(1, count // 8))]
     for i in range(count):
