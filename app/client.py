@@ -50,6 +50,11 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def _put_nonempty(body: dict[str, Any], **sections: Any) -> None:
+    """Add the sections that carry something (the server rejects nothing for absent ones)."""
+    body.update({k: v for k, v in sections.items() if v})
+
+
 class KaizenClient:
     """Non-blocking, batched recorder for a Kaizen server (see the module docstring).
 
@@ -187,16 +192,8 @@ class KaizenClient:
             }
             if user_id is not None:
                 body["user_id"] = user_id
-            if metadata:
-                body["metadata"] = metadata
-            if context:
-                body["context"] = context
-            if tool_calls:
-                body["tool_calls"] = tool_calls
-            if feedback:
-                body["feedback"] = feedback
-            if outcome:
-                body["outcome"] = outcome
+            _put_nonempty(body, metadata=metadata, context=context, tool_calls=tool_calls, feedback=feedback,
+                          outcome=outcome)  # fmt: skip
             return self.record_event("interaction", body, id=id, timestamp=timestamp)
         except Exception:
             self.stats["errors"] += 1
@@ -233,12 +230,7 @@ class KaizenClient:
                 {"time_to_first_use_s": time_to_first_use_s, "usage_time_s": usage_time_s,
                  "return_visits": return_visits, "copy_events": copy_events}  # fmt: skip
             )
-            if explicit:
-                body["explicit"] = explicit
-            if implicit:
-                body["implicit"] = implicit
-            if temporal:
-                body["temporal"] = temporal
+            _put_nonempty(body, explicit=explicit, implicit=implicit, temporal=temporal)
             return self.record_event("feedback", body, id=id, timestamp=timestamp)
         except Exception:
             self.stats["errors"] += 1

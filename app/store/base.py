@@ -337,21 +337,25 @@ class InteractionStore(ABC):
                 self._insert_rows(cur, table, rows)
         return [first_index[ev.id] == i and ev.id in inserted for i, ev in enumerate(events)]
 
-    def _insert_returning_ids(
-        self, cur: Any, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]
-    ) -> set[str]:
-        inserted: set[str] = set()
+    def _insert_many(
+        self, cur: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], suffix: str
+    ) -> list[Any]:
+        """Multi-row INSERTs of at most ``_ROWS_PER_STATEMENT`` rows; the rows any RETURNING gave."""
+        returned: list[Any] = []
         row_sql = "(" + ", ".join("?" * len(columns)) + ")"
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             chunk = rows[start : start + _ROWS_PER_STATEMENT]
-            sql = (
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                + ", ".join([row_sql] * len(chunk))
-                + " ON CONFLICT (id) DO NOTHING RETURNING id"
-            )
+            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row_sql] * len(chunk)) + suffix
             cur.execute(self._sql(sql), [self._encode(v) for row in chunk for v in row])
-            inserted.update(r[0] for r in cur.fetchall())
-        return inserted
+            if cur.description is not None:
+                returned.extend(cur.fetchall())
+        return returned
+
+    def _insert_returning_ids(
+        self, cur: Any, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]
+    ) -> set[str]:
+        returned = self._insert_many(cur, table, columns, rows, " ON CONFLICT (id) DO NOTHING RETURNING id")
+        return {r[0] for r in returned}
 
     def _insert_rows(self, cur: Any, table: str, rows: list[dict[str, Any]]) -> None:
         # Rows of one table may differ in which optional columns they carry: group by column set.
@@ -359,15 +363,8 @@ class InteractionStore(ABC):
         for row in rows:
             groups.setdefault(tuple(row), []).append(row)
         for columns, group in groups.items():
-            row_sql = "(" + ", ".join("?" * len(columns)) + ")"
-            for start in range(0, len(group), _ROWS_PER_STATEMENT):
-                chunk = group[start : start + _ROWS_PER_STATEMENT]
-                sql = (
-                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                    + ", ".join([row_sql] * len(chunk))
-                    + " ON CONFLICT DO NOTHING"
-                )
-                cur.execute(self._sql(sql), [self._encode(row[c]) for row in chunk for c in columns])
+            values = [[row[c] for c in columns] for row in group]
+            self._insert_many(cur, table, columns, values, " ON CONFLICT DO NOTHING")
 
     def set_quality(
         self, interaction_id: str, overall: float, confidence: float, status: str = "scored"
