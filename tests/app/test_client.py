@@ -110,3 +110,18 @@ def test_record_cost_is_small(local_server, tmp_path: Path) -> None:
 def test_bad_construction_is_a_clear_error(batch_size: int, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         KaizenClient("http://127.0.0.1:1", batch_size=batch_size, spool_dir=tmp_path)
+
+
+def test_interpreter_exit_flushes(local_server, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "from app.client import KaizenClient\n"
+        f"c = KaizenClient({local_server.url!r}, flush_interval_s=60, batch_size=10_000, spool_dir={str(tmp_path)!r})\n"
+        "for k in range(25):\n"
+        "    c.record_interaction('s', 'p', 'r', id=f'exit-{k}')\n"
+    )  # no flush(), no close(): the atexit hook must deliver them
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    ids = [f"exit-{k}" for k in range(25)]
+    assert local_server.service.store.existing_ids(ids) == set(ids)
