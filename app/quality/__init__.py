@@ -1,0 +1,79 @@
+"""Quality assessment of interactions.
+
+Dimensions so far: user satisfaction (feedback), functional correctness (outcomes, or static
+checks of Python code), efficiency (generation time, radon complexity, conciseness). Code quality
+and context relevance are added by the rest of issue 3; the aggregation renormalises over the
+dimensions that have evidence, so scores stay comparable as dimensions are added.
+
+Public API: :func:`assess_text` and :func:`assess_record`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from app.quality.aggregate import ASSESSOR_VERSION, aggregate
+from app.quality.base import DimensionScore
+from app.quality.correctness import assess_correctness
+from app.quality.efficiency import assess_efficiency
+from app.quality.satisfaction import assess_satisfaction
+from app.quality.thresholds import ThresholdManager
+from app.schemas import QualityScore
+
+__all__ = ["ASSESSOR_VERSION", "DimensionScore", "ThresholdManager", "assess_components", "assess_record",
+           "assess_text"]  # fmt: skip
+
+
+def assess_components(
+    prompt: str,
+    response: str,
+    *,
+    feedback: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
+    outcome: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
+    generation_time_ms: float | None = None,
+) -> dict[str, DimensionScore]:
+    """Every dimension that has evidence, by name."""
+    feedback_rows = [feedback] if isinstance(feedback, Mapping) else list(feedback or [])
+    found = [
+        assess_satisfaction(feedback_rows),
+        assess_correctness(response, outcome),
+        assess_efficiency(response, generation_time_ms),
+    ]
+    return {c.name: c for c in found if c is not None}
+
+
+def assess_text(
+    prompt: str,
+    response: str,
+    *,
+    feedback: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
+    outcome: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
+    generation_time_ms: float | None = None,
+    context: Mapping[str, Any] | None = None,
+    timestamp: datetime | None = None,
+) -> QualityScore:
+    """Score one prompt and response, with whatever feedback, outcomes and context are known.
+
+    Raises:
+        ValueError: nothing at all could be assessed (no code, no feedback, no timing).
+    """
+    components = assess_components(
+        prompt, response, feedback=feedback, outcome=outcome, generation_time_ms=generation_time_ms
+    )
+    return aggregate(components, context=context, timestamp=timestamp)
+
+
+def assess_record(record: Mapping[str, Any]) -> QualityScore:
+    """Score a stored interaction as :meth:`InteractionStore.get_interaction` returns it."""
+    ts = record.get("timestamp")
+    return assess_text(
+        record.get("input_raw") or "",
+        record.get("output_content") or "",
+        feedback=record.get("feedback") or [],
+        outcome=record.get("outcome"),
+        generation_time_ms=record.get("generation_time_ms"),
+        context=record.get("context"),
+        timestamp=datetime.fromisoformat(ts) if isinstance(ts, str) else ts,
+    )
