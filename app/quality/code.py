@@ -8,12 +8,13 @@ import importlib.util
 import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CodeBlock", "PythonCheck", "check_python", "extract_code_blocks"]
+__all__ = ["CodeBlock", "PythonCheck", "SyntaxCheck", "check_python", "check_syntax", "extract_code_blocks"]
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _ALIASES = {
-    "py": "python", "python3": "python", "py3": "python", "ts": "typescript", "tsx": "typescript",
+    "py": "python", "python3": "python", "py3": "python", "ts": "typescript",
     "js": "javascript", "jsx": "javascript", "node": "javascript", "sh": "bash", "shell": "bash",
     "zsh": "bash", "console": "bash", "rs": "rust", "golang": "go", "c++": "cpp", "cc": "cpp",
     "cs": "csharp", "c#": "csharp", "yml": "yaml", "rb": "ruby", "kt": "kotlin",
@@ -92,3 +93,69 @@ def check_python(code: str) -> PythonCheck:
     imports = tuple(dict.fromkeys(modules))
     unresolved = tuple(m for m in imports if not _resolvable(m))
     return PythonCheck(True, compiles, error, imports, unresolved, tree)
+
+
+# --- other languages: tree-sitter grammars shipped in wheels (nothing downloaded) -------------
+
+
+@dataclass(frozen=True)
+class SyntaxCheck:
+    language: str
+    parses: bool
+    error: str | None
+
+
+_PARSERS: dict[str, Any] = {}
+
+
+def _parser(language: str) -> Any | None:
+    """A cached tree-sitter parser for a language, or None when no grammar is installed."""
+    if language not in _PARSERS:
+        try:
+            from tree_sitter import Language, Parser
+
+            if language in ("typescript", "tsx"):
+                import tree_sitter_typescript as grammar
+
+                lang = Language(grammar.language_tsx() if language == "tsx" else grammar.language_typescript())
+            elif language == "javascript":
+                import tree_sitter_javascript as grammar
+
+                lang = Language(grammar.language())
+            else:
+                _PARSERS[language] = None
+                return None
+            _PARSERS[language] = Parser(lang)
+        except ImportError:
+            _PARSERS[language] = None
+    return _PARSERS[language]
+
+
+def _first_error(node: Any) -> Any | None:
+    if node.type == "ERROR" or node.is_missing:
+        return node
+    if not node.has_error:
+        return None
+    for child in node.children:
+        found = _first_error(child)
+        if found is not None:
+            return found
+    return node
+
+
+def check_syntax(language: str, code: str) -> SyntaxCheck | None:
+    """Parse a block with Python's parser or a tree-sitter grammar; None for a language with no
+    parser here (no evidence either way)."""
+    if language == "python":
+        result = check_python(code)
+        return SyntaxCheck("python", result.parses and result.compiles, result.error)
+    parser = _parser(language)
+    if parser is None:
+        return None
+    tree = parser.parse(code.encode("utf-8"))
+    if not tree.root_node.has_error:
+        return SyntaxCheck(language, True, None)
+    bad = _first_error(tree.root_node)
+    row, col = bad.start_point if bad is not None else (0, 0)
+    what = "missing " + bad.type if bad is not None and bad.is_missing else "syntax error"
+    return SyntaxCheck(language, False, f"{what} (line {row + 1}, column {col + 1})")

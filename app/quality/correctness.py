@@ -1,8 +1,9 @@
 """Functional correctness: the seed's weighted formula over outcome metrics when the agent
 reported them; otherwise what static checks of the response's code can tell.
 
-Static evidence so far: Python blocks parsed and compiled (never run), their imports resolved,
-and truncated blocks. Other languages' parsers and sandboxed execution of examples come next.
+Static evidence so far: Python blocks parsed and compiled (never run) and their imports resolved;
+TypeScript and JavaScript blocks parsed with tree-sitter; truncated blocks. Sandboxed execution
+of the examples and tests a prompt or response carries comes next.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from app.quality.base import DimensionScore, weighted
-from app.quality.code import check_python, extract_code_blocks
+from app.quality.code import check_python, check_syntax, extract_code_blocks
 
 __all__ = ["OUTCOME_WEIGHTS", "assess_correctness"]
 
@@ -53,13 +54,13 @@ def assess_correctness(
         )
 
     blocks = extract_code_blocks(response)
-    python = [b for b in blocks if b.language == "python"]
-    if not python:
+    checked = [(b, c) for b in blocks if (c := check_syntax(b.language, b.code)) is not None]
+    if not checked:
         return None
-    checks = [check_python(b.code) for b in python]
-    syntax = sum(c.parses and c.compiles for c in checks) / len(checks)
-    complete = sum(b.closed for b in python) / len(python)
-    resolvable = [c.imports_resolvable for c in checks if c.imports_resolvable is not None]
+    syntax = sum(c.parses for _, c in checked) / len(checked)
+    complete = sum(b.closed for b, _ in checked) / len(checked)
+    py_checks = [check_python(b.code) for b, _ in checked if b.language == "python"]
+    resolvable = [c.imports_resolvable for c in py_checks if c.imports_resolvable is not None]
     result = weighted({
         "syntax": (0.6, syntax),
         "complete": (0.15, complete),
@@ -68,7 +69,7 @@ def assess_correctness(
     assert result is not None
     score, subscores = result
     if syntax < 1.0:
-        score = min(score, 0.3)  # code that does not even compile cannot be correct
+        score = min(score, 0.3)  # code that does not even parse cannot be correct
     elif complete < 1.0:
         score = min(score, 0.5)  # the answer stops inside its code: at best half an answer
     return DimensionScore(
@@ -79,7 +80,7 @@ def assess_correctness(
             "source": "static",
             "has_compilation_result": True,
             "languages": sorted({b.language or "unknown" for b in blocks}),
-            "errors": [c.error for c in checks if c.error],
-            "unresolved_imports": sorted({m for c in checks for m in c.unresolved}),
+            "errors": [f"{c.language}: {c.error}" for _, c in checked if c.error],
+            "unresolved_imports": sorted({m for c in py_checks for m in c.unresolved}),
         },
     )

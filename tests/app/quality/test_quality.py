@@ -127,3 +127,24 @@ def test_thresholds_follow_the_seed() -> None:
     assert tm.threshold("python", "simple") == 0.50
     with pytest.raises(ValueError, match="level"):
         tm.threshold(level="great")
+
+
+@pytest.mark.parametrize(
+    "code, ok",
+    [
+        (TS, True),
+        ("```ts\nexport function add(a: number, b: number: number {\n  return a + ;\n}\n```", False),
+        ("```javascript\nconst add = (a, b) => a + b;\nmodule.exports = { add };\n```", True),
+        ("```js\nconst add = (a, b) => { return a + b;\n```", False),
+        ("```tsx\nexport const App = () => <div className=\"x\">hi</div>;\n```", True),
+    ],
+)
+def test_typescript_and_javascript_are_parsed_with_tree_sitter(code: str, ok: bool) -> None:
+    result = assess_correctness(code)
+    assert result is not None and (result.score == 1.0) is ok
+    if not ok:
+        assert result.score <= 0.3 and "line" in result.evidence["errors"][0]
+
+
+def test_languages_without_a_parser_give_no_evidence() -> None:
+    assert assess_correctness("```haskell\nmain = putStrLn \"hi\"\n```") is None
