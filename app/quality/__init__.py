@@ -1,8 +1,9 @@
 """Quality assessment of interactions.
 
 Dimensions so far: user satisfaction (feedback), functional correctness (outcomes, or static
-checks of Python code), efficiency (generation time, radon complexity, conciseness). Code quality
-and context relevance are added by the rest of issue 3; the aggregation renormalises over the
+checks: Python's parser and compiler, tree-sitter for TypeScript and JavaScript), code quality of
+Python (ruff, radon, bandit, AST smells), efficiency (generation time, radon complexity,
+conciseness). Context relevance is added by the rest of issue 3; the aggregation renormalises over the
 dimensions that have evidence, so scores stay comparable as dimensions are added.
 
 Public API: :func:`assess_text` and :func:`assess_record`.
@@ -16,6 +17,7 @@ from typing import Any
 
 from app.quality.aggregate import ASSESSOR_VERSION, aggregate
 from app.quality.base import DimensionScore
+from app.quality.code_quality import assess_code_quality
 from app.quality.correctness import assess_correctness
 from app.quality.efficiency import assess_efficiency
 from app.quality.satisfaction import assess_satisfaction
@@ -39,6 +41,7 @@ def assess_components(
     found = [
         assess_satisfaction(feedback_rows),
         assess_correctness(response, outcome),
+        assess_code_quality(response),
         assess_efficiency(response, generation_time_ms),
     ]
     return {c.name: c for c in found if c is not None}

@@ -148,3 +148,24 @@ def test_typescript_and_javascript_are_parsed_with_tree_sitter(code: str, ok: bo
 
 def test_languages_without_a_parser_give_no_evidence() -> None:
     assert assess_correctness("```haskell\nmain = putStrLn \"hi\"\n```") is None
+
+
+BAD_PY = (
+    "```python\nimport subprocess,pickle\ndef Run(cmd,l):\n  out=''\n  for a in l:\n    for b in l:\n"
+    "      for c in l:\n        out += 'x'\n        l.index(c)\n  subprocess.call(cmd, shell=True)\n"
+    "  return pickle.loads(out)\n```"
+)
+
+
+def test_code_quality_uses_ruff_radon_bandit_and_smells() -> None:
+    from app.quality.code_quality import assess_code_quality, assess_code_quality_batch
+
+    good = assess_code_quality(GOOD)
+    bad = assess_code_quality(BAD_PY)
+    assert good.score > 0.9 and bad.score < 0.5
+    assert bad.evidence["ruff_violations"] > 0 and bad.evidence["bandit"].get("HIGH") == 1
+    assert "loops nested three deep" in bad.evidence["smells"]
+    assert bad.subscores["security"] < good.subscores["security"]
+    batch = assess_code_quality_batch([GOOD, "no code here", BAD_PY, BROKEN])
+    assert batch[1] is None and batch[3] is None  # nothing that parses: no evidence
+    assert batch[0].score == good.score and batch[2].score == bad.score
