@@ -2,9 +2,9 @@
 
 Dimensions so far: user satisfaction (feedback), functional correctness (outcomes, or static
 checks: Python's parser and compiler, tree-sitter for TypeScript and JavaScript), code quality of
-Python (ruff, radon, bandit, AST smells), efficiency (generation time, radon complexity,
-conciseness). Context relevance is added by the rest of issue 3; the aggregation renormalises over the
-dimensions that have evidence, so scores stay comparable as dimensions are added.
+Python (ruff, radon, bandit, AST smells), context relevance (MiniLM similarity to the request and
+the project, language and library fit), efficiency (generation time, radon complexity,
+conciseness). The aggregation renormalises over the dimensions that have evidence.
 
 Public API: :func:`assess_text` and :func:`assess_record`.
 """
@@ -20,6 +20,7 @@ from app.quality.base import DimensionScore
 from app.quality.code_quality import assess_code_quality
 from app.quality.correctness import assess_correctness
 from app.quality.efficiency import assess_efficiency
+from app.quality.relevance import assess_relevance
 from app.quality.satisfaction import assess_satisfaction
 from app.quality.thresholds import ThresholdManager
 from app.schemas import QualityScore
@@ -35,6 +36,7 @@ def assess_components(
     feedback: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
     outcome: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
     generation_time_ms: float | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, DimensionScore]:
     """Every dimension that has evidence, by name."""
     feedback_rows = [feedback] if isinstance(feedback, Mapping) else list(feedback or [])
@@ -42,6 +44,7 @@ def assess_components(
         assess_satisfaction(feedback_rows),
         assess_correctness(response, outcome),
         assess_code_quality(response),
+        assess_relevance(prompt, response, context),
         assess_efficiency(response, generation_time_ms),
     ]
     return {c.name: c for c in found if c is not None}
@@ -63,7 +66,7 @@ def assess_text(
         ValueError: nothing at all could be assessed (no code, no feedback, no timing).
     """
     components = assess_components(
-        prompt, response, feedback=feedback, outcome=outcome, generation_time_ms=generation_time_ms
+        prompt, response, feedback=feedback, outcome=outcome, generation_time_ms=generation_time_ms, context=context
     )
     return aggregate(components, context=context, timestamp=timestamp)
 

@@ -169,3 +169,32 @@ def test_code_quality_uses_ruff_radon_bandit_and_smells() -> None:
     batch = assess_code_quality_batch([GOOD, "no code here", BAD_PY, BROKEN])
     assert batch[1] is None and batch[3] is None  # nothing that parses: no evidence
     assert batch[0].score == good.score and batch[2].score == bad.score
+
+
+PROJECT = {"project_type": "library", "technologies": ["python", "pytest"], "build": {"dependencies": ["requests>=2"]}}
+REQUEST = "Write a Python function that joins two file system paths"
+
+
+def test_relevance_uses_embeddings_language_and_libraries() -> None:
+    from app.quality.relevance import assess_relevance
+
+    fits = assess_relevance(REQUEST, GOOD, PROJECT)
+    wrong_language = assess_relevance(REQUEST, TS, PROJECT)
+    foreign_library = assess_relevance(REQUEST, "```python\nimport numpy as np\n\ndef join(a, b):\n    return np.char.add(a, b)\n```", PROJECT)
+    off_topic = assess_relevance(REQUEST, "The weather in Paris is usually mild in spring, with some rain.", PROJECT)
+    assert fits.score > 0.7
+    assert wrong_language.score <= 0.3 and wrong_language.evidence["language_fit"] == 0.0
+    assert foreign_library.evidence["missing_libraries"] == ["numpy"] and foreign_library.score < fits.score
+    assert off_topic.score < 0.2
+    # Without a project context, only the similarity to the request is known.
+    bare = assess_relevance(REQUEST, GOOD)
+    assert set(bare.subscores) == {"domain"}
+    assert assess_relevance(REQUEST, "   ") is None
+
+
+def test_assess_text_has_all_five_dimensions_with_full_evidence() -> None:
+    score = assess_text(REQUEST, GOOD, feedback={"explicit": {"rating": 5}}, outcome={"code_compiles": True},
+                        generation_time_ms=700, context=PROJECT)  # fmt: skip
+    assert set(score.components) == {"user_satisfaction", "functional_correctness", "code_quality",
+                                     "context_relevance", "efficiency"}  # fmt: skip
+    assert score.overall > 0.8
