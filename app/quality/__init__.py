@@ -37,12 +37,13 @@ def assess_components(
     outcome: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
     generation_time_ms: float | None = None,
     context: Mapping[str, Any] | None = None,
+    execute: bool = True,
 ) -> dict[str, DimensionScore]:
     """Every dimension that has evidence, by name."""
     feedback_rows = [feedback] if isinstance(feedback, Mapping) else list(feedback or [])
     found = [
         assess_satisfaction(feedback_rows),
-        assess_correctness(response, outcome),
+        assess_correctness(response, outcome, prompt=prompt, execute=execute),
         assess_code_quality(response),
         assess_relevance(prompt, response, context),
         assess_efficiency(response, generation_time_ms),
@@ -59,6 +60,7 @@ def assess_text(
     generation_time_ms: float | None = None,
     context: Mapping[str, Any] | None = None,
     timestamp: datetime | None = None,
+    execute: bool = True,
 ) -> QualityScore:
     """Score one prompt and response, with whatever feedback, outcomes and context are known.
 
@@ -66,7 +68,8 @@ def assess_text(
         ValueError: nothing at all could be assessed (no code, no feedback, no timing).
     """
     components = assess_components(
-        prompt, response, feedback=feedback, outcome=outcome, generation_time_ms=generation_time_ms, context=context
+        prompt, response, feedback=feedback, outcome=outcome, generation_time_ms=generation_time_ms, context=context,
+        execute=execute,
     )
     return aggregate(components, context=context, timestamp=timestamp)
 

@@ -1,18 +1,21 @@
 """Functional correctness: the seed's weighted formula over outcome metrics when the agent
 reported them; otherwise what static checks of the response's code can tell.
 
-Static evidence so far: Python blocks parsed and compiled (never run) and their imports resolved;
-TypeScript and JavaScript blocks parsed with tree-sitter; truncated blocks. Sandboxed execution
-of the examples and tests a prompt or response carries comes next.
+Evidence from the response: Python blocks parsed and compiled and their imports resolved;
+TypeScript and JavaScript blocks parsed with tree-sitter; truncated blocks; and the examples and
+tests the prompt or the response carries, run against the Python in the sandbox.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from app.quality.base import DimensionScore, weighted
 from app.quality.code import check_python, check_syntax, extract_code_blocks
+from app.quality.examples import extract_tests
+from app.quality.sandbox import run_sandboxed
 
 __all__ = ["OUTCOME_WEIGHTS", "assess_correctness"]
 
@@ -41,9 +44,18 @@ def merge_outcomes(outcomes: Iterable[Mapping[str, Any]] | Mapping[str, Any] | N
 
 
 def assess_correctness(
-    response: str, outcomes: Iterable[Mapping[str, Any]] | Mapping[str, Any] | None = None
+    response: str,
+    outcomes: Iterable[Mapping[str, Any]] | Mapping[str, Any] | None = None,
+    prompt: str = "",
+    execute: bool = True,
+    timeout_s: float = 2.0,
 ) -> DimensionScore | None:
-    """Correctness from reported outcomes, else from the response's code; None with neither."""
+    """Correctness from reported outcomes, else from the response's code; None with neither.
+
+    With ``execute``, the examples and tests found in the prompt and the response (doctests,
+    ``f(x) -> y``, ``assert`` lines, ``test_*`` functions) run against the response's Python in
+    the sandbox, and their pass rate is the strongest evidence.
+    """
     reported = merge_outcomes(outcomes)
     if reported:
         result = weighted({k: (w, float(reported[k]) if k in reported else None) for k, w in OUTCOME_WEIGHTS.items()})
@@ -59,12 +71,21 @@ def assess_correctness(
         return None
     syntax = sum(c.parses for _, c in checked) / len(checked)
     complete = sum(b.closed for b, _ in checked) / len(checked)
-    py_checks = [check_python(b.code) for b, _ in checked if b.language == "python"]
+    py_blocks = [b for b, _ in checked if b.language == "python"]
+    py_checks = [check_python(b.code) for b in py_blocks]
     resolvable = [c.imports_resolvable for c in py_checks if c.imports_resolvable is not None]
+    run = None
+    if execute and py_checks and all(c.parses and c.compiles for c in py_checks):
+        defined = {n.name for c in py_checks if c.tree for n in c.tree.body
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}  # fmt: skip
+        tests = extract_tests(prompt, response, defined)
+        if tests:
+            run = run_sandboxed("\n\n".join(b.code for b in py_blocks), tests, timeout_s=timeout_s)
     result = weighted({
-        "syntax": (0.6, syntax),
-        "complete": (0.15, complete),
-        "imports": (0.25, sum(resolvable) / len(resolvable) if resolvable else None),
+        "syntax": (0.6 if run is None else 0.25, syntax),
+        "complete": (0.15 if run is None else 0.10, complete),
+        "imports": (0.25 if run is None else 0.15, sum(resolvable) / len(resolvable) if resolvable else None),
+        "tests": (0.5, None if run is None else run.pass_rate),
     })
     assert result is not None
     score, subscores = result
@@ -72,6 +93,8 @@ def assess_correctness(
         score = min(score, 0.3)  # code that does not even parse cannot be correct
     elif complete < 1.0:
         score = min(score, 0.5)  # the answer stops inside its code: at best half an answer
+    if run is not None and (run.pass_rate or 0.0) < 1.0:
+        score = min(score, 0.2 + 0.5 * (run.pass_rate or 0.0))  # failing its own examples is wrong
     return DimensionScore(
         "functional_correctness",
         score,
@@ -82,5 +105,8 @@ def assess_correctness(
             "languages": sorted({b.language or "unknown" for b in blocks}),
             "errors": [f"{c.language}: {c.error}" for _, c in checked if c.error],
             "unresolved_imports": sorted({m for c in py_checks for m in c.unresolved}),
+            "tests": None if run is None else {"passed": run.passed, "failed": run.failed,
+                                               "timed_out": run.timed_out, "errors": run.errors[:5],
+                                               "setup_error": run.setup_error},  # fmt: skip
         },
     )

@@ -198,3 +198,40 @@ def test_assess_text_has_all_five_dimensions_with_full_evidence() -> None:
     assert set(score.components) == {"user_satisfaction", "functional_correctness", "code_quality",
                                      "context_relevance", "efficiency"}  # fmt: skip
     assert score.overall > 0.8
+
+
+DOC_PROMPT = '''Complete this function:
+```python
+def below_zero(operations: list[int]) -> bool:
+    """True if the running balance ever drops below zero.
+    >>> below_zero([1, 2, 3])
+    False
+    >>> below_zero([1, 2, -4, 5])
+    True
+    """
+```
+'''
+RIGHT = "```python\ndef below_zero(operations: list[int]) -> bool:\n    balance = 0\n    for op in operations:\n        balance += op\n        if balance < 0:\n            return True\n    return False\n```"
+OFF = RIGHT.replace("balance < 0", "balance < -1")  # off by one: still compiles, fails an example
+
+
+def test_examples_in_the_prompt_run_against_the_response() -> None:
+    right, wrong = assess_correctness(RIGHT, prompt=DOC_PROMPT), assess_correctness(OFF, prompt=DOC_PROMPT)
+    assert right.subscores["tests"] == 1.0 and right.score == 1.0
+    assert wrong.subscores["tests"] < 1.0 and wrong.score <= 0.5 and wrong.evidence["tests"]["failed"] >= 1
+    static_only = assess_correctness(OFF, prompt=DOC_PROMPT, execute=False)
+    assert "tests" not in static_only.subscores and static_only.score == 1.0  # why execution matters
+
+
+def test_extracted_checks_cover_arrows_asserts_and_test_functions() -> None:
+    from app.quality.examples import extract_tests
+
+    prompt = "Write add. add(2, 3) -> 5 and add([1], [2]) == [1, 2].\nassert add(0, 0) == 0"
+    response = "```python\ndef add(a, b):\n    return a + b\n\ndef test_add():\n    assert add(1, 1) == 2\n```"
+    tests = extract_tests(prompt, response, {"add"})
+    assert "assert (add(2, 3)) == (5)" in tests and "assert (add([1], [2])) == ([1, 2])" in tests
+    assert "assert add(0, 0) == 0" in tests and any("test_add()" in t for t in tests)
+    assert extract_tests("no examples here", response, {"add"}) == [tests[-1]]
+    good = assess_correctness(response, prompt=prompt)
+    bad = assess_correctness(response.replace("a + b", "a * b"), prompt=prompt)
+    assert good.score == 1.0 and bad.score < 0.5
