@@ -82,6 +82,11 @@ def aggregate(
     if not known or total <= 0:
         raise ValueError("no dimension has evidence to score")
     overall = clamp(sum(weights[name] * c.score for name, c in known.items()) / total)
+    fc = known.get("functional_correctness")
+    if fc is not None and fc.score <= 0.5 and (fc.evidence.get("tests") or fc.evidence.get("errors")):
+        # Code that fails its own examples, or does not parse, is wrong however pleasant the rest:
+        # the other dimensions may not lift it above the correctness evidence.
+        overall = min(overall, fc.score)
     conf = clamp(confidence(known, context, timestamp, now))
     half = 0.5 * (1.0 - conf)
     return QualityScore(

@@ -14,7 +14,7 @@ from app.quality.code import extract_code_blocks
 __all__ = ["extract_tests"]
 
 _ARROW = re.compile(
-    r"(?<![\w.])([A-Za-z_]\w*\([^()\n]*\))\s*(?:->|==|=>|returns|should return)\s*"
+    r"(?<![\w.])([A-Za-z_]\w*\([^()\n]*\))\s*(?:->|==>|==|=>|\u279e|\u2192|returns|should return|should be)\s*"
     r"(\[[^\]\n]*\]|\([^)\n]*\)|'[^'\n]*'|\"[^\"\n]*\"|[^\s,;]+?)[.,;]?(?=\s|$)"
 )
 
@@ -49,6 +49,19 @@ def _doctest_snippet(text: str) -> str | None:
     )
 
 
+def _literal_example(m: re.Match[str]) -> bool:
+    """``f(1, [2]) -> 3`` is an example; ``fib(n) -> fib(n-1) + fib(n-2)`` is a definition."""
+    try:
+        call = ast.parse(m.group(1), mode="eval").body
+        assert isinstance(call, ast.Call)
+        for arg in [*call.args, *(k.value for k in call.keywords)]:
+            ast.literal_eval(arg)
+        ast.literal_eval(m.group(2))
+        return True
+    except (SyntaxError, ValueError, AssertionError, TypeError):
+        return False
+
+
 def _valid(snippet: str) -> bool:
     try:
         ast.parse(snippet)
@@ -69,6 +82,8 @@ def extract_tests(prompt: str, response: str, defined: set[str] | None = None) -
     # Doctests in the docstrings of the prompt's code (e.g. a function signature to complete) and the
     # response's code, and in the prompt's prose.
     prose = re.sub(r"```.*?(?:```|\Z)", "", prompt, flags=re.S)
+    if prompt_blocks == [prompt] and _valid(prompt):
+        prose = ""  # the prompt is itself code (a signature to complete): its docstrings say it all
     texts = [d for code in prompt_blocks + code_blocks for d in _docstrings(code)] + [prose]
     for text in texts:
         snippet = _doctest_snippet(text)
@@ -81,7 +96,7 @@ def extract_tests(prompt: str, response: str, defined: set[str] | None = None) -
                 continue
             for m in _ARROW.finditer(line):
                 name = m.group(1).split("(")[0]
-                if (defined is None or name in defined) and m.group(1) not in doctest_lines:
+                if (defined is None or name in defined) and m.group(1) not in doctest_lines and _literal_example(m):
                     tests.append(f"assert ({m.group(1)}) == ({m.group(2)})")
     for text in [prose, *code_blocks]:
         for line in text.splitlines():
