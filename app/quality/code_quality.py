@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,9 @@ def _bandit(path: Path) -> list[str]:
     """Severities of bandit's findings in one file."""
     from bandit.core import config, manager
 
+    # bandit loads every output formatter through stevedore, which logs an ERROR for the optional
+    # SARIF one it cannot import; we use none of them.
+    logging.getLogger("stevedore.extension").setLevel(logging.CRITICAL)
     mgr = manager.BanditManager(config.BanditConfig(), "file", quiet=True)
     mgr.discover_files([str(path)])
     mgr.run_tests()

@@ -35,7 +35,7 @@ def assess_efficiency(response: str, generation_time_ms: float | None = None) ->
     elegance = None if complexity is None else 1.0 - complexity
     # Conciseness: full marks up to ~600 words, then it decays (walls of text cost the reader).
     words = len(response.split())
-    conciseness = 1.0 if words <= 600 else clamp(600.0 / words) if words else None
+    conciseness = None if not words else 1.0 if words <= 600 else clamp(600.0 / words)
     result = weighted({"time": (0.4, time_score), "elegance": (0.3, elegance), "conciseness": (0.3, conciseness)})
     if result is None:
         return None

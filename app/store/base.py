@@ -367,7 +367,7 @@ class InteractionStore(ABC):
             self._insert_many(cur, table, columns, values, " ON CONFLICT DO NOTHING")
 
     def set_quality(
-        self, interaction_id: str, overall: float, confidence: float, status: str = "scored"
+        self, interaction_id: str, overall: float | None, confidence: float | None, status: str = "scored"
     ) -> bool:
         """Record an interaction's current quality score; False if no such interaction."""
         with self._transaction() as cur:
@@ -379,6 +379,43 @@ class InteractionStore(ABC):
                 [overall, confidence, status, interaction_id],
             )
             return cur.rowcount > 0
+
+    def save_scores(self, scores: Sequence[tuple[str, Any]]) -> int:
+        """Store quality scores (``(interaction_id, QualityScore)``) in one transaction: a row per
+        assessor version in ``quality_scores`` (replaced when re-scored) and the current score on
+        the interaction. Returns how many interactions existed and were updated."""
+        now = datetime.now(timezone.utc)
+        updated = 0
+        with self._transaction() as cur:
+            for interaction_id, score in scores:
+                low, high = score.interval if score.interval else (None, None)
+                cur.execute(
+                    self._sql("DELETE FROM quality_scores WHERE interaction_id = ? AND assessor_version = ?"),
+                    [interaction_id, score.assessor_version],
+                )
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO quality_scores (interaction_id, assessor_version, overall, components, "
+                        "confidence, interval_low, interval_high, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    ),
+                    [self._encode(v) for v in (interaction_id, score.assessor_version, score.overall,
+                                                dict(score.components), score.confidence, low, high, now)],
+                )  # fmt: skip
+                cur.execute(
+                    self._sql(
+                        "UPDATE interactions SET quality_score = ?, quality_confidence = ?, quality_status = ? "
+                        "WHERE id = ?"
+                    ),
+                    [score.overall, score.confidence, "scored", interaction_id],
+                )
+                updated += cur.rowcount > 0
+        return updated
+
+    def quality_scores(self, interaction_id: str) -> list[dict[str, Any]]:
+        """Every stored score of an interaction, newest first."""
+        return self._fetch(
+            "SELECT * FROM quality_scores WHERE interaction_id = ? ORDER BY created_at DESC", [interaction_id]
+        )
 
     # --- reads -------------------------------------------------------------------------------
 
