@@ -165,6 +165,19 @@ class CollectorServeConfig(_Section):
     )
 
 
+class ScorerServeConfig(_Section):
+    enabled: bool = Field(True, description="Deploy the quality scorer beside the collector.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per scorer replica (torch uses them as threads).")
+    max_ongoing_requests: int = Field(64, gt=0, description="Concurrent requests per replica.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=lambda: AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=8),
+        description="Serve autoscaling of the scorer.",
+    )
+    sweep_interval_s: float = Field(
+        10.0, gt=0, description="How often a replica scores interactions still pending (missed hand-offs)."
+    )
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, gt=0, lt=65536, description="Port the HTTP proxy binds.")
@@ -177,6 +190,7 @@ class ServeConfig(_Section):
     collector: CollectorServeConfig = Field(
         default_factory=CollectorServeConfig, description="The collector deployment."
     )
+    scorer: ScorerServeConfig = Field(default_factory=ScorerServeConfig, description="The quality scorer.")
 
 
 class RayConfig(_Section):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import KaizenConfig
 from app.ingest import IngestPipeline
@@ -41,6 +42,8 @@ class CollectorService:
         cfg: KaizenConfig,
         store: InteractionStore | None = None,
         commit: Callable[[list[StoredEvent]], Awaitable[list[bool]]] | None = None,
+        on_committed: Callable[[list[str]], Any] | None = None,
+        assess: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     ):
         self.cfg = cfg
         self.pipeline = IngestPipeline(cfg)
@@ -54,6 +57,16 @@ class CollectorService:
         # Under Serve, ``commit`` is the deployment's @serve.batch method (group commit across
         # concurrent requests); without Serve each request commits on its own.
         self._commit = commit or self._commit_direct
+        # The scorer's hand-off (fire and forget) and its synchronous assessment; without a
+        # scorer deployment (plain uvicorn) assessments run here and nothing is handed off.
+        self.on_committed = on_committed
+        self.assess = assess or self._assess_here
+
+    @staticmethod
+    async def _assess_here(payload: dict[str, Any]) -> dict[str, Any]:
+        from app.quality import assess_text
+
+        return (await asyncio.to_thread(assess_text, **payload)).model_dump(mode="json")
 
     # --- auth ----------------------------------------------------------------------------------
 
@@ -89,12 +102,36 @@ class CollectorService:
         """Validate, filter and commit a batch; one result per event, in order."""
         prepared = self.pipeline.prepare(raw_events)
         written = await self._commit(prepared.to_commit) if prepared.to_commit else []
-        return prepared.finish(written)
+        results = prepared.finish(written)
+        if self.on_committed is not None and any(written):
+            # New interactions, and interactions whose feedback or outcome just arrived, need a score.
+            ids = []
+            for ev, new in zip(prepared.to_commit, written):
+                if new:
+                    ids.append(ev.id if ev.type == "interaction" else next(iter(ev.rows.values()))[0]["interaction_id"])
+            try:
+                self.on_committed(list(dict.fromkeys(ids)))
+            except Exception:  # scoring is best effort here; the scorer's sweep catches up
+                log.exception("handing committed interactions to the scorer failed")
+        return results
 
     # --- reads ---------------------------------------------------------------------------------
 
     def hash_session(self, session_id: str) -> str:
         return self.pipeline.privacy.hash_id(session_id)
+
+
+class AssessRequest(BaseModel):
+    """``POST /v1/quality/assess``."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=1_000_000)
+    response: str = Field(max_length=1_000_000)
+    feedback: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+    generation_time_ms: float | None = Field(None, ge=0)
+    context: dict[str, Any] | None = None
+    execute: bool = Field(True, description="Run the examples and tests found, in the sandbox.")
 
 
 def _error(status: int, field: str | None, reason: str) -> JSONResponse:
@@ -223,6 +260,14 @@ def create_api(service: CollectorService) -> FastAPI:
     @api.post("/v1/outcomes", summary="Record outcome metrics", dependencies=[require("agent")])
     async def post_outcome(request: Request) -> JSONResponse:
         return await post_single(request, "outcome")
+
+    @api.post("/v1/quality/assess", summary="Score a prompt and response", dependencies=[require("agent")])
+    async def assess_quality(body: AssessRequest) -> dict[str, Any]:
+        """The quality score of a prompt and response, with its five dimensions and confidence."""
+        try:
+            return await service.assess(body.model_dump(exclude_none=True))
+        except ValueError as exc:
+            raise HTTPException(422, {"field": "response", "reason": str(exc)}) from None
 
     @api.get("/v1/interactions/{interaction_id}", dependencies=[require("agent")])
     async def get_interaction(interaction_id: str) -> dict[str, Any]:

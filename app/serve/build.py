@@ -12,8 +12,9 @@ from ray.serve import Application
 
 from app.config import KaizenConfig, load_config
 from app.serve.collector import CollectorDeployment
+from app.serve.scorer import QualityScorerDeployment
 
-__all__ = ["BuildArgs", "build_app", "collector_options"]
+__all__ = ["BuildArgs", "build_app", "collector_options", "scorer_options"]
 
 
 class BuildArgs(BaseModel):
@@ -24,20 +25,30 @@ class BuildArgs(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides, key=value.")
 
 
+def _options(num_cpus: float, max_ongoing: int, autoscaling: Any, health_check_period_s: float) -> dict[str, Any]:
+    return {
+        "ray_actor_options": {"num_cpus": num_cpus},
+        "max_ongoing_requests": max_ongoing,
+        "autoscaling_config": {
+            "min_replicas": autoscaling.min_replicas,
+            "initial_replicas": max(1, autoscaling.min_replicas),
+            "max_replicas": autoscaling.max_replicas,
+            "target_ongoing_requests": autoscaling.target_ongoing_requests,
+        },
+        "health_check_period_s": health_check_period_s,
+    }
+
+
 def collector_options(cfg: KaizenConfig) -> dict[str, Any]:
     """Deployment options of the collector from ``serve.collector``."""
     c = cfg.serve.collector
-    return {
-        "ray_actor_options": {"num_cpus": c.num_cpus},
-        "max_ongoing_requests": c.max_ongoing_requests,
-        "autoscaling_config": {
-            "min_replicas": c.autoscaling.min_replicas,
-            "initial_replicas": max(1, c.autoscaling.min_replicas),
-            "max_replicas": c.autoscaling.max_replicas,
-            "target_ongoing_requests": c.autoscaling.target_ongoing_requests,
-        },
-        "health_check_period_s": 5,
-    }
+    return _options(c.num_cpus, c.max_ongoing_requests, c.autoscaling, health_check_period_s=5)
+
+
+def scorer_options(cfg: KaizenConfig) -> dict[str, Any]:
+    """Deployment options of the quality scorer from ``serve.scorer``."""
+    c = cfg.serve.scorer
+    return _options(c.num_cpus, c.max_ongoing_requests, c.autoscaling, health_check_period_s=10)
 
 
 def build_app(args: dict[str, Any] | KaizenConfig | None = None) -> Application:
@@ -47,4 +58,8 @@ def build_app(args: dict[str, Any] | KaizenConfig | None = None) -> Application:
     else:
         parsed = BuildArgs.model_validate(args or {})
         cfg = load_config(parsed.config, parsed.overrides)
-    return CollectorDeployment.options(**collector_options(cfg)).bind(cfg.model_dump(mode="json"))
+    config = cfg.model_dump(mode="json")
+    scorer = None
+    if cfg.serve.scorer.enabled:
+        scorer = QualityScorerDeployment.options(**scorer_options(cfg)).bind(config)
+    return CollectorDeployment.options(**collector_options(cfg)).bind(config, scorer)

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from app.config import KaizenConfig
 from app.serve.api import CollectorService, create_api
@@ -23,11 +24,22 @@ __all__ = ["CollectorDeployment"]
 class CollectorDeployment:
     """Receives agent events over HTTP, filters them and group-commits them to the store."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], scorer: DeploymentHandle | None = None):
         cfg = KaizenConfig.model_validate(config)
         self.commit.set_max_batch_size(cfg.serve.collector.max_batch_size)
         self.commit.set_batch_wait_timeout_s(cfg.serve.collector.batch_wait_timeout_s)
-        self.service = CollectorService(cfg, commit=self.commit)
+        self.scorer = scorer
+        self.service = CollectorService(
+            cfg,
+            commit=self.commit,
+            # Fire and forget: the reply to the agent never waits for scoring.
+            on_committed=(lambda ids: scorer.score_ids.remote(ids)) if scorer is not None else None,
+            assess=self._assess if scorer is not None else None,
+        )
+
+    async def _assess(self, payload: dict[str, Any]) -> dict[str, Any]:
+        assert self.scorer is not None
+        return await self.scorer.assess.remote(payload)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve's late-bound ingress: the app is built after __init__, around this replica's service."""

@@ -199,3 +199,16 @@ def test_the_api_on_postgres(tmp_path, pg_dsn) -> None:
             assert http.get("/v1/stats").json()["engine"] == "postgres"
     finally:
         server.stop()
+
+
+def test_quality_assess_endpoint(http: httpx.Client) -> None:
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    r = http.post("/v1/quality/assess", json={"prompt": "add(1, 2) -> 3. Write add.", "response": good,
+                                              "generation_time_ms": 500})  # fmt: skip
+    assert r.status_code == 200
+    body = r.json()
+    assert 0.8 < body["overall"] <= 1 and "functional_correctness" in body["components"] and body["confidence"] > 0
+    bad = http.post("/v1/quality/assess", json={"prompt": "x", "response": good, "bogus": 1})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "bogus"
+    empty = http.post("/v1/quality/assess", json={"prompt": "x", "response": ""})
+    assert empty.status_code == 422 and empty.json()["error"]["field"] == "response"

@@ -31,7 +31,8 @@ def kaizen(ray_session, tmp_path_factory):
         "store": {"sqlite_path": str(db)},
         "privacy": {"hmac_key": "serve-test"},
         "serve": {"port": port, "app_name": "kaizen-test",
-                  "collector": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}},
+                  "collector": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                  "scorer": {"sweep_interval_s": 1.0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}},
     })
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-test", route_prefix="/")
@@ -115,3 +116,37 @@ def test_client_survives_a_killed_replica(kaizen, tmp_path) -> None:
     stored = store.existing_ids(ids)
     assert len(ids) > 100 and stored == set(ids)
     client.close()
+
+
+def test_committed_interactions_are_scored_by_the_scorer(kaizen) -> None:
+    url, store = kaizen
+    body = {"session_id": "s", "input": {"raw": "Write add. add(1, 2) -> 3"},
+            "output": {"content": "```python\ndef add(a, b):\n    return a + b\n```", "generation_time_ms": 400}}  # fmt: skip
+    with httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/events", json={"events": [{"id": "to-score", "type": "interaction", "timestamp": now(), "body": body}]})
+        assert r.status_code == 200
+        deadline = time.monotonic() + 90  # the first scoring loads the embedding model
+        while time.monotonic() < deadline:
+            record = store.get_interaction("to-score")
+            if record["quality_status"] == "scored":
+                break
+            time.sleep(0.5)
+        assert record["quality_status"] == "scored" and record["quality_score"] > 0.5
+        assessed = http.post("/v1/quality/assess", json={"prompt": "Write add", "response": body["output"]["content"]})
+        assert assessed.status_code == 200 and "context_relevance" in assessed.json()["components"]
+
+
+def test_pending_interactions_missed_by_the_hand_off_are_swept(kaizen) -> None:
+    from app.ingest import IngestPipeline
+
+    url, store = kaizen
+    # Written straight into the store, as if the scorer had been down when they were committed.
+    pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "serve-test"}}))
+    prepared = pipeline.prepare([ev(f"missed-{i}") for i in range(3)])
+    store.write(prepared.to_commit)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(store.get_interaction(f"missed-{i}")["quality_status"] == "scored" for i in range(3)):
+            break
+        time.sleep(0.5)
+    assert all(store.get_interaction(f"missed-{i}")["quality_status"] == "scored" for i in range(3))
