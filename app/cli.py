@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,6 @@ def _absolute_paths(cfg: KaizenConfig) -> KaizenConfig:
 def _base_url(cfg: KaizenConfig) -> str:
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}"
-
-
-def _wait_ready(url: str, timeout_s: float = 120.0) -> bool:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 def _seed(url: str, count: int, seed: int, api_key: str | None) -> dict[str, int]:
@@ -69,6 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from app.client import wait_until_ready
     from app.serve.build import build_app
     from app.store import open_store
 
@@ -96,7 +82,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         logging_config=logging_config,
     )
     url = _base_url(cfg)
-    if not _wait_ready(url):
+    if not wait_until_ready(url):
         print(f"error: Kaizen did not become ready at {url}/readyz", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()

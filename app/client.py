@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["KaizenClient"]
+__all__ = ["KaizenClient", "wait_until_ready"]
 
 log = logging.getLogger("kaizen.client")
 # 404: the Serve proxy answers it while the app is not (yet) deployed; /v1/events always exists.
@@ -44,6 +45,33 @@ _RETRYABLE_STATUS = {404, 408, 425, 429, 500, 502, 503, 504}
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def wait_until_ready(base_url: str, timeout_s: float = 120.0) -> bool:
+    """Poll ``GET /readyz`` until the server and its store answer, or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url.rstrip('/')}/readyz", timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _never_raises(method: Callable[..., str | None]) -> Callable[..., str | None]:
+    """Recording must never break the agent: an error is counted in ``stats`` and None returned."""
+
+    @functools.wraps(method)
+    def wrapper(self: "KaizenClient", *args: Any, **kwargs: Any) -> str | None:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            self.stats["errors"] += 1
+            return None
+
+    return wrapper
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -131,23 +159,21 @@ class KaizenClient:
 
     # --- recording (the agent's hot path) --------------------------------------------------------
 
+    @_never_raises
     def record_event(
         self, type: str, body: dict[str, Any], *, id: str | None = None, timestamp: str | None = None
     ) -> str | None:
         """Enqueue one event envelope; returns its id (None only if recording itself failed)."""
-        try:
-            event_id = id or uuid.uuid4().hex
-            self._queue.append(
-                {"id": event_id, "type": type, "timestamp": timestamp or _now_iso(), "body": body}
-            )
-            self.stats["recorded"] += 1
-            if len(self._queue) >= self.batch_size:
-                self._wake.set()
-            return event_id
-        except Exception:  # recording must never break the agent
-            self.stats["errors"] += 1
-            return None
+        event_id = id or uuid.uuid4().hex
+        self._queue.append(
+            {"id": event_id, "type": type, "timestamp": timestamp or _now_iso(), "body": body}
+        )
+        self.stats["recorded"] += 1
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+        return event_id
 
+    @_never_raises
     def record_interaction(
         self,
         session_id: str,
@@ -177,28 +203,25 @@ class KaizenClient:
         Returns:
             The interaction id, to attach feedback, tool usage and outcomes to later.
         """
-        try:
-            body: dict[str, Any] = {
-                "session_id": session_id,
-                "sequence_number": sequence_number,
-                "input": _drop_none(
-                    {"raw": prompt, "processed": processed_prompt, "type": input_type,
-                     "intent": intent, "complexity": complexity}  # fmt: skip
-                ),
-                "output": _drop_none(
-                    {"content": response, "format": output_format, "generation_time_ms": generation_time_ms,
-                     "token_count": token_count, "streaming": streaming}  # fmt: skip
-                ),
-            }
-            if user_id is not None:
-                body["user_id"] = user_id
-            _put_nonempty(body, metadata=metadata, context=context, tool_calls=tool_calls, feedback=feedback,
-                          outcome=outcome)  # fmt: skip
-            return self.record_event("interaction", body, id=id, timestamp=timestamp)
-        except Exception:
-            self.stats["errors"] += 1
-            return None
+        body: dict[str, Any] = {
+            "session_id": session_id,
+            "sequence_number": sequence_number,
+            "input": _drop_none(
+                {"raw": prompt, "processed": processed_prompt, "type": input_type,
+                 "intent": intent, "complexity": complexity}  # fmt: skip
+            ),
+            "output": _drop_none(
+                {"content": response, "format": output_format, "generation_time_ms": generation_time_ms,
+                 "token_count": token_count, "streaming": streaming}  # fmt: skip
+            ),
+        }
+        if user_id is not None:
+            body["user_id"] = user_id
+        _put_nonempty(body, metadata=metadata, context=context, tool_calls=tool_calls, feedback=feedback,
+                      outcome=outcome)  # fmt: skip
+        return self.record_event("interaction", body, id=id, timestamp=timestamp)
 
+    @_never_raises
     def record_feedback(
         self,
         interaction_id: str,
@@ -219,23 +242,20 @@ class KaizenClient:
         timestamp: str | None = None,
     ) -> str | None:
         """Record what the user did with an answer (before or after its interaction arrives)."""
-        try:
-            body: dict[str, Any] = {"interaction_id": interaction_id}
-            explicit = _drop_none({"rating": rating, "thumbs": thumbs, "comment": comment, "correction": correction})
-            implicit = _drop_none(
-                {"accepted": accepted, "modified": modified, "abandoned": abandoned,
-                 "time_to_acceptance_s": time_to_acceptance_s}  # fmt: skip
-            )
-            temporal = _drop_none(
-                {"time_to_first_use_s": time_to_first_use_s, "usage_time_s": usage_time_s,
-                 "return_visits": return_visits, "copy_events": copy_events}  # fmt: skip
-            )
-            _put_nonempty(body, explicit=explicit, implicit=implicit, temporal=temporal)
-            return self.record_event("feedback", body, id=id, timestamp=timestamp)
-        except Exception:
-            self.stats["errors"] += 1
-            return None
+        body: dict[str, Any] = {"interaction_id": interaction_id}
+        explicit = _drop_none({"rating": rating, "thumbs": thumbs, "comment": comment, "correction": correction})
+        implicit = _drop_none(
+            {"accepted": accepted, "modified": modified, "abandoned": abandoned,
+             "time_to_acceptance_s": time_to_acceptance_s}  # fmt: skip
+        )
+        temporal = _drop_none(
+            {"time_to_first_use_s": time_to_first_use_s, "usage_time_s": usage_time_s,
+             "return_visits": return_visits, "copy_events": copy_events}  # fmt: skip
+        )
+        _put_nonempty(body, explicit=explicit, implicit=implicit, temporal=temporal)
+        return self.record_event("feedback", body, id=id, timestamp=timestamp)
 
+    @_never_raises
     def record_tool_usage(
         self,
         interaction_id: str,
@@ -249,29 +269,22 @@ class KaizenClient:
     ) -> str | None:
         """Record one tool invocation; ``fields`` are the other :class:`app.schemas.ToolUsage` fields
         (start_time, end_time, duration_ms, success, retry_count, output, error, exit_code, ...)."""
-        try:
-            body = {
-                "interaction_id": interaction_id,
-                "tool_name": tool_name,
-                "invocation_order": invocation_order,
-                "parameters_raw": parameters or {},
-                **_drop_none(fields),
-            }
-            return self.record_event("tool_usage", body, id=id, timestamp=timestamp)
-        except Exception:
-            self.stats["errors"] += 1
-            return None
+        body = {
+            "interaction_id": interaction_id,
+            "tool_name": tool_name,
+            "invocation_order": invocation_order,
+            "parameters_raw": parameters or {},
+            **_drop_none(fields),
+        }
+        return self.record_event("tool_usage", body, id=id, timestamp=timestamp)
 
+    @_never_raises
     def record_outcome(self, interaction_id: str, *, id: str | None = None, **metrics: bool | None) -> str | None:
         """Record outcome metrics (code_compiles, tests_pass, lint_passes, type_check_passes,
         deployment_success, no_runtime_errors)."""
-        try:
-            return self.record_event(
-                "outcome", {"interaction_id": interaction_id, **_drop_none(metrics)}, id=id
-            )
-        except Exception:
-            self.stats["errors"] += 1
-            return None
+        return self.record_event(
+            "outcome", {"interaction_id": interaction_id, **_drop_none(metrics)}, id=id
+        )
 
     # --- flushing ------------------------------------------------------------------------------
 

@@ -183,7 +183,7 @@ class IngestPipeline:
             rows["outcomes"] = [self._outcome_row(f"{env.id}/outcome", env.id, env.timestamp, it.outcome)]
         rows["interactions"][0]["redaction_count"] = sum(found.values())
         self._redaction_rows(rows, env, found)
-        return StoredEvent(id=env.id, type=env.type, timestamp=env.timestamp, rows=rows, received_at=now)
+        return StoredEvent(env.id, env.type, env.timestamp, rows, received_at=now, interaction_id=env.id)
 
     def _attachment(self, env: EventEnvelope, body: Any, now: datetime) -> StoredEvent:
         found: Counter[str] = Counter()
@@ -196,7 +196,7 @@ class IngestPipeline:
             assert isinstance(body, Outcome)
             rows = {"outcomes": [self._outcome_row(env.id, target, env.timestamp, body)]}
         self._redaction_rows(rows, env, found)
-        return StoredEvent(id=env.id, type=env.type, timestamp=env.timestamp, rows=rows, received_at=now)
+        return StoredEvent(env.id, env.type, env.timestamp, rows, received_at=now, interaction_id=target)
 
     def _tool_row(
         self, row_id: str, interaction_id: str, ts: datetime, tool: ToolUsage, found: Counter[str]

@@ -7,7 +7,8 @@ Measures, on this machine, in one run:
      ~2 KB interactions of real code and prose: sustained interactions/s, p99 record-to-committed,
      and loss (every recorded id must be in the store, once);
   3. the same interactions written straight into the store without Serve (the baseline, a ratio);
-  4. the privacy filter's cost per interaction and its share of the direct-ingestion time;
+  4. the privacy filter's cost per interaction and its share of the direct-ingestion time
+     (``benchmarks/privacy.py`` compares the filter with detect-secrets' scanner);
   5. fault runs: the collector replica killed, and the whole app stopped, in the middle of a load.
 
 Prints a table and writes ``benchmarks/results/collector.json``.
@@ -29,19 +30,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import pct, print_table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --- payloads ----------------------------------------------------------------------------------
 
 
-def build_payloads(n: int = 400, target_bytes: int = 2048, pii_share: float = 0.08) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of about ``target_bytes`` together, from real stdlib code; a
-    ``pii_share`` of the prompts carry personal data or a secret, as in real traffic."""
+def build_payloads(n: int = 400, target_bytes: int = 2048) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of about ``target_bytes`` together, from real stdlib code; some of
+    the prompts carry personal data or a secret, as in real traffic."""
     from app.sample import sample_interactions
 
     pairs = []
-    for s in sample_interactions(n * 2, seed=7, pii_share=pii_share):
+    for s in sample_interactions(n * 2, seed=7):
         prompt, response = s.interaction["prompt"], s.interaction["response"]
         size = len(prompt) + len(response)
         if size < target_bytes * 0.6:
@@ -52,14 +55,6 @@ def build_payloads(n: int = 400, target_bytes: int = 2048, pii_share: float = 0.
         if len(pairs) == n:
             break
     return pairs
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
-    return values[k]
 
 
 # --- 1. record cost ----------------------------------------------------------------------------
@@ -284,61 +279,18 @@ def bench_direct(payloads: list[tuple[str, str]], n: int, workdir: Path) -> dict
     return out
 
 
-def bench_redact(payloads: list[tuple[str, str]]) -> dict[str, Any]:
-    """Kaizen's filter beside detect-secrets' own scanner (all default plugins, line by line) on
-    the same interactions: cost per interaction and findings. The payloads are real stdlib code
-    with no secrets in them, so every finding of either is a false positive (or an author's
-    e-mail in a header, which Kaizen counts and redacts on purpose). Costs are measured on the
-    realistic payloads (some carry personal data); findings on ones without any."""
-    from detect_secrets.core.scan import scan_line
-    from detect_secrets.settings import default_settings
-
-    from app.privacy import redact
-
-    costs = []
-    for prompt, response in payloads * 5:
-        t0 = time.perf_counter_ns()
-        redact(prompt), redact(response)
-        costs.append((time.perf_counter_ns() - t0) / 1000)
-    clean = build_payloads(len(payloads), pii_share=0.0)
-    findings = sum(len([f for f in redact(p).findings + redact(r).findings if f != "email"]) for p, r in clean)
-    ds_costs, ds_findings = [], 0
-    sample = clean[:60]
-    with default_settings():
-        for prompt, response in sample:
-            t0 = time.perf_counter_ns()
-            for line in (prompt + "\n" + response).splitlines():
-                ds_findings += sum(1 for _ in scan_line(line))
-            ds_costs.append((time.perf_counter_ns() - t0) / 1000)
-    return {
-        "kaizen": {"p50_us": pct(costs, 50), "p99_us": pct(costs, 99), "mean_us": statistics.fmean(costs),
-                   "non_email_findings_per_interaction": findings / len(clean)},
-        "detect_secrets_scan": {"p50_us": pct(ds_costs, 50), "p99_us": pct(ds_costs, 99),
-                                "mean_us": statistics.fmean(ds_costs),
-                                "findings_per_interaction": ds_findings / len(sample)},
-    }  # fmt: skip
-
-
 # --- Serve --------------------------------------------------------------------------------------
 
 
 def deploy(cfg: Any, name: str) -> None:
-    import httpx
     from ray import serve
 
+    from app.client import wait_until_ready
     from app.serve.build import build_app
 
     serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{cfg.serve.port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("Serve app did not become ready")
+    if not wait_until_ready(f"http://127.0.0.1:{cfg.serve.port}"):
+        raise RuntimeError("Serve app did not become ready")
 
 
 def make_config(db: Path, port: int, replicas: int) -> Any:
@@ -406,8 +358,7 @@ def main() -> None:
     result: dict[str, Any] = {"name": "collector", "machine": f"{os.cpu_count()} cores",
                               "payload_bytes_mean": avg_bytes, "args": vars(args)}  # fmt: skip
 
-    print("privacy filter and direct-store baseline ...", flush=True)
-    result["redact"] = bench_redact(payloads)
+    print("direct-store baseline and the privacy filter's cost ...", flush=True)
     result["direct"] = bench_direct(payloads, 20_000, work)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -454,7 +405,7 @@ def main() -> None:
 
 def report(r: dict[str, Any]) -> None:
     rc, base, load, sat, direct = r["record_cost"], r["blocking_post_baseline"], r["load"], r["saturation"], r["direct"]
-    on, red = direct["with_privacy"], r["redact"]
+    on = direct["with_privacy"]
     rows = [
         ("record_* cost p50 (µs)", f"{rc['p50_us']:.1f}", f"blocking POST {base['p50_us']:.0f}", "-"),
         ("record_* cost p99 (µs)", f"{rc['p99_us']:.1f}", f"blocking POST {base['p99_us']:.0f}",
@@ -468,10 +419,8 @@ def report(r: dict[str, Any]) -> None:
         ("  record -> committed p50 / p99 (ms)", f"{sat['latency_p50_ms']:.0f} / {sat['latency_p99_ms']:.0f}", "", ""),
         ("  lost / duplicated", f"{sat['lost']} / {sat['duplicated_rows']}", "", "0 / 0"),
         ("privacy filter per interaction (µs)", f"{direct['privacy_us_per_interaction']:.0f}",
-         f"detect-secrets scan {red['detect_secrets_scan']['mean_us']:.0f}", ""),
+         f"direct ingestion without it {direct['without_privacy']['total_us']:.0f}", ""),
         ("privacy share of direct ingestion", f"{direct['privacy_share_of_direct']:.0%}", "", ""),
-        ("findings per clean interaction (not e-mail)", f"{red['kaizen']['non_email_findings_per_interaction']:.2f}",
-         f"detect-secrets {red['detect_secrets_scan']['findings_per_interaction']:.1f}", "0"),
     ]  # fmt: skip
     for key, label in (("fault_kill_replica", "fault: replica killed"), ("fault_stop_app", "fault: app stopped")):
         if key in r:
@@ -480,13 +429,7 @@ def report(r: dict[str, Any]) -> None:
                          f"spooled {f['client'].get('spooled', 0)}, retries {f['client'].get('retries', 0)}",
                          "all, once"))  # fmt: skip
             rows.append(("  lost / duplicated", f"{f['lost']} / {f['duplicated_rows']}", "", "0 / 0"))
-    header = ("metric", "measured", "baseline (same run)", "goal")
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(4)]
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print_table(("metric", "measured", "baseline (same run)", "goal"), rows)
 
 
 if __name__ == "__main__":

@@ -18,28 +18,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import platform
 import random
 import statistics
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.sample import stdlib_functions
+from benchmarks.common import pct, print_table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
-_MODULES = (
-    "textwrap", "json.decoder", "json.encoder", "statistics", "bisect", "heapq", "string", "functools",
-    "shlex", "fnmatch", "glob", "base64", "calendar", "difflib", "html", "ipaddress", "colorsys", "copy",
-    "posixpath", "urllib.parse", "email.utils", "random", "fractions", "dataclasses", "inspect",
-    "tokenize", "zipfile", "configparser", "argparse", "pprint", "reprlib", "gettext", "contextlib",
-    "enum", "graphlib", "secrets", "socket", "http.client", "smtplib", "logging",
-)  # fmt: skip
 # Planted values: (kind, text with the value, the value that must not survive).
 _PLANTED = (
     ("email", "Send the report to {user}@example-corp.com when it passes.", "{user}@example-corp.com"),
@@ -55,24 +49,8 @@ _USERS = ("alice", "bob", "carol", "dmitri", "eunji", "farid")
 
 
 def _functions() -> list[tuple[str, str, str]]:
-    """(name, first docstring line, dedented source) of documented stdlib functions."""
-    found = []
-    for module_name in _MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != module.__name__:
-                continue
-            doc = inspect.getdoc(obj)
-            try:
-                source = textwrap.dedent(inspect.getsource(obj))
-            except (OSError, TypeError):
-                continue
-            if doc and 200 < len(source) < 1600:
-                found.append((f"{module_name}.{name}", doc.split("\n\n")[0].replace("\n", " "), source))
-    return found
+    """(name, first docstring line, source) of documented stdlib functions of a useful size."""
+    return [(f"{f.module}.{f.name}", f.doc, f.source) for f in stdlib_functions() if 200 < len(f.source) < 1600]
 
 
 def build_interactions(n: int, seed: int = 7, planted_share: float = 0.1) -> list[tuple[str, str | None, str | None]]:
@@ -99,11 +77,6 @@ def build_interactions(n: int, seed: int = 7, planted_share: float = 0.1) -> lis
             text = text[:cut] + "\n" + sentence + "\n" + text[cut:]
         out.append((text, kind, value))
     return out
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 def bench_filter(
@@ -185,12 +158,7 @@ def report(result: dict[str, Any]) -> None:
          f"{base / r['mean_us']:.0f}", f"{r['non_email_findings_per_clean_interaction']:.2f}", r["planted_caught"])
         for r in result["rows"]
     ]  # fmt: skip
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print_table(header, rows)
     print(f"\n{result['interactions']} interactions, mean {result['payload_bytes_mean']:.0f} bytes; "
           f"FP/clean: non-e-mail findings (detect-secrets: flagged lines) per interaction without planted data")  # fmt: skip
 

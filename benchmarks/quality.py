@@ -16,18 +16,14 @@ import argparse
 import ast
 import json
 import random
-import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import pct, print_table
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
 # --- wrong solutions -------------------------------------------------------------------------------
@@ -179,8 +175,8 @@ def main() -> None:
         "auroc_syntax_baseline": auroc_syntax,
         "mean_score_by_kind": {k: statistics.fmean(v) for k, v in sorted(by_kind.items())},
         "latency_ms": {
-            "without_execution": {"p50": _pct(static_times, 50), "p99": _pct(static_times, 99)},
-            "with_execution": {"p50": _pct(exec_times, 50), "p99": _pct(exec_times, 99)},
+            "without_execution": {"p50": pct(static_times, 50), "p99": pct(static_times, 99)},
+            "with_execution": {"p50": pct(exec_times, 50), "p99": pct(exec_times, 99)},
         },
     }
     rows = [
@@ -192,13 +188,8 @@ def main() -> None:
          f"{result['latency_ms']['with_execution']['p50']:.0f} / {result['latency_ms']['with_execution']['p99']:.0f}", "", "p99 <= 500"),
     ]  # fmt: skip
     rows += [(f"mean score: {k}", f"{v:.2f}", "", "") for k, v in result["mean_score_by_kind"].items()]
-    header = ("metric", "measured", "baseline (same run)", "goal")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
     print(f"\n{len(samples)} responses ({sum(labels)} correct, {len(labels) - sum(labels)} wrong) from {len(problems)} problems")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print_table(("metric", "measured", "baseline (same run)", "goal"), rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {RESULTS / 'quality.json'}")

@@ -84,11 +84,6 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture
-def tmp_db(tmp_path: Path) -> str:
-    return str(tmp_path / "kaizen.db")
-
-
 class LocalServer:
     """The collector's FastAPI app under uvicorn in a thread: a real HTTP server without Ray.
 
@@ -106,11 +101,10 @@ class LocalServer:
 
     def start(self) -> "LocalServer":
         import threading
-        import time
 
-        import httpx
         import uvicorn
 
+        from app.client import wait_until_ready
         from app.serve.api import CollectorService, create_api
 
         self.service = CollectorService(self.cfg)
@@ -118,14 +112,9 @@ class LocalServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("local server did not start")
+        if not wait_until_ready(self.url, timeout_s=20):
+            raise RuntimeError("local server did not start")
+        return self
 
     def stop(self) -> None:
         if self._server is not None:

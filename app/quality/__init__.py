@@ -25,30 +25,7 @@ from app.quality.satisfaction import assess_satisfaction
 from app.quality.thresholds import ThresholdManager
 from app.schemas import QualityScore
 
-__all__ = ["ASSESSOR_VERSION", "DimensionScore", "ThresholdManager", "assess_components", "assess_record",
-           "assess_text"]  # fmt: skip
-
-
-def assess_components(
-    prompt: str,
-    response: str,
-    *,
-    feedback: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
-    outcome: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
-    generation_time_ms: float | None = None,
-    context: Mapping[str, Any] | None = None,
-    execute: bool = True,
-) -> dict[str, DimensionScore]:
-    """Every dimension that has evidence, by name."""
-    feedback_rows = [feedback] if isinstance(feedback, Mapping) else list(feedback or [])
-    found = [
-        assess_satisfaction(feedback_rows),
-        assess_correctness(response, outcome, prompt=prompt, execute=execute),
-        assess_code_quality(response),
-        assess_relevance(prompt, response, context),
-        assess_efficiency(response, generation_time_ms),
-    ]
-    return {c.name: c for c in found if c is not None}
+__all__ = ["ASSESSOR_VERSION", "DimensionScore", "ThresholdManager", "assess_record", "assess_text"]
 
 
 def assess_text(
@@ -67,10 +44,15 @@ def assess_text(
     Raises:
         ValueError: nothing at all could be assessed (no code, no feedback, no timing).
     """
-    components = assess_components(
-        prompt, response, feedback=feedback, outcome=outcome, generation_time_ms=generation_time_ms, context=context,
-        execute=execute,
-    )
+    feedback_rows = [feedback] if isinstance(feedback, Mapping) else list(feedback or [])
+    found = [
+        assess_satisfaction(feedback_rows),
+        assess_correctness(response, outcome, prompt=prompt, execute=execute),
+        assess_code_quality(response),
+        assess_relevance(prompt, response, context),
+        assess_efficiency(response, generation_time_ms),
+    ]
+    components = {c.name: c for c in found if c is not None}
     return aggregate(components, context=context, timestamp=timestamp)
 
 

@@ -105,10 +105,7 @@ class CollectorService:
         results = prepared.finish(written)
         if self.on_committed is not None and any(written):
             # New interactions, and interactions whose feedback or outcome just arrived, need a score.
-            ids = []
-            for ev, new in zip(prepared.to_commit, written):
-                if new:
-                    ids.append(ev.id if ev.type == "interaction" else next(iter(ev.rows.values()))[0]["interaction_id"])
+            ids = [ev.interaction_id for ev, new in zip(prepared.to_commit, written) if new and ev.interaction_id]
             try:
                 self.on_committed(list(dict.fromkeys(ids)))
             except Exception:  # scoring is best effort here; the scorer's sweep catches up

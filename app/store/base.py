@@ -29,6 +29,7 @@ class StoredEvent:
     timestamp: datetime
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    interaction_id: str | None = None  # the interaction it is, or attaches to
 
 
 # Column types are placeholders filled per engine: {TS} timestamp, {JSON}, {BOOL}, {REAL}, {ID} serial key.

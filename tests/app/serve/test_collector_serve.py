@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from app.client import KaizenClient
+from app.client import KaizenClient, wait_until_ready
 from app.config import KaizenConfig
 from app.store.sqlite import SQLiteStore
 from tests.conftest import free_port
@@ -37,13 +37,7 @@ def kaizen(ray_session, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    assert wait_until_ready(url, timeout_s=60)
     store = SQLiteStore(db)
     yield url, store
     store.close()
