@@ -4,6 +4,7 @@
     kaizen status [--config FILE] [--url URL]
     kaizen config check FILE [key=value ...]
     kaizen seed [--count N] [--url URL] [--seed S]
+    kaizen calibrate [--config FILE] [--min-ratings N] [--test-fraction F] [--dry-run] [--json]
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from app.config import ConfigError, KaizenConfig, apply_overrides, load_config, read_config_file, validate_config
+from app.config import (
+    ConfigError,
+    KaizenConfig,
+    apply_overrides,
+    load_config,
+    read_config_file,
+    resolve_paths,
+    validate_config,
+)
 
 __all__ = ["main"]
-
-
-def _absolute_paths(cfg: KaizenConfig) -> KaizenConfig:
-    """Resolve relative paths against the caller's directory: Ray workers run elsewhere."""
-    cfg.store.sqlite_path = str(Path(cfg.store.sqlite_path).expanduser().resolve())
-    cfg.model.checkpoint_dir = str(Path(cfg.model.checkpoint_dir).expanduser().resolve())
-    return cfg
 
 
 def _base_url(cfg: KaizenConfig) -> str:
@@ -58,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.serve.build import build_app
     from app.store import open_store
 
-    cfg = _absolute_paths(load_config(args.config, args.overrides))
+    cfg = resolve_paths(load_config(args.config, args.overrides))
     report = validate_config(cfg.model_dump(mode="json"))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -121,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from app.store import open_store
 
-    cfg = _absolute_paths(load_config(args.config, args.overrides))
+    cfg = resolve_paths(load_config(args.config, args.overrides))
     try:
         store = open_store(cfg.store, migrate=False)
         stats = store.stats()
@@ -223,6 +225,43 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return 0 if sent["delivered"] else 1
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from app.quality.service import QualityService
+    from app.store import open_store
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        service = QualityService(store)
+        report = service.calibrate(
+            min_ratings=args.min_ratings or cfg.quality.calibration_min_ratings,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            activate=not args.dry_run,
+        )
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    print(f"rated interactions: {report.ratings} (train {report.train}, held out {report.test})")
+    if report.seed:
+        print(f"{'held-out correlation':<24}{'spearman':>10}{'pearson':>10}")
+        print(f"{'seed weights':<24}{report.seed['spearman']:>10.3f}{report.seed['pearson']:>10.3f}")
+        print(f"{'calibrated':<24}{report.calibrated['spearman']:>10.3f}{report.calibrated['pearson']:>10.3f}")
+    if report.calibration is None:
+        print(f"kept the seed's weights: {report.reason}")
+        return 0
+    weights = ", ".join(f"{k} {v:.3f}" for k, v in report.calibration.weights.items())
+    print(f"weights: {weights}")
+    if args.dry_run:
+        print(f"{report.calibration.version}: not stored (--dry-run)")
+    else:
+        print(f"{report.calibration.version}: active; scorers use it from their next sweep. "
+              "Re-score stored interactions with: python -m jobs.score --all")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaizen", description="Continuous learning for LLM coding agents.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +296,16 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--url", default=None, help="Kaizen's base URL (default: from the config)")
     seed.add_argument("--api-key", default=None, help="API key (default: $KAIZEN_API_KEY)")
     seed.set_defaults(func=cmd_seed)
+
+    calibrate = sub.add_parser("calibrate", help="fit how the quality dimensions combine to the human ratings")
+    with_config(calibrate)
+    calibrate.add_argument("--min-ratings", type=int, default=None,
+                           help="ratings needed (default: quality.calibration_min_ratings)")
+    calibrate.add_argument("--test-fraction", type=float, default=0.25, help="share held out for evaluation")
+    calibrate.add_argument("--seed", type=int, default=0, help="random seed of the split")
+    calibrate.add_argument("--dry-run", action="store_true", help="report, but do not store or activate")
+    calibrate.add_argument("--json", action="store_true", help="print JSON")
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

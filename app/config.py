@@ -27,6 +27,7 @@ __all__ = [
     "ValidationReport",
     "apply_overrides",
     "load_config",
+    "resolve_paths",
     "validate_config",
 ]
 
@@ -77,6 +78,18 @@ class QualityConfig(_Section):
         500.0, gt=0, description="Time budget of one assessment; below 100 ms accuracy suffers."
     )
     fallback_on_timeout: bool = Field(True, description="Answer with a cheap score past the budget.")
+    calibration_min_ratings: int = Field(
+        50, ge=10, description="Human ratings needed before kaizen calibrate replaces the seed's weights."
+    )
+    review_confidence_below: float = Field(
+        0.6, gt=0, le=1, description="Scored interactions below this confidence are listed at GET /v1/review."
+    )
+    stream_window_chars: int = Field(
+        256, gt=0, description="Streaming assessment: characters of new text per provisional score."
+    )
+    stream_budget_ms: float = Field(
+        20.0, gt=0, description="Streaming assessment: time budget per window before the circuit breaker answers."
+    )
 
 
 class ResourceLimitsConfig(_Section):
@@ -408,6 +421,13 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{p}: the top level must be a mapping"])
     return data
+
+
+def resolve_paths(cfg: KaizenConfig) -> KaizenConfig:
+    """Resolve relative paths against the caller's directory: Ray workers run elsewhere."""
+    cfg.store.sqlite_path = str(Path(cfg.store.sqlite_path).expanduser().resolve())
+    cfg.model.checkpoint_dir = str(Path(cfg.model.checkpoint_dir).expanduser().resolve())
+    return cfg
 
 
 def load_config(

@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,27 @@ def local_server(tmp_path: Path):
     server = LocalServer(cfg).start()
     yield server
     server.stop()
+
+
+def ingest_samples(store, n: int) -> list[str]:
+    """Commit ``n`` sample interactions (and one with an empty answer) straight into a store; their ids."""
+    from app.config import KaizenConfig
+    from app.ingest import IngestPipeline
+    from app.sample import sample_interactions
+
+    pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "k"}}))
+    events = []
+    for s in sample_interactions(n, seed=5):
+        it = s.interaction
+        body = {"session_id": it["session_id"], "input": {"raw": it["prompt"]},
+                "output": {"content": it["response"], "generation_time_ms": it["generation_time_ms"]},
+                "context": it["context"]}  # fmt: skip
+        if s.feedback:
+            body["feedback"] = {"explicit": {"rating": s.feedback["rating"]}} if s.feedback.get("rating") else None
+        events.append({"id": it["id"], "type": "interaction", "timestamp": it["timestamp"],
+                       "body": {k: v for k, v in body.items() if v is not None}})  # fmt: skip
+    events.append({"id": "empty", "type": "interaction", "timestamp": datetime.now(timezone.utc).isoformat(),
+                   "body": {"session_id": "s", "input": {"raw": "hi"}, "output": {"content": ""}}})  # fmt: skip
+    prepared = pipeline.prepare(events)
+    assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
+    return [e["id"] for e in events]

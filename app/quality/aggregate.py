@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.quality.base import DIMENSIONS, DimensionScore, clamp
+from app.quality.calibration import Calibration, caps_overall, weighted_overall
 from app.schemas import QualityScore
 
 __all__ = ["ASSESSOR_VERSION", "aggregate", "confidence", "context_completeness", "time_decay"]
@@ -63,30 +64,26 @@ def aggregate(
     components: Mapping[str, DimensionScore],
     context: Mapping[str, Any] | None = None,
     timestamp: datetime | None = None,
-    weights: Mapping[str, float] | None = None,
-    version: str = ASSESSOR_VERSION,
+    calibration: Calibration | None = None,
     now: datetime | None = None,
 ) -> QualityScore:
     """Combine dimension scores into a :class:`QualityScore`.
 
     Args:
         components: the dimensions that have evidence (absent ones are unknown).
-        weights: the calibrated weights; the seed's when None.
+        calibration: fitted weights and rating-scale map; the seed's weights when None.
 
     Raises:
         ValueError: no dimension has evidence.
     """
-    weights = dict(weights or DIMENSIONS)
-    known = {name: c for name, c in components.items() if name in weights}
-    total = sum(weights[name] for name in known)
-    if not known or total <= 0:
-        raise ValueError("no dimension has evidence to score")
-    overall = clamp(sum(weights[name] * c.score for name, c in known.items()) / total)
-    fc = known.get("functional_correctness")
-    if fc is not None and fc.score <= 0.5 and (fc.evidence.get("tests") or fc.evidence.get("errors")):
-        # Code that fails its own examples, or does not parse, is wrong however pleasant the rest:
-        # the other dimensions may not lift it above the correctness evidence.
-        overall = min(overall, fc.score)
+    weights = calibration.weights if calibration is not None else DIMENSIONS
+    known = {name: c for name, c in components.items() if name in DIMENSIONS}
+    capped = caps_overall(known)
+    overall = weighted_overall({name: c.score for name, c in known.items()}, weights, capped)
+    version = ASSESSOR_VERSION
+    if calibration is not None:
+        overall = calibration.transform(overall)
+        version = f"{ASSESSOR_VERSION}+{calibration.version}"
     conf = clamp(confidence(known, context, timestamp, now))
     half = 0.5 * (1.0 - conf)
     return QualityScore(
@@ -95,4 +92,5 @@ def aggregate(
         confidence=conf,
         interval=(clamp(overall - half), clamp(overall + half)),
         assessor_version=version,
+        capped=capped,
     )

@@ -14,17 +14,19 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import KaizenConfig
 from app.ingest import IngestPipeline
+from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.schemas import EventResult
 from app.store import InteractionStore, StoredEvent, open_store
 
@@ -61,12 +63,30 @@ class CollectorService:
         # scorer deployment (plain uvicorn) assessments run here and nothing is handed off.
         self.on_committed = on_committed
         self.assess = assess or self._assess_here
+        # Streaming assessments of this process share one breaker and one embedding thread: a slow
+        # embedder trips the breaker for every stream at once.
+        self.stream_breaker = CircuitBreaker()
+        self.stream_executor = ThreadPoolExecutor(1, thread_name_prefix="kaizen-stream")
 
-    @staticmethod
-    async def _assess_here(payload: dict[str, Any]) -> dict[str, Any]:
-        from app.quality import assess_text
+    async def _assess_here(self, payload: dict[str, Any]) -> dict[str, Any]:
+        from app.quality import Calibration, assess_text
 
-        return (await asyncio.to_thread(assess_text, **payload)).model_dump(mode="json")
+        row = await asyncio.to_thread(self.store.active_calibration)
+        calibration = Calibration.from_row(row) if row else None
+        score = await asyncio.to_thread(assess_text, **payload, calibration=calibration)
+        return score.model_dump(mode="json")
+
+    def stream_assessor(self, prompt: str, context: dict[str, Any] | None) -> StreamingAssessor:
+        """A streaming assessor for one response, with this process's breaker and budget."""
+        q = self.cfg.quality
+        return StreamingAssessor(
+            prompt,
+            context,
+            window_chars=q.stream_window_chars,
+            budget_ms=q.stream_budget_ms,
+            breaker=self.stream_breaker,
+            executor=self.stream_executor,
+        )
 
     # --- auth ----------------------------------------------------------------------------------
 
@@ -131,6 +151,36 @@ class AssessRequest(BaseModel):
     execute: bool = Field(True, description="Run the examples and tests found, in the sandbox.")
 
 
+class StreamRequest(BaseModel):
+    """``POST /v1/quality/stream``: a response as the chunks it was generated in."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=1_000_000)
+    chunks: list[str] = Field(max_length=100_000)
+    context: dict[str, Any] | None = None
+
+
+class StreamStart(BaseModel):
+    """The first message on ``/v1/quality/stream`` (WebSocket)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=1_000_000)
+    context: dict[str, Any] | None = None
+
+
+class ReviewRequest(BaseModel):
+    """``POST /v1/review/{id}``: a person's rating of an interaction."""
+
+    model_config = ConfigDict(extra="forbid")
+    rating: int = Field(ge=1, le=5, description="1 (useless) to 5 (exemplary).")
+    rater: str = Field("operator", min_length=1, max_length=200, description="Who rated it.")
+    comment: str | None = Field(None, max_length=10_000)
+    dimensions: dict[Literal["user_satisfaction", "functional_correctness", "code_quality",
+                             "context_relevance", "efficiency"], Annotated[int, Field(ge=1, le=5)]] | None = Field(
+        None, description="Optional 1-5 ratings per dimension."
+    )  # fmt: skip
+
+
 def _error(status: int, field: str | None, reason: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"field": field, "reason": reason}})
 
@@ -157,7 +207,7 @@ def create_api(service: CollectorService) -> FastAPI:
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path")]
+        loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path", "[key]")]
         return _error(422, ".".join(loc) or None, err["msg"])
 
     @api.exception_handler(HTTPException)
@@ -166,20 +216,23 @@ def create_api(service: CollectorService) -> FastAPI:
             return _error(exc.status_code, exc.detail.get("field"), exc.detail.get("reason", ""))
         return _error(exc.status_code, None, str(exc.detail))
 
+    def authorize(headers: Mapping[str, str], role: Role) -> Role:
+        if not service.auth_required:
+            return "operator"
+        presented = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if presented is None and auth.lower().startswith("bearer "):
+            presented = auth[7:].strip()
+        got = service.role_of(presented)
+        if got is None:
+            raise HTTPException(401, {"field": "authorization", "reason": "missing or unknown API key"})
+        if role == "operator" and got != "operator":
+            raise HTTPException(403, {"field": "authorization", "reason": "needs the operator role"})
+        return got
+
     def require(role: Role):
         async def check(request: Request) -> Role:
-            if not service.auth_required:
-                return "operator"
-            presented = request.headers.get("x-api-key")
-            auth = request.headers.get("authorization", "")
-            if presented is None and auth.lower().startswith("bearer "):
-                presented = auth[7:].strip()
-            got = service.role_of(presented)
-            if got is None:
-                raise HTTPException(401, {"field": "authorization", "reason": "missing or unknown API key"})
-            if role == "operator" and got != "operator":
-                raise HTTPException(403, {"field": "authorization", "reason": "needs the operator role"})
-            return got
+            return authorize(request.headers, role)
 
         return Depends(check)
 
@@ -265,6 +318,90 @@ def create_api(service: CollectorService) -> FastAPI:
             return await service.assess(body.model_dump(exclude_none=True))
         except ValueError as exc:
             raise HTTPException(422, {"field": "response", "reason": str(exc)}) from None
+
+    @api.post("/v1/quality/stream", summary="Provisional scores of a response, window by window",
+              dependencies=[require("agent")])  # fmt: skip
+    async def stream_quality_post(body: StreamRequest) -> dict[str, Any]:
+        """The windows a streaming assessment emits for these chunks, the last one marked final
+        (the same as the WebSocket at this path, for a response already generated)."""
+        assessor = service.stream_assessor(body.prompt, body.context)
+
+        def run() -> list[dict[str, Any]]:
+            windows = [w for chunk in body.chunks for w in assessor.feed(chunk)]
+            return [w.as_dict() for w in windows + [assessor.finish()]]
+
+        return {"windows": await asyncio.to_thread(run)}
+
+    @api.websocket("/v1/quality/stream")
+    async def stream_quality(ws: WebSocket) -> None:
+        """Send ``{"prompt", "context"?}``, then ``{"chunk"}`` messages as the response is generated,
+        then ``{"done": true}``. Each completed window is answered with its provisional score; the
+        last answer has ``final: true``. A bad message is answered with ``{"error": {field, reason}}``
+        and closes the socket (code 1008)."""
+        try:
+            authorize(ws.headers, "agent")
+        except HTTPException as exc:
+            await ws.close(code=1008, reason=exc.detail["reason"])
+            return
+        await ws.accept()
+
+        async def fail(field: str | None, reason: str) -> None:
+            await ws.send_json({"error": {"field": field, "reason": reason}})
+            await ws.close(code=1008)
+
+        try:
+            try:
+                start = StreamStart.model_validate(await ws.receive_json())
+            except (ValueError, KeyError) as exc:
+                await fail("prompt", f"the first message must be {{prompt, context?}}: {exc}")
+                return
+            assessor = service.stream_assessor(start.prompt, start.context)
+            while True:
+                try:
+                    message = await ws.receive_json()
+                except (ValueError, KeyError) as exc:
+                    await fail("chunk", f"not a JSON message: {exc}")
+                    return
+                if not isinstance(message, dict):
+                    await fail("chunk", "expected an object {chunk} or {done: true}")
+                    return
+                if message.get("done"):
+                    final = await asyncio.to_thread(assessor.finish)
+                    await ws.send_json(final.as_dict())
+                    await ws.close()
+                    return
+                chunk = message.get("chunk")
+                if not isinstance(chunk, str):
+                    await fail("chunk", "expected a string")
+                    return
+                for window in await asyncio.to_thread(assessor.feed, chunk):
+                    await ws.send_json(window.as_dict())
+        except WebSocketDisconnect:
+            return
+
+    @api.get("/v1/review", dependencies=[require("operator")])
+    async def review_queue(
+        limit: int = Query(50, ge=1, le=500),
+        max_confidence: float | None = Query(None, gt=0, le=1, description="Default: quality.review_confidence_below."),
+    ) -> dict[str, Any]:
+        """Scored interactions whose confidence is low and that no person has rated, least
+        confident first. Rate one with ``POST /v1/review/{id}``; ``kaizen calibrate`` uses the ratings."""
+        bound = max_confidence if max_confidence is not None else cfg.quality.review_confidence_below
+        rows = await asyncio.to_thread(service.store.review_queue, bound, limit)
+        return {"interactions": rows, "count": len(rows), "max_confidence": bound}
+
+    @api.post("/v1/review/{interaction_id}", status_code=201, dependencies=[require("operator")])
+    async def review(interaction_id: str, body: ReviewRequest) -> dict[str, Any]:
+        """Add a person's rating (1-5) of an interaction; stored on a 0-1 scale for calibration."""
+        scale = (body.rating - 1) / 4.0
+        dims = {k: (v - 1) / 4.0 for k, v in body.dimensions.items()} if body.dimensions else None
+        try:
+            rating_id = await asyncio.to_thread(
+                service.store.add_rating, interaction_id, scale, body.rater, body.comment, dims
+            )
+        except KeyError:
+            raise HTTPException(404, {"field": "interaction_id", "reason": f"no interaction {interaction_id!r}"}) from None
+        return {"id": rating_id, "interaction_id": interaction_id, "rating": scale}
 
     @api.get("/v1/interactions/{interaction_id}", dependencies=[require("agent")])
     async def get_interaction(interaction_id: str) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class QualityScorerDeployment:
 
     async def assess(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Score a prompt and response (``POST /v1/quality/assess``)."""
-        score = await asyncio.to_thread(assess_text, **payload)
+        score = await asyncio.to_thread(assess_text, **payload, calibration=self.service.calibration)
         return score.model_dump(mode="json")
 
     def check_health(self) -> None:

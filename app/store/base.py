@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -175,6 +176,29 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 details {JSON})""",
         ],
     ),
+    (
+        2,
+        "human ratings for calibration and review, fitted calibrations",
+        [
+            """CREATE TABLE human_ratings (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                rating {REAL} NOT NULL,
+                rater TEXT NOT NULL,
+                comment TEXT,
+                dimensions {JSON},
+                created_at {TS} NOT NULL)""",
+            "CREATE INDEX idx_human_ratings_interaction ON human_ratings (interaction_id)",
+            "ALTER TABLE quality_scores ADD COLUMN capped {BOOL}",
+            """CREATE TABLE calibrations (
+                version TEXT PRIMARY KEY,
+                created_at {TS} NOT NULL,
+                method TEXT NOT NULL,
+                params {JSON} NOT NULL,
+                metrics {JSON} NOT NULL,
+                active {BOOL} NOT NULL)""",
+        ],
+    ),
 ]
 
 # Tables an ingestion write may fill, with their JSON, boolean and timestamp columns (for decoding).
@@ -188,11 +212,11 @@ WRITABLE_TABLES = (
 )
 JSON_COLUMNS = {
     "stop_sequences", "project_context", "parameters_raw", "parameters_processed",
-    "resource_usage", "components", "manifest", "config", "metrics", "details",
+    "resource_usage", "components", "manifest", "config", "metrics", "details", "dimensions", "params",
 }  # fmt: skip
 BOOL_COLUMNS = {
     "streaming", "success", "accepted", "modified", "abandoned", "code_compiles", "tests_pass",
-    "lint_passes", "type_check_passes", "deployment_success", "no_runtime_errors",
+    "lint_passes", "type_check_passes", "deployment_success", "no_runtime_errors", "active", "capped",
 }  # fmt: skip
 OUTCOME_FIELDS = (
     "code_compiles",
@@ -397,10 +421,11 @@ class InteractionStore(ABC):
                 cur.execute(
                     self._sql(
                         "INSERT INTO quality_scores (interaction_id, assessor_version, overall, components, "
-                        "confidence, interval_low, interval_high, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        "confidence, interval_low, interval_high, capped, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
                     [self._encode(v) for v in (interaction_id, score.assessor_version, score.overall,
-                                                dict(score.components), score.confidence, low, high, now)],
+                                                dict(score.components), score.confidence, low, high,
+                                                bool(score.capped), now)],
                 )  # fmt: skip
                 cur.execute(
                     self._sql(
@@ -417,6 +442,84 @@ class InteractionStore(ABC):
         return self._fetch(
             "SELECT * FROM quality_scores WHERE interaction_id = ? ORDER BY created_at DESC", [interaction_id]
         )
+
+    # --- human ratings and calibrations ---------------------------------------------------------
+
+    def add_rating(
+        self,
+        interaction_id: str,
+        rating: float,
+        rater: str,
+        comment: str | None = None,
+        dimensions: dict[str, float] | None = None,
+    ) -> str:
+        """Store a human rating in [0, 1] of an interaction; returns the rating's id.
+
+        Raises:
+            KeyError: no such interaction.
+        """
+        rating_id = uuid.uuid4().hex
+        with self._transaction() as cur:
+            cur.execute(self._sql("SELECT 1 FROM interactions WHERE id = ?"), [interaction_id])
+            if cur.fetchone() is None:
+                raise KeyError(interaction_id)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO human_ratings (id, interaction_id, rating, rater, comment, dimensions, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+                ),
+                [self._encode(v) for v in (rating_id, interaction_id, float(rating), rater, comment,
+                                           dimensions, datetime.now(timezone.utc))],
+            )  # fmt: skip
+        return rating_id
+
+    def ratings(self, interaction_id: str | None = None) -> list[dict[str, Any]]:
+        """Human ratings, oldest first (of one interaction, or all)."""
+        if interaction_id is not None:
+            return self._fetch(
+                "SELECT * FROM human_ratings WHERE interaction_id = ? ORDER BY created_at, id", [interaction_id]
+            )
+        return self._fetch("SELECT * FROM human_ratings ORDER BY created_at, id")
+
+    def mean_ratings(self) -> dict[str, float]:
+        """Each rated interaction's mean human rating (several raters average out)."""
+        rows = self._fetch("SELECT interaction_id, AVG(rating) AS r FROM human_ratings GROUP BY interaction_id")
+        return {r["interaction_id"]: float(r["r"]) for r in rows}
+
+    def review_queue(self, max_confidence: float, limit: int = 50) -> list[dict[str, Any]]:
+        """Scored interactions below ``max_confidence`` that no person has rated yet, least
+        confident first: where a human rating teaches calibration the most."""
+        return self._fetch(
+            "SELECT * FROM interactions WHERE quality_status = 'scored' AND quality_confidence < ? "
+            "AND id NOT IN (SELECT interaction_id FROM human_ratings) "
+            "ORDER BY quality_confidence, timestamp, id LIMIT ?",
+            [max_confidence, int(limit)],
+        )
+
+    def save_calibration(
+        self, version: str, method: str, params: dict[str, Any], metrics: dict[str, Any], activate: bool = True
+    ) -> None:
+        """Store a fitted calibration; when ``activate``, it becomes the one scorers use."""
+        with self._transaction() as cur:
+            if activate:
+                cur.execute(self._sql("UPDATE calibrations SET active = ? WHERE active = ?"),
+                            [self._encode(False), self._encode(True)])  # fmt: skip
+            cur.execute(
+                self._sql(
+                    "INSERT INTO calibrations (version, created_at, method, params, metrics, active) "
+                    "VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                [self._encode(v) for v in (version, datetime.now(timezone.utc), method, params, metrics, activate)],
+            )
+
+    def active_calibration(self) -> dict[str, Any] | None:
+        """The calibration scorers use now, or None (the seed's weights)."""
+        rows = self._fetch("SELECT * FROM calibrations WHERE active = ? ORDER BY created_at DESC", [True])
+        return rows[0] if rows else None
+
+    def calibrations(self) -> list[dict[str, Any]]:
+        """Every stored calibration, newest first."""
+        return self._fetch("SELECT * FROM calibrations ORDER BY created_at DESC")
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -464,6 +567,41 @@ class InteractionStore(ABC):
         ``since`` is inclusive and ``until`` exclusive; quality bounds are inclusive, and an
         interaction without a score never matches a quality bound.
         """
+        where, params = self._interaction_filters(
+            session_hash, since, until, min_quality, max_quality, quality_status
+        )
+        params.extend([int(limit), int(offset)])
+        return self._fetch(
+            f"SELECT * FROM interactions{where} ORDER BY timestamp, id LIMIT ? OFFSET ?", params
+        )
+
+    def interaction_ids(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        quality_status: str | None = None,
+        after_id: str | None = None,
+        limit: int = 10_000,
+    ) -> list[str]:
+        """Ids of matching interactions in id order, a page at a time (keyset: pass the last id
+        of a page as ``after_id``), for jobs that walk the whole store."""
+        where, params = self._interaction_filters(None, since, until, None, None, quality_status)
+        if after_id is not None:
+            where += (" AND " if where else " WHERE ") + "id > ?"
+            params.append(after_id)
+        params.append(int(limit))
+        return [r["id"] for r in self._fetch(f"SELECT id FROM interactions{where} ORDER BY id LIMIT ?", params)]
+
+    @staticmethod
+    def _interaction_filters(
+        session_hash: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        min_quality: float | None,
+        max_quality: float | None,
+        quality_status: str | None,
+    ) -> tuple[str, list[Any]]:
         filters = [
             ("session_hash = ?", session_hash),
             ("timestamp >= ?", since),
@@ -474,11 +612,7 @@ class InteractionStore(ABC):
         ]
         clauses = [sql for sql, value in filters if value is not None]
         params: list[Any] = [value for _, value in filters if value is not None]
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        params.extend([int(limit), int(offset)])
-        return self._fetch(
-            f"SELECT * FROM interactions{where} ORDER BY timestamp, id LIMIT ? OFFSET ?", params
-        )
+        return ((" WHERE " + " AND ".join(clauses)) if clauses else ""), params
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored interactions."""

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import random
 
 import pytest
 
-from app.config import KaizenConfig
-from app.ingest import IngestPipeline
 from app.quality.service import QualityService
 from app.sample import sample_interactions
 from app.store import InteractionStore
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SQLiteStore
+from tests.conftest import ingest_samples
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -23,27 +22,8 @@ def store(request: pytest.FixtureRequest, tmp_path) -> InteractionStore:
     s.close()
 
 
-def _ingest(store: InteractionStore, n: int) -> list[str]:
-    pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "k"}}))
-    events = []
-    for s in sample_interactions(n, seed=5):
-        it = s.interaction
-        body = {"session_id": it["session_id"], "input": {"raw": it["prompt"]},
-                "output": {"content": it["response"], "generation_time_ms": it["generation_time_ms"]},
-                "context": it["context"]}  # fmt: skip
-        if s.feedback:
-            body["feedback"] = {"explicit": {"rating": s.feedback["rating"]}} if s.feedback.get("rating") else None
-        events.append({"id": it["id"], "type": "interaction", "timestamp": it["timestamp"],
-                       "body": {k: v for k, v in body.items() if v is not None}})  # fmt: skip
-    events.append({"id": "empty", "type": "interaction", "timestamp": datetime.now(timezone.utc).isoformat(),
-                   "body": {"session_id": "s", "input": {"raw": "hi"}, "output": {"content": ""}}})  # fmt: skip
-    prepared = pipeline.prepare(events)
-    assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
-    return [e["id"] for e in events]
-
-
 def test_pending_interactions_are_scored_and_stored(store: InteractionStore) -> None:
-    ids = _ingest(store, 12)
+    ids = ingest_samples(store, 12)
     service = QualityService(store)
     assert service.score_pending() == 12
     assert store.stats()["quality_status"] == {"scored": 12, "no_evidence": 1}
@@ -57,7 +37,7 @@ def test_pending_interactions_are_scored_and_stored(store: InteractionStore) -> 
 
 
 def test_rescoring_replaces_and_the_cache_answers_repeats(store: InteractionStore) -> None:
-    ids = _ingest(store, 3)
+    ids = ingest_samples(store, 3)
     service = QualityService(store, cache_size=2)
     first = service.score_ids(ids[:1])
     again = service.score_ids(ids[:1])
@@ -66,3 +46,54 @@ def test_rescoring_replaces_and_the_cache_answers_repeats(store: InteractionStor
     service.score_ids(ids[:3])
     assert len(service._cache) == 2  # least recently used evicted
     assert service.score_ids(["no-such-id"]) == {}
+
+
+def _rate_by_hand(store: InteractionStore, ids: list[str], n: int) -> None:
+    """Ratings as a reviewer would give them: poor answers low, good ones high, with some spread."""
+    rng = random.Random(3)
+    for sample, interaction_id in zip(sample_interactions(n, seed=5), ids):
+        rating = rng.choice([1, 2]) if sample.poor else rng.choice([4, 4, 5, 5, 3])
+        store.add_rating(interaction_id, (rating - 1) / 4, rater="reviewer")
+
+
+def test_calibration_fits_ratings_and_the_scorer_uses_it(store: InteractionStore) -> None:
+    ids = ingest_samples(store, 80)
+    service = QualityService(store)
+    service.score_pending()
+    _rate_by_hand(store, ids, 80)
+    report = service.calibrate(min_ratings=40, seed=0)
+    assert report.ratings == 80 and (report.train, report.test) == (60, 20)
+    assert report.calibration is not None, report.reason
+    # Kept only because it ranks the held-out ratings at least as well as the seed's weights.
+    assert report.calibrated["spearman"] >= report.seed["spearman"] - 0.01 and report.calibrated["spearman"] > 0.5
+    active = store.active_calibration()
+    assert active["version"] == report.calibration.version and active["metrics"]["test"] == 20
+    # The service now combines with the fitted weights; a re-score is stored beside the old one.
+    rescored = service.score_ids(ids[:3])
+    assert all(s.assessor_version.endswith("+" + report.calibration.version) for s in rescored.values())
+    assert len(store.quality_scores(ids[0])) == 2
+    # Another scorer process picks it up from the store.
+    assert QualityService(store).calibration == service.calibration
+
+
+def test_too_few_ratings_keep_the_seed_weights_in_the_store(store: InteractionStore) -> None:
+    ids = ingest_samples(store, 10)
+    _rate_by_hand(store, ids, 10)
+    report = QualityService(store).calibrate(min_ratings=50)
+    assert report.calibration is None and store.active_calibration() is None
+
+
+def test_review_queue_lists_low_confidence_unrated_interactions(store: InteractionStore) -> None:
+    ids = ingest_samples(store, 6)
+    QualityService(store).score_pending()
+    queue = store.review_queue(max_confidence=1.0, limit=10)
+    assert {r["id"] for r in queue} == set(ids[:6])  # the empty one has no score: nothing to review
+    confidences = [r["quality_confidence"] for r in queue]
+    assert confidences == sorted(confidences)
+    store.add_rating(queue[0]["id"], 0.75, rater="ana", comment="fine", dimensions={"code_quality": 0.5})
+    assert queue[0]["id"] not in {r["id"] for r in store.review_queue(1.0)}
+    assert store.review_queue(max_confidence=0.0) == []
+    (rating,) = store.ratings(queue[0]["id"])
+    assert rating["rating"] == 0.75 and rating["dimensions"] == {"code_quality": 0.5}
+    with pytest.raises(KeyError):
+        store.add_rating("no-such-id", 0.5, rater="ana")

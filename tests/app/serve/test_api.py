@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -212,3 +213,66 @@ def test_quality_assess_endpoint(http: httpx.Client) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "bogus"
     empty = http.post("/v1/quality/assess", json={"prompt": "x", "response": ""})
     assert empty.status_code == 422 and empty.json()["error"]["field"] == "response"
+
+
+def test_review_queue_and_ratings(http: httpx.Client, local_server) -> None:
+    from app.quality.service import QualityService
+
+    events = [event(i, body={"session_id": "s", "input": {"raw": f"Write f{i} in Python"},
+                             "output": {"content": f"```python\ndef f{i}(x):\n    return x + {i}\n```"}})
+              for i in range(3)]  # fmt: skip
+    assert http.post("/v1/events", json={"events": events}).status_code == 200
+    QualityService(local_server.service.store).score_pending()
+    queue = http.get("/v1/review", params={"max_confidence": 1.0}).json()
+    assert queue["count"] == 3 and queue["max_confidence"] == 1.0
+    default = http.get("/v1/review").json()
+    assert default["max_confidence"] == local_server.cfg.quality.review_confidence_below
+    first = queue["interactions"][0]["id"]
+    r = http.post(f"/v1/review/{first}", json={"rating": 4, "rater": "ana", "dimensions": {"code_quality": 5}})
+    assert r.status_code == 201 and r.json()["rating"] == 0.75
+    assert first not in {i["id"] for i in http.get("/v1/review", params={"max_confidence": 1.0}).json()["interactions"]}
+    (stored,) = local_server.service.store.ratings(first)
+    assert stored["rater"] == "ana" and stored["dimensions"] == {"code_quality": 1.0}
+    # Bad ratings name the field.
+    for body, field in [({"rating": 6}, "rating"), ({"rating": 3, "dimensions": {"speed": 3}}, "dimensions.speed"),
+                        ({"rating": 3, "dimensions": {"efficiency": 0}}, "dimensions.efficiency"), ({}, "rating")]:  # fmt: skip
+        bad = http.post(f"/v1/review/{first}", json=body)
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.json()
+    missing = http.post("/v1/review/nope", json={"rating": 3})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "interaction_id"
+
+
+def test_streaming_assessment_over_http_and_websocket(http: httpx.Client, local_server) -> None:
+    from websockets.sync.client import connect
+
+    text = "Here:\n```typescript\nexport function add(a: number, b: number): number {\n  return a + b;\n}\n```\n"
+    chunks = [text[i : i + 9] for i in range(0, len(text), 9)]
+    r = http.post("/v1/quality/stream", json={"prompt": "Add two numbers in TypeScript", "chunks": chunks,
+                                              "context": {"technologies": ["typescript"]}})  # fmt: skip
+    assert r.status_code == 200
+    windows = r.json()["windows"]
+    window = local_server.cfg.quality.stream_window_chars
+    assert len(windows) == len(text) // window + 1 and windows[-1]["final"] and windows[-1]["chars"] == len(text)
+    assert windows[-1]["checks"]["syntax"] == 1.0 and windows[-1]["checks"]["language"] == 1.0
+    bad = http.post("/v1/quality/stream", json={"prompt": "x", "chunks": "not a list"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "chunks"
+
+    ws_url = local_server.url.replace("http://", "ws://") + "/v1/quality/stream"
+    secret = "key = 'AKIAIOSFODNN7EXAMPLE'\n" * 3 + "x" * window
+    with connect(ws_url) as ws:
+        ws.send(json.dumps({"prompt": "Show the S3 client setup"}))
+        got = []
+        for i in range(0, len(secret), 50):
+            ws.send(json.dumps({"chunk": secret[i : i + 50]}))
+        ws.send(json.dumps({"done": True}))
+        while True:
+            message = json.loads(ws.recv(timeout=30))
+            got.append(message)
+            if message.get("final"):
+                break
+    assert [m["window"] for m in got] == list(range(1, len(got) + 1)) and len(got) == len(secret) // window + 1
+    assert "secret:aws_key" in got[0]["flags"] and all(m["provisional"] <= 0.2 for m in got)
+    with connect(ws_url) as ws:  # a bad first message is answered with the field, then closed
+        ws.send(json.dumps({"chunk": "no prompt first"}))
+        err = json.loads(ws.recv(timeout=10))
+        assert err["error"]["field"] == "prompt"

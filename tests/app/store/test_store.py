@@ -10,6 +10,7 @@ import pytest
 from app.config import KaizenConfig
 from app.ingest import IngestPipeline
 from app.store import InteractionStore
+from app.store.base import MIGRATIONS
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SQLiteStore
 
@@ -50,7 +51,7 @@ def commit(store: InteractionStore, pipeline: IngestPipeline, events: list[dict]
 
 
 def test_migrations_are_versioned_and_idempotent(store: InteractionStore) -> None:
-    assert store.schema_version() == 1
+    assert store.schema_version() == max(v for v, _, _ in MIGRATIONS)
     assert store.migrate() == []
 
 
