@@ -215,7 +215,9 @@ class QualityScore(_Model):
     confidence: float = Field(ge=0, le=1)
     interval: tuple[float, float] | None = None
     assessor_version: str = "unversioned"
-    capped: bool = Field(False, description="Overall held to the correctness score: the code fails its own examples or does not parse.")
+    cap: float | None = Field(
+        None, description="The most the overall could be: failing its own examples, unparseable code, an injection risk."
+    )
 
 
 # --- ingestion envelope ------------------------------------------------------------------------

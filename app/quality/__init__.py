@@ -12,6 +12,7 @@ Public API: :func:`assess_text` and :func:`assess_record`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kaizen-relevance")
+
+
 def assess_dimensions(
     prompt: str,
     response: str,
@@ -50,12 +54,15 @@ def assess_dimensions(
 ) -> dict[str, DimensionScore]:
     """The dimensions that have evidence for this prompt and response (absent ones are unknown)."""
     feedback_rows = [feedback] if isinstance(feedback, Mapping) else list(feedback or [])
+    # The embedding (torch, which releases the GIL) runs beside ruff's subprocess, bandit and the
+    # sandbox: the assessment takes about as long as the slower of the two, not their sum.
+    relevance = _POOL.submit(assess_relevance, prompt, response, context)
     found = [
         assess_satisfaction(feedback_rows),
         assess_correctness(response, outcome, prompt=prompt, execute=execute),
         assess_code_quality(response),
-        assess_relevance(prompt, response, context),
         assess_efficiency(response, generation_time_ms),
+        relevance.result(),
     ]
     return {c.name: c for c in found if c is not None}
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from app.quality.base import DIMENSIONS, DimensionScore, clamp
-from app.quality.calibration import Calibration, caps_overall, weighted_overall
+from app.quality.calibration import Calibration, overall_cap, weighted_overall
 from app.schemas import QualityScore
 
 __all__ = ["ASSESSOR_VERSION", "aggregate", "confidence", "context_completeness", "time_decay"]
@@ -78,8 +78,8 @@ def aggregate(
     """
     weights = calibration.weights if calibration is not None else DIMENSIONS
     known = {name: c for name, c in components.items() if name in DIMENSIONS}
-    capped = caps_overall(known)
-    overall = weighted_overall({name: c.score for name, c in known.items()}, weights, capped)
+    cap = overall_cap(known)
+    overall = weighted_overall({name: c.score for name, c in known.items()}, weights, cap)
     version = ASSESSOR_VERSION
     if calibration is not None:
         overall = calibration.transform(overall)
@@ -92,5 +92,5 @@ def aggregate(
         confidence=conf,
         interval=(clamp(overall - half), clamp(overall + half)),
         assessor_version=version,
-        capped=capped,
+        cap=cap,
     )

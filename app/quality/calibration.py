@@ -24,7 +24,7 @@ import numpy as np
 
 from app.quality.base import DIMENSIONS, DimensionScore, clamp
 
-__all__ = ["Calibration", "CalibrationReport", "caps_overall", "fit_calibration", "weighted_overall"]
+__all__ = ["Calibration", "CalibrationReport", "overall_cap", "fit_calibration", "weighted_overall"]
 
 NAMES = tuple(DIMENSIONS)
 
@@ -73,16 +73,26 @@ class CalibrationReport:
         return out
 
 
-def caps_overall(components: Mapping[str, DimensionScore]) -> bool:
-    """Whether correctness evidence caps the overall score: code that fails its own examples, or
-    does not parse, is wrong however pleasant the rest; the other dimensions may not lift it."""
+SECURITY_CAP = 0.5  # an answer with an injection risk is not an answer to learn from, however it reads
+
+
+def overall_cap(components: Mapping[str, DimensionScore]) -> float | None:
+    """The most the overall score may be, whatever the other dimensions say, or None: code that
+    fails its own examples, or does not parse, is held to its correctness score; code with an
+    injection risk (shell, eval/exec, SQL built from strings) to ``SECURITY_CAP``."""
+    caps = []
     fc = components.get("functional_correctness")
-    return fc is not None and fc.score <= 0.5 and bool(fc.evidence.get("tests") or fc.evidence.get("errors"))
+    if fc is not None and fc.score <= 0.5 and (fc.evidence.get("tests") or fc.evidence.get("errors")):
+        caps.append(fc.score)
+    cq = components.get("code_quality")
+    if cq is not None and cq.evidence.get("injection"):
+        caps.append(SECURITY_CAP)
+    return min(caps) if caps else None
 
 
-def weighted_overall(scores: Mapping[str, float], weights: Mapping[str, float], capped: bool = False) -> float:
-    """The weights renormalised over the dimensions that have evidence (``scores``); with
-    ``capped``, no higher than the functional-correctness score."""
+def weighted_overall(scores: Mapping[str, float], weights: Mapping[str, float], cap: float | None = None) -> float:
+    """The weights renormalised over the dimensions that have evidence (``scores``), held to
+    ``cap`` when there is one (see :func:`overall_cap`)."""
     known = {n: v for n, v in scores.items() if n in DIMENSIONS}
     if not known:
         raise ValueError("no dimension has evidence to score")
@@ -90,9 +100,7 @@ def weighted_overall(scores: Mapping[str, float], weights: Mapping[str, float], 
     if total <= 0:  # a fitted calibration gave every known dimension weight 0: fall back to the seed's
         weights, total = DIMENSIONS, sum(DIMENSIONS[n] for n in known)
     overall = clamp(sum(weights.get(n, 0.0) * v for n, v in known.items()) / total)
-    if capped and "functional_correctness" in known:
-        overall = min(overall, known["functional_correctness"])
-    return overall
+    return overall if cap is None else min(overall, cap)
 
 
 def _features(scores: Mapping[str, float]) -> list[float]:
@@ -113,13 +121,13 @@ def _correlations(pred: Sequence[float], truth: Sequence[float]) -> dict[str, fl
 
 
 def fit_calibration(
-    samples: Sequence[tuple[Mapping[str, float], bool, float]],
+    samples: Sequence[tuple[Mapping[str, float], float | None, float]],
     *,
     min_ratings: int = 50,
     test_fraction: float = 0.25,
     seed: int = 0,
 ) -> CalibrationReport:
-    """Fit a calibration on ``(dimension scores, capped by correctness, human rating in [0, 1])``.
+    """Fit a calibration on ``(dimension scores, cap or None, human rating in [0, 1])``.
 
     Returns:
         The report; ``calibration`` is None (keep the seed's weights) when there are too few
@@ -130,7 +138,7 @@ def fit_calibration(
     from sklearn.linear_model import LinearRegression
     from sklearn.model_selection import train_test_split
 
-    samples = [(c, bool(cap), float(r)) for c, cap, r in samples if any(n in DIMENSIONS for n in c)]
+    samples = [(c, cap, float(r)) for c, cap, r in samples if any(n in DIMENSIONS for n in c)]
     n = len(samples)
     if n < min_ratings:
         return CalibrationReport(n, 0, 0, False, f"{n} rated interactions, fewer than min_ratings={min_ratings}")

@@ -42,8 +42,12 @@ def _ruff(files: list[Path], root: Path) -> dict[str, int]:
     return {f.name: counts.get(f.name, 0) for f in files}
 
 
-def _bandit(path: Path) -> list[str]:
-    """Severities of bandit's findings in one file."""
+# bandit checks whose findings are injection risks: a shell, eval/exec, SQL built from strings.
+INJECTION_TESTS = frozenset({"B102", "B307", "B602", "B604", "B605", "B609", "B608"})
+
+
+def _bandit(path: Path) -> list[tuple[str, str]]:
+    """(severity, test id) of bandit's findings in one file."""
     from bandit.core import config, manager
 
     # bandit loads every output formatter through stevedore, which logs an ERROR for the optional
@@ -52,7 +56,7 @@ def _bandit(path: Path) -> list[str]:
     mgr = manager.BanditManager(config.BanditConfig(), "file", quiet=True)
     mgr.discover_files([str(path)])
     mgr.run_tests()
-    return [str(issue.severity) for issue in mgr.get_issue_list()]
+    return [(str(issue.severity), str(issue.test_id)) for issue in mgr.get_issue_list()]
 
 
 def _maintainability(code: str, tree: ast.Module) -> dict[str, float]:
@@ -111,7 +115,8 @@ def assess_code_quality_batch(responses: Sequence[str]) -> list[DimensionScore |
             maint = [_maintainability(code, tree) for _, code, tree in items]
             maint_parts = {k: sum(m[k] for m in maint) / len(maint) for k in maint[0]}
             maintainability = sum(maint_parts.values()) / len(maint_parts)
-            severities = [s for p, _, _ in items for s in _bandit(p)]
+            findings = [f for p, _, _ in items for f in _bandit(p)]
+            severities = [severity for severity, _ in findings]
             security = clamp(1.0 - sum(_SEVERITY_COST.get(s, 0.1) for s in severities))
             perf = [_performance(tree) for _, _, tree in items]
             performance = min(score for score, _ in perf)
@@ -124,6 +129,7 @@ def assess_code_quality_batch(responses: Sequence[str]) -> list[DimensionScore |
                 score,
                 subscores,
                 {"ruff_violations": v, "lines": lines, "bandit": dict(Counter(severities)),
+                 "injection": sorted({t for _, t in findings if t in INJECTION_TESTS}),
                  "maintainability": maint_parts, "smells": sorted({s for _, found in perf for s in found})},  # fmt: skip
             )
     return results

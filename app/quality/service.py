@@ -107,11 +107,11 @@ class QualityService:
             rows = [r for r in self.store.quality_scores(interaction_id)
                     if r["assessor_version"].split("+")[0] == ASSESSOR_VERSION]  # fmt: skip
             if rows:
-                samples.append((rows[0]["components"], bool(rows[0].get("capped")), rating))
+                samples.append((rows[0]["components"], rows[0].get("cap"), rating))
                 continue
             score = self.score_batch([interaction_id]).get(interaction_id)
             if isinstance(score, QualityScore):
-                samples.append((score.components, score.capped, rating))
+                samples.append((score.components, score.cap, rating))
         report = fit_calibration(samples, min_ratings=min_ratings, test_fraction=test_fraction, seed=seed)
         if report.calibration is not None:
             self.store.save_calibration(

@@ -189,7 +189,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 dimensions {JSON},
                 created_at {TS} NOT NULL)""",
             "CREATE INDEX idx_human_ratings_interaction ON human_ratings (interaction_id)",
-            "ALTER TABLE quality_scores ADD COLUMN capped {BOOL}",
+            "ALTER TABLE quality_scores ADD COLUMN cap {REAL}",
             """CREATE TABLE calibrations (
                 version TEXT PRIMARY KEY,
                 created_at {TS} NOT NULL,
@@ -216,7 +216,7 @@ JSON_COLUMNS = {
 }  # fmt: skip
 BOOL_COLUMNS = {
     "streaming", "success", "accepted", "modified", "abandoned", "code_compiles", "tests_pass",
-    "lint_passes", "type_check_passes", "deployment_success", "no_runtime_errors", "active", "capped",
+    "lint_passes", "type_check_passes", "deployment_success", "no_runtime_errors", "active",
 }  # fmt: skip
 OUTCOME_FIELDS = (
     "code_compiles",
@@ -421,11 +421,11 @@ class InteractionStore(ABC):
                 cur.execute(
                     self._sql(
                         "INSERT INTO quality_scores (interaction_id, assessor_version, overall, components, "
-                        "confidence, interval_low, interval_high, capped, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        "confidence, interval_low, interval_high, cap, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
                     [self._encode(v) for v in (interaction_id, score.assessor_version, score.overall,
                                                 dict(score.components), score.confidence, low, high,
-                                                bool(score.capped), now)],
+                                                score.cap, now)],
                 )  # fmt: skip
                 cur.execute(
                     self._sql(

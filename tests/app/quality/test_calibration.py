@@ -22,7 +22,7 @@ def test_fitted_weights_follow_what_people_rate() -> None:
     for i in range(300):
         comps = _components(rng, drop="user_satisfaction" if i % 3 else None)
         rating = 0.85 * comps["functional_correctness"] + 0.15 * rng.random()
-        samples.append((comps, False, rating))
+        samples.append((comps, None, rating))
     report = fit_calibration(samples, min_ratings=50, seed=1)
     assert report.fitted and report.calibration is not None
     assert (report.train, report.test) == (225, 75)
@@ -36,14 +36,14 @@ def test_fitted_weights_follow_what_people_rate() -> None:
 
 def test_too_few_ratings_keep_the_seed_weights() -> None:
     rng = random.Random(1)
-    report = fit_calibration([(_components(rng), False, rng.random()) for _ in range(20)], min_ratings=50)
+    report = fit_calibration([(_components(rng), None, rng.random()) for _ in range(20)], min_ratings=50)
     assert not report.fitted and report.calibration is None
     assert "fewer than min_ratings=50" in report.reason
 
 
 def test_a_calibration_that_ranks_worse_than_the_seed_is_not_kept() -> None:
     rng = random.Random(2)  # ratings that are pure noise: nothing to learn
-    report = fit_calibration([(_components(rng), False, rng.random()) for _ in range(200)], min_ratings=50)
+    report = fit_calibration([(_components(rng), None, rng.random()) for _ in range(200)], min_ratings=50)
     if report.calibration is None:
         assert "worse than the seed" in report.reason or "no dimension" in report.reason
     else:  # noise may, by chance, favour the fit a little; it must then not rank worse
@@ -68,6 +68,6 @@ def test_weighted_overall_falls_back_when_the_known_dimensions_have_no_weight() 
     assert weighted_overall({"efficiency": 0.4}, zero) == pytest.approx(0.4)
     both = {"efficiency": 0.9, "functional_correctness": 0.2}
     assert weighted_overall(both, DIMENSIONS) == pytest.approx((0.1 * 0.9 + 0.25 * 0.2) / 0.35)
-    assert weighted_overall(both, DIMENSIONS, capped=True) == pytest.approx(0.2)
+    assert weighted_overall(both, DIMENSIONS, cap=0.2) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="no dimension"):
         weighted_overall({}, DIMENSIONS)
