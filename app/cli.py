@@ -5,6 +5,8 @@
     kaizen config check FILE [key=value ...]
     kaizen seed [--count N] [--url URL] [--seed S]
     kaizen calibrate [--config FILE] [--min-ratings N] [--test-fraction F] [--dry-run] [--json]
+    kaizen adapters list [--status S] [--json]
+    kaizen adapters alias NAME ADAPTER|--clear [--actor WHO] [--reason WHY]
 """
 
 from __future__ import annotations
@@ -262,6 +264,52 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from app.registry import AdapterRegistry
+    from app.store import open_store
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        registry = AdapterRegistry(store)
+        adapters, aliases = registry.list(status=args.status), registry.aliases()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"adapters": adapters, "aliases": aliases}, indent=2, default=str))
+        return 0
+    by_adapter: dict[str, list[str]] = {}
+    for alias, adapter_id in aliases.items():
+        by_adapter.setdefault(adapter_id, []).append(alias)
+    print(f"{'adapter':<32}{'status':<12}{'aliases':<22}{'base model':<28}created")
+    for row in adapters:
+        print(f"{row['id']:<32}{row['status']:<12}{','.join(by_adapter.get(row['id'], [])) or '-':<22}"
+              f"{row['base_model']:<28}{row['created_at']}")
+    if not adapters:
+        print("(no adapters registered)")
+    return 0
+
+
+def cmd_adapters_alias(args: argparse.Namespace) -> int:
+    from app.registry import AdapterNotRegisteredError, AdapterRegistry
+    from app.store import open_store
+
+    if (args.adapter is None) == (not args.clear):
+        print("error: give an ADAPTER, or --clear", file=sys.stderr)
+        return 2
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        row = AdapterRegistry(store).set_alias(args.name, None if args.clear else args.adapter, args.actor, args.reason)
+    except (ValueError, AdapterNotRegisteredError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"{args.name}: {row.get('previous_adapter_id') or '(none)'} -> {row.get('adapter_id') or '(none)'}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaizen", description="Continuous learning for LLM coding agents.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +354,22 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--dry-run", action="store_true", help="report, but do not store or activate")
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    adapters = sub.add_parser("adapters", help="the adapter registry: versions and the champion/challenger aliases")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    listing = adapters_sub.add_parser("list", help="registered adapters, their statuses and aliases")
+    with_config(listing)
+    listing.add_argument("--status", default=None, help="only adapters with this status")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_adapters_list)
+    alias = adapters_sub.add_parser("alias", help="point champion or challenger at an adapter (audited)")
+    alias.add_argument("name", help="champion or challenger")
+    alias.add_argument("adapter", nargs="?", default=None, help="adapter id")
+    alias.add_argument("--clear", action="store_true", help="remove the alias")
+    alias.add_argument("--actor", default=os.environ.get("USER") or "operator", help="who moves it (audit)")
+    alias.add_argument("--reason", default="set by hand with kaizen adapters alias", help="why (audit)")
+    alias.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+    alias.set_defaults(func=cmd_adapters_alias, overrides=[])
     return parser
 
 

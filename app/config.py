@@ -119,6 +119,9 @@ class ModelConfig(_Section):
     deployment_strategy: Literal["immediate", "staged", "manual"] = Field(
         "staged", description="How a validated adapter reaches production."
     )
+    storage_root: str = Field(
+        "data", description="Where models/ and adapters/ live: a local path or a URI pyarrow understands (s3://...)."
+    )
 
 
 class PrivacyConfig(_Section):
@@ -165,7 +168,7 @@ class AutoscalingConfig(_Section):
 
 
 class CollectorServeConfig(_Section):
-    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per collector replica.")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per collector replica.")
     max_ongoing_requests: int = Field(256, gt=0, description="Concurrent requests per replica.")
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Serve autoscaling of the collector."
@@ -180,7 +183,7 @@ class CollectorServeConfig(_Section):
 
 class ScorerServeConfig(_Section):
     enabled: bool = Field(True, description="Deploy the quality scorer beside the collector.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per scorer replica (torch uses them as threads).")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per scorer replica (torch uses them as threads).")
     max_ongoing_requests: int = Field(64, gt=0, description="Concurrent requests per replica.")
     autoscaling: AutoscalingConfig = Field(
         default_factory=lambda: AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=8),
@@ -189,6 +192,22 @@ class ScorerServeConfig(_Section):
     sweep_interval_s: float = Field(
         10.0, gt=0, description="How often a replica scores interactions still pending (missed hand-offs)."
     )
+
+
+class GeneratorServeConfig(_Section):
+    enabled: bool = Field(True, description="Deploy the generator (model.base_model with its LoRA adapters).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per generator replica (torch threads on CPU).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator replica (1 for a real model).")
+    max_ongoing_requests: int = Field(32, gt=0, description="Concurrent requests per replica.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=lambda: AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
+        description="Serve autoscaling of the generator.",
+    )
+    max_adapters: int = Field(4, ge=1, description="LoRA adapters kept loaded per replica (least recently used evicted).")
+    max_batch_size: int = Field(8, ge=1, description="Requests for one adapter generated together (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest a request waits for others to batch with.")
+    default_max_tokens: int = Field(256, ge=1, description="Completion limit of requests that set no max_tokens.")
+    record: bool = Field(True, description="Record every completion as an interaction (closing the loop).")
 
 
 class ServeConfig(_Section):
@@ -204,6 +223,9 @@ class ServeConfig(_Section):
         default_factory=CollectorServeConfig, description="The collector deployment."
     )
     scorer: ScorerServeConfig = Field(default_factory=ScorerServeConfig, description="The quality scorer.")
+    generator: GeneratorServeConfig = Field(
+        default_factory=GeneratorServeConfig, description="The OpenAI-compatible generator."
+    )
 
 
 class RayConfig(_Section):
@@ -427,6 +449,8 @@ def resolve_paths(cfg: KaizenConfig) -> KaizenConfig:
     """Resolve relative paths against the caller's directory: Ray workers run elsewhere."""
     cfg.store.sqlite_path = str(Path(cfg.store.sqlite_path).expanduser().resolve())
     cfg.model.checkpoint_dir = str(Path(cfg.model.checkpoint_dir).expanduser().resolve())
+    if "://" not in cfg.model.storage_root:
+        cfg.model.storage_root = str(Path(cfg.model.storage_root).expanduser().resolve())
     return cfg
 
 

@@ -2,16 +2,18 @@
 
 :class:`GeneratorService` loads one base model (``tiny``, a local checkpoint or a cached hub id,
 through :func:`app.model.load_model`) and keeps up to ``max_adapters`` LoRA adapters from the
-:class:`~app.model.adapters.AdapterStore` attached to it, evicting the least recently used. Each
-request names the adapter that answers it, or ``None`` for the plain base model. It answers
-OpenAI chat-completion requests (:class:`ChatCompletionRequest`) whole (:meth:`~GeneratorService.
-complete`, or several at once in one ``generate`` call with :meth:`~GeneratorService.
-complete_batch`) or as a stream of chunks (:meth:`~GeneratorService.stream`), and
-:func:`interaction_event` turns a result into the Kaizen event that records it.
+:class:`~app.model.adapters.AdapterStore` attached to it, evicting the least recently used. It
+answers OpenAI chat-completion requests (:class:`ChatCompletionRequest`) with the adapter the
+caller names, or the plain base model for ``None``: whole (``complete``), several in one
+``generate`` call (``complete_batch``), or as chunks while they are generated (``stream``). Each
+answer comes as a :class:`Generation`: the OpenAI response plus the timings and counts the
+recorder needs, which :func:`interaction_event` turns into the Kaizen event that records it.
+The request's ``model`` is only echoed: the caller (the Serve deployment, through the adapter
+registry) decides which adapter answers.
 
 This is plain Python, used by the tests as it is; a thin Ray Serve deployment wraps it.
 
-Semantics worth knowing (each has a test):
+Semantics worth knowing:
 
 * Sampling follows the request alone, as OpenAI's API does: ``temperature`` 0 is greedy, otherwise
   ``temperature`` and ``top_p`` sample; the model's own ``generation_config`` defaults (a real
@@ -21,7 +23,8 @@ Semantics worth knowing (each has a test):
   shares one random generator.
 * Requests of one batch may differ in every parameter: temperature, top-p, penalties, stop strings
   and ``max_tokens`` are applied per row (left-padded), so a batch gives what each request alone
-  would give (exactly, for greedy requests).
+  would give (for greedy requests the same tokens, up to floating-point differences between batch
+  shapes: none on a CPU in fp32, rare near-ties in bf16 on a GPU).
 * ``finish_reason`` is ``stop`` at ``<|im_end|>``/``<|endoftext|>`` or a stop string (the text is
   cut before it), ``length`` when ``max_tokens`` ran out. ``completion_tokens`` counts the tokens
   generated, the end-of-turn token or the one completing a stop string included.
@@ -52,6 +55,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
+from jinja2 import TemplateError
 from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
@@ -331,7 +335,7 @@ def parse_request(payload: Mapping[str, Any]) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
         field, reason = format_validation_error(exc)
-        raise GenerationRequestError(field or "body", reason, status_code=422) from None
+        raise GenerationRequestError(field or "body", reason.removeprefix("Value error, "), status_code=422) from None
 
 
 # --- response ----------------------------------------------------------------------------------
@@ -440,11 +444,12 @@ class Generation:
 class CompletionStream(Iterator[ChatCompletionChunk]):
     """The chunks of a streamed completion; :attr:`generation` is set once they are all read.
 
-    Closing it early (or dropping it) stops the generation at its next token.
+    Closing it early (or dropping it unread) stops the generation at its next token.
     """
 
-    def __init__(self, chunks: Generator[ChatCompletionChunk, None, Generation]) -> None:
+    def __init__(self, chunks: Generator[ChatCompletionChunk, None, Generation], cancel: threading.Event) -> None:
         self._chunks = chunks
+        self._cancel = cancel
         self.generation: Generation | None = None
 
     def __iter__(self) -> CompletionStream:
@@ -459,15 +464,20 @@ class CompletionStream(Iterator[ChatCompletionChunk]):
             raise
 
     def close(self) -> None:
+        self._cancel.set()
         self._chunks.close()
+
+    def __del__(self) -> None:
+        self._cancel.set()
 
 
 # --- the service -------------------------------------------------------------------------------
 
 
 @dataclass
-class _Prepared:
-    """A validated request with its prompt tokens and the limits it runs under."""
+class PreparedRequest:
+    """A request checked against the model: its prompt, rendered and tokenized, and the
+    completion limit it runs under (what :meth:`GeneratorService.prepare` gives)."""
 
     request: ChatCompletionRequest
     prompt: str
@@ -615,6 +625,8 @@ class GeneratorService:
             name = self._adapters.pop(adapter_id)
             remaining = len(self._adapters)
         if remaining:
+            if self.model.active_adapter == name:  # PEFT would warn, then pick one itself
+                self.model.set_adapter(next(iter(self._adapters.values())))
             self.model.delete_adapter(name)
         else:
             # PEFT cannot delete a model's last adapter; unwrapping gives back the base model.
@@ -637,7 +649,7 @@ class GeneratorService:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def prepare(self, request: ChatCompletionRequest) -> _Prepared:
+    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
         """Render and tokenize the prompt and check it against the context window.
 
         Raises:
@@ -660,7 +672,7 @@ class GeneratorService:
                 prompt_ids = list(encoded["input_ids"])
             else:
                 prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        except Exception as exc:  # the template's own checks (jinja's raise_exception) say what is wrong
+        except (TemplateError, TypeError, ValueError) as exc:  # the template's own checks say what is wrong
             raise GenerationRequestError("messages", f"the chat template rejected them: {exc}") from None
 
         room = self.max_context_tokens - len(prompt_ids)
@@ -680,7 +692,7 @@ class GeneratorService:
                 code="context_length_exceeded",
             )
         max_new = limit if limit is not None else min(self.default_max_tokens, room)
-        return _Prepared(request, prompt, prompt_ids, max_new)
+        return PreparedRequest(request, prompt, prompt_ids, max_new)
 
     def complete(self, request: ChatCompletionRequest, adapter_id: str | None = None) -> Generation:
         """Answer one request whole (its ``stream`` flag is not looked at here).
@@ -704,6 +716,8 @@ class GeneratorService:
         :meth:`complete` does, before anything is generated.
         """
         start = time.perf_counter()
+        if not requests:
+            return []
         prepared = [self.prepare(r) for r in requests]
         if adapter_id is not None and adapter_id not in self.loaded_adapters():
             self._fetch(adapter_id)
@@ -722,7 +736,7 @@ class GeneratorService:
                 rows = self._generate(batch, streamer=clock, seed=seed)
                 elapsed = _ms(time.perf_counter() - start)
                 ttft = _ms(clock.first_token_at - start) if clock.first_token_at else None
-                for i, p, row in zip(group, batch, rows):
+                for i, p, row in zip(group, batch, rows, strict=True):
                     results[i] = self._generation(p, self._outcome(p, row), adapter_id, elapsed, ttft)
         return [r for r in results if r is not None]
 
@@ -746,6 +760,7 @@ class GeneratorService:
                 with self._lock, self._weights(adapter_id):
                     result["rows"] = self._generate([prepared], streamer=streamer, cancel=cancel,
                                                     seed=request.seed)
+                result["done_at"] = time.perf_counter()
             except BaseException as exc:  # raised again in the consumer's thread
                 result["error"] = exc
                 streamer.end()  # wakes the consumer; a second end() after generate's own is harmless
@@ -754,11 +769,11 @@ class GeneratorService:
         worker = threading.Thread(target=run, name="kaizen-generate", daemon=True)
         worker.start()
         chunks = self._chunks(prepared, adapter_id, start, streamer, cancel, worker, result)
-        return CompletionStream(chunks)
+        return CompletionStream(chunks, cancel)
 
     def _chunks(
         self,
-        prepared: _Prepared,
+        prepared: PreparedRequest,
         adapter_id: str | None,
         start: float,
         streamer: _TimedTextStreamer,
@@ -804,7 +819,7 @@ class GeneratorService:
             if len(outcome.text) > len(sent) and outcome.text.startswith(sent):
                 yield chunk(ChoiceDelta(content=outcome.text[len(sent):]))
             yield chunk(ChoiceDelta(), outcome.finish_reason)
-            elapsed = _ms(time.perf_counter() - start)
+            elapsed = _ms(result["done_at"] - start)  # not counting how slowly the chunks were read
             ttft = _ms(streamer.first_token_at - start) if streamer.first_token_at else None
             generation = self._generation(
                 prepared, outcome, adapter_id, elapsed, ttft, completion_id=completion_id, created=created,
@@ -821,7 +836,7 @@ class GeneratorService:
 
     def _generate(
         self,
-        batch: list[_Prepared],
+        batch: list[PreparedRequest],
         *,
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
@@ -866,7 +881,7 @@ class GeneratorService:
             )
         return output[:, width:].tolist()
 
-    def _outcome(self, prepared: _Prepared, row: list[int]) -> _Outcome:
+    def _outcome(self, prepared: PreparedRequest, row: list[int]) -> _Outcome:
         """A row's text, finish reason and token count, from its generated ids."""
         ids = row[: prepared.max_new_tokens]
         end = next((i for i, token in enumerate(ids) if token in self._eos_ids), None)
@@ -897,7 +912,7 @@ class GeneratorService:
 
     def _generation(
         self,
-        prepared: _Prepared,
+        prepared: PreparedRequest,
         outcome: _Outcome,
         adapter_id: str | None,
         elapsed_ms: float,
@@ -962,6 +977,9 @@ class _Penalties(LogitsProcessor):
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
+_TOP_P_CANDIDATES = 1024
+
+
 class _RowTemperatureTopP(LogitsProcessor):
     """Temperature and nucleus (top-p) sampling with each row's own values; a row with
     temperature 0 keeps only its most likely token, so sampling it is greedy."""
@@ -969,28 +987,37 @@ class _RowTemperatureTopP(LogitsProcessor):
     def __init__(self, requests: list[ChatCompletionRequest], device: torch.device) -> None:
         self.greedy = torch.tensor([r.temperature == 0 for r in requests], device=device)
         self.temperature = torch.tensor([[r.temperature or 1.0] for r in requests], device=device)
-        self.top_p = torch.tensor([[r.top_p] for r in requests], device=device)
+        self.top_p = torch.tensor([[r.top_p if r.temperature > 0 else 1.0] for r in requests], device=device)
+        self.any_greedy = any(r.temperature == 0 for r in requests)
+        # Sorting the whole vocabulary costs more than the tiny model's forward pass: only when needed.
+        self.any_top_p = any(r.top_p < 1 and r.temperature > 0 for r in requests)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.any_greedy:
+            best = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.argmax(dim=-1, keepdim=True), True)
+            greedy_drop = self.greedy[:, None] & ~best
         scores = scores / self.temperature.to(scores.dtype)
-        # Stable, so that among equal scores the first wins, as argmax (greedy decoding) picks it.
-        sorted_scores, order = torch.sort(scores, descending=True, stable=True, dim=-1)
-        probs = sorted_scores.softmax(dim=-1)
-        # Drop a token when the more likely ones already hold top_p of the mass; the first stays.
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.top_p
-        drop_sorted[:, 0] = False
-        greedy = torch.zeros_like(drop_sorted)
-        greedy[:, 1:] = True
-        drop_sorted = torch.where(self.greedy[:, None], greedy, drop_sorted)
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        return scores.masked_fill(drop, float("-inf"))
+        if self.any_top_p:
+            probs = scores.softmax(dim=-1)
+            # The smallest probability a row keeps, found among the likeliest tokens: top_p's mass
+            # is usually within the first few hundred, and sorting all 150k costs tens of ms.
+            ranked = probs.topk(min(_TOP_P_CANDIDATES, probs.shape[-1]), dim=-1).values
+            if bool(((ranked.sum(dim=-1, keepdim=True) < self.top_p) & (self.top_p < 1)).any()):
+                ranked = probs.sort(dim=-1, descending=True).values
+            kept = ((ranked.cumsum(dim=-1) - ranked) < self.top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+            smallest = ranked.gather(1, kept - 1)
+            drop = (probs < smallest) & (self.top_p < 1)  # rounding must not cut the tail of a top_p=1 row
+            scores = scores.masked_fill(drop, float("-inf"))
+        if self.any_greedy:
+            scores = scores.masked_fill(greedy_drop, float("-inf"))
+        return scores
 
 
 class _RowStop(StoppingCriteria):
     """Ends each row at its own ``max_tokens`` or stop strings, and every row when cancelled."""
 
     def __init__(
-        self, batch: list[_Prepared], prompt_width: int, tokenizer: Any, cancel: threading.Event | None
+        self, batch: list[PreparedRequest], prompt_width: int, tokenizer: Any, cancel: threading.Event | None
     ) -> None:
         self.prompt_width = prompt_width
         self.max_new = [p.max_new_tokens for p in batch]

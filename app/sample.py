@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["SampleInteraction", "sample_interactions", "send_samples", "stdlib_functions"]
+__all__ = ["SampleInteraction", "sample_events", "sample_interactions", "send_samples", "stdlib_functions"]
 
 _MODULES = (
     "textwrap", "json.decoder", "json.encoder", "statistics", "bisect", "heapq", "string", "functools",
@@ -240,6 +240,24 @@ def sample_interactions(
                 "no_runtime_errors": compiles and poor is None,
             }
         yield SampleInteraction(interaction, tools, feedback, outcome, poor)
+
+
+def sample_events(count: int, seed: int = 5) -> list[dict[str, Any]]:
+    """``count`` sample interactions as ingestion events (``{id, type, timestamp, body}``), with
+    their explicit ratings inline, for loading a store without a server (tests, benchmarks)."""
+    events = []
+    for s in sample_interactions(count, seed=seed):
+        it = s.interaction
+        body: dict[str, Any] = {
+            "session_id": it["session_id"],
+            "input": {"raw": it["prompt"]},
+            "output": {"content": it["response"], "generation_time_ms": it["generation_time_ms"]},
+            "context": it["context"],
+        }
+        if s.feedback and s.feedback.get("rating"):
+            body["feedback"] = {"explicit": {"rating": s.feedback["rating"]}}
+        events.append({"id": it["id"], "type": "interaction", "timestamp": it["timestamp"], "body": body})
+    return events
 
 
 def send_samples(client: Any, count: int, seed: int = 0) -> dict[str, int]:

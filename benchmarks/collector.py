@@ -301,7 +301,7 @@ def make_config(db: Path, port: int, replicas: int) -> Any:
         "privacy": {"hmac_key": "bench"},
         # Collection alone, as the committed run measured it; scoring under this load is measured
         # by benchmarks/quality.py.
-        "serve": {"port": port, "scorer": {"enabled": False},
+        "serve": {"port": port, "scorer": {"enabled": False}, "generator": {"enabled": False},
                   "collector": {"num_cpus": 0.5, "max_batch_size": 64,
                                 "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}},
     })  # fmt: skip

@@ -5,7 +5,14 @@ solutions (correct) and realistic wrong solutions made from them (off-by-one, fl
 wrong operator, missing edge case, syntax error, an insecure call), each kept only if it really
 fails the problem's own tests in the sandbox. The scorer sees only the prompt and the response;
 the AUROC of its overall score (correct against wrong) is reported beside a plain syntax-check
-baseline measured in the same run. Also assessment latency with and without sandboxed execution.
+baseline measured in the same run. Also assessment latency with and without sandboxed execution;
+the latency per window of a streaming assessment (the responses fed in 8-character chunks, as a
+generator emits them), beside the full assessment; and calibration: the test outcomes stand in for
+human ratings (1 correct, 0 wrong), weights are fitted on half of the problems and the correlation
+with the ratings is reported on the other half, before and after.
+
+``benchmarks/scoring.py`` measures ``jobs/score.py``'s throughput and the time from commit to
+stored score under the collector's load.
 
 Prints a table and writes ``benchmarks/results/quality.json``.
 """
@@ -106,6 +113,53 @@ def fails_tests(solution: str, test: str, entry_point: str) -> bool:
     return result.passed != 1
 
 
+def bench_streaming(samples: list[dict[str, Any]], chunk: int = 8) -> dict[str, Any]:
+    """Each response fed to a streaming assessor in ``chunk``-character pieces; time per window."""
+    from app.quality.streaming import CircuitBreaker, StreamingAssessor
+
+    breaker = CircuitBreaker()  # one per process, as in a replica
+    times, degraded = [], 0
+    for s in samples:
+        response = f"Here is the implementation:\n\n```python\n{s['code']}\n```\n"
+        assessor = StreamingAssessor(s["prompt"], {"technologies": ["python"]}, window_chars=256, budget_ms=20,
+                                     breaker=breaker)  # fmt: skip
+        windows = [w for i in range(0, len(response), chunk) for w in assessor.feed(response[i : i + chunk])]
+        windows.append(assessor.finish())
+        times += [w.elapsed_ms for w in windows]
+        degraded += sum(w.degraded for w in windows)
+    return {"windows": len(times), "window_chars": 256, "chunk_chars": chunk,
+            "window_ms": {"p50": pct(times, 50), "p99": pct(times, 99), "max": max(times)},
+            "degraded_share": degraded / len(times)}  # fmt: skip
+
+
+def bench_calibration(samples: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Test outcomes as ratings; fit on half of the problems, correlations on the other half."""
+    from sklearn.metrics import roc_auc_score
+
+    from app.quality.base import DIMENSIONS
+    from app.quality.calibration import correlations, fit_calibration, weighted_overall
+
+    tasks = sorted({s["task"] for s in samples})
+    random.Random(seed).shuffle(tasks)
+    held_out = set(tasks[: len(tasks) // 2])
+    train = [(s["components"], s["cap"], float(s["label"])) for s in samples if s["task"] not in held_out]
+    test = [s for s in samples if s["task"] in held_out]
+    # All of the training half is used for the fit (the report's own split is inside it).
+    report = fit_calibration(train, min_ratings=20, test_fraction=0.2, seed=seed)
+    truth = [float(s["label"]) for s in test]
+    seed_scores = [weighted_overall(s["components"], DIMENSIONS, s["cap"]) for s in test]
+    cal = report.calibration
+    cal_scores = seed_scores if cal is None else [
+        cal.transform(weighted_overall(s["components"], cal.weights, s["cap"])) for s in test
+    ]  # fmt: skip
+    return {
+        "train_samples": len(train), "test_samples": len(test), "fitted": cal is not None,
+        "weights": cal.weights if cal else dict(DIMENSIONS),
+        "seed": correlations(seed_scores, truth), "calibrated": correlations(cal_scores, truth),
+        "auroc_seed": roc_auc_score(truth, seed_scores), "auroc_calibrated": roc_auc_score(truth, cal_scores),
+    }  # fmt: skip
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -149,8 +203,9 @@ def main() -> None:
     for s in samples:
         response = f"Here is the implementation:\n\n```python\n{s['code']}\n```\n"
         t0 = time.perf_counter()
-        s["score"] = assess_text(s["prompt"], response, execute=True).overall
+        scored = assess_text(s["prompt"], response, execute=True)
         exec_times.append((time.perf_counter() - t0) * 1000)
+        s["score"], s["components"], s["cap"] = scored.overall, scored.components, scored.cap
         t0 = time.perf_counter()
         s["score_static"] = assess_text(s["prompt"], response, execute=False).overall
         static_times.append((time.perf_counter() - t0) * 1000)
@@ -161,6 +216,10 @@ def main() -> None:
     auroc = roc_auc_score(labels, [s["score"] for s in samples])
     auroc_static = roc_auc_score(labels, [s["score_static"] for s in samples])
     auroc_syntax = roc_auc_score(labels, [s["syntax_baseline"] for s in samples])
+    print("streaming windows ...", flush=True)
+    streaming = bench_streaming(samples)
+    print("calibration on a held-out half of the problems ...", flush=True)
+    calibration = bench_calibration(samples, args.seed)
     by_kind: dict[str, list[float]] = {}
     for s in samples:
         by_kind.setdefault(s["kind"], []).append(s["score"])
@@ -178,6 +237,8 @@ def main() -> None:
             "without_execution": {"p50": pct(static_times, 50), "p99": pct(static_times, 99)},
             "with_execution": {"p50": pct(exec_times, 50), "p99": pct(exec_times, 99)},
         },
+        "streaming": streaming,
+        "calibration": calibration,
     }
     rows = [
         ("AUROC, correct vs wrong (with execution)", f"{auroc:.3f}", f"syntax check {auroc_syntax:.3f}", ">= 0.90"),
@@ -186,6 +247,16 @@ def main() -> None:
          f"{result['latency_ms']['without_execution']['p50']:.0f} / {result['latency_ms']['without_execution']['p99']:.0f}", "", "p99 <= 100"),
         ("latency p50 / p99, with execution (ms)",
          f"{result['latency_ms']['with_execution']['p50']:.0f} / {result['latency_ms']['with_execution']['p99']:.0f}", "", "p99 <= 500"),
+    ]  # fmt: skip
+    rows += [
+        ("streaming window p50 / p99 (ms)", f"{streaming['window_ms']['p50']:.1f} / {streaming['window_ms']['p99']:.1f}",
+         f"full assessment p50 {result['latency_ms']['without_execution']['p50']:.0f}", "p99 <= 20"),
+        ("streaming windows degraded (breaker)", f"{streaming['degraded_share']:.1%} of {streaming['windows']}", "", ""),
+        ("held-out Spearman / Pearson, calibrated",
+         f"{calibration['calibrated']['spearman']:.3f} / {calibration['calibrated']['pearson']:.3f}",
+         f"seed weights {calibration['seed']['spearman']:.3f} / {calibration['seed']['pearson']:.3f}", ""),
+        ("held-out AUROC, calibrated", f"{calibration['auroc_calibrated']:.3f}",
+         f"seed weights {calibration['auroc_seed']:.3f}", ""),
     ]  # fmt: skip
     rows += [(f"mean score: {k}", f"{v:.2f}", "", "") for k, v in result["mean_score_by_kind"].items()]
     print(f"\n{len(samples)} responses ({sum(labels)} correct, {len(labels) - sum(labels)} wrong) from {len(problems)} problems")

@@ -24,7 +24,7 @@ import numpy as np
 
 from app.quality.base import DIMENSIONS, DimensionScore, clamp
 
-__all__ = ["Calibration", "CalibrationReport", "overall_cap", "fit_calibration", "weighted_overall"]
+__all__ = ["Calibration", "CalibrationReport", "correlations", "overall_cap", "fit_calibration", "weighted_overall"]
 
 NAMES = tuple(DIMENSIONS)
 
@@ -109,7 +109,7 @@ def _features(scores: Mapping[str, float]) -> list[float]:
     return [known.get(n, fill) for n in NAMES]
 
 
-def _correlations(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
+def correlations(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
     from scipy.stats import pearsonr, spearmanr
 
     if len(set(pred)) < 2 or len(set(truth)) < 2:
@@ -160,8 +160,8 @@ def fit_calibration(
         ys=tuple(round(float(v), 6) for v in iso.y_thresholds_),
     )
     truth = [r for _, _, r in test]
-    before = _correlations([weighted_overall(c, DIMENSIONS, cap) for c, cap, _ in test], truth)
-    after = _correlations([calibration.transform(weighted_overall(c, weights, cap)) for c, cap, _ in test], truth)
+    before = correlations([weighted_overall(c, DIMENSIONS, cap) for c, cap, _ in test], truth)
+    after = correlations([calibration.transform(weighted_overall(c, weights, cap)) for c, cap, _ in test], truth)
     better = after["spearman"] >= before["spearman"] - 0.01
     return CalibrationReport(
         n,

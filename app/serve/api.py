@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.config import KaizenConfig
 from app.ingest import IngestPipeline
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
+from app.registry import AdapterRegistry
+from app.serve.openai_api import GenerationBackend, add_openai_routes
 from app.schemas import EventResult
 from app.store import InteractionStore, StoredEvent, open_store
 
@@ -46,6 +48,7 @@ class CollectorService:
         commit: Callable[[list[StoredEvent]], Awaitable[list[bool]]] | None = None,
         on_committed: Callable[[list[str]], Any] | None = None,
         assess: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+        generator: GenerationBackend | None = None,
     ):
         self.cfg = cfg
         self.pipeline = IngestPipeline(cfg)
@@ -63,6 +66,8 @@ class CollectorService:
         # scorer deployment (plain uvicorn) assessments run here and nothing is handed off.
         self.on_committed = on_committed
         self.assess = assess or self._assess_here
+        # The OpenAI-compatible routes exist when there is a generator to answer them.
+        self.generator = generator
         # Streaming assessments of this process share one breaker and one embedding thread: a slow
         # embedder trips the breaker for every stream at once.
         self.stream_breaker = CircuitBreaker()
@@ -440,6 +445,22 @@ def create_api(service: CollectorService) -> FastAPI:
     async def stats() -> dict[str, Any]:
         """Interactions per day, redactions per kind, and the store engine."""
         return await asyncio.to_thread(service.store.stats)
+
+    if service.generator is not None:
+        registry = AdapterRegistry(service.store)
+
+        async def record(event: dict[str, Any]) -> None:
+            await service.ingest([event])
+
+        add_openai_routes(
+            api,
+            service.generator,
+            base_model=cfg.model.base_model,
+            resolve=registry.resolve,
+            list_models=lambda: (registry.list(), registry.aliases()),
+            record=record if cfg.serve.generator.record else None,
+            dependencies=[require("agent")],
+        )
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:

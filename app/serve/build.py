@@ -12,9 +12,10 @@ from ray.serve import Application
 
 from app.config import KaizenConfig, load_config
 from app.serve.collector import CollectorDeployment
+from app.serve.generator import GeneratorDeployment
 from app.serve.scorer import QualityScorerDeployment
 
-__all__ = ["BuildArgs", "build_app", "collector_options", "scorer_options"]
+__all__ = ["BuildArgs", "build_app", "collector_options", "generator_options", "scorer_options"]
 
 
 class BuildArgs(BaseModel):
@@ -51,6 +52,14 @@ def scorer_options(cfg: KaizenConfig) -> dict[str, Any]:
     return _options(c.num_cpus, c.max_ongoing_requests, c.autoscaling, health_check_period_s=10)
 
 
+def generator_options(cfg: KaizenConfig) -> dict[str, Any]:
+    """Deployment options of the generator from ``serve.generator``."""
+    c = cfg.serve.generator
+    options = _options(c.num_cpus, c.max_ongoing_requests, c.autoscaling, health_check_period_s=10)
+    options["ray_actor_options"]["num_gpus"] = c.num_gpus
+    return options
+
+
 def build_app(args: dict[str, Any] | KaizenConfig | None = None) -> Application:
     """The Kaizen Serve application from a config (or ``serve run`` args)."""
     if isinstance(args, KaizenConfig):
@@ -62,4 +71,7 @@ def build_app(args: dict[str, Any] | KaizenConfig | None = None) -> Application:
     scorer = None
     if cfg.serve.scorer.enabled:
         scorer = QualityScorerDeployment.options(**scorer_options(cfg)).bind(config)
-    return CollectorDeployment.options(**collector_options(cfg)).bind(config, scorer)
+    generator = None
+    if cfg.serve.generator.enabled:
+        generator = GeneratorDeployment.options(**generator_options(cfg)).bind(config)
+    return CollectorDeployment.options(**collector_options(cfg)).bind(config, scorer, generator)

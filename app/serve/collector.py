@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import KaizenConfig
 from app.serve.api import CollectorService, create_api
+from app.serve.openai_api import HandleBackend
 from app.store import StoredEvent
 
 __all__ = ["CollectorDeployment"]
@@ -24,7 +25,9 @@ __all__ = ["CollectorDeployment"]
 class CollectorDeployment:
     """Receives agent events over HTTP, filters them and group-commits them to the store."""
 
-    def __init__(self, config: dict[str, Any], scorer: DeploymentHandle | None = None):
+    def __init__(
+        self, config: dict[str, Any], scorer: DeploymentHandle | None = None, generator: DeploymentHandle | None = None
+    ):
         cfg = KaizenConfig.model_validate(config)
         self.commit.set_max_batch_size(cfg.serve.collector.max_batch_size)
         self.commit.set_batch_wait_timeout_s(cfg.serve.collector.batch_wait_timeout_s)
@@ -35,6 +38,7 @@ class CollectorDeployment:
             # Fire and forget: the reply to the agent never waits for scoring.
             on_committed=(lambda ids: scorer.score_ids.remote(ids)) if scorer is not None else None,
             assess=self._assess if scorer is not None else None,
+            generator=HandleBackend(generator) if generator is not None else None,
         )
 
     async def _assess(self, payload: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""One storage root per test session, holding the built tokenizer and the tiny model.
+"""The tokenizer of the session's storage root (``model_root``, in ``tests/app/conftest.py``).
 
 Building the tokenizer takes a few seconds (its merge list is recovered from the vocabulary), so
-it is built once here, in a temporary root, and the tests that need a fresh build make their own.
+it is built once per session, and the tests that need a fresh build make their own.
 """
 
 from __future__ import annotations
@@ -14,16 +14,6 @@ import pytest
 # Belt and braces: the code passes local_files_only everywhere; this also stops any library that
 # reads the variable from reaching for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session")
-def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A storage root with ``models/qwen2.5-tokenizer`` and ``models/tiny`` already built."""
-    from app.model.profiles import ensure_profile_dir
-
-    root = tmp_path_factory.mktemp("storage-root")
-    ensure_profile_dir("tiny", root=root)
-    return root
 
 
 @pytest.fixture(scope="session")

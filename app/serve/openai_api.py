@@ -1,0 +1,262 @@
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions`` (plain and server-sent events) and
+``GET /v1/models``, mounted on the collector's ingress.
+
+``model`` may name the base model, an adapter id or an alias (``champion``, ``challenger``); it is
+resolved through the registry at each request, so moving an alias takes effect at once. The
+generation runs behind a :class:`GenerationBackend`: the Generator deployment's handle under Serve
+(:class:`HandleBackend`), or a :class:`GeneratorService` in this process (:class:`LocalBackend`,
+tests and ``uvicorn``). Each completion comes back with its interaction event, which is recorded
+through the collector's own ingestion after the reply has gone out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.generation import GenerationRequestError, GeneratorService, interaction_event, parse_request
+
+__all__ = ["GenerationBackend", "HandleBackend", "LocalBackend", "add_openai_routes", "generate_items"]
+
+log = logging.getLogger("kaizen.generator")
+SESSION_HEADER = "x-kaizen-session"
+
+
+class GenerationBackend(Protocol):
+    """Where completions are generated. Each item is a dict: ``{"completion": ...}`` and
+    ``{"event": ...}`` for a whole answer; ``{"chunk": ...}`` items then ``{"event": ...}`` for a
+    stream; ``{"error": {...}, "status": int}`` first and alone when the request cannot be served."""
+
+    async def complete(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> dict[str, Any]: ...
+
+    def stream(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def loaded_adapters(self) -> list[str]: ...
+
+
+def _error_item(exc: GenerationRequestError) -> dict[str, Any]:
+    return {"error": {**exc.to_openai()["error"], "field": exc.field, "reason": exc.reason},
+            "status": exc.status_code}  # fmt: skip
+
+
+def generate_items(
+    service: GeneratorService, payload: dict[str, Any], adapter_id: str | None, session: str, stream: bool
+) -> Any:
+    """The items of one request, computed in the calling thread (see :class:`GenerationBackend`)."""
+    try:
+        request = parse_request(payload)
+        if not stream:
+            generation = service.complete(request, adapter_id)
+            yield {"completion": generation.completion.model_dump(mode="json", exclude_none=True),
+                   "event": interaction_event(request, generation, session_id=session)}  # fmt: skip
+            return
+        chunks = service.stream(request, adapter_id)
+    except GenerationRequestError as exc:
+        yield _error_item(exc)
+        return
+    try:
+        for chunk in chunks:
+            yield {"chunk": chunk.model_dump(mode="json", exclude_none=True)}
+    finally:
+        chunks.close()
+    if chunks.generation is not None:
+        yield {"event": interaction_event(request, chunks.generation, session_id=session)}
+
+
+async def _iterate_in_thread(make: Callable[[], Any]) -> AsyncIterator[dict[str, Any]]:
+    """Drive a blocking generator in a thread, yielding its items to the event loop."""
+    items: queue.Queue[Any] = queue.Queue(maxsize=64)
+    done = object()
+    cancelled = threading.Event()
+
+    def run() -> None:
+        gen = make()
+        try:
+            for item in gen:
+                if cancelled.is_set():
+                    break
+                items.put(item)
+        except Exception as exc:  # surfaced to the reader
+            items.put(exc)
+        finally:
+            gen.close()
+            items.put(done)
+
+    threading.Thread(target=run, name="kaizen-generate", daemon=True).start()
+    try:
+        while True:
+            item = await asyncio.to_thread(items.get)
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+
+
+class LocalBackend:
+    """A :class:`GeneratorService` in this process; generation runs in worker threads."""
+
+    def __init__(self, service: GeneratorService):
+        self.service = service
+
+    async def complete(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> dict[str, Any]:
+        items = await asyncio.to_thread(lambda: list(generate_items(self.service, payload, adapter_id, session, False)))
+        merged: dict[str, Any] = {}
+        for item in items:
+            merged.update(item)
+        return merged
+
+    def stream(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> AsyncIterator[dict[str, Any]]:
+        return _iterate_in_thread(lambda: generate_items(self.service, payload, adapter_id, session, True))
+
+    async def loaded_adapters(self) -> list[str]:
+        return self.service.loaded_adapters()
+
+
+class HandleBackend:
+    """The Generator deployment, through its handle: requests for an adapter go to a replica that
+    has it loaded (Serve's model multiplexing)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def _for(self, adapter_id: str | None, stream: bool = False) -> Any:
+        return self.handle.options(multiplexed_model_id=adapter_id or "", stream=stream)
+
+    async def complete(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> dict[str, Any]:
+        return await self._for(adapter_id).complete.remote(payload, session)
+
+    async def stream(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> AsyncIterator[dict[str, Any]]:
+        async for item in self._for(adapter_id, stream=True).stream.remote(payload, session):
+            yield item
+
+    async def loaded_adapters(self) -> list[str]:
+        return await self.handle.loaded_adapters.remote()
+
+
+def _error_response(status: int, field: str | None, reason: str, code: str | None = None) -> JSONResponse:
+    # Both conventions: OpenAI's clients read message/type/param/code, Kaizen's read field/reason.
+    return JSONResponse(status_code=status, content={"error": {
+        "message": f"{field}: {reason}" if field else reason, "type": "invalid_request_error", "param": field,
+        "code": code, "field": field, "reason": reason}})  # fmt: skip
+
+
+def add_openai_routes(
+    api: FastAPI,
+    backend: GenerationBackend,
+    *,
+    base_model: str,
+    resolve: Callable[[str], str | None],
+    list_models: Callable[[], tuple[list[dict[str, Any]], dict[str, str]]],
+    record: Callable[[dict[str, Any]], Any] | None,
+    dependencies: list[Any],
+) -> None:
+    """Mount the routes on ``api``.
+
+    Args:
+        resolve: a ``model`` name (adapter id or alias) to an adapter id, None when unknown.
+        list_models: the registry's adapters (``id``, ``created_at``, ``status``) and aliases.
+        record: called with each completion's interaction event, after the reply (fire and forget).
+    """
+    background: set[asyncio.Task[Any]] = set()
+
+    def record_later(event: dict[str, Any] | None) -> None:
+        if record is None or event is None:
+            return
+
+        async def run() -> None:
+            try:
+                await record(event)
+            except Exception:  # the reply has gone; the interaction is lost only to the learning loop
+                log.exception("recording completion %s failed", event.get("id"))
+
+        task = asyncio.create_task(run())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    async def adapter_for(model: Any) -> str | None:
+        if not isinstance(model, str) or not model:
+            raise GenerationRequestError("model", "a model name is required", status_code=422)
+        if model == base_model:
+            return None
+        adapter_id = await asyncio.to_thread(resolve, model)
+        if adapter_id is None:
+            raise GenerationRequestError(
+                "model", f"no model {model!r}: not the base model {base_model!r}, an adapter id, or an alias",
+                status_code=404, code="model_not_found",
+            )  # fmt: skip
+        return adapter_id
+
+    @api.post("/v1/chat/completions", summary="OpenAI-compatible chat completion", dependencies=dependencies)
+    async def chat_completions(request: Request) -> Any:
+        """OpenAI's chat-completions API; ``stream: true`` answers with server-sent events. The
+        ``X-Kaizen-Session`` header (else ``user``) groups the recorded interactions by session."""
+        try:
+            payload = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error_response(400, "body", f"not valid JSON: {exc}")
+        if not isinstance(payload, dict):
+            return _error_response(422, "body", "expected a JSON object")
+        try:
+            adapter_id = await adapter_for(payload.get("model"))
+        except GenerationRequestError as exc:
+            return _error_response(exc.status_code, exc.field, exc.reason, exc.code)
+        session = request.headers.get(SESSION_HEADER) or str(payload.get("user") or "openai-api")
+        if not payload.get("stream"):
+            result = await backend.complete(payload, adapter_id, session)
+            if "error" in result:
+                return JSONResponse(status_code=result["status"], content={"error": result["error"]})
+            record_later(result.get("event"))
+            return JSONResponse(content=result["completion"])
+        items = backend.stream(payload, adapter_id, session).__aiter__()
+        first = await items.__anext__()
+        if "error" in first:
+            return JSONResponse(status_code=first["status"], content={"error": first["error"]})
+
+        async def sse() -> AsyncIterator[str]:
+            item: dict[str, Any] | None = first
+            while item is not None:
+                if "chunk" in item:
+                    yield f"data: {json.dumps(item['chunk'], separators=(',', ':'))}\n\n"
+                elif "event" in item:
+                    record_later(item["event"])
+                item = await anext(items, None)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @api.get("/v1/models", summary="The base model, its adapters and aliases", dependencies=dependencies)
+    async def models() -> dict[str, Any]:
+        """OpenAI's model list: the base model, every registered adapter, and each alias (with
+        the adapter it points at in ``root``)."""
+        adapters, aliases = await asyncio.to_thread(list_models)
+        loaded = set(await backend.loaded_adapters())
+        data = [{"id": base_model, "object": "model", "created": 0, "owned_by": "kaizen", "root": base_model}]
+        for row in adapters:
+            data.append({"id": row["id"], "object": "model", "created": _epoch(row.get("created_at")),
+                         "owned_by": "kaizen", "root": base_model, "parent": base_model,
+                         "status": row.get("status"), "loaded": row["id"] in loaded})  # fmt: skip
+        for alias, adapter_id in aliases.items():
+            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "kaizen", "root": adapter_id,
+                         "parent": base_model})  # fmt: skip
+        return {"object": "list", "data": data}
+
+
+def _epoch(value: Any) -> int:
+    from datetime import datetime
+
+    if isinstance(value, str):
+        return int(datetime.fromisoformat(value).timestamp())
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    return 0

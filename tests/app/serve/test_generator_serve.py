@@ -1,0 +1,150 @@
+"""The generator through Ray Serve and real HTTP, spoken to with the official ``openai`` client:
+the base model, an adapter by id and by alias, streaming, the model list, bad requests, each
+completion recorded as an interaction, and a new adapter registered under load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from app.client import wait_until_ready
+from app.config import KaizenConfig
+from app.model.adapters import AdapterStore
+from app.registry import AdapterRegistry
+from app.store.sqlite import SQLiteStore
+from tests.conftest import free_port, train_answer_adapter
+
+pytestmark = pytest.mark.integration
+
+ANSWER = "The answer is 42."
+PROMPTS = ("hi", "What is 2+2?")
+
+
+@pytest.fixture(scope="module")
+def kaizen(ray_session, model_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    from ray import serve
+
+    from app.serve.build import build_app
+
+    adapters = AdapterStore(model_root)
+    manifest = train_answer_adapter(model_root, adapters, "answer-42", ANSWER, PROMPTS)
+    db = tmp_path_factory.mktemp("gen") / "kaizen.db"
+    store = SQLiteStore(db)
+    store.migrate()
+    registry = AdapterRegistry(store)
+    registry.register(manifest, adapters.uri("answer-42"), actor="test")
+    registry.set_alias("champion", "answer-42", actor="test", reason="the only adapter")
+
+    port = free_port()
+    cfg = KaizenConfig.model_validate({
+        "store": {"sqlite_path": str(db)},
+        "privacy": {"hmac_key": "gen-test"},
+        "model": {"base_model": "tiny", "storage_root": str(model_root)},
+        "serve": {"port": port, "app_name": "kaizen-gen-test",
+                  "collector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                  "scorer": {"enabled": False},
+                  "generator": {"num_cpus": 1, "max_adapters": 2, "default_max_tokens": 16}},
+    })  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="kaizen-gen-test", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until_ready(url, timeout_s=120)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client, store, registry, adapters
+    store.close()
+    serve.delete("kaizen-gen-test")
+
+
+def _ask(client: openai.OpenAI, model: str, prompt: str = "hi", max_tokens: int = 12, **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens, **kw
+    )
+
+
+def test_base_adapter_and_alias_answer_through_the_openai_client(kaizen) -> None:
+    client, store, _, _ = kaizen
+    base = _ask(client, "tiny", presence_penalty=2.0)
+    assert base.object == "chat.completion" and base.model == "tiny"
+    assert base.usage.completion_tokens > 0 and base.usage.total_tokens == base.usage.prompt_tokens + base.usage.completion_tokens
+    by_id = _ask(client, "answer-42")
+    by_alias = _ask(client, "champion")
+    assert by_id.choices[0].message.content == by_alias.choices[0].message.content == ANSWER
+    assert by_id.choices[0].finish_reason == "stop"
+    assert base.choices[0].message.content != ANSWER
+
+    # Each completion is recorded as an interaction, its id the completion's, after the reply.
+    deadline = time.time() + 30
+    while time.time() < deadline and store.get_interaction(by_alias.id) is None:
+        time.sleep(0.2)
+    recorded = store.get_interaction(by_alias.id)
+    assert recorded is not None and recorded["model_version"] == "answer-42"
+    assert recorded["output_content"] == ANSWER and recorded["generation_time_ms"] > 0
+    assert recorded["token_count"] == by_alias.usage.completion_tokens
+
+
+def test_streaming_joins_into_the_plain_answer(kaizen) -> None:
+    client, _, _, _ = kaizen
+    plain = _ask(client, "tiny", "def fib(n):", presence_penalty=2.0).choices[0].message.content
+    stream = _ask(client, "tiny", "def fib(n):", presence_penalty=2.0, stream=True,
+                  stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_models_lists_base_adapters_and_aliases(kaizen) -> None:
+    client, _, _, _ = kaizen
+    ids = {m.id for m in client.models.list().data}
+    assert {"tiny", "answer-42", "champion"} <= ids
+
+
+def test_bad_requests_get_clear_4xx(kaizen) -> None:
+    client, _, _, _ = kaizen
+    with pytest.raises(openai.NotFoundError) as unknown:
+        _ask(client, "no-such-model")
+    assert unknown.value.body["param"] == "model"
+    with pytest.raises(openai.UnprocessableEntityError) as n:
+        _ask(client, "tiny", n=2)
+    assert n.value.body["param"] == "n"
+    with pytest.raises(openai.UnprocessableEntityError) as temperature:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=3)
+    assert temperature.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10**7)
+    assert too_long.value.body["param"] == "max_tokens"
+
+
+def test_registering_and_loading_an_adapter_under_load_fails_nothing(kaizen, model_root: Path) -> None:
+    client, _, registry, adapters = kaizen
+    failures: list[BaseException] = []
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(_ask(client, "champion", max_tokens=8).choices[0].message.content)
+            except BaseException as exc:  # any failure counts
+                failures.append(exc)
+                return
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    manifest = train_answer_adapter(model_root, adapters, "answer-7", "Seven.", PROMPTS)
+    registry.register(manifest, adapters.uri("answer-7"), actor="test")
+    assert _ask(client, "answer-7").choices[0].message.content == "Seven."
+    registry.set_alias("challenger", "answer-7", actor="test", reason="canary")
+    assert _ask(client, "challenger").choices[0].message.content == "Seven."
+    time.sleep(1.0)
+    stop.set()
+    for w in workers:
+        w.join(timeout=60)
+    assert failures == [] and len(answers) > 0 and set(answers) == {ANSWER}
