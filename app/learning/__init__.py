@@ -1,0 +1,1 @@
+"""Learning algorithms: dataset selection, SSR rehearsal selection, gradient masking."""

@@ -1,0 +1,472 @@
+"""The pure pieces of LoRA fine-tuning: options, tokenization, batching, rehearsal mixing, early
+stopping and the learning-rate schedule. ``jobs/finetune.py`` runs them inside Ray Train workers;
+here they are plain Python and torch, tested without Ray or a model.
+
+* :class:`FinetuneConfig`: every option of ``jobs/finetune.py`` (``finetune.<key>=<value>`` on
+  its command line), validated with errors that name the key.
+* :func:`tokenize_messages`: an OpenAI-style chat rendered with the tokenizer's chat template
+  (Qwen2.5's ChatML), labels on the assistant tokens only (-100 elsewhere), cut to a length.
+* :func:`collate`: right-padded tensors for a batch of tokenized rows.
+* :func:`mix_rehearsal`: one epoch's rows, the training rows plus rehearsal rows of earlier
+  domains making up a configured share of the epoch, shuffled.
+* :class:`EarlyStopping`: patience and a minimum improvement on the validation loss.
+* :func:`lr_factor`: linear warm-up, then cosine, linear or constant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "IGNORE_INDEX",
+    "EarlyStopping",
+    "FinetuneConfig",
+    "collate",
+    "load_finetune_config",
+    "lr_factor",
+    "mix_rehearsal",
+    "parse_messages",
+    "rehearsal_count",
+    "steps_per_epoch",
+    "tokenize_messages",
+]
+
+IGNORE_INDEX = -100
+"""The label of tokens that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Qwen2/Llama block: LoRA on all of them, as QLoRA recommends."""
+
+T = TypeVar("T")
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+class FinetuneConfig(BaseModel):
+    """Options of ``jobs/finetune.py``; on its command line each is ``finetune.<key>=<value>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # LoRA
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch while training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Module names LoRA wraps (Qwen2: q/k/v/o_proj, gate/up/down_proj).",
+    )
+
+    # optimisation
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW's decoupled weight decay; must be 0 with masking=fggm (it would move frozen entries)."
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warm-up, to 0 at the last step (constant: none)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up from 0.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None: no clipping.")
+    epochs: int = Field(3, ge=1, description="Passes over the training rows.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps even if epochs remain; None: no cap."
+    )
+    batch_size: int = Field(4, ge=1, description="Rows per micro-batch, per worker.")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(2048, ge=8, description="Tokens per row; longer rows are cut at the end.")
+
+    # data
+    rehearsal_ratio: float = Field(
+        0.2, ge=0.0, lt=1.0,
+        description="Share of each epoch's rows drawn from the rehearsal set (earlier domains); 0: none.",
+    )  # fmt: skip
+
+    # validation and early stopping
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Validate every N optimizer steps; None: at the end of each epoch."
+    )
+    early_stopping_patience: int = Field(
+        2, ge=0, description="Stop after this many validations without improvement; 0: never stop early."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="A validation loss must fall by more than this to count as an improvement."
+    )
+
+    # protection against forgetting
+    masking: Literal["none", "fggm", "ewc"] = Field(
+        "none",
+        description="none; fggm: Fisher-guided gradient masking; ewc: elastic weight consolidation penalty.",
+    )
+    mask_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="fggm: share of the adapter's entries that are updated (per tensor)."
+    )
+    mask_mode: Literal["least_important", "most_important"] = Field(
+        "least_important",
+        description=(
+            "fggm: least_important updates the entries that matter least to earlier tasks (Fisher on the "
+            "rehearsal or --fisher-data rows) and freezes the rest; most_important updates the top ones for "
+            "the new task (Fisher on the training rows, the FGGM paper's rule)."
+        ),
+    )
+    mask_granularity: Literal["entry", "row"] = Field(
+        "entry", description="fggm: mask single entries, or whole output rows scored by their mean Fisher."
+    )
+    ewc_lambda: float = Field(1000.0, gt=0, description="ewc: strength of the penalty lambda/2 * F * (w - w0)^2.")
+    fisher_samples: int = Field(
+        64, ge=1, description="fggm/ewc: rows (one per backward pass) the Fisher information is estimated on, per worker."
+    )
+
+    # lineage
+    continue_from: str | None = Field(
+        "champion",
+        description=(
+            "Adapter to continue training: 'champion' (the registry's champion; a fresh adapter when none is "
+            "set), an adapter id, or null for a fresh adapter."
+        ),
+    )
+
+    # resources and distribution
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); otherwise CPU with gloo.")
+    strategy: Literal["ddp", "deepspeed"] = Field(
+        "ddp", description="ddp: torch DistributedDataParallel; deepspeed: DeepSpeed ZeRO (GPU only)."
+    )
+    zero_stage: Literal[2, 3] = Field(2, description="strategy=deepspeed: ZeRO stage 2 or 3.")
+    quantize_4bit: bool = Field(False, description="QLoRA: base weights in 4-bit NF4 via bitsandbytes (GPU only).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about a third more compute."
+    )
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="auto: bf16 autocast (and bf16 base weights) on GPU, fp32 on CPU."
+    )
+
+    # checkpoints and fault tolerance
+    checkpoint_every_steps: int = Field(
+        50, ge=1, description="Checkpoint (adapter, optimizer, step) to the run's storage every N optimizer steps."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Most recent checkpoints kept in storage.")
+    max_failures: int = Field(
+        1, ge=-1, description="Worker-group failures to recover from (from the last checkpoint); -1: unlimited."
+    )
+    seed: int = Field(0, description="Seed of the LoRA initialisation and the data order.")
+
+    @field_validator("continue_from")
+    @classmethod
+    def _adapter_name(cls, value: str | None) -> str | None:
+        if value is None or value == "champion":
+            return value
+        from app.model.adapters import check_adapter_id
+
+        check_adapter_id(value)
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> FinetuneConfig:
+        if self.strategy == "deepspeed" and not self.use_gpu:
+            raise ValueError("strategy: deepspeed needs use_gpu=true (DeepSpeed ZeRO runs on GPUs); use ddp on CPU")
+        if self.quantize_4bit and not self.use_gpu:
+            raise ValueError("quantize_4bit: 4-bit QLoRA (bitsandbytes) needs use_gpu=true")
+        if self.quantize_4bit and self.strategy == "deepspeed" and self.zero_stage == 3:
+            raise ValueError("quantize_4bit: not with strategy=deepspeed zero_stage=3 (use zero_stage=2 or ddp)")
+        if self.masking != "none" and self.strategy == "deepspeed" and self.zero_stage == 3:
+            raise ValueError(
+                f"masking: {self.masking} needs whole parameters on every rank; ZeRO-3 partitions them "
+                "(use zero_stage=2 or ddp)"
+            )
+        if self.masking == "fggm" and self.weight_decay > 0:
+            raise ValueError(
+                f"weight_decay: must be 0 with masking=fggm (got {self.weight_decay}); decoupled weight decay "
+                "would move the entries the mask freezes"
+            )
+        return self
+
+    @property
+    def precision(self) -> Literal["bf16", "fp32"]:
+        """The compute precision that ``mixed_precision`` resolves to."""
+        if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and self.use_gpu):
+            return "bf16"
+        return "fp32"
+
+
+def load_finetune_config(
+    overrides: Sequence[str] | None = None, base: Mapping[str, Any] | None = None
+) -> FinetuneConfig:
+    """A :class:`FinetuneConfig` from ``finetune.key=value`` overrides (values parsed as YAML)
+    on ``base`` (a config file's ``finetune:`` section).
+
+    Raises:
+        ConfigError: every problem as ``finetune.<key>: reason``.
+    """
+    from app.config import ConfigError, apply_overrides
+
+    data = apply_overrides({"finetune": dict(base or {})}, list(overrides or []))
+    errors = [f"{key}: unknown section (fine-tuning options are finetune.<key>=<value>)"
+              for key in data if key != "finetune"]  # fmt: skip
+    if errors:
+        raise ConfigError(errors)
+    try:
+        return FinetuneConfig.model_validate(data["finetune"])
+    except ValidationError as exc:
+        messages = []
+        for err in exc.errors():
+            key = ".".join(["finetune", *map(str, err["loc"])])
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(FinetuneConfig.model_fields))
+                messages.append(f"{key}: unknown key (allowed: {allowed})")
+            elif err["loc"]:
+                messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            else:  # a model validator: its message starts with the key
+                messages.append(f"finetune.{err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(messages) from None
+
+
+# --- tokenization ----------------------------------------------------------------------------------
+
+
+def parse_messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A row's ``messages`` (a JSON string or a list of dicts) as a list of dicts that the chat
+    template can render: ``content`` None becomes "" except on assistant turns with tool calls,
+    and tool-call ``arguments`` given as a JSON string (the OpenAI wire format) become the
+    object the Qwen template serialises.
+
+    Raises:
+        ValueError: not a list of messages with a ``role`` each.
+    """
+    if isinstance(messages, (str, bytes)):
+        messages = json.loads(messages)
+    if not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of chat messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise ValueError(f"messages[{i}] has no role: {message!r}")
+        message = dict(message)
+        if message.get("content") is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+            message["content"] = ""
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                call = dict(call)
+                function = dict(call.get("function", call))
+                if isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except json.JSONDecodeError:
+                        pass  # kept as the string it is; the template quotes it
+                calls.append({**call, "function": function} if "function" in call else function)
+            message["tool_calls"] = calls
+        out.append(message)
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``text``: each turn's content and its end-of-turn
+    token (``<|im_end|>``), not the newline after it nor the ``<|im_start|>assistant`` header.
+
+    Found by rendering the conversation up to each assistant turn: with and without the
+    generation prompt, that is where the turn starts, and through the turn, where it ends. This
+    needs a template whose renderings of a prefix are prefixes of the whole (ChatML's is).
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError("the conversation starts with an assistant message; a prompt must come first")
+        head = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (text.startswith(head) and text.startswith(through) and len(through) > len(head)):
+            raise ValueError(
+                "the chat template does not render a conversation's prefixes as prefixes of the whole; "
+                "assistant tokens cannot be located"
+            )
+        end = len(through)
+        # The separator after the end-of-turn token belongs to no one's answer.
+        while end > len(head) and through[end - 1] in "\n":
+            end -= 1
+        spans.append((len(head), end))
+    return spans
+
+
+def tokenize_messages(
+    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], max_length: int
+) -> dict[str, Any]:
+    """Token ids and labels of one conversation for supervised fine-tuning.
+
+    The conversation is rendered with the tokenizer's chat template (for Qwen2.5, ChatML with its
+    default system prompt when the conversation has none) and tokenized as one text, so tokens
+    are exactly those the model sees at inference. Labels copy the ids of the assistant turns'
+    tokens (content and ``<|im_end|>``; every assistant turn of a multi-turn chat) and are
+    :data:`IGNORE_INDEX` elsewhere: system, user and tool messages are context, not targets.
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer with a chat template (offsets are needed).
+        messages: OpenAI-style chat messages, or their JSON string (the ``messages`` column).
+        max_length: rows are cut to this many tokens, at the end (the answer's tail goes first).
+
+    Returns:
+        ``{"input_ids": list[int], "labels": list[int], "truncated": bool}``; a row whose answers
+        were cut away entirely has no label left (its loss is zero; count those with
+        ``all(l == IGNORE_INDEX ...)``).
+
+    Raises:
+        ValueError: malformed messages, or a template whose assistant turns cannot be located.
+    """
+    messages = parse_messages(messages)
+    text = _render(tokenizer, messages)
+    spans = _assistant_spans(tokenizer, messages, text)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    span = 0
+    for t, (start, end) in enumerate(encoded["offset_mapping"]):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        if start >= spans[span][0] and end > start:
+            labels[t] = ids[t]
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of tokenized rows as right-padded ``input_ids``, ``attention_mask`` and ``labels``
+    (``pad_token_id`` and :data:`IGNORE_INDEX` in the padding), each ``[batch, longest]``.
+
+    Raises:
+        ValueError: an empty batch, or a row whose ids and labels differ in length.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        if len(e["labels"]) != n:
+            raise ValueError(f"row {i}: {n} input ids but {len(e['labels'])} labels")
+        input_ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --- epochs --------------------------------------------------------------------------------------
+
+
+def rehearsal_count(n_train: int, ratio: float) -> int:
+    """Rehearsal rows to add to ``n_train`` training rows so that they make up ``ratio`` of the
+    epoch: ``round(n_train * ratio / (1 - ratio))``."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"rehearsal ratio must be in [0, 1), got {ratio}")
+    return round(n_train * ratio / (1.0 - ratio))
+
+
+def mix_rehearsal(
+    train: Sequence[T], rehearsal: Sequence[T], ratio: float, *, seed: int, epoch: int
+) -> list[T]:
+    """One epoch's rows: every training row once, plus rehearsal rows making up ``ratio`` of the
+    epoch, shuffled together.
+
+    Each epoch draws its own rehearsal rows (seeded by ``seed`` and ``epoch``, so an epoch is
+    the same after a restart): without replacement while the rehearsal set is large enough, and
+    whole passes over it plus a sample when it is smaller than the share asks for. With no
+    rehearsal rows the epoch is the training rows alone, shuffled.
+
+    Raises:
+        ValueError: ``ratio`` outside [0, 1).
+    """
+    k = rehearsal_count(len(train), ratio) if rehearsal else 0
+    rng = random.Random(seed * 1_000_003 + epoch)
+    picked: list[int] = []
+    while k - len(picked) >= len(rehearsal) > 0:
+        picked.extend(rng.sample(range(len(rehearsal)), len(rehearsal)))
+    picked.extend(rng.sample(range(len(rehearsal)), k - len(picked)))
+    rows = list(train) + [rehearsal[i] for i in picked]
+    rng.shuffle(rows)
+    return rows
+
+
+def steps_per_epoch(rows: int, batch_size: int, grad_accumulation: int) -> int:
+    """Optimizer steps in an epoch of ``rows`` rows: micro-batches grouped by
+    ``grad_accumulation``, the last group possibly shorter."""
+    return math.ceil(math.ceil(rows / batch_size) / grad_accumulation)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the validation loss has not improved by more than ``min_delta`` for
+    ``patience`` validations in a row (``patience=0``: never stop).
+
+    ``update(loss)`` says whether this loss is a new best (the weights worth keeping);
+    ``should_stop`` then says whether to stop.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, loss: float) -> bool:
+        """Record a validation loss; True when it is the best so far (by more than min_delta)."""
+        if not math.isfinite(loss):
+            self.bad_evals += 1
+            return False
+        if self.best is None or loss < self.best - self.min_delta:
+            self.best = loss
+            self.bad_evals = 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best = state["best"]
+        self.bad_evals = state["bad_evals"]
+
+
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int = 0, schedule: Literal["cosine", "linear", "constant"] = "cosine"
+) -> float:
+    """The learning rate's multiplier before optimizer step ``step`` (0-based): a linear warm-up
+    from 0 over ``warmup_steps``, then cosine or linear decay to 0 at ``total_steps``, or constant.
+    Meant for ``torch.optim.lr_scheduler.LambdaLR``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
