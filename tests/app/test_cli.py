@@ -93,3 +93,47 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
         rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest
     assert "Stopped." in rest
+
+
+def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import random
+    from datetime import datetime, timezone
+
+    from app.quality.service import QualityService
+    from app.registry import AdapterRegistry
+    from app.sample import sample_interactions
+    from app.store.sqlite import SQLiteStore
+    from tests.conftest import ingest_samples
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"store:\n  sqlite_path: {tmp_path / 'k.db'}\nprivacy:\n  hmac_key: k\n")
+    store = SQLiteStore(tmp_path / "k.db")
+    store.migrate()
+    ids = ingest_samples(store, 40)
+    QualityService(store).score_pending()
+
+    assert main(["calibrate", "--config", str(cfg_file)]) == 0
+    assert "kept the seed's weights: 0 rated interactions" in capsys.readouterr().out
+    rng = random.Random(0)
+    for sample, interaction_id in zip(sample_interactions(40, seed=5), ids):
+        store.add_rating(interaction_id, 0.0 if sample.poor else rng.choice([0.75, 1.0]), rater="t")
+    assert main(["calibrate", "--config", str(cfg_file), "--min-ratings", "20", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ratings"] == 40 and report["test"] == 10 and set(report["seed"]) == {"spearman", "pearson"}
+    assert store.active_calibration() is None  # --dry-run stores nothing
+
+    registry = AdapterRegistry(store)
+    manifest = {"adapter_id": "adp-cli-1", "base_model": "tiny", "created_at": datetime.now(timezone.utc).isoformat(),
+                "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_dropout": 0.0},
+                "files": {"adapter_model.safetensors": "0" * 64}}  # fmt: skip
+    registry.register(manifest, "file:///tmp/adp-cli-1", actor="test")
+    assert main(["adapters", "alias", "champion", "adp-cli-1", "--config", str(cfg_file), "--actor", "ana",
+                 "--reason", "first"]) == 0  # fmt: skip
+    assert "champion: (none) -> adp-cli-1" in capsys.readouterr().out
+    assert main(["adapters", "list", "--config", str(cfg_file)]) == 0
+    assert "adp-cli-1" in (listing := capsys.readouterr().out) and "champion" in listing
+    assert main(["adapters", "alias", "canary", "adp-cli-1", "--config", str(cfg_file)]) == 1
+    assert main(["adapters", "alias", "champion", "--clear", "--config", str(cfg_file)]) == 0
+    (history,) = [h for h in registry.alias_history("champion") if h["actor"] == "ana"]
+    assert history["reason"] == "first" and registry.aliases() == {}
+    store.close()
