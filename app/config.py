@@ -192,6 +192,9 @@ class ScorerServeConfig(_Section):
     sweep_interval_s: float = Field(
         10.0, gt=0, description="How often a replica scores interactions still pending (missed hand-offs)."
     )
+    queue_size: int = Field(
+        1000, gt=0, description="Hand-offs a replica queues; beyond it they stay pending for the sweep."
+    )
 
 
 class GeneratorServeConfig(_Section):

@@ -156,7 +156,7 @@ class DatasetConfig(BaseModel):
     )  # fmt: skip
     domain_adjustments: dict[str, float] = Field(
         default_factory=dict,
-        description="Added to the threshold per domain (language), as ThresholdManager learns them, e.g. {python: 0.02}.",
+        description="Added to the threshold per domain (language), as ThresholdManager learns them: {python: 0.02}.",
     )
     since: datetime | None = Field(None, description="Only interactions at or after this time (ISO 8601).")
     until: datetime | None = Field(None, description="Only interactions before this time (ISO 8601).")
@@ -164,7 +164,8 @@ class DatasetConfig(BaseModel):
         16, ge=1, description="Fewest rows a dataset may have; fewer left after selection stops the job."
     )
     near_duplicate_threshold: float = Field(
-        0.8, gt=0, le=1, description="Estimated Jaccard similarity of word shingles at or above which two are near duplicates."
+        0.8, gt=0, le=1,
+        description="Estimated Jaccard similarity of word shingles at or above which two are near duplicates.",
     )
     shingle_size: int = Field(5, ge=1, description="Words per shingle of the near-duplicate check.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: a finer Jaccard estimate).")
@@ -205,7 +206,9 @@ class DatasetConfig(BaseModel):
     @classmethod
     def _valid_id(cls, value: str | None) -> str | None:
         if value is not None and not _DATASET_ID.fullmatch(value):
-            raise ValueError("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (a folder name)")
+            raise ValueError(
+                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (a folder name)"
+            )
         return value
 
     @field_validator("since", "until")
@@ -346,7 +349,7 @@ def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
     has no score or no answer. The request is the prompt as sent to the model when the agent
     recorded one (``input.processed``), else what the user typed."""
     output = _text(record.get("output_content"))
-    score = record.get("quality_score")
+    score, confidence = record.get("quality_score"), record.get("quality_confidence")
     if score is None or not output.strip():
         return None
     tools = [
@@ -361,7 +364,7 @@ def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
         "output": output,
         "system_prompt": _text(record.get("system_prompt")),
         "quality_score": float(score),
-        "quality_confidence": float(record["quality_confidence"]) if record.get("quality_confidence") is not None else np.nan,
+        "quality_confidence": np.nan if confidence is None else float(confidence),
         "context_json": json.dumps(record.get("context") or {}, sort_keys=True, default=str),
         "tool_usage_json": json.dumps(tools, sort_keys=True, default=str),
     }
@@ -427,10 +430,12 @@ _PY_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", r
 _BRANCHES = re.compile(r"\b(?:if|for|while|case|catch|except|elif|when|match)\b|&&|\|\||\?\?|(?<![?.])\?(?![.?:])")
 
 # Task types: the one whose first cue comes earliest in the request's prose wins (code removed, so
-# words inside pasted code do not count); ties go to the more specific task, in this order.
+# words inside pasted code do not count; "Write a function that ... what is" stays generation);
+# ties go to the more specific task, in _TASK_ORDER. No cue at all: generation.
 _TASK_CUES: dict[str, re.Pattern[str]] = {
     "testing": re.compile(
-        r"\b(?:write|add|create|generate|need|improve|increase|extend)\b[^.?!\n]{0,40}?\b(?:unit |integration |e2e |end-to-end )?tests?\b"
+        r"\b(?:write|add|create|generate|need|improve|increase|extend)\b[^.?!\n]{0,40}?"
+        r"\b(?:unit |integration |e2e |end-to-end )?tests?\b"
         r"|\btest (?:cases?|suite|coverage)\b|\b(?:unit|integration|e2e) tests?\b|\bcoverage\b|\bmock(?:s|ing)?\b"
         r"|\b(?:pytest|jest|vitest|mocha|unittest) (?:tests?|cases?|suite|fixtures?)\b",
         re.I,
@@ -445,17 +450,22 @@ _TASK_CUES: dict[str, re.Pattern[str]] = {
     "refactoring": re.compile(
         r"\brefactor\w*|\bclean(?:ing)?[ -]?up\b|\bsimplif(?:y|ied|ies)\b|\brestructur\w*|\brename\b"
         r"|\bextract (?:a |the |this )?(?:method|function|class|component|helper)\b"
-        r"|\bmore (?:readable|maintainable|idiomatic|pythonic|modular)\b|\b(?:rewrite|reorganiz\w*|moderni[sz]e|deduplicate)\b"
+        r"|\bmore (?:readable|maintainable|idiomatic|pythonic|modular)\b"
+        r"|\b(?:rewrite|reorganiz\w*|moderni[sz]e|deduplicate)\b"
         r"|\bimprove (?:the )?(?:readability|structure|design)\b",
         re.I,
     ),
     "explanation": re.compile(
-        r"\bexplain\w*|\bwhat (?:does|is|are|do)\b|\bwhy (?:does|is|do|are|would)\b|\bhow does\b|\bhow do\b[^.?!\n]{0,40}\bwork\b"
+        r"\bexplain\w*|\bwhat (?:does|is|are|do)\b|\bwhy (?:does|is|do|are|would)\b|\bhow does\b"
+        r"|\bhow do\b[^.?!\n]{0,40}\bwork\b"
         r"|\bdifference between\b|\bwalk me through\b|\bmeaning of\b|\bdescribe\b|\bhelp me understand\b",
         re.I,
     ),
+    "generation": re.compile(
+        r"\b(?:write|implement\w*|create|build|generate|scaffold|i need|i want|show me|give me)\b", re.I
+    ),
 }
-_TASK_ORDER = ("testing", "debugging", "refactoring", "explanation")
+_TASK_ORDER = ("testing", "debugging", "refactoring", "explanation", "generation")
 _FENCED = re.compile(r"```.*?(?:```|\Z)", re.S)
 
 # Complexity levels: code lines, cyclomatic complexity (the most complex function or module), and
@@ -546,11 +556,14 @@ def _code_lines(code: str) -> int:
     return sum(1 for line in code.splitlines() if line.strip() and not line.strip().startswith(("#", "//")))
 
 
+_NOT_CODE = {"text", "txt", "plaintext", "plain", "output", "log", "markdown", "md"}
+
+
 def _language_of(blocks: Sequence[Any]) -> str | None:
     weights: Counter[str] = Counter()
     for block in blocks:
         language = _LANGUAGE_WORDS.get(block.language, block.language)
-        if language:
+        if language and language not in _NOT_CODE:
             weights[language] += len(block.code) + 1
     return max(sorted(weights), key=lambda k: weights[k]) if weights else None
 
@@ -560,7 +573,8 @@ def _prose(text: str) -> str:
 
 
 def task_of(prompt: str) -> str:
-    """The task type a request asks for (see ``_TASK_CUES``); ``generation`` when no cue matches."""
+    """The task type a request asks for: the task whose cue comes first in the prose (see
+    ``_TASK_CUES``); ``generation`` when no cue matches."""
     prose = _prose(prompt)[:2000]
     best: tuple[int, int, str] | None = None
     for rank, task in enumerate(_TASK_ORDER):
@@ -588,7 +602,8 @@ def classify_interaction(prompt: str, response: str, context: Mapping[str, Any] 
         language = next((_LANGUAGE_WORDS[t] for t in technologies if t in _LANGUAGE_WORDS), None)
     if language is None:
         named = _PROSE_LANGUAGES.search(_prose(prompt))
-        language = _LANGUAGE_WORDS.get(named.group(1).lower().replace(".", ""), named.group(1).lower()) if named else None
+        word = named.group(1).lower() if named else ""
+        language = _LANGUAGE_WORDS.get(word.replace(".", ""), word) or None
     language = language or UNKNOWN_LANGUAGE
 
     frameworks = {t for t in technologies if t not in _LANGUAGE_WORDS}
@@ -688,7 +703,8 @@ def fingerprint(batch: Mapping[str, np.ndarray], num_perm: int = 128, shingle_si
 def _best_first(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """Row order by quality (best first), ties by id: which of duplicates is kept."""
     ids = np.asarray([_text(i) for i in batch["interaction_id"]], dtype=object)
-    return np.asarray(sorted(range(len(ids)), key=lambda i: (-float(batch["quality_score"][i]), ids[i])), dtype=np.int64)
+    order = sorted(range(len(ids)), key=lambda i: (-float(batch["quality_score"][i]), ids[i]))
+    return np.asarray(order, dtype=np.int64)
 
 
 def drop_exact_duplicates(batch: Mapping[str, np.ndarray]) -> tuple[Batch, int]:
@@ -834,10 +850,9 @@ def interaction_messages(
             call_id = f"call_{call}"
             call += 1
             arguments = tool.get("parameters_raw") or {}
-            calls.append({
-                "id": call_id, "type": "function",
-                "function": {"name": str(tool["tool_name"]), "arguments": json.dumps(arguments, sort_keys=True, ensure_ascii=False)},
-            })  # fmt: skip
+            arguments_json = json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+            calls.append({"id": call_id, "type": "function",
+                          "function": {"name": str(tool["tool_name"]), "arguments": arguments_json}})  # fmt: skip
             if tool.get("success") is False or (not tool.get("output") and tool.get("error")):
                 content = f"error: {_text(tool.get('error')) or 'failed'}"
                 if tool.get("exit_code") not in (None, 0):
@@ -1011,7 +1026,8 @@ def diverse_indices(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # duplicates make fewer distinct points than k
         labels = model.fit_predict(x)
-    centroids = model.cluster_centers_ / np.maximum(np.linalg.norm(model.cluster_centers_, axis=1, keepdims=True), 1e-12)
+    centers = model.cluster_centers_
+    centroids = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
     taken = np.zeros(n, dtype=bool)
     for cluster in range(k):
         members = np.flatnonzero(labels == cluster)
@@ -1235,7 +1251,9 @@ def dataset_uri(storage_root: str, dataset_id: str) -> str:
     return str(Path(storage_root).expanduser().absolute() / DATASETS_DIRNAME / dataset_id)
 
 
-def write_dataset(storage_root: str, train: pa.Table, validation: pa.Table, manifest: DatasetManifest) -> DatasetManifest:
+def write_dataset(
+    storage_root: str, train: pa.Table, validation: pa.Table, manifest: DatasetManifest
+) -> DatasetManifest:
     """Write ``train.parquet``, ``validation.parquet`` (zstd), ``train.jsonl``, ``validation.jsonl``
     (one ``{"messages": [...]}`` per line, OpenAI's chat fine-tuning format) and ``manifest.json``
     under ``<storage_root>/datasets/<manifest.dataset_id>/``, filling in the manifest's ``uri``,

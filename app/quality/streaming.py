@@ -17,8 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -160,14 +159,20 @@ class StreamingAssessor:
         self._secrets: set[str] = set()
         self._prompt_vector: Any | None = None
         self._embedded_text: str | None = None
-        self._similarity: float | None = None  # the last similarity that finished in time
+        self._similarity: float | None = None  # the latest similarity computed
+        self._similarity_at = 0  # how much of the text it covers
+        self._inflight: Future | None = None
         if prompt.strip() and self.breaker.allow():
             # Load the embedder and embed the request before the first window needs them.
             self._executor.submit(self._embed_prompt)
 
     def feed(self, chunk: str) -> list[WindowScore]:
-        """Append generated text; the windows it completed (often none, sometimes several)."""
+        """Append generated text; the windows it completed (often none, sometimes several).
+
+        Between windows the similarity is refreshed in the background, one computation at a time,
+        so that a window usually finds a fresh one ready instead of waiting for it."""
         self.text += chunk
+        self._refresh()
         out = []
         while len(self.text) - self._scored_upto >= self.window_chars:
             out.append(self._score(self._scored_upto + self.window_chars))
@@ -217,20 +222,24 @@ class StreamingAssessor:
         if language == 0.0:
             flags.append("language_drift:" + ",".join(sorted(lang for lang in languages if lang in _LANGUAGE_NAMES)))
 
-        # Expensive, within what is left of the budget: similarity of the text so far to the request.
+        # Expensive: the similarity of the text so far to the request. Fresh means computed on
+        # text at most one window behind; a refresh in flight gets what is left of the budget.
         degraded = False
-        if self.breaker.allow() and self.prompt.strip():
-            remaining = self.budget_s - (time.perf_counter() - started)
-            try:
-                self._similarity = self._executor.submit(self._similarity_to_prompt, text).result(
-                    timeout=max(0.0, remaining)
-                )
-                self.breaker.record(True)
-            except FutureTimeout:
-                degraded = True
-                self.breaker.record(False)
-        else:
-            degraded = bool(self.prompt.strip())
+        if self.prompt.strip():
+            if self.breaker.allow():
+                deadline = started + self.budget_s
+                while self._stale(upto):
+                    self._refresh()  # a no-op while one is in flight
+                    remaining = deadline - time.perf_counter()
+                    if self._inflight is None or remaining <= 0:
+                        break
+                    try:
+                        self._inflight.result(timeout=remaining)
+                    except Exception:  # past the budget, or the embedder failed: the cheap score answers
+                        break
+            degraded = self._stale(upto)
+            if self.breaker.state != "open":
+                self.breaker.record(not degraded)
 
         parts = {
             "syntax": (0.4, syntax),
@@ -255,17 +264,34 @@ class StreamingAssessor:
             elapsed_ms=round((time.perf_counter() - started) * 1000.0, 3),
         )
 
+    def _stale(self, upto: int) -> bool:
+        """No similarity yet, or one computed on text more than a window behind ``upto``."""
+        return self._similarity is None or upto - self._similarity_at > self.window_chars
+
+    def _refresh(self) -> None:
+        """Start a similarity computation on the text so far, unless one is running or the
+        breaker is open."""
+        if not self.prompt.strip() or not self.breaker.allow():
+            return
+        if self._inflight is not None and not self._inflight.done():
+            return
+        if self._similarity_at >= min(len(self.text), STREAM_EMBED_CHARS) and self._similarity is not None:
+            self._similarity_at = len(self.text)  # past the embedded head nothing can change
+            return
+        self._inflight = self._executor.submit(self._similarity_to_prompt, self.text, len(self.text))
+
     def _embed_prompt(self) -> Any:
         if self._prompt_vector is None:
             self._prompt_vector = (self._embedder or get_embedder()).embed([self.prompt[:STREAM_EMBED_CHARS]])[0]
         return self._prompt_vector
 
-    def _similarity_to_prompt(self, text: str) -> float | None:
+    def _similarity_to_prompt(self, text: str, covers: int) -> float:
         # What an answer is about shows in its first ~100 tokens; a short input keeps the
         # embedding within a window's budget, and past it the similarity cannot change.
         head = text[:STREAM_EMBED_CHARS]
-        if head == self._embedded_text:
-            return self._similarity
-        similarity = float(self._embed_prompt() @ (self._embedder or get_embedder()).embed([head])[0])
-        self._embedded_text, self._similarity = head, similarity  # a late result still serves later windows
-        return similarity
+        if head != self._embedded_text:
+            vector = (self._embedder or get_embedder()).embed([head])[0]
+            self._similarity = float(self._embed_prompt() @ vector)
+            self._embedded_text = head
+        self._similarity_at = max(self._similarity_at, covers)
+        return self._similarity

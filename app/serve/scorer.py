@@ -1,8 +1,8 @@
 """``QualityScorerDeployment``: scores interactions after the collector commits them.
 
 The collector hands it the ids of committed interactions without waiting (``score_ids``); a
-background sweep scores whatever is still pending (hand-offs lost while the scorer was slow, down
-or being replaced), so nothing goes unscored and ingestion never waits for scoring. The logic is
+background sweep re-queues whatever is still pending (hand-offs dropped while the scorer was
+saturated, down or being replaced), so nothing goes unscored and ingestion never waits for scoring. The logic is
 :class:`app.quality.service.QualityService`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from typing import Any
 
@@ -27,27 +28,67 @@ log = logging.getLogger("kaizen.scorer")
 
 @serve.deployment(name="QualityScorer")
 class QualityScorerDeployment:
-    """Scores interactions by id, scores ad-hoc prompt/response pairs, sweeps pending ones."""
+    """Scores interactions by id, scores ad-hoc prompt/response pairs, sweeps pending ones.
+
+    One worker thread per replica does the scoring, from a bounded queue, a batch (one
+    transaction) at a time: a replica never uses more than its share of the CPU, so scoring
+    cannot starve ingestion. A hand-off that finds the queue full is dropped; the interaction stays
+    pending and the sweep enqueues it again when there is room.
+    """
 
     def __init__(self, config: dict[str, Any]):
         cfg = KaizenConfig.model_validate(config)
         self.service = QualityService(open_store(cfg.store), cache_size=cfg.performance.cache_size)
+        self._queue: queue.Queue[str] = queue.Queue(maxsize=cfg.serve.scorer.queue_size)
         self._stop = threading.Event()
-        self._sweeper = threading.Thread(
-            target=self._sweep, args=(cfg.serve.scorer.sweep_interval_s,), name="kaizen-score-sweep", daemon=True
-        )
-        self._sweeper.start()
+        self._threads = [
+            threading.Thread(target=self._work, name="kaizen-score", daemon=True),
+            threading.Thread(target=self._sweep, args=(cfg.serve.scorer.sweep_interval_s,), name="kaizen-score-sweep",
+                             daemon=True),
+        ]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    def _enqueue(self, interaction_ids: list[str]) -> int:
+        taken = 0
+        for interaction_id in interaction_ids:
+            try:
+                self._queue.put_nowait(interaction_id)
+            except queue.Full:
+                break  # left pending; the sweep brings it back
+            taken += 1
+        return taken
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = [self._queue.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.service.score_ids(list(dict.fromkeys(batch)))
+            except Exception:  # the store may be briefly unavailable: they stay pending for the sweep
+                log.exception("scoring %d interactions failed", len(batch))
 
     def _sweep(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
-                self.service.score_pending()
+                self.service.refresh_calibration()
+                room = self._queue.maxsize - self._queue.qsize()
+                if self._queue.qsize() == 0 and room > 0:  # only when caught up: no double work
+                    pending = self.service.store.interaction_ids(quality_status="pending", limit=room)
+                    self._enqueue(pending)
             except Exception:  # the store may be briefly unavailable; the next sweep retries
                 log.exception("sweeping pending interactions failed")
 
     async def score_ids(self, interaction_ids: list[str]) -> int:
-        """Score and store these interactions; how many were scored."""
-        return len(await asyncio.to_thread(self.service.score_ids, interaction_ids))
+        """Queue these interactions for scoring (the collector's hand-off); how many were taken."""
+        return self._enqueue(interaction_ids)
 
     async def assess(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Score a prompt and response (``POST /v1/quality/assess``)."""
@@ -60,3 +101,6 @@ class QualityScorerDeployment:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+_BATCH = 32  # interactions scored, then stored in one transaction
