@@ -96,6 +96,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"Kaizen is up ({cfg.store.engine}: {store_desc})")
     print(f"  events      POST {url}/v1/events")
     print(f"  interaction POST {url}/v1/interactions   GET {url}/v1/interactions/{{id}}")
+    if cfg.serve.scorer.enabled:
+        print(f"  quality     POST {url}/v1/quality/assess   WS {url.replace('http', 'ws', 1)}/v1/quality/stream"
+              f"   GET {url}/v1/review")  # fmt: skip
+    if cfg.serve.generator.enabled:
+        print(f"  chat        POST {url}/v1/chat/completions   GET {url}/v1/models   "
+              f"(OpenAI-compatible; model {cfg.model.base_model!r}, an adapter id, champion, challenger)")
     print(f"  health      GET  {url}/healthz  {url}/readyz")
     print(f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)")
 

@@ -195,6 +195,9 @@ class ScorerServeConfig(_Section):
     queue_size: int = Field(
         1000, gt=0, description="Hand-offs a replica queues; beyond it they stay pending for the sweep."
     )
+    nice: int = Field(
+        10, ge=0, le=19, description="CPU niceness of the scoring thread: scoring yields the CPU to ingestion."
+    )
 
 
 class GeneratorServeConfig(_Section):

@@ -407,8 +407,8 @@ _LANGUAGE_WORDS = {
 # Languages a prompt may name in prose ("in TypeScript"); short or common words ("go", "c", "r",
 # "sh") are left to code fences and the project's technologies.
 _PROSE_LANGUAGES = re.compile(
-    r"\b(python|typescript|javascript|node\.?js|golang|rust|java|kotlin|c\+\+|c#|ruby|php|swift|scala|bash|sql|"
-    r"haskell|elixir|dart)\b", re.I,
+    r"(?<![\w.])(python|typescript|javascript|node\.?js|golang|rust|java|kotlin|c\+\+|c#|ruby|php|swift|scala|"
+    r"bash|sql|haskell|elixir|dart)(?![\w+#])", re.I,
 )  # fmt: skip
 # Libraries and frameworks by import name (Python modules, npm packages, Go and Rust crates).
 _FRAMEWORK_IMPORTS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from typing import Any
@@ -39,6 +40,9 @@ class QualityScorerDeployment:
     def __init__(self, config: dict[str, Any]):
         cfg = KaizenConfig.model_validate(config)
         self.service = QualityService(open_store(cfg.store), cache_size=cfg.performance.cache_size)
+        self._nice = cfg.serve.scorer.nice
+        # Load MiniLM and warm the analysers now: the first interactions must not wait for them.
+        assess_text("Write a function that adds two numbers.", "```python\ndef add(a, b):\n    return a + b\n```")
         self._queue: queue.Queue[str] = queue.Queue(maxsize=cfg.serve.scorer.queue_size)
         self._stop = threading.Event()
         self._threads = [
@@ -60,6 +64,10 @@ class QualityScorerDeployment:
         return taken
 
     def _work(self) -> None:
+        if self._nice and hasattr(os, "setpriority"):
+            # Linux niceness is per thread, and the analysers' subprocesses inherit it: scoring
+            # takes the CPU that ingestion leaves, never the other way round.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
         while not self._stop.is_set():
             try:
                 batch = [self._queue.get(timeout=0.5)]

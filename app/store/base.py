@@ -282,8 +282,15 @@ class InteractionStore(ABC):
             out[col] = value
         return out
 
-    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    @contextmanager
+    def _read_transaction(self) -> Iterator[Any]:
+        """A cursor for reads; engines whose write transactions lock (SQLite) make it lighter."""
         with self._transaction() as cur:
+            yield cur
+
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a query and return its rows (reads only: see ``_read_transaction``)."""
+        with self._read_transaction() as cur:
             cur.execute(self._sql(sql), [self._encode(p) for p in params])
             if cur.description is None:
                 return []

@@ -62,6 +62,19 @@ class SQLiteStore(InteractionStore):
             finally:
                 cur.close()
 
+    @contextmanager
+    def _read_transaction(self) -> Iterator[Any]:
+        # A deferred transaction only reads a WAL snapshot: it never takes the write lock, so the
+        # scorer's and the queries' reads never make a collector's commit wait.
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN DEFERRED")
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+                cur.close()
+
     def _encode(self, value: Any) -> Any:
         if isinstance(value, (dict, list, tuple)):
             return json.dumps(value, separators=(",", ":"), default=str)

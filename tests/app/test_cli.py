@@ -88,6 +88,11 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
 
         stats = httpx.get(f"http://127.0.0.1:{port}/v1/stats", timeout=10).json()
         assert stats["interactions"] == 30
+        # The generator serves the tiny model beside the collector and the scorer.
+        assert f"POST http://127.0.0.1:{port}/v1/chat/completions" in out
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["object"] == "chat.completion", reply.text
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
