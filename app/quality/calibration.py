@@ -1,8 +1,9 @@
 """Calibration: how the five dimensions combine, fitted to human ratings.
 
 ``fit_calibration`` learns non-negative dimension weights (scikit-learn's ``LinearRegression`` with
-``positive=True``) and a monotone map from the weighted score to the rating scale
-(``IsotonicRegression``), on a training split of the rated interactions, and reports Spearman and
+``positive=True``) and a linear map from the weighted score onto the rating scale (strictly
+increasing, so it never ties scores that the weights told apart), on a training split of the rated
+interactions, and reports Spearman and
 Pearson correlation on the held-out split next to the seed's fixed weights. A ``Calibration`` is
 plain numbers, stored as JSON in the ``calibrations`` table and applied by :func:`aggregate`; while
 there are fewer ratings than ``min_ratings`` the seed's weights stay in force.
@@ -31,7 +32,8 @@ NAMES = tuple(DIMENSIONS)
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted weights per dimension and an isotonic map (``xs`` -> ``ys``) of the weighted score."""
+    """Fitted weights per dimension and a piecewise-linear map (``xs`` -> ``ys``) of the weighted
+    score onto the rating scale."""
 
     version: str
     weights: dict[str, float]
@@ -42,6 +44,10 @@ class Calibration:
         """The weighted score mapped onto the human rating scale (identity without a map)."""
         if len(self.xs) < 2:
             return raw
+        # np.interp holds the end values outside xs; the map is a line through them.
+        slope = (self.ys[-1] - self.ys[0]) / (self.xs[-1] - self.xs[0])
+        if raw < self.xs[0] or raw > self.xs[-1]:
+            return clamp(self.ys[0] + slope * (raw - self.xs[0]))
         return clamp(float(np.interp(raw, self.xs, self.ys)))
 
     def params(self) -> dict[str, Any]:
@@ -134,7 +140,6 @@ def fit_calibration(
         ratings, or when the fitted combination does no better than the seed's on the held-out
         split.
     """
-    from sklearn.isotonic import IsotonicRegression
     from sklearn.linear_model import LinearRegression
     from sklearn.model_selection import train_test_split
 
@@ -150,14 +155,17 @@ def fit_calibration(
     if coef.sum() <= 0:
         return CalibrationReport(n, len(train), len(test), False, "no dimension predicts the ratings")
     weights = {name: round(float(w / coef.sum()), 6) for name, w in zip(NAMES, coef)}
-    raw_train = [weighted_overall(c, weights, cap) for c, cap, _ in train]
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw_train, y)
-    digest = hashlib.sha256(json.dumps([weights, list(iso.X_thresholds_)], default=float).encode()).hexdigest()
+    raw_train = np.array([[weighted_overall(c, weights, cap)] for c, cap, _ in train])
+    line = LinearRegression().fit(raw_train, y)
+    if line.coef_[0] <= 0:
+        return CalibrationReport(n, len(train), len(test), False, "the weighted score does not rise with the ratings")
+    ys = (float(line.intercept_), float(line.intercept_ + line.coef_[0]))
+    digest = hashlib.sha256(json.dumps([weights, ys]).encode()).hexdigest()
     calibration = Calibration(
         version=f"cal-{n}-{digest[:10]}",
         weights=weights,
-        xs=tuple(round(float(v), 6) for v in iso.X_thresholds_),
-        ys=tuple(round(float(v), 6) for v in iso.y_thresholds_),
+        xs=(0.0, 1.0),
+        ys=tuple(round(v, 6) for v in ys),
     )
     truth = [r for _, _, r in test]
     before = correlations([weighted_overall(c, DIMENSIONS, cap) for c, cap, _ in test], truth)

@@ -116,7 +116,7 @@ class QualityService:
         if report.calibration is not None:
             self.store.save_calibration(
                 report.calibration.version,
-                "positive-linear+isotonic",
+                "positive-linear+linear-map",
                 report.calibration.params(),
                 {"ratings": report.ratings, "train": report.train, "test": report.test,
                  "seed_weights": report.seed, "calibrated": report.calibrated},

@@ -36,7 +36,7 @@ def test_pending_then_all_are_scored_by_the_actor_pool(tmp_path: Path, ray_sessi
     assert score.main(cfg, status="pending", progress=False).selected == 0  # nothing left
 
     # After a calibration, --all re-scores everything under the new version, beside the old scores.
-    store.save_calibration("cal-test", "positive-linear+isotonic",
+    store.save_calibration("cal-test", "positive-linear+linear-map",
                            {"weights": {"functional_correctness": 1.0}, "xs": [], "ys": []}, {})  # fmt: skip
     again = score.main(cfg, status=None, actors=1, batch_size=16, execute=False, progress=False)
     assert again.scored == 24 and again.assessor_versions == {f"{ASSESSOR_VERSION}+cal-test": 24}
