@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# The code passes local_files_only everywhere; this also stops any library that reads the
+# variable from reaching for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 PG_ADMIN_DSN = os.environ.get("KAIZEN_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -66,6 +70,17 @@ def pg_dsn(pg_database: str) -> Iterator[str]:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     yield pg_database
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A storage root with ``models/qwen2.5-tokenizer`` and ``models/tiny`` built once per session
+    (building the tokenizer and the tiny model takes several seconds)."""
+    from app.model.profiles import ensure_profile_dir
+
+    root = tmp_path_factory.mktemp("storage-root")
+    ensure_profile_dir("tiny", root=root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -461,8 +461,11 @@ _TASK_CUES: dict[str, re.Pattern[str]] = {
         r"|\bdifference between\b|\bwalk me through\b|\bmeaning of\b|\bdescribe\b|\bhelp me understand\b",
         re.I,
     ),
+    # Generation verbs count as an instruction only: at the start of a sentence or after a request.
     "generation": re.compile(
-        r"\b(?:write|implement\w*|create|build|generate|scaffold|i need|i want|show me|give me)\b", re.I
+        r"(?:^|[.!?:;]\s+|\b(?:please|can you|could you|would you|help me|i need to|i want to)\s+)"
+        r"(?:write|implement|create|build|generate|scaffold)\b|\b(?:i need|i want|show me|give me)\b",
+        re.I,
     ),
 }
 _TASK_ORDER = ("testing", "debugging", "refactoring", "explanation", "generation")
@@ -590,8 +593,9 @@ def classify_interaction(prompt: str, response: str, context: Mapping[str, Any] 
     Language: the fenced code of the answer (by amount of code), else of the request, else the
     project's technologies, else a language the request names, else ``general``. Frameworks: the
     project's technologies that are not languages, and the known libraries the code imports.
-    Task: :func:`task_of`. Complexity: the highest level that the code's lines, its cyclomatic
-    complexity (radon for Python) or the request's words of prose reach.
+    Task: :func:`task_of`. Complexity: the highest level that the code's lines (of the answer or
+    of the request, whichever has more), its cyclomatic complexity (the most complex function or
+    module; radon for Python) or the request's words of prose reach.
     """
     context = context or {}
     out_blocks = extract_code_blocks(response)
@@ -606,12 +610,13 @@ def classify_interaction(prompt: str, response: str, context: Mapping[str, Any] 
         language = _LANGUAGE_WORDS.get(word.replace(".", ""), word) or None
     language = language or UNKNOWN_LANGUAGE
 
-    frameworks = {t for t in technologies if t not in _LANGUAGE_WORDS}
-    lines = cyclomatic = 0
+    frameworks = {t.replace(",", " ") for t in technologies if t not in _LANGUAGE_WORDS}
+    # An answer often repeats the request's code, changed: the larger side measures the task.
+    lines = max(sum(_code_lines(b.code) for b in out_blocks), sum(_code_lines(b.code) for b in in_blocks))
+    cyclomatic = 0
     blocks = [*out_blocks, *in_blocks]
     for block in blocks:
         block_language = _LANGUAGE_WORDS.get(block.language, block.language) or language
-        lines += _code_lines(block.code)
         cyclomatic = max(cyclomatic, _cyclomatic(block_language, block.code))
         for name in _imports(block_language, block.code):
             if name in _FRAMEWORK_IMPORTS:
@@ -736,15 +741,16 @@ def drop_near_duplicates(
     Returns:
         The kept rows (best first) and how many were dropped.
     """
-    from datasketch import LeanMinHash, MinHashLSH
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
 
     if not _size(batch):
         return dict(batch), 0
     signatures = np.asarray(batch["minhash"], dtype=np.uint64)
+    scheme = MinHash(num_perm=num_perm, seed=seed).scheme  # the hashing scheme fingerprint() used
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     keep: list[int] = []
     for i in _best_first(batch):
-        minhash = LeanMinHash(seed=seed, hashvalues=signatures[i])
+        minhash = LeanMinHash(seed=seed, hashvalues=signatures[i], scheme=scheme)
         similar = [int(j) for j in lsh.query(minhash) if np.mean(signatures[int(j)] == signatures[i]) >= threshold]
         if not similar:
             lsh.insert(str(i), minhash)
@@ -1192,7 +1198,7 @@ class QueryInfo(BaseModel):
     threshold: float = Field(description="Base inclusion threshold.")
     domain_adjustments: dict[str, float] = Field(description="Threshold adjustments per domain.")
     thresholds: dict[str, float] = Field(
-        description="Inclusion threshold applied per 'language/complexity' of the rows read."
+        description="Inclusion threshold per 'language/complexity' ('*': a domain without an adjustment)."
     )
 
 

@@ -76,8 +76,8 @@ _REHEARSAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 class SSRConfig(BaseModel):
     """Options of ``jobs/synthesize.py``; on its command line each is ``ssr.<key>=<value>``.
 
-    The sampling defaults are the paper's (top-p 0.6, temperature 0.9, repetition penalty 1.2,
-    a 1 % sample, 20 clusters, 200 rehearsal instances per domain).
+    The sampling defaults are the paper's (top-p 0.6, temperature 0.9, repetition penalty 1.2 and
+    top-k 50 in its code, a 1 % sample, 20 clusters, 200 rehearsal instances per domain).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -108,6 +108,10 @@ class SSRConfig(BaseModel):
     max_input_tokens: int = Field(256, ge=1, description="Most tokens the base model writes per synthetic input.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature of input synthesis.")
     top_p: float = Field(0.6, gt=0, le=1, description="Nucleus (top-p) mass of input synthesis.")
+    top_k: int = Field(
+        50, ge=0, description="Only the k likeliest tokens are sampled from (0: all); the paper's code had "
+        "Hugging Face's default, 50.",
+    )  # fmt: skip
     repetition_penalty: float = Field(
         1.2, gt=0, description="Repetition penalty of input synthesis (1.0: none)."
     )

@@ -32,7 +32,8 @@ def kaizen(ray_session, tmp_path_factory):
         "privacy": {"hmac_key": "serve-test"},
         "serve": {"port": port, "app_name": "kaizen-test",
                   "collector": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                  "scorer": {"sweep_interval_s": 1.0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}},
+                  "scorer": {"sweep_interval_s": 1.0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                  "generator": {"enabled": False}},  # tests/app/serve/test_generator_serve.py serves it
     })
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-test", route_prefix="/")

@@ -1,0 +1,310 @@
+"""Build a training dataset from the scored interactions in the store, as a Ray Data chain.
+
+    python -m jobs.build_dataset --config configs/default.yaml [dataset.key=value ...] [--json]
+
+For example ``dataset.keep_fraction=0.3 dataset.since=2025-01-01 dataset.validation_fraction=0.2``;
+every option is a field of :class:`app.learning.dataset.DatasetConfig` (a ``dataset:`` section in
+the config file works too), other dotted keys override the Kaizen config as everywhere. Submit it
+to a cluster with ``ray job submit --working-dir . -- python -m jobs.build_dataset --config
+configs/postgres.yaml``.
+
+The chain, its stages in :mod:`app.learning.dataset`:
+
+1. the ids of the scored interactions in the window, a page at a time (driver);
+2. ``ReadInteractions`` actors (each with its own store connection) → ``classify`` →
+   ``filter_quality`` (the threshold manager's inclusion threshold per domain and complexity) →
+   ``fingerprint`` (normalised-text hash, MinHash signature);
+3. on the driver, over the whole pool: exact duplicates, near duplicates (MinHash LSH), the
+   balance across domain, task and complexity groups;
+4. ``format_chatml`` → ``EmbedBatch`` actors (MiniLM) → ``encode_features``;
+5. on the driver: the diverse, quality-weighted selection, the split by a hash of the id, and the
+   files under ``<model.storage_root>/datasets/<dataset_id>/``: ``train.parquet``,
+   ``validation.parquet`` (the seed's schema plus ``messages``), ``train.jsonl``,
+   ``validation.jsonl`` (OpenAI chat format) and ``manifest.json``.
+
+It stops with the count and the threshold when too few interactions are left (``dataset.min_examples``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    KaizenConfig,
+    apply_overrides,
+    read_config_file,
+    resolve_paths,
+    validate_config,
+)
+from app.learning.dataset import (
+    COMPLEXITIES,
+    DatasetConfig,
+    DatasetManifest,
+    EmbedBatch,
+    Funnel,
+    InsufficientDataError,
+    QueryInfo,
+    ReadInteractions,
+    assign_split,
+    balance,
+    batch_to_rows,
+    classify,
+    count_rows,
+    dataset_uri,
+    drop_exact_duplicates,
+    drop_near_duplicates,
+    encode_features,
+    filter_quality,
+    fingerprint,
+    format_chatml,
+    load_dataset_config,
+    new_dataset_id,
+    quality_histogram,
+    rows_to_batch,
+    select_diverse,
+    selection_size,
+    take,
+    threshold_manager,
+    to_table,
+    write_dataset,
+)
+
+__all__ = ["cli", "load_options", "main", "select_ids", "summary"]
+
+QUALITY_STATUS = "scored"
+
+
+def select_ids(cfg: KaizenConfig, opts: DatasetConfig) -> list[str]:
+    """Stage 1: the ids of the scored interactions in the window, walked a page at a time."""
+    from app.store import open_store
+
+    store = open_store(cfg.store)
+    ids: list[str] = []
+    try:
+        after = None
+        while True:
+            page = store.interaction_ids(
+                since=opts.since, until=opts.until, quality_status=QUALITY_STATUS, after_id=after, limit=10_000
+            )
+            if not page:
+                break
+            ids.extend(page)
+            after = page[-1]
+    finally:
+        store.close()
+    return ids
+
+
+def _window(opts: DatasetConfig) -> str:
+    parts = [f"{name} {value.isoformat()}" for name, value in (("since", opts.since), ("until", opts.until)) if value]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _collect(ds: Any) -> dict[str, np.ndarray]:
+    return rows_to_batch(ds.take_all())
+
+
+def _size(batch: dict[str, np.ndarray]) -> int:
+    return len(batch["interaction_id"]) if batch else 0
+
+
+def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifest:
+    """Build and write one dataset; Ray is started here unless the caller already has it.
+
+    Raises:
+        InsufficientDataError: fewer than ``opts.min_examples`` rows would be left; the message
+            names the count, the threshold and where the rows went.
+        FileExistsError: ``opts.dataset_id`` is already taken.
+    """
+    import ray
+
+    opts = opts or DatasetConfig()
+    started = time.perf_counter()
+    created_at = datetime.now(timezone.utc)
+    dataset_id = opts.dataset_id or new_dataset_id(created_at)
+    base = opts.threshold if opts.threshold is not None else cfg.quality.threshold
+    thresholds = threshold_manager(base, opts.domain_adjustments)
+    engine = cfg.store.engine
+    uri = dataset_uri(cfg.model.storage_root, dataset_id)
+    if "://" not in uri and Path(uri).exists():  # fail before the work; the writer checks again
+        raise FileExistsError(f"dataset_id {dataset_id!r} is already stored at {uri}")
+
+    ids = select_ids(cfg, opts)
+    if not ids:
+        raise InsufficientDataError(
+            f"no scored interactions in the {engine} store{_window(opts)}, so no dataset "
+            f"(threshold {base:.2f}); score pending ones with `python -m jobs.score`"
+        )
+    if not ray.is_initialized():
+        # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise the config's, or a local Ray.
+        joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address=cfg.ray.address, num_cpus=None if joining else cfg.ray.num_cpus,
+                 namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)  # fmt: skip
+
+    # Read, classify, filter and fingerprint in parallel; the readers wait on the database, not a CPU.
+    candidates = _collect(
+        ray.data.from_items([{"id": i} for i in ids])
+        .map_batches(ReadInteractions, fn_constructor_args=(cfg.store.model_dump(mode="json"),),
+                     compute=ray.data.ActorPoolStrategy(size=opts.read_actors), num_cpus=0.25,
+                     batch_size=opts.batch_size)  # fmt: skip
+        .map_batches(classify, batch_size=opts.batch_size)
+        .map_batches(filter_quality, fn_kwargs={"thresholds": thresholds}, batch_size=opts.batch_size)
+        .map_batches(fingerprint, fn_kwargs={"num_perm": opts.num_perm, "shingle_size": opts.shingle_size,
+                                             "seed": opts.seed}, batch_size=opts.batch_size)  # fmt: skip
+    )
+    above = _size(candidates)
+    languages = sorted({str(x) for x in candidates.get("language", [])})
+    applied = {
+        f"{lang}/{c}": round(thresholds.threshold(None if lang == "*" else lang, c), 6)
+        for lang in ["*", *languages]
+        for c in COMPLEXITIES
+    }
+
+    # Duplicates and balance need every row at once: on the driver.
+    pool, exact = drop_exact_duplicates(candidates)
+    pool, near = drop_near_duplicates(pool, opts.near_duplicate_threshold, opts.num_perm, opts.seed)
+    pool, capped, balance_info = balance(pool, opts.max_group_share, opts.balance_by)
+    planned = selection_size(_size(pool), opts.keep_fraction)
+    if planned < opts.min_examples:
+        raise InsufficientDataError(
+            f"only {planned} interactions would be left, fewer than dataset.min_examples={opts.min_examples}: "
+            f"{len(ids)} scored in the {engine} store{_window(opts)}, {above} at or above the inclusion "
+            f"threshold {base:.2f} ({min(applied.values()):.2f}-{max(applied.values()):.2f} by domain and "
+            f"complexity), "
+            f"{above - exact - near} after removing duplicates, {_size(pool)} after balancing, and "
+            f"dataset.keep_fraction={opts.keep_fraction} of those; lower the threshold or min_examples, "
+            "widen the window, or collect more interactions"
+        )
+    pool.pop("minhash", None)
+
+    # Format and embed what is left; the embedding actors load MiniLM once each.
+    embedded = _collect(
+        ray.data.from_items(batch_to_rows(pool))
+        .map_batches(format_chatml, fn_kwargs={"include_tool_calls": opts.include_tool_calls,
+                                               "max_tool_output_chars": opts.max_tool_output_chars},
+                     batch_size=opts.batch_size)  # fmt: skip
+        .map_batches(EmbedBatch, compute=ray.data.ActorPoolStrategy(size=opts.embed_actors),
+                     num_cpus=opts.embed_num_cpus, batch_size=opts.batch_size)  # fmt: skip
+        .map_batches(encode_features, batch_size=opts.batch_size)
+    )
+
+    chosen = select_diverse(embedded, opts.keep_fraction, opts.selection, opts.quality_weight, opts.seed)
+    chosen = assign_split(chosen, opts.validation_fraction)
+    in_validation = chosen["split"] == "validation"
+    train, validation = to_table(take(chosen, ~in_validation)), to_table(take(chosen, in_validation))
+    counts = count_rows(to_table(chosen))
+    counts["split"] = {"train": train.num_rows, "validation": validation.num_rows}
+    manifest = DatasetManifest(
+        dataset_id=dataset_id,
+        created_at=created_at,
+        uri=uri,
+        rows=0,  # the writer fills in rows, content_hash, files and columns
+        content_hash="",
+        files={},
+        columns={},
+        funnel=Funnel(
+            scored=len(ids), above_threshold=above, exact_duplicates=exact, near_duplicates=near,
+            over_group_cap=capped, not_selected=_size(pool) - _size(chosen), selected=_size(chosen),
+            train=train.num_rows, validation=validation.num_rows,
+        ),  # fmt: skip
+        counts=counts,
+        balance=balance_info,
+        quality_histogram=quality_histogram(chosen["quality_score"]),
+        query=QueryInfo(
+            engine=engine, quality_status=QUALITY_STATUS, since=opts.since, until=opts.until, threshold=base,
+            domain_adjustments=opts.domain_adjustments, thresholds=applied,
+        ),  # fmt: skip
+        options=opts.model_dump(mode="json"),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return write_dataset(cfg.model.storage_root, train, validation, manifest)
+
+
+def summary(manifest: DatasetManifest) -> str:
+    """A few lines for people: the funnel, the mix, where it was written."""
+    f = manifest.funnel
+
+    def mix(name: str) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(manifest.counts.get(name, {}).items(), key=lambda kv: -kv[1]))
+
+    head = (
+        f"dataset {manifest.dataset_id}: {f.selected} rows (train {f.train}, validation {f.validation}) "
+        f"from the {manifest.query.engine} store, threshold {manifest.query.threshold:.2f}, in {manifest.seconds:.1f} s"
+    )
+    funnel = (
+        f"  scored {f.scored} -> at or above threshold {f.above_threshold} -> exact duplicates -{f.exact_duplicates}"
+        f" -> near duplicates -{f.near_duplicates} -> group cap -{f.over_group_cap} -> not selected -{f.not_selected}"
+    )
+    return "\n".join([
+        head,
+        funnel,
+        f"  domains: {mix('domain')}",
+        f"  tasks: {mix('task')}",
+        f"  complexity: {mix('complexity')}",
+        f"  quality: mean {manifest.quality_histogram.mean}, min {manifest.quality_histogram.min}",
+        f"  written to {manifest.uri}",
+    ])  # fmt: skip
+
+
+def load_options(config: str | None, overrides: list[str] | None = None) -> tuple[KaizenConfig, DatasetConfig]:
+    """The Kaizen config and the dataset options from a config file and ``key=value`` overrides:
+    ``dataset.*`` keys (and a ``dataset:`` section in the file) go to :class:`DatasetConfig`.
+
+    Raises:
+        ConfigError: every problem of both, each naming its key.
+    """
+    source = str(config or DEFAULT_CONFIG_PATH)
+    raw = apply_overrides(read_config_file(source), overrides)
+    section = raw.pop("dataset", None) or {}
+    report = validate_config(raw)
+    errors = list(report.errors)
+    opts = None
+    if not isinstance(section, dict):
+        errors.append(f"dataset: must be a mapping of options (got {section!r})")
+    else:
+        try:
+            opts = load_dataset_config(section)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    if errors or report.config is None or opts is None:
+        raise ConfigError(errors, source)
+    return resolve_paths(report.config), opts
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.build_dataset", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
+    parser.add_argument("overrides", nargs="*", help="dataset.key=value options and dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (1: too few interactions, 2: a bad option)."""
+    args = _parse(argv)
+    try:
+        cfg, opts = load_options(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"build_dataset: {exc}", file=sys.stderr)
+        return 2
+    try:
+        manifest = main(cfg, opts)
+    except InsufficientDataError as exc:
+        print(f"build_dataset: {exc}", file=sys.stderr)
+        return 1
+    print(manifest.model_dump_json(indent=2) if args.json else summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

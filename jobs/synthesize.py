@@ -1,0 +1,604 @@
+"""Self-Synthesized Rehearsal: write rehearsal data for the earlier domains of a training dataset.
+
+    python -m jobs.synthesize --config configs/default.yaml --source <dataset dir or parquet>
+        [ssr.key=value ...] [section.key=value ...]
+
+SSR as in Huang et al. (ACL 2024, "Mitigating Catastrophic Forgetting in Large Language Models
+with Self-Synthesized Rehearsal"): the base model (``model.base_model``, no adapter) writes new
+inputs from 2-shot demonstrations drawn from a small real sample of each domain; the inputs are
+filtered, embedded with MiniLM and clustered with k-means, and the ones nearest each centroid are
+kept in proportion to cluster size; the latest model (the base with the registry's ``champion``
+adapter, or the base alone) answers them greedily. The rows are written with the training rows'
+columns plus their provenance to ``<model.storage_root>/rehearsal/<rehearsal_id>/`` as
+``rehearsal.parquet`` and ``manifest.json``. Options: :class:`app.learning.ssr.SSRConfig`.
+
+The chain (the pure stages are in :mod:`app.learning.ssr`):
+
+1. read the source and plan the prompts, on the driver (a training set is small);
+2. ``SynthesizeInputs`` actors continue the prompts with the base model (Ray Data actor pool);
+3. filter the inputs, on the driver: duplicates are found across a whole domain;
+4. ``EmbedInputs`` embeds them (MiniLM, CPU), on the driver: faster than starting actors;
+5. k-means and the quotas per domain, on the driver;
+6. ``RefineOutputs`` actors answer them with the latest model;
+7. check the answers and write the Parquet file and its manifest.
+
+A source directory is read as ``train.parquet`` or ``train/`` when it has one (demonstrations
+come from the training split only), else every Parquet file under it; its ``manifest.json`` (for a
+file, the one beside it) is hashed into the rehearsal manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from app.config import KaizenConfig, load_config, resolve_paths
+from app.learning.ssr import (
+    DomainReport,
+    RehearsalManifest,
+    SSRConfig,
+    check_output,
+    demonstration_text,
+    filter_inputs,
+    group_by_domain,
+    load_ssr_config,
+    new_rehearsal_id,
+    parse_input,
+    plan_prompts,
+    sample_demonstrations,
+    select_by_clusters,
+)
+
+__all__ = [
+    "DATA_FILE",
+    "MANIFEST_FILE",
+    "PROVENANCE_COLUMNS",
+    "TRAINING_COLUMNS",
+    "EmbedInputs",
+    "RefineOutputs",
+    "SynthesizeInputs",
+    "latest_adapter",
+    "main",
+    "manifest_hash",
+    "read_source",
+    "rehearsal_uri",
+]
+
+log = logging.getLogger("kaizen.synthesize")
+
+DATA_FILE = "rehearsal.parquet"
+MANIFEST_FILE = "manifest.json"
+REHEARSAL_DIRNAME = "rehearsal"
+
+TRAINING_COLUMNS: dict[str, pa.DataType] = {
+    "interaction_id": pa.string(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "instruction": pa.string(),
+    "input": pa.string(),
+    "output": pa.string(),
+    "quality_score": pa.float64(),
+    "domain": pa.list_(pa.string()),
+    "complexity": pa.string(),
+    "learning_type": pa.string(),
+    "project_context": pa.string(),
+    "features": pa.string(),
+    "messages": pa.string(),
+}
+"""The training rows' columns (``jobs/build_dataset.py``), with the types used where the source
+lacks one; the source's own types win."""
+
+PROVENANCE_COLUMNS: dict[str, pa.DataType] = {
+    "source_domain": pa.string(),
+    "synthesized_by": pa.string(),
+    "refined_by": pa.string(),
+    "cluster": pa.int64(),
+    "demonstration_ids": pa.list_(pa.string()),
+}
+
+
+# --- the actors ------------------------------------------------------------------------------------
+
+
+class _Generator:
+    """A model loaded once per actor, generating from left-padded batches of prompts."""
+
+    def __init__(self, base_model: str, storage_root: str, adapter_id: str | None = None) -> None:
+        import torch
+        from transformers import GenerationConfig
+
+        from app.model import load_model
+
+        self.torch = torch
+        self.model, self.tokenizer = load_model(base_model, root=storage_root)
+        if adapter_id is not None:
+            from app.model.adapters import AdapterStore
+
+            self.model = AdapterStore(storage_root).attach(self.model, adapter_id)
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        for token in ("<|im_end|>", "<|endoftext|>", self.tokenizer.eos_token):
+            token_id = self.tokenizer.convert_tokens_to_ids(token) if token else None
+            if token_id is not None and token_id != self.tokenizer.unk_token_id:
+                eos.append(token_id)
+        self.eos_ids = list(dict.fromkeys(i for i in eos if i is not None))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # The options of each call alone decide how to generate: a checkpoint's own defaults
+        # (top_k, repetition_penalty...) would otherwise fill in whatever a call leaves unset.
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        self.device = next(self.model.parameters()).device
+
+    def generate(
+        self, prompts: list[str], processors: list[Any] | None = None, stop: str | None = None, **config: Any
+    ) -> list[tuple[str, bool]]:
+        """``(text, truncated)`` per returned sequence (``num_return_sequences`` per prompt, in
+        order); ``truncated``: no end-of-sequence token before the token limit. A row ends early
+        once its text contains ``stop`` (kept in the text)."""
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(map(len, rows))
+        input_ids = self.torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        attention = self.torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        generation = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id, **config)
+        with self.torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention, generation_config=generation,
+                logits_processor=LogitsProcessorList(processors or []),
+                stopping_criteria=StoppingCriteriaList([_StopAt(stop, width, self.tokenizer)] if stop else []),
+            )  # fmt: skip
+        results = []
+        for ids in output[:, width:].tolist():
+            end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
+            text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+            results.append((text, end is None and len(ids) >= config["max_new_tokens"]))
+        return results
+
+
+class SynthesizeInputs(_Generator):
+    """Stage 2 (an actor per pool slot): the base model continues 2-shot prompts as raw text, no
+    chat template (the paper prompts the base LLM), sampling ``samples_per_prompt`` inputs each."""
+
+    def __init__(self, base_model: str, storage_root: str, options: dict[str, Any]) -> None:
+        super().__init__(base_model, storage_root)
+        self.opts = SSRConfig.model_validate(options)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        opts = self.opts
+        # Seeded per batch from its prompts, so a rerun with the same seed samples the same inputs.
+        self.torch.manual_seed(opts.seed * 1_000_003 + min(r["prompt_id"] for r in rows))
+        texts = self.generate(
+            [r["prompt"] for r in rows],
+            # generate's own top-k and top-p sort the whole vocabulary at every step, which costs
+            # more than a small model's forward pass: _TopKTopP does both on the top k alone.
+            processors=[_TopKTopP(opts.top_k, opts.top_p)],
+            do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
+            repetition_penalty=opts.repetition_penalty, num_return_sequences=opts.samples_per_prompt,
+            max_new_tokens=opts.max_input_tokens, stop="Output:",
+        )  # fmt: skip
+        out: dict[str, list[Any]] = {"prompt_id": [], "domain": [], "demonstration_ids": [], "raw": [], "input": []}
+        for k, (text, _) in enumerate(texts):
+            row = rows[k // opts.samples_per_prompt]
+            out["prompt_id"].append(row["prompt_id"])
+            out["domain"].append(row["domain"])
+            out["demonstration_ids"].append(row["demonstration_ids"])
+            out["raw"].append(text)
+            out["input"].append(parse_input(text))
+        return pa.table(out, schema=_CANDIDATE_SCHEMA)
+
+
+_CANDIDATE_SCHEMA = pa.schema([
+    ("prompt_id", pa.int64()), ("domain", pa.string()), ("demonstration_ids", pa.list_(pa.string())),
+    ("raw", pa.string()), ("input", pa.string()),
+])  # fmt: skip
+
+
+class _TopKTopP:
+    """Top-k, then nucleus (top-p) sampling within those k, as generate does both; ``top_k`` 0
+    keeps the whole vocabulary (and sorts it)."""
+
+    def __init__(self, top_k: int, top_p: float) -> None:
+        self.top_k, self.top_p = top_k, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        k = scores.shape[-1] if self.top_k == 0 else min(self.top_k, scores.shape[-1])
+        values, indices = scores.topk(k, dim=-1)  # sorted, likeliest first
+        probs = values.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= self.top_p  # the likeliest token always stays
+        kept = values.masked_fill(drop, float("-inf"))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, indices, kept)
+
+
+class _StopAt:
+    """Ends each row once the text it generated contains ``text``. (generate's ``stop_strings``
+    index the whole vocabulary on every call, seconds each time; decoding the last few tokens
+    of each row is enough to see a short marker complete.)"""
+
+    def __init__(self, text: str, prompt_width: int, tokenizer: Any) -> None:
+        self.text, self.prompt_width, self.tokenizer = text, prompt_width, tokenizer
+        self.window = len(text.encode()) + 1  # a token holds at least one byte
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        tails = input_ids[:, self.prompt_width :][:, -self.window :].tolist()
+        done = [self.text in self.tokenizer.decode(tail, skip_special_tokens=True) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class EmbedInputs:
+    """Stage 4: MiniLM embeddings (unit vectors) of the synthetic inputs, on a CPU (a callable
+    class like the other stages, so that it can run on an actor pool where the inputs are many)."""
+
+    def __init__(self) -> None:
+        from app.quality.relevance import get_embedder
+
+        self.embedder = get_embedder()  # loaded once per actor
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = self.embedder.embed(batch.column("input").to_pylist())
+        return batch.append_column("embedding", pa.array(list(vectors.astype("float32")), pa.list_(pa.float32())))
+
+
+class RefineOutputs(_Generator):
+    """Stage 6: the latest model (base + champion adapter, or the base) answers each input
+    greedily, the input as the user's turn of the chat template."""
+
+    def __init__(self, base_model: str, storage_root: str, adapter_id: str | None, options: dict[str, Any]) -> None:
+        super().__init__(base_model, storage_root, adapter_id)
+        self.opts = SSRConfig.model_validate(options)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = [
+            self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+            for text in batch.column("input").to_pylist()
+        ]  # fmt: skip
+        answers = self.generate(prompts, do_sample=False, max_new_tokens=self.opts.max_output_tokens)
+        batch = batch.append_column("output", pa.array([text.strip() for text, _ in answers], pa.string()))
+        return batch.append_column("truncated", pa.array([truncated for _, truncated in answers], pa.bool_()))
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+
+def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
+    """Synthesize rehearsal data for the domains of ``source`` and write it under the storage
+    root; Ray is started here unless the caller already has it.
+
+    Raises:
+        FileNotFoundError: no Parquet source at ``source``.
+        FileExistsError: a rehearsal set named ``opts.rehearsal_id`` exists already.
+        ValueError: the champion adapter was trained on another base model.
+    """
+    rehearsal_id = opts.rehearsal_id or new_rehearsal_id()
+    uri = rehearsal_uri(cfg.model.storage_root, rehearsal_id)
+    _refuse_existing(uri)
+    table, source_manifest_hash = read_source(Path(source))
+    adapter_id = latest_adapter(cfg)
+
+    # 1. Demonstrations and prompts, per domain.
+    groups = group_by_domain(table.to_pylist(), opts.domains)
+    skipped = {d: "not in the source" for d in opts.domains or [] if d not in groups}
+    reports: dict[str, dict[str, Any]] = {}
+    prompts: list[dict[str, Any]] = []
+    for domain, rows in groups.items():
+        if len(rows) < 2:
+            skipped[domain] = f"{len(rows)} row: two demonstrations need at least 2"
+            continue
+        rng = random.Random(f"{opts.seed}:{domain}")  # per domain: independent of which others exist
+        sample = sample_demonstrations(rows, opts, rng)
+        planned = plan_prompts(domain, sample, opts, rng)
+        prompts.extend(planned)
+        reports[domain] = {"source_rows": len(rows), "demonstrations": [str(r["interaction_id"]) for r in sample],
+                           "prompts": len(planned)}  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        prompt["prompt_id"] = i
+
+    _init_ray(cfg)
+    num_gpus = _gpus_per_actor(opts)
+    # 2. The base model writes inputs.
+    candidates = _run_stage(
+        prompts, SynthesizeInputs, (cfg.model.base_model, cfg.model.storage_root, opts.model_dump()), opts, num_gpus
+    )
+    # 3. Filters, per domain (duplicates are a property of the whole domain).
+    kept: list[dict[str, Any]] = []
+    for domain, report in reports.items():
+        mine = [c for c in candidates if c["domain"] == domain]
+        real = [demonstration_text(r)[0] for r in groups[domain]]
+        indices, dropped = filter_inputs([c["input"] for c in mine], real, opts)
+        kept.extend(mine[i] for i in indices)
+        report.update(generated=len(mine), inputs_kept=len(indices), inputs_dropped=dict(sorted(dropped.items())))
+    # 4. Embeddings, here: MiniLM embeds a few thousand short inputs in seconds on a CPU, less
+    # than an actor pool takes to start.
+    embedded = EmbedInputs()(pa.Table.from_pylist(kept)).to_pylist() if kept else []
+    # 5. k-means and proportional quotas, per domain.
+    selected: list[dict[str, Any]] = []
+    for domain, report in reports.items():
+        mine = [c for c in embedded if c["domain"] == domain]
+        choice = select_by_clusters(
+            [c["embedding"] for c in mine], opts.rehearsal_instances_per_domain, opts.num_clusters, opts.seed
+        )
+        for index, cluster in zip(choice.indices, choice.clusters):
+            selected.append({**mine[index], "cluster": cluster})
+        report.update(clusters=len(choice.sizes), selected=len(choice.indices))
+    for row in selected:
+        del row["embedding"], row["raw"]
+    # 6. The latest model writes the outputs.
+    refine_args = (cfg.model.base_model, cfg.model.storage_root, adapter_id, opts.model_dump())
+    refined = _run_stage(selected, RefineOutputs, refine_args, opts, num_gpus) if selected else []
+    # 7. Check the answers; write the set.
+    accepted: list[dict[str, Any]] = []
+    for domain, report in reports.items():
+        dropped = Counter()
+        for row in refined:
+            if row["domain"] == domain:
+                reason = check_output(row["output"], row["truncated"], opts)
+                if reason is None:
+                    accepted.append(row)
+                else:
+                    dropped[reason] += 1
+        report["outputs_dropped"] = dict(sorted(dropped.items()))
+    refined_by = adapter_id or cfg.model.base_model
+    out = _rehearsal_table(accepted, table.schema, rehearsal_id, cfg.model.base_model, refined_by)
+    counts = Counter(out.column("source_domain").to_pylist())
+    manifest_fields = {
+        "rehearsal_id": rehearsal_id,
+        "created_at": datetime.now(timezone.utc),
+        "synthesized_by": cfg.model.base_model,
+        "refined_by": refined_by,
+        "source": str(Path(source).resolve()),
+        "source_manifest_hash": source_manifest_hash,
+        "source_rows": table.num_rows,
+        "rows": out.num_rows,
+        "counts": {d: counts.get(d, 0) for d in reports},
+        "domains": {d: DomainReport(**r, rows=counts.get(d, 0)) for d, r in reports.items()},
+        "skipped_domains": skipped,
+        "options": opts.model_dump(mode="json") | {"rehearsal_id": rehearsal_id},
+        "content_hash": _content_hash(out),
+    }
+    manifest = _write(uri, out, manifest_fields)
+    log.info("rehearsal %s: %d rows (%s) at %s", rehearsal_id, out.num_rows, dict(counts), uri)
+    return manifest
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def read_source(source: Path) -> tuple[pa.Table, str | None]:
+    """The training rows of a dataset (a Parquet file, or a folder: its ``train.parquet`` or
+    ``train/`` when present, else every Parquet file under it) and the SHA-256 of the dataset's
+    ``manifest.json`` (None without one).
+
+    Raises:
+        FileNotFoundError: no Parquet file there.
+    """
+    source = Path(source)
+    if source.is_file():
+        files, manifest = [source], source.parent / MANIFEST_FILE
+    elif source.is_dir():
+        manifest = source / MANIFEST_FILE
+        root = next((p for p in (source / "train.parquet", source / "train") if p.exists()), source)
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
+        )  # fmt: skip
+    else:
+        files, manifest = [], source / MANIFEST_FILE
+    if not files:
+        raise FileNotFoundError(f"no Parquet training rows at {source} (a .parquet file or a folder holding them)")
+    tables = [pq.read_table(f) for f in files]
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    return table, _sha256(manifest) if manifest.is_file() else None
+
+
+def latest_adapter(cfg: KaizenConfig) -> str | None:
+    """The adapter that makes the latest model: the registry's ``champion``, or None (the base).
+
+    Raises:
+        ValueError: the champion was trained on another base model than ``model.base_model``.
+    """
+    from app.model.adapters import AdapterStore
+    from app.registry import AdapterRegistry
+    from app.store import open_store
+
+    store = open_store(cfg.store)
+    try:
+        adapter_id = AdapterRegistry(store).aliases().get("champion")
+    finally:
+        store.close()
+    if adapter_id is not None:
+        base = AdapterStore(cfg.model.storage_root).manifest(adapter_id).base_model
+        if base != cfg.model.base_model:
+            raise ValueError(
+                f"the champion adapter {adapter_id!r} was trained on {base!r}, but model.base_model is "
+                f"{cfg.model.base_model!r}: SSR needs the latest model of the same base"
+            )
+    return adapter_id
+
+
+def rehearsal_uri(storage_root: str, rehearsal_id: str) -> str:
+    """Where a rehearsal set lives: ``<storage_root>/rehearsal/<rehearsal_id>``."""
+    if "://" in storage_root:
+        return f"{storage_root.rstrip('/')}/{REHEARSAL_DIRNAME}/{rehearsal_id}"
+    return str(Path(storage_root).expanduser().absolute() / REHEARSAL_DIRNAME / rehearsal_id)
+
+
+def manifest_hash(uri: str) -> str:
+    """SHA-256 of a rehearsal set's ``manifest.json`` (for the adapter's lineage)."""
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    with fs.open_input_stream(f"{path.rstrip('/')}/{MANIFEST_FILE}") as stream:
+        return hashlib.sha256(stream.read()).hexdigest()
+
+
+def _init_ray(cfg: KaizenConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise the config's, or a local Ray.
+        joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address=cfg.ray.address, num_cpus=None if joining else cfg.ray.num_cpus,
+                 namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)  # fmt: skip
+
+
+def _gpus_per_actor(opts: SSRConfig) -> float:
+    import ray
+
+    if opts.num_gpus is not None:
+        return opts.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _run_stage(rows: list[dict[str, Any]], stage: type, args: tuple, opts: SSRConfig, num_gpus: float) -> list[dict[str, Any]]:
+    """One model stage on an actor pool over ``rows``; its output rows. The stages run one after
+    the other, so that one pool's actors never wait for CPUs that another pool holds."""
+    import ray
+
+    if not rows:
+        return []
+    ds = ray.data.from_items(rows).map_batches(
+        stage,
+        fn_constructor_args=args,
+        batch_size=opts.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=opts.actors),
+        num_cpus=opts.num_cpus,
+        num_gpus=num_gpus,
+    )
+    # Arrow list columns come back as numpy arrays: plain lists travel through the next stage as lists.
+    return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()} for row in ds.take_all()]
+
+
+def _rehearsal_table(
+    rows: list[dict[str, Any]], source_schema: pa.Schema, rehearsal_id: str, synthesized_by: str, refined_by: str
+) -> pa.Table:
+    """The rehearsal rows: every column of the source (its types; unknown ones null), the
+    training columns it lacks, then the provenance columns."""
+    now = datetime.now(timezone.utc)
+    types = {**TRAINING_COLUMNS, **{f.name: f.type for f in source_schema}}
+    names = [*source_schema.names, *(c for c in TRAINING_COLUMNS if c not in source_schema.names)]
+    values: dict[str, list[Any]] = {
+        "interaction_id": [_row_id(rehearsal_id, r["domain"], r["input"]) for r in rows],
+        "timestamp": [now if pa.types.is_timestamp(types["timestamp"]) else now.isoformat() for _ in rows],
+        "instruction": [r["input"] for r in rows],
+        "input": ["" for _ in rows],
+        "output": [r["output"] for r in rows],
+        "domain": [[r["domain"]] for r in rows],
+        "learning_type": ["rehearsal" for _ in rows],
+        "messages": [_messages(r["input"], r["output"]) for r in rows],
+        "source_domain": [r["domain"] for r in rows],
+        "synthesized_by": [synthesized_by for _ in rows],
+        "refined_by": [refined_by for _ in rows],
+        "cluster": [r["cluster"] for r in rows],
+        "demonstration_ids": [[str(i) for i in r["demonstration_ids"]] for r in rows],
+    }
+    # quality_score, complexity, project_context, features and any other source column stay null:
+    # nothing measured them for a synthetic row, and a made-up value would pass for a real one.
+    columns, fields = [], []
+    for name, dtype in [*((n, types[n]) for n in names), *PROVENANCE_COLUMNS.items()]:
+        try:
+            columns.append(pa.array(values.get(name, [None] * len(rows)), type=dtype))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"rehearsal column {name!r} cannot hold its values as the source's {dtype}: {exc}") from exc
+        fields.append(pa.field(name, dtype))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _messages(user: str, assistant: str) -> str:
+    return json.dumps([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], ensure_ascii=False)
+
+
+def _row_id(rehearsal_id: str, domain: str, text: str) -> str:
+    digest = hashlib.sha256(f"{rehearsal_id}\0{domain}\0{text}".encode()).hexdigest()[:20]
+    return f"ssr-{digest}"
+
+
+def _content_hash(table: pa.Table) -> str:
+    digest = hashlib.sha256()
+    for row in table.select(["interaction_id", "source_domain", "instruction", "output"]).to_pylist():
+        digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _refuse_existing(uri: str) -> None:
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    if fs.get_file_info(f"{path}/{MANIFEST_FILE}").type != pafs.FileType.NotFound:
+        raise FileExistsError(f"a rehearsal set already exists at {uri}; choose another ssr.rehearsal_id")
+
+
+def _write(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalManifest:
+    """Write the set so that no reader sees it half-written: locally into a hidden sibling folder
+    renamed into place; on an object store (no atomic rename) the manifest last, which is what
+    makes the set exist."""
+    remote = "://" in uri
+    parent = Path(tempfile.gettempdir()) if remote else Path(uri).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{Path(uri).name}.tmp-", dir=parent))
+    try:
+        pq.write_table(table, staging / DATA_FILE)
+        manifest = RehearsalManifest(**fields, files={DATA_FILE: _sha256(staging / DATA_FILE)})
+        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        if remote:
+            fs, path = pafs.FileSystem.from_uri(uri)
+            fs.create_dir(path, recursive=True)
+            for name in (DATA_FILE, MANIFEST_FILE):
+                pafs.copy_files((staging / name).as_posix(), f"{path}/{name}",
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)  # fmt: skip
+        else:
+            os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the set from other users of a cluster
+            try:
+                os.rename(staging, uri)  # atomic; fails when a racing run published the same id
+            except OSError as exc:
+                raise FileExistsError(f"a rehearsal set already exists at {uri}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+    return manifest
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.synthesize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+    parser.add_argument("--source", required=True, type=Path, help="the training dataset: a folder or a .parquet file")
+    parser.add_argument("overrides", nargs="*", help="ssr.key=value (SSR options) and section.key=value (config)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    from app.config import ConfigError
+
+    args = _parse(sys.argv[1:])
+    ssr_overrides = [o for o in args.overrides if o.startswith("ssr.")]
+    try:
+        options = load_ssr_config(ssr_overrides)
+        config = resolve_paths(load_config(args.config, [o for o in args.overrides if o not in ssr_overrides]))
+    except ConfigError as exc:
+        print(f"python -m jobs.synthesize: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = main(config, options, args.source)
+    print(result.model_dump_json(indent=2))

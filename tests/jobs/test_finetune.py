@@ -1,0 +1,229 @@
+"""``jobs/finetune.py``: LoRA fine-tuning of the tiny model with Ray Train (V2) on 2 CPU workers,
+end to end: loss, the stored and registered adapter with its lineage, resumption after a worker
+failure, and Fisher-guided masking that leaves the protected entries of the champion in place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from app.config import KaizenConfig
+from app.learning.training import FinetuneConfig
+from jobs import finetune
+
+pytestmark = pytest.mark.integration
+
+ANSWER = "```python\ndef add_one(x):\n    return x + 1\n```"
+OLD_ANSWER = "SELECT name FROM users WHERE id = 1;"
+
+
+def _table(n: int, *, start: int = 0, answer: str = ANSWER, learning_type: str = "new") -> pa.Table:
+    rows = []
+    for i in range(start, start + n):
+        messages = [
+            {"role": "system", "content": "You are a coding assistant."},
+            {"role": "user", "content": f"Task {i}: write the function we discussed."},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append({
+            "interaction_id": f"i{i}", "messages": json.dumps(messages), "domain": ["python"],
+            "quality_score": 0.9, "learning_type": learning_type,
+        })  # fmt: skip
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A dataset folder (train/validation splits and a manifest) and a rehearsal set."""
+    root = tmp_path_factory.mktemp("finetune-data")
+    dataset = root / "dataset"
+    dataset.mkdir()
+    pq.write_table(_table(20), dataset / "train.parquet")
+    pq.write_table(_table(4, start=100), dataset / "validation.parquet")
+    (dataset / "manifest.json").write_text(json.dumps({"dataset_id": "ds-test", "rows": 24}))
+    rehearsal = root / "rehearsal"
+    rehearsal.mkdir()
+    pq.write_table(_table(8, start=200, answer=OLD_ANSWER, learning_type="rehearsal"), rehearsal / "rehearsal.parquet")
+    (rehearsal / "manifest.json").write_text(json.dumps({"rehearsal_id": "ssr-test", "rows": 8}))
+    return {"dataset": dataset, "rehearsal": rehearsal}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> KaizenConfig:
+    """A storage root of its own (adapters, runs, database) that shares the session's models
+    (the ``model_root`` fixture's) where there is one."""
+    from app.model.profiles import ensure_profile_dir
+
+    root = tmp_path_factory.mktemp("finetune-root")
+    try:
+        shared = request.getfixturevalue("model_root") / "models"
+        (root / "models").symlink_to(shared, target_is_directory=True)
+    except pytest.FixtureLookupError:
+        ensure_profile_dir("tiny", root=root)
+    return KaizenConfig.model_validate({
+        "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
+        "store": {"sqlite_path": str(root / "kaizen.db")},
+        "privacy": {"hmac_key": "k"},
+    })  # fmt: skip
+
+
+# 2 workers x (10 training rows + 2 rehearsal rows) / batch 2 = 6 steps per epoch; 2 epochs.
+TWO_WORKERS = {"num_workers": 2, "batch_size": 2, "epochs": 2, "lr": 1e-2, "max_length": 64,
+               "rehearsal_ratio": 1 / 6, "checkpoint_every_steps": 4, "checkpoints_to_keep": 3, "max_failures": 1,
+               "continue_from": None, "early_stopping_patience": 0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(cfg: KaizenConfig, data: dict[str, Path], tmp_path_factory, ray_session) -> dict[str, Any]:
+    """One DDP run on 2 CPU workers whose rank 0 fails once, after the report of step 6 (the
+    last checkpoint is step 4): the tests below read its result from different sides."""
+    marker = tmp_path_factory.mktemp("fault") / "failed-once"
+    os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV] = "6", str(marker)
+    try:
+        result = finetune.main(cfg, FinetuneConfig(**TWO_WORKERS), data["dataset"], rehearsal=data["rehearsal"],
+                               run_name="two-workers")  # fmt: skip
+    finally:
+        del os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV]
+    return {**result, "marker": marker}
+
+
+@pytest.mark.slow
+def test_two_ddp_workers_learn_and_the_adapter_is_stored_and_registered(
+    cfg: KaizenConfig, data: dict[str, Path], two_worker_run: dict[str, Any]
+) -> None:
+    from app.model.adapters import AdapterStore
+    from app.registry import AdapterRegistry
+    from app.store import open_store
+
+    metrics = two_worker_run["metrics"]
+    assert metrics["steps"] == 12 and metrics["stop_reason"] == "completed" and metrics["epochs"] == 2
+    # The tiny model's 64-wide tied head keeps its loss near ln(151936) ~ 11.9; it still falls.
+    assert metrics["train_loss"] < metrics["first_loss"] - 0.2
+    assert metrics["val_loss"] < metrics["initial_val_loss"]
+    assert metrics["rows"] == {"train": 20, "validation": 4, "rehearsal": 8}
+    assert two_worker_run["warnings"] == []
+
+    adapter_id = two_worker_run["adapter_id"]
+    manifest = AdapterStore(cfg.model.storage_root).manifest(adapter_id)
+    assert manifest.base_model == "tiny" and manifest.peft.r == 8
+    lineage = manifest.lineage
+    assert lineage.dataset_manifest_hash == hashlib.sha256((data["dataset"] / "manifest.json").read_bytes()).hexdigest()
+    assert lineage.rehearsal_manifest_hash == hashlib.sha256((data["rehearsal"] / "manifest.json").read_bytes()).hexdigest()
+    assert lineage.parent_adapter_id is None
+    assert lineage.hyperparameters["lora_rank"] == 8 and lineage.hyperparameters["world_size"] == 2
+    assert lineage.hyperparameters["effective_batch_size"] == 4
+    assert lineage.metrics["steps"] == 12 and lineage.metrics["val_loss"] == metrics["val_loss"]
+    assert lineage.code_version
+
+    store = open_store(cfg.store)
+    try:
+        row = AdapterRegistry(store).get(adapter_id)
+    finally:
+        store.close()
+    assert row["status"] == "candidate" and row["uri"] == two_worker_run["uri"]
+    assert Path(row["uri"], "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_failed_worker_resumes_from_the_checkpoint_step(two_worker_run: dict[str, Any]) -> None:
+    assert two_worker_run["marker"].read_text() == "failed at step 6\n"
+    metrics = two_worker_run["metrics"]
+    assert metrics["restarts"] == 1
+    # The restarted workers went on from step 4 to step 12: 12 steps in all, not 4 + 12.
+    assert metrics["steps"] == 12
+    checkpoints = sorted(p.name for p in Path(two_worker_run["run_path"]).glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-final-step000012", "checkpoint-step000004", "checkpoint-step000008"]
+    state = torch.load(Path(two_worker_run["checkpoint_path"]) / finetune.STATE_FILE, weights_only=False)
+    assert state["resumed_from_step"] == 4 and state["step"] == 12 and "optimizer" in state
+
+
+@pytest.mark.slow
+def test_fisher_masking_keeps_the_protected_entries_of_the_champion(
+    cfg: KaizenConfig, data: dict[str, Path], two_worker_run: dict[str, Any]
+) -> None:
+    from safetensors.torch import load_file
+
+    from app.model.adapters import AdapterStore
+    from app.registry import AdapterRegistry
+    from app.store import open_store
+
+    champion = two_worker_run["adapter_id"]
+    store = open_store(cfg.store)
+    try:
+        AdapterRegistry(store).set_alias("champion", champion, actor="test", reason="the first run")
+    finally:
+        store.close()
+    opts = FinetuneConfig(num_workers=1, batch_size=4, epochs=1, lr=1e-2, max_length=64, rehearsal_ratio=0.2,
+                          masking="fggm", mask_fraction=0.5, fisher_samples=8, continue_from="champion",
+                          checkpoint_every_steps=100)  # fmt: skip
+    # The training file itself, so there is no validation split (and no best-of rollback).
+    result = finetune.main(cfg, opts, data["dataset"] / "train.parquet", rehearsal=data["rehearsal"],
+                           run_name="masked")  # fmt: skip
+
+    assert result["parent_adapter_id"] == champion
+    assert result["metrics"]["mask"]["updated_fraction"] == pytest.approx(0.5, abs=0.01)
+    adapters = AdapterStore(cfg.model.storage_root)
+    assert adapters.manifest(result["adapter_id"]).lineage.parent_adapter_id == champion
+    before = load_file(adapters.local_path(champion) / "adapter_model.safetensors")
+    after = load_file(adapters.local_path(result["adapter_id"]) / "adapter_model.safetensors")
+    masks = torch.load(Path(result["checkpoint_path"]) / finetune.FORGETTING_FILE, weights_only=False)["masks"]
+    assert len(masks) == len(before) == len(after) > 0
+    moved = 0
+    for name, mask in masks.items():
+        key = name.replace(".default.", ".")  # PEFT's saved keys drop the adapter's name
+        assert torch.equal(after[key][~mask.cpu()], before[key][~mask.cpu()]), key
+        moved += not torch.equal(after[key][mask.cpu()], before[key][mask.cpu()])
+    assert moved == len(masks)  # and every tensor's free half did train
+
+
+def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dict[str, Path], capsys) -> None:
+    with pytest.raises(ValueError, match="needs their rows for the Fisher information"):
+        finetune.build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
+    with pytest.raises(ValueError, match="max_cpu_cores=2"):
+        finetune.check_requirements(cfg, FinetuneConfig(num_workers=3))
+    cfg_file = Path(cfg.model.storage_root) / "c.yaml"
+    cfg_file.write_text("finetune:\n  lora_rank: 4\nmodel:\n  base_model: tiny\n")
+    code = finetune._cli(["--config", str(cfg_file), "--train", str(data["dataset"]), "finetune.lora_rnk=2"])
+    assert code == 2 and "finetune.lora_rnk: unknown key" in capsys.readouterr().err
+    loaded, opts = finetune._load_configs(str(cfg_file), ["finetune.epochs=5", "model.storage_root=/tmp/r"])
+    assert (opts.lora_rank, opts.epochs, loaded.model.storage_root) == (4, 5, "/tmp/r")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_options_are_refused_without_cuda_or_packages(cfg: KaizenConfig) -> None:
+    import importlib.util
+
+    with pytest.raises(ValueError, match="finetune.use_gpu"):
+        finetune.check_requirements(cfg, FinetuneConfig(use_gpu=True))
+    for opts, package in ((FinetuneConfig(use_gpu=True, strategy="deepspeed"), "deepspeed"),
+                          (FinetuneConfig(use_gpu=True, quantize_4bit=True), "bitsandbytes")):  # fmt: skip
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(ImportError, match=rf"{package} package.*kaizen\[gpu\]"):
+                finetune.check_requirements(cfg, opts)
+
+
+GPU_RUN = {"num_workers": 1, "use_gpu": True, "batch_size": 2, "epochs": 1, "max_steps": 4, "max_length": 64,
+           "continue_from": None, "rehearsal_ratio": 0.0, "checkpoint_every_steps": 2, "eval_every_steps": 2,
+           "gradient_checkpointing": True}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [{"quantize_4bit": True}, {"strategy": "deepspeed", "zero_stage": 2}, {"strategy": "deepspeed", "zero_stage": 3}],
+    ids=["qlora", "zero2", "zero3"],
+)
+def test_gpu_strategies(cfg: KaizenConfig, data: dict[str, Path], extra: dict[str, Any], ray_session) -> None:
+    opts = FinetuneConfig(**GPU_RUN, **extra)
+    result = finetune.main(cfg, opts, data["dataset"], run_name=f"gpu-{'-'.join(map(str, extra.values()))}")
+    assert result["metrics"]["steps"] == 4 and result["status"] == "candidate"
+    assert result["metrics"]["val_loss"] < result["metrics"]["initial_val_loss"]

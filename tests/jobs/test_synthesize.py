@@ -1,0 +1,230 @@
+"""``jobs/synthesize.py``: SSR end to end on the tiny model, and its stages without Ray.
+
+The tiny model is random, so what it writes is gibberish: the filters are set loose and the
+checks are on the mechanics (files, schema, provenance, counts, which model answered).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from app.config import KaizenConfig
+from app.learning.ssr import RehearsalManifest, SSRConfig
+from jobs import synthesize
+from tests.conftest import train_answer_adapter
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCE_SCHEMA = pa.schema([
+    ("interaction_id", pa.string()), ("timestamp", pa.timestamp("us", tz="UTC")), ("instruction", pa.string()),
+    ("input", pa.string()), ("output", pa.string()), ("quality_score", pa.float64()),
+    ("domain", pa.list_(pa.string())), ("complexity", pa.string()), ("learning_type", pa.string()),
+    ("project_context", pa.string()), ("features", pa.string()), ("messages", pa.string()),
+])  # fmt: skip
+ANSWER = "Use a context manager."
+
+
+def _write_source(directory: Path, domains: dict[str, int]) -> Path:
+    """A dataset folder as jobs/build_dataset.py writes it: train.parquet and manifest.json."""
+    from datetime import datetime, timezone
+
+    rows = []
+    for domain, n in domains.items():
+        for i in range(n):
+            instruction = f"In {domain}, how do I handle case {i} of reading a file safely?"
+            output = f"Open it in a with-block ({i})."
+            rows.append({
+                "interaction_id": f"{domain}-{i}", "timestamp": datetime(2025, 1, 1, tzinfo=timezone.utc),
+                "instruction": instruction, "input": "", "output": output, "quality_score": 0.9,
+                "domain": [domain, "files"], "complexity": "simple", "learning_type": "new_knowledge",
+                "project_context": "{}", "features": "{}",
+                "messages": json.dumps([{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]),
+            })  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), directory / "train.parquet")
+    (directory / "manifest.json").write_text(json.dumps({"rows": len(rows)}))
+    return directory
+
+
+def _config(tmp_path: Path, root: Path) -> KaizenConfig:
+    return KaizenConfig.model_validate({
+        "store": {"sqlite_path": str(tmp_path / "k.db")}, "privacy": {"hmac_key": "k"},
+        "model": {"base_model": "tiny", "storage_root": str(root)}, "ray": {"num_cpus": 2},
+    })  # fmt: skip
+
+
+def _loose(**overrides) -> SSRConfig:
+    """Filters that let a random model's text through, and little generation."""
+    return SSRConfig(**{
+        "prompts_per_domain": 3, "samples_per_prompt": 2, "max_input_tokens": 24, "max_output_tokens": 24,
+        "min_input_chars": 1, "check_code": False, "drop_truncated_outputs": False,
+        "rehearsal_instances_per_domain": 3, "num_gpus": 0, **overrides,
+    })  # fmt: skip
+
+
+def test_the_stages_without_ray(model_root: Path) -> None:
+    opts = _loose()
+    prompts = pa.Table.from_pylist([
+        {"prompt_id": 0, "domain": "python", "prompt": "Requests.\n\nInput: a\nOutput: b\n\nInput: c\nOutput: d\n\nInput:",
+         "demonstration_ids": ["p-0", "p-1"]},
+        {"prompt_id": 1, "domain": "go", "prompt": "More.\n\nInput: e\nOutput: f\n\nInput: g\nOutput: h\n\nInput:",
+         "demonstration_ids": ["g-0", "g-1"]},
+    ])  # fmt: skip
+    stage = synthesize.SynthesizeInputs("tiny", str(model_root), opts.model_dump())
+    out = stage(prompts)
+    assert out.num_rows == 4  # samples_per_prompt for each prompt
+    assert out.column("domain").to_pylist() == ["python", "python", "go", "go"]
+    assert out.column("demonstration_ids").to_pylist()[2] == ["g-0", "g-1"]
+    assert all(isinstance(t, str) for t in out.column("input").to_pylist())
+    raw = out.column("raw").to_pylist()
+    assert raw[0] != raw[1]  # two samples of one prompt
+    assert stage(prompts).column("raw").to_pylist() == raw  # seeded per batch
+
+    import torch
+
+    tok = stage.tokenizer
+    prompt = tok("Input:", add_special_tokens=False)["input_ids"]
+    rows = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in (" Sort it.\nOutput:", " Sort it.\nOut")]
+    width = min(map(len, rows))
+    rows = [r + [tok.pad_token_id] * (max(map(len, rows)) - len(r)) for r in rows]
+    assert synthesize._StopAt("Output:", len(prompt), tok)(torch.tensor(rows), None).tolist() == [True, False]
+    assert width > len(prompt)
+
+    refine = synthesize.RefineOutputs("tiny", str(model_root), None, opts.model_dump())
+    answered = refine(pa.table({"input": ["How do I read a file?", "Explain generators."]}))
+    assert answered.column_names == ["input", "output", "truncated"]
+    assert answered.column("output").to_pylist() == refine(answered.select(["input"])).column("output").to_pylist()
+
+
+def test_top_k_then_top_p() -> None:
+    import torch
+
+    scores = torch.log(torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2]]))
+    kept = torch.isfinite(synthesize._TopKTopP(3, 0.6)(None, scores))
+    # Row 1: the top 3 are 0.5, 0.3, 0.1 -> renormalised 0.56, 0.33, 0.11: 0.6 needs two of them.
+    assert kept.tolist()[0] == [False, True, False, True, False]
+    assert kept[1].sum() == 2  # ties: 2 of the 3 candidates
+    assert torch.isfinite(synthesize._TopKTopP(0, 1.0)(None, scores)).all()  # no limits, nothing dropped
+
+
+def test_rehearsal_columns_follow_the_source_schema() -> None:
+    source = pa.schema([("interaction_id", pa.string()), ("timestamp", pa.string()), ("split", pa.string())])
+    row = {"domain": "go", "input": "Write a server.", "output": "Here.", "cluster": 2, "demonstration_ids": ["a", "b"]}
+    table = synthesize._rehearsal_table([row], source, "ssr-x", "tiny", "adp-1")
+    assert table.schema.names[:3] == ["interaction_id", "timestamp", "split"]  # the source's, in its order
+    assert table.schema.names[3:] == [c for c in synthesize.TRAINING_COLUMNS if c not in source.names] + list(
+        synthesize.PROVENANCE_COLUMNS
+    )
+    (out,) = table.to_pylist()
+    assert isinstance(out["timestamp"], str) and out["split"] is None  # the source's type; unknown: null
+    assert out["instruction"] == "Write a server." and out["domain"] == ["go"] and out["refined_by"] == "adp-1"
+    assert synthesize._rehearsal_table([], source, "ssr-x", "tiny", "tiny").num_rows == 0
+
+
+def test_read_source_prefers_the_train_split(tmp_path: Path) -> None:
+    table = pa.table({"interaction_id": ["a"], "domain": [["x"]]})
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "validation").mkdir()
+    pq.write_table(table, tmp_path / "d" / "train" / "part-0.parquet")
+    pq.write_table(pa.table({"interaction_id": ["v"], "domain": [["x"]]}), tmp_path / "d" / "validation" / "part-0.parquet")
+    (tmp_path / "d" / "manifest.json").write_text("{}")
+    rows, digest = synthesize.read_source(tmp_path / "d")
+    assert rows.column("interaction_id").to_pylist() == ["a"]
+    assert digest == hashlib.sha256(b"{}").hexdigest()
+    rows, digest = synthesize.read_source(tmp_path / "d" / "validation" / "part-0.parquet")
+    assert rows.column("interaction_id").to_pylist() == ["v"] and digest is None
+    with pytest.raises(FileNotFoundError, match="no Parquet"):
+        synthesize.read_source(tmp_path / "missing")
+
+
+@pytest.mark.integration
+def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model_root: Path, ray_session) -> None:
+    from app.model.adapters import AdapterStore
+    from app.registry import AdapterRegistry
+    from app.store import open_store
+
+    cfg = _config(tmp_path, model_root)
+    source = _write_source(tmp_path / "dataset", {"python": 12, "typescript": 6, "rust": 1})
+    assert synthesize.latest_adapter(cfg) is None  # no champion yet: the base model answers
+
+    adapters = AdapterStore(model_root)
+    manifest = train_answer_adapter(model_root, adapters, "adp-ssr-champion", ANSWER,
+                                    ["How do I read a file?", "Explain generators.", "Fix my loop."])  # fmt: skip
+    store = open_store(cfg.store)
+    registry = AdapterRegistry(store)
+    registry.register(manifest, adapters.uri(manifest.adapter_id), actor="test")
+    registry.set_alias("champion", manifest.adapter_id, actor="test", reason="ssr test")
+    store.close()
+
+    opts = _loose(rehearsal_id="ssr-e2e")
+    result = synthesize.main(cfg, opts, source)
+
+    folder = model_root / "rehearsal" / "ssr-e2e"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rehearsal.parquet"]
+    written = RehearsalManifest.model_validate_json((folder / "manifest.json").read_text())
+    assert written == result
+    assert synthesize.manifest_hash(str(folder)) == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+
+    table = pq.read_table(folder / "rehearsal.parquet")
+    assert table.schema.names == [*SOURCE_SCHEMA.names, *synthesize.PROVENANCE_COLUMNS]
+    for field in SOURCE_SCHEMA:
+        assert table.schema.field(field.name).type == field.type
+    assert table.schema.field("cluster").type == pa.int64()
+    assert table.schema.field("demonstration_ids").type == pa.list_(pa.string())
+    rows = table.to_pylist()
+    assert rows, "nothing was written"
+
+    # Counts per domain: at most the target, as the manifest says; the one-row domain is skipped.
+    counts = {d: sum(r["source_domain"] == d for r in rows) for d in ("python", "typescript")}
+    assert all(n <= 3 for n in counts.values())
+    assert result.counts == counts and result.rows == len(rows) == table.num_rows
+    assert result.skipped_domains == {"rust": "1 row: two demonstrations need at least 2"}
+    assert set(result.domains) == {"python", "typescript"}
+    python = result.domains["python"]
+    assert len(python.demonstrations) == 4 and python.prompts == 3 and python.generated == 6
+    assert python.inputs_kept + sum(python.inputs_dropped.values()) == python.generated
+    assert python.selected == min(3, python.inputs_kept)
+    assert python.rows + sum(python.outputs_dropped.values()) == python.selected
+
+    # Provenance.
+    assert {r["learning_type"] for r in rows} == {"rehearsal"}
+    assert {r["synthesized_by"] for r in rows} == {"tiny"}
+    assert {r["refined_by"] for r in rows} == {"adp-ssr-champion"} == {result.refined_by}
+    for r in rows:
+        domain = r["source_domain"]
+        assert r["domain"] == [domain]
+        assert len(r["demonstration_ids"]) == 2 and set(r["demonstration_ids"]) <= set(result.domains[domain].demonstrations)
+        assert r["cluster"] >= 0 and r["interaction_id"].startswith("ssr-")
+        assert r["quality_score"] is None and r["input"] == ""
+        assert json.loads(r["messages"]) == [{"role": "user", "content": r["instruction"]},
+                                             {"role": "assistant", "content": r["output"]}]  # fmt: skip
+        # The champion was trained to give one answer: it, not the random base, wrote the outputs.
+        assert r["output"].startswith(ANSWER[:10])
+    assert len({r["interaction_id"] for r in rows}) == len(rows)
+
+    # The manifest: options, hashes.
+    assert result.source_manifest_hash == hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
+    assert result.files == {"rehearsal.parquet": hashlib.sha256((folder / "rehearsal.parquet").read_bytes()).hexdigest()}
+    assert result.options["samples_per_prompt"] == 2 and result.synthesized_by == "tiny"
+    assert len(result.content_hash) == 64
+
+    with pytest.raises(FileExistsError, match="ssr.rehearsal_id"):
+        synthesize.main(cfg, opts, source)
+
+
+def test_the_command_line_refuses_bad_options(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.synthesize", "--source", str(tmp_path), "ssr.bogus=1", "ssr.top_p=2"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert out.returncode == 2
+    assert "ssr.bogus: unknown key" in out.stderr and "ssr.top_p" in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "jobs.synthesize"], capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "--source" in missing.stderr
