@@ -42,7 +42,7 @@ def kaizen(ray_session, tmp_path_factory):
     store = SQLiteStore(db)
     yield url, store
     store.close()
-    serve.delete("kaizen-test")
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def now() -> str:

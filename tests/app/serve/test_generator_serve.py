@@ -39,6 +39,7 @@ def kaizen(ray_session, model_root: Path, tmp_path_factory: pytest.TempPathFacto
     registry.register(manifest, adapters.uri("answer-42"), actor="test")
     registry.set_alias("champion", "answer-42", actor="test", reason="the only adapter")
 
+    serve.shutdown()  # another module's Serve would keep its own HTTP port
     port = free_port()
     cfg = KaizenConfig.model_validate({
         "store": {"sqlite_path": str(db)},
@@ -56,7 +57,7 @@ def kaizen(ray_session, model_root: Path, tmp_path_factory: pytest.TempPathFacto
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
     yield client, store, registry, adapters
     store.close()
-    serve.delete("kaizen-gen-test")
+    serve.shutdown()
 
 
 def _ask(client: openai.OpenAI, model: str, prompt: str = "hi", max_tokens: int = 12, **kw):
