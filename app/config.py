@@ -308,6 +308,20 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def section_errors(exc: ValidationError, model: type[BaseModel], section: str) -> list[str]:
+    """A job's own options section (``dataset``, ``ssr``...) as ``section.key: reason`` messages."""
+    messages = []
+    for err in exc.errors():
+        key = ".".join([section, *map(str, err["loc"])])
+        if err["type"] == "extra_forbidden":
+            messages.append(f"{key}: unknown key (allowed: {', '.join(sorted(model.model_fields))})")
+        elif err["loc"]:
+            messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        else:  # a model validator: its message names the keys
+            messages.append(f"{section}: {err['msg']}")
+    return messages
+
+
 def _pydantic_errors(exc: ValidationError) -> list[str]:
     messages = []
     for err in exc.errors():

@@ -239,21 +239,12 @@ def load_dataset_config(data: Mapping[str, Any] | None = None) -> DatasetConfig:
     Raises:
         ConfigError: every problem as ``dataset.<key>: reason``.
     """
-    from app.config import ConfigError
+    from app.config import ConfigError, section_errors
 
     try:
         return DatasetConfig.model_validate(dict(data or {}))
     except ValidationError as exc:
-        messages = []
-        for err in exc.errors():
-            key = ".".join(["dataset", *map(str, err["loc"])])
-            if err["type"] == "extra_forbidden":
-                messages.append(f"{key}: unknown key (allowed: {', '.join(sorted(DatasetConfig.model_fields))})")
-            elif err["loc"]:
-                messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-            else:  # a model validator: its message names the keys
-                messages.append(f"dataset: {err['msg']}")
-        raise ConfigError(messages) from None
+        raise ConfigError(section_errors(exc, DatasetConfig, "dataset")) from None
 
 
 def threshold_manager(base: float, adjustments: Mapping[str, float] | None = None) -> ThresholdManager:

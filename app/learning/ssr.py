@@ -166,7 +166,7 @@ def load_ssr_config(overrides: Sequence[str] | None = None, base: Mapping[str, A
     Raises:
         ConfigError: every problem as ``ssr.<key>: reason``.
     """
-    from app.config import ConfigError, apply_overrides
+    from app.config import ConfigError, apply_overrides, section_errors
 
     data = apply_overrides({"ssr": dict(base or {})}, list(overrides or []))
     errors = [f"{key}: unknown section (SSR options are ssr.<key>=<value>)" for key in data if key != "ssr"]
@@ -175,16 +175,7 @@ def load_ssr_config(overrides: Sequence[str] | None = None, base: Mapping[str, A
     try:
         return SSRConfig.model_validate(data["ssr"])
     except ValidationError as exc:
-        messages = []
-        for err in exc.errors():
-            key = ".".join(["ssr", *map(str, err["loc"])])
-            if err["type"] == "extra_forbidden":
-                messages.append(f"{key}: unknown key (allowed: {', '.join(sorted(SSRConfig.model_fields))})")
-            elif err["loc"]:
-                messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-            else:  # a model validator: its message names the keys
-                messages.append(f"ssr: {err['msg']}")
-        raise ConfigError(messages) from None
+        raise ConfigError(section_errors(exc, SSRConfig, "ssr")) from None
 
 
 def new_rehearsal_id(now: datetime | None = None) -> str:
