@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 from app.config import (
@@ -317,6 +316,8 @@ def cmd_adapters_alias(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from jobs import learn as learn_job
+
     parser = argparse.ArgumentParser(prog="kaizen", description="Continuous learning for LLM coding agents.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -360,6 +361,10 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--dry-run", action="store_true", help="report, but do not store or activate")
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    learn = sub.add_parser("learn", help="one learning cycle: dataset, rehearsal, fine-tuning (or a sweep), a candidate")
+    learn_job.add_arguments(learn)
+    learn.set_defaults(func=learn_job.run)
 
     adapters = sub.add_parser("adapters", help="the adapter registry: versions and the champion/challenger aliases")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)

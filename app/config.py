@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,11 +23,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "JOB_SECTIONS",
     "ConfigError",
     "KaizenConfig",
     "ValidationReport",
     "apply_overrides",
+    "job_options",
     "load_config",
+    "load_job_config",
     "resolve_paths",
     "validate_config",
 ]
@@ -254,6 +258,23 @@ class SecurityConfig(_Section):
     )
 
 
+# The learning jobs' own options: each section is validated by its job's options class, imported
+# only when the section is given (the classes live beside the jobs and pull in numpy, torch...).
+JOB_SECTIONS: dict[str, str] = {
+    "dataset": "app.learning.dataset:DatasetConfig",
+    "ssr": "app.learning.ssr:SSRConfig",
+    "finetune": "app.learning.training:FinetuneConfig",
+    "sweep": "app.learning.sweep:SweepConfig",
+    "learn": "app.learning.cycle:LearnConfig",
+}
+
+
+def job_options_class(section: str) -> type[BaseModel]:
+    """The options class of a job section (``dataset``, ``ssr``, ``finetune``, ``sweep``, ``learn``)."""
+    module, _, name = JOB_SECTIONS[section].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class KaizenConfig(_Section):
     """The whole configuration tree; ``configs/default.yaml`` is the embedded default."""
 
@@ -270,6 +291,22 @@ class KaizenConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve application.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
     security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys and roles.")
+    # The learning jobs' options, as mappings (validated by validate_config; job_options() reads them).
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="jobs/build_dataset.py options (app.learning.dataset.DatasetConfig)."
+    )
+    ssr: dict[str, Any] = Field(
+        default_factory=dict, description="jobs/synthesize.py options (app.learning.ssr.SSRConfig)."
+    )
+    finetune: dict[str, Any] = Field(
+        default_factory=dict, description="jobs/finetune.py options (app.learning.training.FinetuneConfig)."
+    )
+    sweep: dict[str, Any] = Field(
+        default_factory=dict, description="jobs/sweep.py options (app.learning.sweep.SweepConfig)."
+    )
+    learn: dict[str, Any] = Field(
+        default_factory=dict, description="jobs/learn.py options (app.learning.cycle.LearnConfig)."
+    )
 
     def hmac_key(self) -> bytes:
         """The key for hashing ids: ``privacy.hmac_key``, else the environment variable, else a
@@ -314,12 +351,27 @@ def section_errors(exc: ValidationError, model: type[BaseModel], section: str) -
     for err in exc.errors():
         key = ".".join([section, *map(str, err["loc"])])
         if err["type"] == "extra_forbidden":
-            messages.append(f"{key}: unknown key (allowed: {', '.join(sorted(model.model_fields))})")
+            messages.append(f"{key}: unknown key (allowed: {', '.join(_allowed_keys(model, err['loc']))})")
         elif err["loc"]:
             messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-        else:  # a model validator: its message names the keys
-            messages.append(f"{section}: {err['msg']}")
+        else:  # a model validator: a message that starts with a key names it, else the section
+            text = err["msg"].removeprefix("Value error, ")
+            first = text.split(":", 1)[0]
+            messages.append(f"{section}.{text}" if first.split(".")[0] in model.model_fields else f"{section}: {text}")
     return messages
+
+
+def job_options(cfg: KaizenConfig, section: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The options object of a job section of ``cfg`` (with ``overrides`` on top).
+
+    Raises:
+        ConfigError: every problem as ``section.key: reason``.
+    """
+    model = job_options_class(section)
+    try:
+        return model.model_validate({**getattr(cfg, section), **(overrides or {})})
+    except ValidationError as exc:
+        raise ConfigError(section_errors(exc, model, section)) from None
 
 
 def _pydantic_errors(exc: ValidationError) -> list[str]:
@@ -380,6 +432,13 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
     for i, key in enumerate(cfg.security.api_keys):
         if not key.key and not key.key_env:
             report.errors.append(f"security.api_keys.{i}: set key or key_env")
+
+    for section in JOB_SECTIONS:
+        if getattr(cfg, section):  # an empty section is the job's defaults: nothing to import
+            try:
+                job_options(cfg, section)
+            except ConfigError as exc:
+                report.errors.extend(exc.errors)
 
     if cfg.quality.assessment_timeout_ms < 100:
         report.warnings.append(
@@ -463,6 +522,19 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{p}: the top level must be a mapping"])
     return data
+
+
+def load_job_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None, section: str
+) -> tuple[KaizenConfig, Any]:
+    """A job's config (paths resolved) and its options: ``section.key=value`` overrides go to
+    the job's section like any other dotted override.
+
+    Raises:
+        ConfigError: every problem of both, each naming its key.
+    """
+    cfg = resolve_paths(load_config(path, overrides))
+    return cfg, job_options(cfg, section)
 
 
 def resolve_paths(cfg: KaizenConfig) -> KaizenConfig:

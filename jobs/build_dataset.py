@@ -37,15 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from app.config import (
-    DEFAULT_CONFIG_PATH,
-    ConfigError,
-    KaizenConfig,
-    apply_overrides,
-    read_config_file,
-    resolve_paths,
-    validate_config,
-)
+from app.config import ConfigError, KaizenConfig, load_job_config
 from app.learning.dataset import (
     COMPLEXITIES,
     DatasetConfig,
@@ -67,7 +59,6 @@ from app.learning.dataset import (
     filter_quality,
     fingerprint,
     format_chatml,
-    load_dataset_config,
     new_dataset_id,
     quality_histogram,
     rows_to_batch,
@@ -257,28 +248,13 @@ def summary(manifest: DatasetManifest) -> str:
 
 
 def load_options(config: str | None, overrides: list[str] | None = None) -> tuple[KaizenConfig, DatasetConfig]:
-    """The Kaizen config and the dataset options from a config file and ``key=value`` overrides:
-    ``dataset.*`` keys (and a ``dataset:`` section in the file) go to :class:`DatasetConfig`.
+    """The Kaizen config and its ``dataset`` section's options, from a config file and
+    ``key=value`` overrides (``dataset.*`` keys among them).
 
     Raises:
         ConfigError: every problem of both, each naming its key.
     """
-    source = str(config or DEFAULT_CONFIG_PATH)
-    raw = apply_overrides(read_config_file(source), overrides)
-    section = raw.pop("dataset", None) or {}
-    report = validate_config(raw)
-    errors = list(report.errors)
-    opts = None
-    if not isinstance(section, dict):
-        errors.append(f"dataset: must be a mapping of options (got {section!r})")
-    else:
-        try:
-            opts = load_dataset_config(section)
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-    if errors or report.config is None or opts is None:
-        raise ConfigError(errors, source)
-    return resolve_paths(report.config), opts
+    return load_job_config(config, overrides, "dataset")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -2,6 +2,7 @@
 
     python -m jobs.finetune --config configs/default.yaml --train <dataset dir or parquet>
         [--validation <dir or parquet>] [--rehearsal <dir or parquet>] [--fisher-data <dir or parquet>]
+        [--heldout <dir or parquet>]
         [--name RUN] [finetune.key=value ...] [section.key=value ...]
 
 The recipe (options: :class:`app.learning.training.FinetuneConfig`, ``finetune.<key>=<value>``
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,7 +74,6 @@ from app.learning.training import (
     EarlyStopping,
     FinetuneConfig,
     collate,
-    load_finetune_config,
     lr_factor,
     mix_rehearsal,
     steps_per_epoch,
@@ -95,6 +95,7 @@ __all__ = [
     "check_requirements",
     "code_version",
     "data_hash",
+    "describe_report",
     "main",
     "publish_adapter",
     "read_datasets",
@@ -115,6 +116,9 @@ ADAPTER_DIR = "adapter"
 STATE_FILE = "train_state.pt"
 FORGETTING_FILE = "forgetting.pt"
 DEEPSPEED_DIR = "deepspeed"
+DATASETS = ("train", "validation", "rehearsal", "fisher", "heldout")
+"""The sets a run takes: rows to train on, to validate on, of earlier domains to mix in, to
+estimate the Fisher information on, and of earlier domains to measure forgetting on."""
 ACTOR = "jobs.finetune"
 
 
@@ -129,8 +133,10 @@ def main(
     rehearsal: Path | None = None,
     *,
     fisher_data: Path | None = None,
+    heldout: Path | None = None,
     run_name: str | None = None,
     storage_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, store and register one adapter; Ray is started here unless the caller has it.
 
@@ -143,8 +149,11 @@ def main(
         rehearsal: rehearsal rows of earlier domains (SSR's output).
         fisher_data: rows of earlier tasks to estimate the Fisher information on, instead of
             the rehearsal rows.
+        heldout: rows of earlier domains, never trained on, whose loss measures forgetting
+            (``forgetting`` and ``objective`` in the metrics; see ``finetune.forgetting_weight``).
         run_name: the Ray Train run's name (default ``finetune-<time>-<hex>``).
         storage_path: where runs and checkpoints go (default ``<model.checkpoint_dir>/runs``).
+        progress: called on this process with each report's metrics (rank 0's) while it trains.
 
     Returns:
         ``adapter_id``, ``uri``, ``status``, ``parent_adapter_id``, ``metrics`` (final train and
@@ -158,21 +167,67 @@ def main(
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
     _setup_ray(cfg)
-    data = read_datasets(train, validation, rehearsal, fisher_data)
+    data = read_datasets(train, validation, rehearsal, fisher_data, heldout)
     warnings = _check_data(opts, data)
     for warning in warnings:
         log.warning(warning)
 
-    trainer = build_trainer(
-        cfg, opts, data.datasets, run_name or _new_run_name(), storage_path or _default_storage_path(cfg)
-    )
-    parent = trainer.train_loop_config["parent_adapter_id"]
-    log.info("training %s adapter on %s rows (%s)", f"from {parent}" if parent else "a fresh",
-             data.rows["train"], ", ".join(f"{k}: {v}" for k, v in data.rows.items()))  # fmt: skip
-    result = trainer.fit()
+    with _forwarded_reports(progress) as callbacks:
+        trainer = build_trainer(cfg, opts, data.datasets, run_name or _new_run_name(),
+                                storage_path or _default_storage_path(cfg), callbacks=callbacks)  # fmt: skip
+        parent = trainer.train_loop_config["parent_adapter_id"]
+        log.info("training %s adapter on %s rows (%s)", f"from {parent}" if parent else "a fresh",
+                 data.rows["train"], ", ".join(f"{k}: {v}" for k, v in data.rows.items()))  # fmt: skip
+        result = trainer.fit()
 
     published = publish_adapter(cfg, opts, result, data=data, parent_adapter_id=parent, started=started)
     return {**published, "warnings": warnings}
+
+
+@contextlib.contextmanager
+def _forwarded_reports(progress: Callable[[dict[str, Any]], None] | None) -> Iterator[list[Any]]:
+    """Ray Train callbacks that bring every report's metrics back to ``progress`` on this process.
+
+    Train's callbacks run in its controller actor, whose output does not reach this process: the
+    callback puts the metrics on a Ray queue and a thread here hands them to ``progress``.
+    """
+    if progress is None:
+        yield []
+        return
+    import threading
+
+    from ray.train import UserCallback
+    from ray.util.queue import Empty, Queue
+
+    queue: Queue = Queue(actor_options={"num_cpus": 0})
+
+    class Forward(UserCallback):
+        def __init__(self, queue: Queue) -> None:
+            self.queue = queue
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            self.queue.put(dict(metrics[0]))
+
+    stop = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                progress(queue.get(timeout=0.5))
+            except Empty:
+                if stop.is_set():
+                    return
+            except Exception:  # a display error must not stop training
+                log.exception("progress display failed")
+
+    thread = threading.Thread(target=drain, name="finetune-progress", daemon=True)
+    thread.start()
+    try:
+        yield [Forward(queue)]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        queue.shutdown()
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -264,12 +319,15 @@ def read_datasets(
     validation: Path | None = None,
     rehearsal: Path | None = None,
     fisher_data: Path | None = None,
+    heldout: Path | None = None,
 ) -> TrainingData:
     """Read the run's rows on the driver into Ray Datasets (``ray.data.from_items``: blocks
     built here, so no read or metadata task competes with the training workers for CPUs; the
     sets of a LoRA run are small). See :func:`read_rows`.
 
     Without ``validation``, a training folder's ``validation.parquet`` or ``validation/`` is used.
+    ``heldout`` holds rows of earlier domains that are never trained on (a dataset folder: its
+    validation split): the rise of their loss is the run's measure of forgetting.
     """
     import ray.data
 
@@ -279,7 +337,8 @@ def read_datasets(
     if validation is None and train.is_dir():
         found = validation = next((p for p in (train / "validation.parquet", train / "validation") if p.exists()), None)
     sources = {"train": (train, "train"), "validation": (validation, "validation"),
-               "rehearsal": (rehearsal, "rehearsal"), "fisher": (fisher_data, None)}  # fmt: skip
+               "rehearsal": (rehearsal, "rehearsal"), "fisher": (fisher_data, None),
+               "heldout": (heldout, "validation")}  # fmt: skip
     for name, (path, split) in sources.items():
         if path is None:
             continue
@@ -331,8 +390,8 @@ def build_trainer(
     resource limits and what is installed (:func:`check_requirements`).
 
     Args:
-        datasets: ``train`` and optionally ``validation``, ``rehearsal``, ``fisher``
-            (:func:`read_datasets`); every worker trains on an equal share of each.
+        datasets: ``train`` and optionally ``validation``, ``rehearsal``, ``fisher``, ``heldout``
+            (:func:`read_datasets`); every worker takes an equal share of each.
         run_name: the run's folder under ``storage_path``; restarting a trainer with the same
             name and path resumes that run from its last checkpoint.
         callbacks: Ray Train ``UserCallback`` instances (e.g. Ray Tune's ``TuneReportCallback``).
@@ -351,9 +410,9 @@ def build_trainer(
 
     if "train" not in datasets:
         raise ValueError("datasets needs a 'train' set")
-    unknown = sorted(set(datasets) - {"train", "validation", "rehearsal", "fisher"})
+    unknown = sorted(set(datasets) - set(DATASETS))
     if unknown:
-        raise ValueError(f"unknown datasets {unknown}: use train, validation, rehearsal, fisher")
+        raise ValueError(f"unknown datasets {unknown}: use {', '.join(DATASETS)}")
     if _fisher_source(opts, datasets) is None and opts.masking != "none":
         raise ValueError(
             f"finetune.masking: {opts.masking} protects earlier tasks and needs their rows for the Fisher "
@@ -534,8 +593,12 @@ class _State:
     first_loss: float | None = None
     initial_val_loss: float | None = None
     last_val_loss: float | None = None
+    initial_heldout_loss: float | None = None
+    last_heldout_loss: float | None = None
     early_stopping: dict[str, Any] = field(default_factory=lambda: {"best": None, "bad_evals": 0})
     best_params: dict[str, torch.Tensor] | None = None
+    best_figures: dict[str, float] = field(default_factory=dict)
+    """The evaluation figures of ``best_params``: val_loss, heldout_loss, forgetting, objective."""
     restarts: int = 0
     resumed_from_step: int | None = None
 
@@ -575,14 +638,27 @@ def train_loop(config: dict[str, Any]) -> None:
 
     stopper = EarlyStopping(opts.early_stopping_patience, opts.early_stopping_min_delta)
     stopper.load_state_dict(state.early_stopping)
-    validation = data.get("validation")
+    validation, heldout = data.get("validation"), data.get("heldout")
+
+    def evaluate() -> dict[str, float]:
+        """Validation (and held-out) losses; the objective that early stopping follows."""
+        state.last_val_loss = _evaluate(loss_module, validation, opts, pad_id, device, autocast)
+        result = {"val_loss": state.last_val_loss}
+        if heldout is not None:
+            state.last_heldout_loss = _evaluate(loss_module, heldout, opts, pad_id, device, autocast)
+            if state.initial_heldout_loss is None:
+                state.initial_heldout_loss = state.last_heldout_loss
+            result["heldout_loss"] = state.last_heldout_loss
+            result["forgetting"] = state.last_heldout_loss - state.initial_heldout_loss
+        result["objective"] = objective(state.last_val_loss, result.get("forgetting"), opts.forgetting_weight)
+        if stopper.update(result["objective"]):
+            state.best_params, state.best_figures = _trainable_state(peft_model, opts), dict(result)
+        state.early_stopping = stopper.state_dict()
+        return result
+
     if validation is not None and checkpoint is None:
         # The starting point is a candidate too: an adapter that only gets worse is not kept.
-        state.initial_val_loss = _evaluate(loss_module, validation, opts, pad_id, device, autocast)
-        state.last_val_loss = state.initial_val_loss
-        if stopper.update(state.initial_val_loss):
-            state.best_params = _trainable_state(peft_model, opts)
-        state.early_stopping = stopper.state_dict()
+        state.initial_val_loss = evaluate()["val_loss"]
 
     spe = steps_per_epoch(len(_epoch_rows(data, opts, 0)), opts.batch_size, opts.grad_accumulation)
     total = min(opts.epochs * spe, opts.max_steps or math.inf)
@@ -622,13 +698,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 state.first_loss = metrics["loss"]
             if end_of_epoch:
                 metrics["epoch_loss"] = state.epoch_loss / max(state.epoch_label_tokens, 1)
-            evaluate = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
-            if validation is not None and (evaluate or (opts.eval_every_steps is None and end_of_epoch)):
-                state.last_val_loss = _evaluate(loss_module, validation, opts, pad_id, device, autocast)
-                if stopper.update(state.last_val_loss):
-                    state.best_params = _trainable_state(peft_model, opts)
-                state.early_stopping = stopper.state_dict()
-                metrics.update(val_loss=state.last_val_loss, best_val_loss=stopper.best)
+            due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
+            if validation is not None and (due or (opts.eval_every_steps is None and end_of_epoch)):
+                metrics.update(evaluate(), best_objective=stopper.best)
                 if stopper.should_stop:
                     stop_reason = "early_stopping"
             if end_of_epoch and state.epoch < opts.epochs:
@@ -653,10 +725,10 @@ def train_loop(config: dict[str, Any]) -> None:
         "epochs": state.step / spe,
         "first_loss": state.first_loss,
         "train_loss": state.epoch_loss / state.epoch_label_tokens if state.epoch_label_tokens else None,
-        # The kept adapter's: the best validation loss (the last one's is last_val_loss).
-        "val_loss": stopper.best if state.best_params is not None else state.last_val_loss,
         "last_val_loss": state.last_val_loss,
         "initial_val_loss": state.initial_val_loss,
+        "initial_heldout_loss": state.initial_heldout_loss,
+        **_kept(state, opts),
         "tokens": state.tokens,
         "train_time_s": state.elapsed_s,
         "stop_reason": stop_reason,
@@ -668,6 +740,24 @@ def train_loop(config: dict[str, Any]) -> None:
     }
     _report(final, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
             name=f"checkpoint-final-step{state.step:06d}")  # fmt: skip
+
+
+def objective(val_loss: float, forgetting: float | None, weight: float) -> float:
+    """What a run minimises and a sweep ranks by: the validation loss plus ``weight`` times the
+    rise of the held-out earlier domains' loss (a fall is no credit: 0)."""
+    return val_loss + weight * max(0.0, forgetting or 0.0)
+
+
+def _kept(state: _State, opts: FinetuneConfig) -> dict[str, Any]:
+    """The kept adapter's figures: the best objective's (else the last evaluation's)."""
+    if state.best_params is None:
+        forgetting = (None if state.last_heldout_loss is None
+                      else state.last_heldout_loss - state.initial_heldout_loss)  # fmt: skip
+        kept = {"val_loss": state.last_val_loss, "heldout_loss": state.last_heldout_loss, "forgetting": forgetting}
+        if state.last_val_loss is not None:
+            kept["objective"] = objective(state.last_val_loss, forgetting, opts.forgetting_weight)
+        return kept
+    return {"heldout_loss": None, "forgetting": None, **state.best_figures}
 
 
 def _setup_device(opts: FinetuneConfig, device: torch.device, max_vram_gb: float) -> None:
@@ -1053,7 +1143,8 @@ def publish_adapter(
     checkpoint, final = result.checkpoint, dict(result.metrics or {})
     if checkpoint is None or not final.get("final"):
         raise ValueError(f"the run at {result.path} has no final checkpoint to publish")
-    metrics = {k: final.get(k) for k in ("first_loss", "train_loss", "val_loss", "last_val_loss", "initial_val_loss", "step",
+    metrics = {k: final.get(k) for k in ("first_loss", "train_loss", "val_loss", "last_val_loss", "initial_val_loss",
+                                         "heldout_loss", "initial_heldout_loss", "forgetting", "objective", "step",
                                          "epochs", "tokens", "train_time_s", "stop_reason", "restarts", "mask")}  # fmt: skip
     metrics["steps"] = metrics.pop("step")
     if started is not None:
@@ -1067,6 +1158,8 @@ def publish_adapter(
     lineage = {
         "dataset_manifest_hash": data.hashes.get("train"),
         "rehearsal_manifest_hash": data.hashes.get("rehearsal"),
+        "dataset_uri": data.paths.get("train"),
+        "rehearsal_uri": data.paths.get("rehearsal"),
         "parent_adapter_id": parent_adapter_id,
         "hyperparameters": hyperparameters,
         "metrics": metrics,
@@ -1089,6 +1182,22 @@ def publish_adapter(
         "run_path": result.path,
         "checkpoint_path": checkpoint.path,
     }
+
+
+def describe_report(metrics: Mapping[str, Any]) -> str:
+    """One line for a training report: step, loss, validation figures, speed."""
+    if metrics.get("final"):
+        return (f"done: {metrics.get('step')} steps, val_loss {_fmt(metrics.get('val_loss'))}, "
+                f"forgetting {_fmt(metrics.get('forgetting'))}, {metrics.get('stop_reason')}")  # fmt: skip
+    line = f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {_fmt(metrics.get('loss'))}"
+    for key in ("val_loss", "forgetting", "objective"):
+        if metrics.get(key) is not None:
+            line += f", {key} {_fmt(metrics[key])}"
+    return line + f", {metrics.get('tokens_per_s', 0):,.0f} tokens/s"
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def code_version() -> str | None:
@@ -1135,30 +1244,14 @@ def _setup_ray(cfg: KaizenConfig) -> None:
 
 
 def _load_configs(path: str | None, overrides: Sequence[str]) -> tuple[KaizenConfig, FinetuneConfig]:
-    """The config file (its ``finetune:`` section is the fine-tuning options' base) with the
-    ``finetune.*`` overrides applied to the options and the others to the config.
+    """The config file with the overrides, and its ``finetune`` section as the options.
 
     Raises:
         ConfigError: every problem, each naming its key.
     """
-    from app.config import (
-        DEFAULT_CONFIG_PATH,
-        ConfigError,
-        apply_overrides,
-        read_config_file,
-        validate_config,
-    )
+    from app.config import load_job_config
 
-    source = str(path or DEFAULT_CONFIG_PATH)
-    data = read_config_file(source)
-    section = data.pop("finetune", None) or {}
-    ours = [o for o in overrides if o.startswith("finetune.")]
-    opts = load_finetune_config(ours, section)
-    report = validate_config(apply_overrides(data, [o for o in overrides if o not in ours]))
-    if not report.valid:
-        raise ConfigError(report.errors, source)
-    assert report.config is not None
-    return resolve_paths(report.config), opts
+    return load_job_config(path, list(overrides), "finetune")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1168,6 +1261,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--validation", type=Path, help="validation rows (default: the dataset's validation split)")
     parser.add_argument("--rehearsal", type=Path, help="rehearsal rows of earlier domains (SSR output)")
     parser.add_argument("--fisher-data", type=Path, help="earlier-task rows for the Fisher information (default: rehearsal)")
+    parser.add_argument("--heldout", type=Path, help="held-out rows of earlier domains: their loss measures forgetting")
     parser.add_argument("--name", help="the run's name (default finetune-<time>-<hex>)")
     parser.add_argument("overrides", nargs="*", help="finetune.key=value (options) and section.key=value (config)")
     return parser.parse_args(argv)
@@ -1184,8 +1278,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = main(cfg, opts, args.train, args.validation, args.rehearsal,
-                      fisher_data=args.fisher_data, run_name=args.name)  # fmt: skip
+        result = main(cfg, opts, args.train, args.validation, args.rehearsal, fisher_data=args.fisher_data,
+                      heldout=args.heldout, run_name=args.name, progress=lambda m: print(describe_report(m)))  # fmt: skip
     except (ValueError, ImportError, FileNotFoundError) as exc:
         print(f"python -m jobs.finetune: {exc}", file=sys.stderr)
         return 2

@@ -128,6 +128,14 @@ class FinetuneConfig(BaseModel):
     mask_granularity: Literal["entry", "row"] = Field(
         "entry", description="fggm: mask single entries, or whole output rows scored by their mean Fisher."
     )
+    forgetting_weight: float = Field(
+        1.0, ge=0,
+        description=(
+            "Weight of forgetting in the objective that early stopping, the kept adapter and a sweep follow: "
+            "val_loss + weight * max(0, rise of the held-out earlier domains' loss); without held-out rows "
+            "the objective is the validation loss."
+        ),
+    )  # fmt: skip
     ewc_lambda: float = Field(1000.0, gt=0, description="ewc: strength of the penalty lambda/2 * F * (w - w0)^2.")
     fisher_samples: int = Field(
         64, ge=1, description="fggm/ewc: rows (one per backward pass) the Fisher information is estimated on, per worker."
@@ -215,7 +223,7 @@ def load_finetune_config(
     Raises:
         ConfigError: every problem as ``finetune.<key>: reason``.
     """
-    from app.config import ConfigError, apply_overrides
+    from app.config import ConfigError, apply_overrides, section_errors
 
     data = apply_overrides({"finetune": dict(base or {})}, list(overrides or []))
     errors = [f"{key}: unknown section (fine-tuning options are finetune.<key>=<value>)"
@@ -225,17 +233,7 @@ def load_finetune_config(
     try:
         return FinetuneConfig.model_validate(data["finetune"])
     except ValidationError as exc:
-        messages = []
-        for err in exc.errors():
-            key = ".".join(["finetune", *map(str, err["loc"])])
-            if err["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(FinetuneConfig.model_fields))
-                messages.append(f"{key}: unknown key (allowed: {allowed})")
-            elif err["loc"]:
-                messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-            else:  # a model validator: its message starts with the key
-                messages.append(f"finetune.{err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(messages) from None
+        raise ConfigError(section_errors(exc, FinetuneConfig, "finetune")) from None
 
 
 # --- tokenization ----------------------------------------------------------------------------------

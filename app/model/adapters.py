@@ -87,6 +87,8 @@ class AdapterLineage(BaseModel):
 
     dataset_manifest_hash: str | None = Field(None, description="Hash of the training dataset's manifest.")
     rehearsal_manifest_hash: str | None = Field(None, description="Hash of the SSR rehearsal set's manifest.")
+    dataset_uri: str | None = Field(None, description="Where the training dataset was (a folder or a Parquet file).")
+    rehearsal_uri: str | None = Field(None, description="Where the rehearsal set was.")
     parent_adapter_id: str | None = Field(None, description="The adapter this one was trained from, if any.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description="Training hyper-parameters.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Training and validation metrics.")

@@ -5,13 +5,10 @@ failure, and Fisher-guided masking that leaves the protected entries of the cham
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -21,58 +18,6 @@ from jobs import finetune
 
 pytestmark = pytest.mark.integration
 
-ANSWER = "```python\ndef add_one(x):\n    return x + 1\n```"
-OLD_ANSWER = "SELECT name FROM users WHERE id = 1;"
-
-
-def _table(n: int, *, start: int = 0, answer: str = ANSWER, learning_type: str = "new") -> pa.Table:
-    rows = []
-    for i in range(start, start + n):
-        messages = [
-            {"role": "system", "content": "You are a coding assistant."},
-            {"role": "user", "content": f"Task {i}: write the function we discussed."},
-            {"role": "assistant", "content": answer},
-        ]
-        rows.append({
-            "interaction_id": f"i{i}", "messages": json.dumps(messages), "domain": ["python"],
-            "quality_score": 0.9, "learning_type": learning_type,
-        })  # fmt: skip
-    return pa.Table.from_pylist(rows)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A dataset folder (train/validation splits and a manifest) and a rehearsal set."""
-    root = tmp_path_factory.mktemp("finetune-data")
-    dataset = root / "dataset"
-    dataset.mkdir()
-    pq.write_table(_table(20), dataset / "train.parquet")
-    pq.write_table(_table(4, start=100), dataset / "validation.parquet")
-    (dataset / "manifest.json").write_text(json.dumps({"dataset_id": "ds-test", "rows": 24}))
-    rehearsal = root / "rehearsal"
-    rehearsal.mkdir()
-    pq.write_table(_table(8, start=200, answer=OLD_ANSWER, learning_type="rehearsal"), rehearsal / "rehearsal.parquet")
-    (rehearsal / "manifest.json").write_text(json.dumps({"rehearsal_id": "ssr-test", "rows": 8}))
-    return {"dataset": dataset, "rehearsal": rehearsal}
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> KaizenConfig:
-    """A storage root of its own (adapters, runs, database) that shares the session's models
-    (the ``model_root`` fixture's) where there is one."""
-    from app.model.profiles import ensure_profile_dir
-
-    root = tmp_path_factory.mktemp("finetune-root")
-    try:
-        shared = request.getfixturevalue("model_root") / "models"
-        (root / "models").symlink_to(shared, target_is_directory=True)
-    except pytest.FixtureLookupError:
-        ensure_profile_dir("tiny", root=root)
-    return KaizenConfig.model_validate({
-        "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
-        "store": {"sqlite_path": str(root / "kaizen.db")},
-        "privacy": {"hmac_key": "k"},
-    })  # fmt: skip
 
 
 # 2 workers x (10 training rows + 2 rehearsal rows) / batch 2 = 6 steps per epoch; 2 epochs.

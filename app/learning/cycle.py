@@ -1,0 +1,35 @@
+"""Options of ``jobs/learn.py``: one learning cycle, from the store to a candidate adapter.
+
+The stages' own options are their sections (``dataset``, ``ssr``, ``finetune``, ``sweep``);
+this section says which stages run and what protects the earlier domains.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["LearnConfig"]
+
+
+class LearnConfig(BaseModel):
+    """Options of ``jobs/learn.py``; on its command line each is ``learn.<key>=<value>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_with: Literal["finetune", "sweep"] = Field(
+        "finetune", description="finetune: one run with the finetune section; sweep: a Ray Tune sweep (sweep section)."
+    )
+    rehearsal: Literal["ssr", "real", "none"] = Field(
+        "ssr",
+        description=(
+            "What is rehearsed of the earlier domains (the champion's dataset): ssr: Self-Synthesized Rehearsal "
+            "from a small sample of it; real: its training rows themselves; none: nothing. The first cycle, "
+            "without a champion, has nothing to rehearse."
+        ),
+    )
+    measure_forgetting: bool = Field(
+        True,
+        description="Measure forgetting on the champion's dataset's validation split (held out from training).",
+    )

@@ -1,0 +1,298 @@
+"""One learning cycle: from the interactions in the store to a candidate adapter in the registry.
+
+    python -m jobs.learn --config configs/default.yaml [section.key=value ...]
+    kaizen learn [--config FILE] [--address http://HEAD:8265] [section.key=value ...]
+
+The stages, each the job of the same name with its config section:
+
+1. ``jobs/build_dataset.py`` (``dataset``): the best recent interactions as a training set;
+2. the earlier domains, those of the champion adapter's own training set (from its lineage):
+   ``jobs/synthesize.py`` (``ssr``) writes Self-Synthesized Rehearsal rows from a small sample of
+   them (``learn.rehearsal=ssr``), or their real rows are rehearsed (``real``), or nothing
+   (``none``); the first cycle, without a champion, has no earlier domains;
+3. ``jobs/finetune.py`` (``finetune``), or ``jobs/sweep.py`` (``sweep``, ``learn.train_with=sweep``),
+   continuing the champion, with forgetting measured on the earlier set's validation split;
+4. the new adapter is registered as a ``candidate`` (promotion is the validator's job).
+
+Each stage prints a line as it starts and ends, training prints its steps, and the cycle's
+record (stages, paths, timings, the adapter) is written to
+``<model.checkpoint_dir>/cycles/<cycle id>.json``.
+
+With ``--address`` the cycle is submitted to a Ray cluster as a Ray job (``ray job submit``):
+this folder is its working directory, the config file must lie inside it, and the job's output
+is followed until it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from app.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    KaizenConfig,
+    job_options,
+    load_config,
+    resolve_paths,
+)
+
+__all__ = ["cli", "earlier_dataset", "main", "submit"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STAGES = 4
+# What a submitted job does not need: the local environment, data and history.
+SUBMIT_EXCLUDES = [".venv/", "data/", ".git/", "**/__pycache__/", ".pytest_cache/", "benchmarks/results/"]
+
+
+class NotEnoughData(RuntimeError):
+    """The store has too few good interactions for a dataset (the dataset job's message)."""
+
+
+def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one cycle; Ray is started here unless it runs.
+
+    Returns:
+        The cycle's record: ``cycle_id``, ``dataset``, ``earlier``, ``rehearsal``, ``training``
+        (the finetune or sweep result), ``adapter`` (id, uri, status, metrics), ``stages``
+        (seconds each), ``record`` (where the record was written).
+
+    Raises:
+        NotEnoughData: too few interactions for a dataset.
+        ConfigError: a bad option in one of the stages' sections.
+        ValueError: a stage refused its input (the message names it).
+    """
+    from app.learning.dataset import InsufficientDataError
+    from jobs import build_dataset, finetune, synthesize
+    from jobs import sweep as sweep_job
+
+    started = time.time()
+    cfg = resolve_paths(cfg.model_copy(deep=True))
+    learn = job_options(cfg, "learn")
+    dataset_opts, ssr_opts = job_options(cfg, "dataset"), job_options(cfg, "ssr")
+    ft_opts = job_options(cfg, "finetune")
+    sweep_opts = job_options(cfg, "sweep") if learn.train_with == "sweep" else None
+    cycle_id = f"cycle-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    record: dict[str, Any] = {"cycle_id": cycle_id, "started_at": datetime.now(timezone.utc).isoformat(),
+                              "options": learn.model_dump(mode="json"), "stages": {}}  # fmt: skip
+    finetune._setup_ray(cfg)
+
+    def stage(number: int, name: str) -> Callable[[str], None]:
+        progress(f"[{number}/{STAGES}] {name}")
+        t0 = time.perf_counter()
+
+        def done(summary: str) -> None:
+            seconds = time.perf_counter() - t0
+            record["stages"][name] = round(seconds, 2)
+            progress(f"      {summary} ({seconds:.1f} s)")
+
+        return done
+
+    done = stage(1, "dataset")
+    try:
+        manifest = build_dataset.main(cfg, dataset_opts)
+    except InsufficientDataError as exc:
+        raise NotEnoughData(str(exc)) from exc
+    dataset = Path(manifest.uri)
+    record["dataset"] = {"dataset_id": manifest.dataset_id, "uri": manifest.uri, "rows": manifest.rows}
+    done(f"{manifest.dataset_id}: {manifest.rows} rows (train {manifest.funnel.train}) of {manifest.funnel.scored} scored interactions -> {dataset}")
+
+    done = stage(2, "rehearsal")
+    earlier, why = earlier_dataset(cfg)
+    record["earlier"] = str(earlier) if earlier else None
+    rehearsal: Path | None = None
+    if earlier is None:
+        done(f"nothing to rehearse: {why}")
+    elif learn.rehearsal == "none":
+        done(f"learn.rehearsal is none: the earlier domains ({earlier}) are not rehearsed")
+    elif learn.rehearsal == "real":
+        rehearsal = earlier / "train.parquet"
+        done(f"the earlier dataset's own training rows: {rehearsal}")
+    else:
+        made = synthesize.main(cfg, ssr_opts, earlier)
+        rehearsal = Path(synthesize.rehearsal_uri(cfg.model.storage_root, made.rehearsal_id))
+        counts = ", ".join(f"{d}: {n}" for d, n in made.counts.items()) or "none"
+        done(f"{made.rehearsal_id}: {made.rows} synthetic rows ({counts}) from {earlier}")
+    record["rehearsal"] = str(rehearsal) if rehearsal else None
+    heldout = earlier if earlier is not None and learn.measure_forgetting and _has_validation(earlier) else None
+
+    done = stage(3, f"training ({learn.train_with})")
+    if sweep_opts is not None:
+        result = sweep_job.main(cfg, sweep_opts, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout,
+                                progress=lambda line: progress(f"      {line}"))  # fmt: skip
+        adapter = result["adapter"]
+        record["training"] = {"sweep_id": result["sweep_id"], "path": result["path"], "best": result["best"]["trial"],
+                              "trials": [{k: t.get(k) for k in ("trial", "params", "status", "objective")}
+                                         for t in result["trials"]]}  # fmt: skip
+        done(f"{len(result['trials'])} trials, best {result['best']['trial']} (objective "
+             f"{result['best']['objective']:.4f}); results in {result['path']}")  # fmt: skip
+    else:
+        adapter = finetune.main(cfg, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout,
+                                progress=lambda m: progress(f"      {finetune.describe_report(m)}"))  # fmt: skip
+        record["training"] = {"run_path": adapter["run_path"], "warnings": adapter.get("warnings", [])}
+        m = adapter["metrics"]
+        done(f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
+             f"validation {_fmt(m.get('initial_val_loss'))} -> {_fmt(m.get('val_loss'))}, "
+             f"forgetting {_fmt(m.get('forgetting'))}")  # fmt: skip
+
+    done = stage(4, "candidate")
+    record["adapter"] = {k: adapter.get(k) for k in ("adapter_id", "uri", "status", "parent_adapter_id", "metrics")}
+    done(f"adapter {adapter['adapter_id']} registered as {adapter['status']}"
+         f"{' (from ' + adapter['parent_adapter_id'] + ')' if adapter.get('parent_adapter_id') else ''}")  # fmt: skip
+
+    record["seconds"] = round(time.time() - started, 2)
+    record["record"] = _write_record(cfg, cycle_id, record)
+    progress(f"cycle {cycle_id} done in {record['seconds']:.0f} s; record: {record['record']}")
+    return record
+
+
+def earlier_dataset(cfg: KaizenConfig) -> tuple[Path | None, str]:
+    """The champion adapter's training dataset folder (its lineage's ``dataset_uri``), or None
+    and why there is none."""
+    from app.model.adapters import AdapterStore
+    from app.registry import AdapterRegistry
+    from app.store import open_store
+
+    store = open_store(cfg.store)
+    try:
+        champion = AdapterRegistry(store).resolve("champion")
+    finally:
+        store.close()
+    if champion is None:
+        return None, "no champion adapter yet (the first cycle)"
+    uri = AdapterStore(cfg.model.storage_root).manifest(champion).lineage.dataset_uri
+    if not uri:
+        return None, f"the champion {champion} has no dataset in its lineage"
+    path = Path(uri)
+    if path.is_file():  # trained from a Parquet file: its folder is the dataset
+        path = path.parent
+    if not path.exists():
+        return None, f"the champion {champion}'s dataset {uri} is gone"
+    return path, ""
+
+
+def submit(
+    address: str, config: str | None, overrides: Sequence[str], *, wait: bool = True,
+    output: Callable[[str], None] = lambda text: print(text, end="", flush=True),
+) -> tuple[str, str]:  # fmt: skip
+    """Submit a cycle to a Ray cluster as a Ray job (``ray job submit``) and, with ``wait``,
+    follow its output until it ends; returns the job id and its final status.
+
+    Raises:
+        ConfigError: the config file is not inside the project folder (the job's working directory).
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    path = Path(config or DEFAULT_CONFIG_PATH).resolve()
+    try:
+        relative = path.relative_to(PROJECT_ROOT)
+    except ValueError:
+        raise ConfigError([f"--config: {path} must lie inside {PROJECT_ROOT}, the job's working directory"]) from None
+    entrypoint = " ".join(["python", "-m", "jobs.learn", "--config", str(relative), *map(_quote, overrides)])
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES,
+                     "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
+        submission_id=f"kaizen-learn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}",
+        metadata={"kaizen": "learn"},
+    )  # fmt: skip
+    output(f"submitted {job_id} to {address}: {entrypoint}\n")
+    if not wait:
+        return job_id, str(client.get_job_status(job_id))
+    shown = 0
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            output(logs[shown:])
+            shown = len(logs)
+        if status in terminal:
+            return job_id, str(status.value if hasattr(status, "value") else status)
+        time.sleep(1.0)
+
+
+def _has_validation(path: Path) -> bool:
+    return (path / "validation.parquet").exists() or (path / "validation").is_dir()
+
+
+def _write_record(cfg: KaizenConfig, cycle_id: str, record: dict[str, Any]) -> str:
+    directory = Path(cfg.model.checkpoint_dir) / "cycles"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{cycle_id}.json"
+    tmp = directory / f".{cycle_id}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, target)
+    return str(target)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of a cycle (shared by ``python -m jobs.learn`` and ``kaizen learn``)."""
+    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+    parser.add_argument("--address", default=None,
+                        help="submit to this Ray cluster's job server (http://HEAD:8265) instead of running here")  # fmt: skip
+    parser.add_argument("--no-wait", action="store_true", help="with --address: return once the job is submitted")
+    parser.add_argument("--json", action="store_true", help="print the cycle's record as JSON at the end")
+    parser.add_argument("overrides", nargs="*",
+                        help="learn.key=value, dataset.*, ssr.*, finetune.*, sweep.* and section.key=value")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run or submit a cycle from parsed arguments; returns the exit status (1: not enough data
+    or a failed job, 2: a bad option or input)."""
+    import logging
+
+    try:
+        cfg = load_config(args.config, list(args.overrides))  # validates every section
+    except ConfigError as exc:
+        print(f"kaizen learn: {exc}", file=sys.stderr)
+        return 2
+    if args.address:
+        try:
+            job_id, status = submit(args.address, args.config, args.overrides, wait=not args.no_wait)
+        except ConfigError as exc:
+            print(f"kaizen learn: {exc}", file=sys.stderr)
+            return 2
+        print(f"\njob {job_id}: {status}")
+        return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        record = main(cfg)
+    except NotEnoughData as exc:
+        print(f"kaizen learn: not enough data for a cycle: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError) as exc:
+        print(f"kaizen learn: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.learn", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

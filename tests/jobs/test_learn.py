@@ -1,0 +1,105 @@
+"""``kaizen learn`` end to end on a small seeded store: a first cycle (no champion: no rehearsal),
+then, with its adapter made champion, a second cycle that rehearses the champion's dataset with
+SSR, measures forgetting on its validation split and continues the champion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app import cli
+from app.model.adapters import AdapterStore
+from app.quality.service import QualityService
+from app.registry import AdapterRegistry
+from app.store.sqlite import SQLiteStore
+from tests.conftest import ingest_samples
+
+pytestmark = pytest.mark.integration
+
+# Small and quick: a tiny dataset, little generation, a few optimizer steps.
+SECTIONS = {
+    "dataset": {"min_examples": 8, "keep_fraction": 1.0, "validation_fraction": 0.25, "max_group_share": 1.0},
+    "ssr": {"prompts_per_domain": 3, "samples_per_prompt": 2, "max_input_tokens": 24, "max_output_tokens": 24,
+            "min_input_chars": 1, "check_code": False, "drop_truncated_outputs": False,
+            "rehearsal_instances_per_domain": 3, "num_gpus": 0},
+    "finetune": {"batch_size": 4, "epochs": 1, "max_steps": 3, "max_length": 96, "eval_every_steps": 3,
+                 "checkpoint_every_steps": 100, "early_stopping_patience": 0},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
+    root = tmp_path_factory.mktemp("learn")
+    (root / "models").symlink_to(model_root / "models", target_is_directory=True)
+    db = root / "kaizen.db"
+    store = SQLiteStore(db)
+    store.migrate()
+    ingest_samples(store, 40)
+    QualityService(store).score_pending()
+    store.close()
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "store": {"sqlite_path": str(db)}, "privacy": {"hmac_key": "k"}, "quality": {"threshold": 0.3},
+        "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
+        **SECTIONS,
+    }))  # fmt: skip
+    return path
+
+
+def _learn(config_file: Path, capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, dict, str]:
+    code = cli.main(["learn", "--config", str(config_file), "--json", *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    text = out.out
+    return code, json.loads(text[text.index("\n{") + 1 :]), text
+
+
+def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray_session) -> None:
+    from app.config import load_config
+    from app.store import open_store
+
+    cfg = load_config(config_file)
+    _, first, text = _learn(config_file, capsys)
+    assert "[1/4] dataset" in text and "[4/4] candidate" in text
+    assert "nothing to rehearse: no champion adapter yet" in text
+    assert "step 3 (epoch" in text  # the training's own progress, forwarded from Ray Train
+    assert first["rehearsal"] is None and first["earlier"] is None
+    adapter = first["adapter"]
+    assert adapter["status"] == "candidate" and adapter["parent_adapter_id"] is None
+    assert Path(first["record"]).is_file() and set(first["stages"]) == {"dataset", "rehearsal", "training (finetune)", "candidate"}
+    lineage = AdapterStore(cfg.model.storage_root).manifest(adapter["adapter_id"]).lineage
+    assert lineage.dataset_uri == first["dataset"]["uri"]
+
+    store = open_store(cfg.store)
+    try:
+        AdapterRegistry(store).set_alias("champion", adapter["adapter_id"], actor="test", reason="first cycle")
+    finally:
+        store.close()
+
+    # The second cycle builds a new dataset; the champion's is the earlier domain.
+    _, second, text = _learn(config_file, capsys, "finetune.continue_from=champion")
+    assert second["earlier"] == first["dataset"]["uri"]
+    assert second["rehearsal"] and "synthetic rows" in text
+    metrics = second["adapter"]["metrics"]
+    assert metrics["heldout_loss"] is not None and metrics["forgetting"] is not None
+    assert metrics["rows"]["rehearsal"] >= 1 and metrics["rows"]["heldout"] >= 1
+    assert second["adapter"]["parent_adapter_id"] == adapter["adapter_id"]
+    lineage = AdapterStore(cfg.model.storage_root).manifest(second["adapter"]["adapter_id"]).lineage
+    assert lineage.rehearsal_uri == second["rehearsal"] and lineage.rehearsal_manifest_hash
+
+
+def test_bad_options_and_an_empty_store_are_named(config_file: Path, tmp_path: Path, capsys) -> None:
+    code = cli.main(["learn", "--config", str(config_file), "learn.train_with=magic", "ssr.bogus=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "learn.train_with:" in err and "ssr.bogus: unknown key" in err
+
+    data = yaml.safe_load(config_file.read_text())
+    data["store"]["sqlite_path"] = str(tmp_path / "empty.db")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump(data))
+    code = cli.main(["learn", "--config", str(empty)])
+    err = capsys.readouterr().err
+    assert code == 1 and "not enough data for a cycle" in err
