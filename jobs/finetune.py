@@ -735,6 +735,7 @@ def train_loop(config: dict[str, Any]) -> None:
         "restarts": state.restarts,
         "resumed_from_step": state.resumed_from_step,
         "world_size": world,
+        **_peak_memory(device),
         "final": True,
         **({"mask": mask_summary(forgetting["masks"])} if forgetting and "masks" in forgetting else {}),
     }
@@ -979,6 +980,23 @@ def _evaluate(
     return total / count if count else float("nan")
 
 
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The largest peak over the ranks: resident memory of the worker process (MB) and, on a
+    GPU, memory allocated by torch (GB)."""
+    import resource
+
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]  # KB on Linux
+    if device.type == "cuda":
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        tensor = torch.tensor(peaks, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        peaks = tensor.tolist()
+    return {"peak_rss_mb": round(peaks[0], 1), **({"peak_vram_gb": round(peaks[1], 3)} if len(peaks) > 1 else {})}
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
@@ -1145,7 +1163,8 @@ def publish_adapter(
         raise ValueError(f"the run at {result.path} has no final checkpoint to publish")
     metrics = {k: final.get(k) for k in ("first_loss", "train_loss", "val_loss", "last_val_loss", "initial_val_loss",
                                          "heldout_loss", "initial_heldout_loss", "forgetting", "objective", "step",
-                                         "epochs", "tokens", "train_time_s", "stop_reason", "restarts", "mask")}  # fmt: skip
+                                         "epochs", "tokens", "train_time_s", "stop_reason", "restarts", "mask",
+                                         "peak_rss_mb", "peak_vram_gb")}  # fmt: skip
     metrics["steps"] = metrics.pop("step")
     if started is not None:
         metrics["wall_time_s"] = round(time.time() - started, 3)

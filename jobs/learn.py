@@ -118,9 +118,16 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         done(f"the earlier dataset's own training rows: {rehearsal}")
     else:
         made = synthesize.main(cfg, ssr_opts, earlier)
-        rehearsal = Path(synthesize.rehearsal_uri(cfg.model.storage_root, made.rehearsal_id))
-        counts = ", ".join(f"{d}: {n}" for d, n in made.counts.items()) or "none"
-        done(f"{made.rehearsal_id}: {made.rows} synthetic rows ({counts}) from {earlier}")
+        uri = synthesize.rehearsal_uri(cfg.model.storage_root, made.rehearsal_id)
+        record["ssr"] = {"rehearsal_id": made.rehearsal_id, "uri": uri, "rows": made.rows,
+                         "refined_by": made.refined_by}  # fmt: skip
+        if made.rows:
+            rehearsal = Path(uri)
+            counts = ", ".join(f"{d}: {n}" for d, n in made.counts.items())
+            done(f"{made.rehearsal_id}: {made.rows} synthetic rows ({counts}) from {earlier}")
+        else:
+            dropped = {d: r.outputs_dropped or r.inputs_dropped for d, r in made.domains.items()}
+            done(f"{made.rehearsal_id}: SSR kept no rows (dropped: {dropped}); training without rehearsal")
     record["rehearsal"] = str(rehearsal) if rehearsal else None
     heldout = earlier if earlier is not None and learn.measure_forgetting and _has_validation(earlier) else None
 

@@ -82,13 +82,21 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     # The second cycle builds a new dataset; the champion's is the earlier domain.
     _, second, text = _learn(config_file, capsys, "finetune.continue_from=champion")
     assert second["earlier"] == first["dataset"]["uri"]
-    assert second["rehearsal"] and "synthetic rows" in text
+    # SSR ran on the earlier dataset with the champion writing the outputs; whether the tiny
+    # random model's answers survive the filters is up to it, and the cycle says which happened.
+    ssr = json.loads((Path(second["ssr"]["uri"]) / "manifest.json").read_text())
+    assert ssr["source"] == first["dataset"]["uri"] and ssr["refined_by"] == adapter["adapter_id"]
+    assert ("synthetic rows" in text) == bool(second["rehearsal"]) != ("SSR kept no rows" in text)
     metrics = second["adapter"]["metrics"]
-    assert metrics["heldout_loss"] is not None and metrics["forgetting"] is not None
-    assert metrics["rows"]["rehearsal"] >= 1 and metrics["rows"]["heldout"] >= 1
+    assert metrics["heldout_loss"] is not None and metrics["forgetting"] is not None and metrics["rows"]["heldout"] >= 1
     assert second["adapter"]["parent_adapter_id"] == adapter["adapter_id"]
-    lineage = AdapterStore(cfg.model.storage_root).manifest(second["adapter"]["adapter_id"]).lineage
-    assert lineage.rehearsal_uri == second["rehearsal"] and lineage.rehearsal_manifest_hash
+
+    # Real rehearsal: the champion's own training rows are mixed in.
+    _, third, text = _learn(config_file, capsys, "learn.rehearsal=real", "finetune.continue_from=null")
+    assert third["rehearsal"] == str(Path(first["dataset"]["uri"]) / "train.parquet")
+    assert third["adapter"]["metrics"]["rows"]["rehearsal"] == first["dataset"]["rows"] - third["adapter"]["metrics"]["rows"]["heldout"]
+    lineage = AdapterStore(cfg.model.storage_root).manifest(third["adapter"]["adapter_id"]).lineage
+    assert lineage.rehearsal_uri == third["rehearsal"] and lineage.rehearsal_manifest_hash
 
 
 def test_bad_options_and_an_empty_store_are_named(config_file: Path, tmp_path: Path, capsys) -> None:
