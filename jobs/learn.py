@@ -194,7 +194,8 @@ def submit(
     follow its output until it ends; returns the job id and its final status.
 
     Raises:
-        ConfigError: the config file is not inside the project folder (the job's working directory).
+        ConfigError: the config file is not inside the project folder (the job's working directory),
+            or it names relative paths, which would point into that temporary folder on the cluster.
     """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -203,15 +204,34 @@ def submit(
         relative = path.relative_to(PROJECT_ROOT)
     except ValueError:
         raise ConfigError([f"--config: {path} must lie inside {PROJECT_ROOT}, the job's working directory"]) from None
+    cfg = load_config(path, list(overrides))
+    paths = {"model.storage_root": cfg.model.storage_root, "model.checkpoint_dir": cfg.model.checkpoint_dir}
+    if cfg.store.engine == "sqlite":
+        paths["store.sqlite_path"] = cfg.store.sqlite_path
+    relative_paths = [f"{key}: {value!r} is relative; on the cluster it would name a folder inside the job's "
+                      "temporary working directory: give an absolute or shared path (or a URI)"
+                      for key, value in paths.items() if "://" not in value and not Path(value).is_absolute()]  # fmt: skip
+    if relative_paths:
+        raise ConfigError(relative_paths)
     entrypoint = " ".join(["python", "-m", "jobs.learn", "--config", str(relative), *map(_quote, overrides)])
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES,
-                     "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
-        submission_id=f"kaizen-learn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}",
-        metadata={"kaizen": "learn"},
-    )  # fmt: skip
+    submission_id = f"kaizen-learn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES,
+                             "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
+                submission_id=submission_id,
+                metadata={"kaizen": "learn"},
+            )  # fmt: skip
+            break
+        except RuntimeError as exc:
+            # A head that has just started answers "No available agent ... try again later".
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     output(f"submitted {job_id} to {address}: {entrypoint}\n")
     if not wait:
         return job_id, str(client.get_job_status(job_id))
@@ -278,6 +298,10 @@ def run(args: argparse.Namespace) -> int:
             job_id, status = submit(args.address, args.config, args.overrides, wait=not args.no_wait)
         except ConfigError as exc:
             print(f"kaizen learn: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - the job server's errors (connection, authentication)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"kaizen learn: cannot submit to {args.address}: {type(exc).__name__}: {first}", file=sys.stderr)
             return 2
         print(f"\njob {job_id}: {status}")
         return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1

@@ -1,0 +1,78 @@
+"""``kaizen learn --address``: a cycle submitted as a Ray job to a Ray cluster with a job server
+(a head node of its own, started here), its output followed until it ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.config import ConfigError
+from jobs import learn
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def head(tmp_path: Path):
+    """A Ray head node with the dashboard (the job server), stopped with its process group."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = shutil.which("ray", path=env["PATH"])
+    process = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--num-cpus=1", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         # Ports of its own: the session's Ray (and any other) holds the fixed defaults.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, "ray start exited"
+        time.sleep(1)
+    else:
+        pytest.fail("the job server did not come up in 90 s")
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_submitted_cycle_runs_on_the_cluster_and_its_output_is_followed(head: str, tmp_path: Path) -> None:
+    output: list[str] = []
+    overrides = [f"store.sqlite_path={tmp_path / 'empty.db'}", f"model.storage_root={tmp_path / 'root'}",
+                 f"model.checkpoint_dir={tmp_path / 'checkpoints'}", "privacy.hmac_key=k"]  # fmt: skip
+    job_id, status = learn.submit(head, None, overrides, output=output.append)
+    text = "".join(output)
+    # The store is empty: the job runs the cycle on the cluster and stops at the dataset stage.
+    assert job_id.startswith("kaizen-learn-") and status == "FAILED"
+    assert "python -m jobs.learn --config configs/default.yaml" in text
+    assert "[1/4] dataset" in text and "not enough data for a cycle" in text
+
+
+def test_relative_paths_and_outside_configs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"store\.sqlite_path: 'data/kaizen\.db' is relative"):
+        learn.submit("http://127.0.0.1:1", None, [])
+    outside = tmp_path / "c.yaml"
+    outside.write_text("privacy:\n  hmac_key: k\n")
+    with pytest.raises(ConfigError, match="must lie inside"):
+        learn.submit("http://127.0.0.1:1", str(outside), [])
