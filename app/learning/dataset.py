@@ -48,14 +48,22 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from app.learning import check_folder_id
 from app.quality.code import extract_code_blocks
 from app.quality.thresholds import ThresholdManager
 
@@ -136,7 +144,6 @@ DATASET_SCHEMA = pa.schema(
 """The seed's training-dataset schema (timestamps in UTC) plus ``messages``: a JSON list of
 OpenAI / ChatML chat messages."""
 
-_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -205,17 +212,13 @@ class DatasetConfig(BaseModel):
     @field_validator("dataset_id")
     @classmethod
     def _valid_id(cls, value: str | None) -> str | None:
-        if value is not None and not _DATASET_ID.fullmatch(value):
-            raise ValueError(
-                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (a folder name)"
-            )
-        return value
+        return check_folder_id(value)
 
     @field_validator("since", "until")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+            return value.replace(tzinfo=UTC)
         return value
 
     @field_validator("domain_adjustments")
@@ -257,7 +260,7 @@ def threshold_manager(base: float, adjustments: Mapping[str, float] | None = Non
 
 def new_dataset_id(now: datetime | None = None) -> str:
     """A fresh id, ``ds-YYYYMMDD-HHMMSS-<6 hex>``: sortable by time, apart within a second."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"ds-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
@@ -399,7 +402,7 @@ _LANGUAGE_WORDS = {
 # "sh") are left to code fences and the project's technologies.
 _PROSE_LANGUAGES = re.compile(
     r"(?<![\w.])(python|typescript|javascript|node\.?js|golang|rust|java|kotlin|c\+\+|c#|ruby|php|swift|scala|"
-    r"bash|sql|haskell|elixir|dart)(?![\w+#])", re.I,
+    r"bash|sql|haskell|elixir|dart)(?![\w+#])", re.IGNORECASE,
 )  # fmt: skip
 # Libraries and frameworks by import name (Python modules, npm packages, Go and Rust crates).
 _FRAMEWORK_IMPORTS = {
@@ -415,9 +418,9 @@ _FRAMEWORK_IMPORTS = {
     "github.com/gin-gonic/gin": "gin", "tokio": "tokio", "actix_web": "actix-web", "serde": "serde",
 }  # fmt: skip
 _JS_IMPORT = re.compile(r"""(?:\bfrom\s*|\bimport\s*\(?\s*|\brequire\(\s*)['"]([^'"]+)['"]""")
-_GO_IMPORT = re.compile(r'^\s*(?:import\s+)?"([\w./-]+)"', re.M)
-_RUST_USE = re.compile(r"^\s*(?:use|extern crate)\s+([a-z_][a-z0-9_]*)", re.M)
-_PY_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", re.M)
+_GO_IMPORT = re.compile(r'^\s*(?:import\s+)?"([\w./-]+)"', re.MULTILINE)
+_RUST_USE = re.compile(r"^\s*(?:use|extern crate)\s+([a-z_][a-z0-9_]*)", re.MULTILINE)
+_PY_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", re.MULTILINE)
 _BRANCHES = re.compile(r"\b(?:if|for|while|case|catch|except|elif|when|match)\b|&&|\|\||\?\?|(?<![?.])\?(?![.?:])")
 
 # Task types: the one whose first cue comes earliest in the request's prose wins (code removed, so
@@ -429,14 +432,14 @@ _TASK_CUES: dict[str, re.Pattern[str]] = {
         r"\b(?:unit |integration |e2e |end-to-end )?tests?\b"
         r"|\btest (?:cases?|suite|coverage)\b|\b(?:unit|integration|e2e) tests?\b|\bcoverage\b|\bmock(?:s|ing)?\b"
         r"|\b(?:pytest|jest|vitest|mocha|unittest) (?:tests?|cases?|suite|fixtures?)\b",
-        re.I,
+        re.IGNORECASE,
     ),
     "debugging": re.compile(
         r"\b(?:fix(?:es|ed|ing)?|debug\w*|bugs?|buggy|traceback|stack ?trace|segfault|crash(?:es|ed|ing)?)\b"
         r"|\b(?:fails?|failing|failed|broken|not working|(?:doesn'?t|does not|won'?t|isn'?t) work(?:ing)?)\b"
         r"|\b(?:get|gets|got|getting|throws?|throwing|raises?|raising)\s+(?:an?\s+|this\s+|the\s+)?(?:\w+\s+)?(?:error|exception)\b"
         r"|\b\w*(?:Error|Exception):",
-        re.I,
+        re.IGNORECASE,
     ),
     "refactoring": re.compile(
         r"\brefactor\w*|\bclean(?:ing)?[ -]?up\b|\bsimplif(?:y|ied|ies)\b|\brestructur\w*|\brename\b"
@@ -444,23 +447,23 @@ _TASK_CUES: dict[str, re.Pattern[str]] = {
         r"|\bmore (?:readable|maintainable|idiomatic|pythonic|modular)\b"
         r"|\b(?:rewrite|reorganiz\w*|moderni[sz]e|deduplicate)\b"
         r"|\bimprove (?:the )?(?:readability|structure|design)\b",
-        re.I,
+        re.IGNORECASE,
     ),
     "explanation": re.compile(
         r"\bexplain\w*|\bwhat (?:does|is|are|do)\b|\bwhy (?:does|is|do|are|would)\b|\bhow does\b"
         r"|\bhow do\b[^.?!\n]{0,40}\bwork\b"
         r"|\bdifference between\b|\bwalk me through\b|\bmeaning of\b|\bdescribe\b|\bhelp me understand\b",
-        re.I,
+        re.IGNORECASE,
     ),
     # Generation verbs count as an instruction only: at the start of a sentence or after a request.
     "generation": re.compile(
         r"(?:^|[.!?:;]\s+|\b(?:please|can you|could you|would you|help me|i need to|i want to)\s+)"
         r"(?:write|implement|create|build|generate|scaffold)\b|\b(?:i need|i want|show me|give me)\b",
-        re.I,
+        re.IGNORECASE,
     ),
 }
 _TASK_ORDER = ("testing", "debugging", "refactoring", "explanation", "generation")
-_FENCED = re.compile(r"```.*?(?:```|\Z)", re.S)
+_FENCED = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 
 # Complexity levels: code lines, cyclomatic complexity (the most complex function or module), and
 # words of prose in the request; a level is the highest any measure reaches.
@@ -541,7 +544,7 @@ def _cyclomatic(language: str, code: str) -> int:
             return int(max([visitor.complexity, *(block.complexity for block in visitor.blocks)]))
         except (SyntaxError, ValueError, TypeError):
             pass
-    stripped = re.sub(r"//[^\n]*|#[^\n]*|/\*.*?\*/", "", code, flags=re.S)
+    stripped = re.sub(r"//[^\n]*|#[^\n]*|/\*.*?\*/", "", code, flags=re.DOTALL)
     stripped = re.sub(r"'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\"", '""', stripped)
     return 1 + len(_BRANCHES.findall(stripped))
 
@@ -1089,7 +1092,7 @@ def assign_split(batch: Mapping[str, np.ndarray], validation_fraction: float = 0
 def _timestamp(text: str) -> datetime:
     value = datetime.fromisoformat(text)
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 
@@ -1237,8 +1240,7 @@ def _sha256(path: Path) -> str:
 
 def _write_jsonl(table: pa.Table, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for messages in table.column("messages").to_pylist():
-            f.write(json.dumps({"messages": json.loads(messages)}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"messages": json.loads(messages)}, ensure_ascii=False) + "\n" for messages in table.column("messages").to_pylist())
 
 
 def dataset_uri(storage_root: str, dataset_id: str) -> str:

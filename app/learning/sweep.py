@@ -8,10 +8,9 @@ options below may be searched: they are the ones that change what a run learns a
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,6 +21,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from app.learning import check_folder_id
 
 __all__ = [
     "SEARCHABLE",
@@ -46,7 +47,6 @@ SEARCHABLE = (
 """The fine-tuning options a sweep may search over."""
 
 _INTEGER = {"lora_rank", "epochs"}
-_SWEEP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class SearchRange(BaseModel):
@@ -115,11 +115,7 @@ class SweepConfig(BaseModel):
     @field_validator("sweep_id")
     @classmethod
     def _valid_id(cls, value: str | None) -> str | None:
-        if value is not None and not _SWEEP_ID.fullmatch(value):
-            raise ValueError(
-                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (a folder name)"
-            )
-        return value
+        return check_folder_id(value)
 
     @field_validator("search")
     @classmethod
@@ -146,7 +142,7 @@ class SweepConfig(BaseModel):
 
 def new_sweep_id(now: datetime | None = None) -> str:
     """A fresh id, ``sweep-YYYYMMDD-HHMMSS-<6 hex>``."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"sweep-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
