@@ -29,6 +29,7 @@ from app.config import (
     resolve_paths,
     validate_config,
 )
+from app.ray_setup import start_ray
 
 __all__ = ["main"]
 
@@ -66,15 +67,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = args.address or cfg.ray.address
-    ray.init(
-        address=address,
-        num_cpus=None if address else cfg.ray.num_cpus,
-        namespace=cfg.ray.namespace,
-        include_dashboard=False,
-        logging_level="WARNING",
-    )
+    start_ray(cfg, address=args.address, logging_level="WARNING", log_to_driver=True)
     logging_config = {"log_level": cfg.serve.log_level, "enable_access_log": cfg.serve.access_log}
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
     serve.run(

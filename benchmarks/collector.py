@@ -361,7 +361,7 @@ def main() -> None:
     print("direct-store baseline and the privacy filter's cost ...", flush=True)
     result["direct"] = bench_direct(payloads, 20_000, work)
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -195,7 +195,7 @@ def main() -> None:
             adapter_store = AdapterStore(work)
             for adapter_id in ids[:4]:
                 registry.register(adapter_store.manifest(adapter_id), adapter_store.uri(adapter_id), actor="bench")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
             url, _ = _serve(work, db, args.model, adapters=5)
             _load(url, 4, 5.0, ids[:4], args.tokens)  # warm-up: every adapter loaded once
             result["serve"] = {}

@@ -156,7 +156,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kaizen-scoring-"))
     result: dict[str, Any] = {"name": "scoring", "machine": f"{os.cpu_count()} cores", "args": vars(args)}
     try:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         print(f"score job over {args.interactions} stored interactions ...", flush=True)
         result["job"] = bench_job(work, args.interactions)
         result["live"] = bench_live(work, args.duration, args.rate, args.slow_rate, args.procs)

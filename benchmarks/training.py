@@ -147,7 +147,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kaizen-train-bench-"))
     rows = args.rows or (256 if args.gpu else 96)
     max_length = args.max_length or (2048 if args.gpu else 512)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         if args.gpu:
             runs = gpu_runs(work, rows, max_length)

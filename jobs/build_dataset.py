@@ -28,7 +28,6 @@ It stops with the count and the threshold when too few interactions are left (``
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -69,6 +68,7 @@ from app.learning.dataset import (
     to_table,
     write_dataset,
 )
+from app.ray_setup import start_ray
 
 __all__ = ["cli", "load_options", "main", "select_ids", "summary"]
 
@@ -136,11 +136,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             f"no scored interactions in the {engine} store{_window(opts)}, so no dataset "
             f"(threshold {base:.2f}); score pending ones with `python -m jobs.score`"
         )
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise the config's, or a local Ray.
-        joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=cfg.ray.address, num_cpus=None if joining else cfg.ray.num_cpus,
-                 namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)  # fmt: skip
+    start_ray(cfg)
 
     # Read, classify, filter and fingerprint in parallel; the readers wait on the database, not a CPU.
     candidates = _collect(

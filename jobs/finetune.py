@@ -79,6 +79,7 @@ from app.learning.training import (
     steps_per_epoch,
     tokenize_messages,
 )
+from app.ray_setup import start_ray
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -166,7 +167,7 @@ def main(
     """
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
-    _setup_ray(cfg)
+    start_ray(cfg)
     data = read_datasets(train, validation, rehearsal, fisher_data, heldout)
     warnings = _check_data(opts, data)
     for warning in warnings:
@@ -1249,17 +1250,6 @@ def _new_run_name(now: datetime | None = None) -> str:
 
 def _default_storage_path(cfg: KaizenConfig) -> str:
     return f"{cfg.model.checkpoint_dir.rstrip('/')}/runs"
-
-
-def _setup_ray(cfg: KaizenConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise the config's, or a local Ray.
-    joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    ray.init(address=cfg.ray.address, num_cpus=None if joining else cfg.ray.num_cpus,
-             namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)  # fmt: skip
 
 
 def _load_configs(path: str | None, overrides: Sequence[str]) -> tuple[KaizenConfig, FinetuneConfig]:

@@ -44,6 +44,7 @@ from app.config import (
     load_config,
     resolve_paths,
 )
+from app.ray_setup import start_ray
 
 __all__ = ["cli", "earlier_dataset", "main", "submit"]
 
@@ -83,7 +84,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     cycle_id = f"cycle-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     record: dict[str, Any] = {"cycle_id": cycle_id, "started_at": datetime.now(timezone.utc).isoformat(),
                               "options": learn.model_dump(mode="json"), "stages": {}}  # fmt: skip
-    finetune._setup_ray(cfg)
+    start_ray(cfg)
 
     def stage(number: int, name: str) -> Callable[[str], None]:
         progress(f"[{number}/{STAGES}] {name}")

@@ -16,7 +16,6 @@ it back in one transaction; the driver counts what came back.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from app.config import KaizenConfig, load_config, resolve_paths
+from app.ray_setup import start_ray
 
 __all__ = ["ScoreBatch", "ScoreJobResult", "main", "select_ids"]
 
@@ -121,11 +121,7 @@ def main(
     ids = select_ids(cfg, status=status, since=since, until=until, limit=limit)
     if not ids:
         return ScoreJobResult(0, 0, 0, 0, 0.0, 0.0, {})
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise the config's, or a local Ray.
-        joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=cfg.ray.address, num_cpus=None if joining else cfg.ray.num_cpus,
-                 namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)  # fmt: skip
+    start_ray(cfg)
     ds = ray.data.from_items([{"id": i} for i in ids]).map_batches(
         ScoreBatch,
         fn_constructor_args=(cfg.model_dump(mode="json"), execute),

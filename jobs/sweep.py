@@ -47,6 +47,7 @@ from app.learning.sweep import (
     tune_space,
 )
 from app.learning.training import FinetuneConfig, steps_per_epoch
+from app.ray_setup import start_ray
 from jobs import finetune
 
 __all__ = ["main", "results_table", "run_trial"]
@@ -93,7 +94,7 @@ def main(
 
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
-    finetune._setup_ray(cfg)
+    start_ray(cfg)
     data = finetune.read_datasets(train, validation, rehearsal, fisher_data, heldout)
     if "validation" not in data.datasets:
         raise ValueError("a sweep ranks trials by validation loss: give --validation rows (or a dataset folder with them)")

@@ -64,6 +64,7 @@ from app.learning.ssr import (
     sample_demonstrations,
     select_by_clusters,
 )
+from app.ray_setup import start_ray
 
 __all__ = [
     "DATA_FILE",
@@ -149,7 +150,11 @@ class _Generator:
         """``(text, truncated)`` per returned sequence (``num_return_sequences`` per prompt, in
         order); ``truncated``: no end-of-sequence token before the token limit. A row ends early
         once its text contains ``stop`` (kept in the text)."""
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessorList,
+            StoppingCriteriaList,
+        )
 
         rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(map(len, rows))
@@ -312,7 +317,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     for i, prompt in enumerate(prompts):
         prompt["prompt_id"] = i
 
-    _init_ray(cfg)
+    start_ray(cfg)
     num_gpus = _gpus_per_actor(opts)
     # 2. The base model writes inputs.
     candidates = _run_stage(
@@ -445,16 +450,6 @@ def manifest_hash(uri: str) -> str:
     fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
     with fs.open_input_stream(f"{path.rstrip('/')}/{MANIFEST_FILE}") as stream:
         return hashlib.sha256(stream.read()).hexdigest()
-
-
-def _init_ray(cfg: KaizenConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise the config's, or a local Ray.
-        joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=cfg.ray.address, num_cpus=None if joining else cfg.ray.num_cpus,
-                 namespace=cfg.ray.namespace, logging_level="ERROR", log_to_driver=False)  # fmt: skip
 
 
 def _gpus_per_actor(opts: SSRConfig) -> float:

@@ -90,7 +90,7 @@ def ray_session() -> Iterator[None]:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="kaizen-tests", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="kaizen-tests", log_to_driver=False)
     yield
     try:
         from ray import serve

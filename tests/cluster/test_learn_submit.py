@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def head(tmp_path: Path):
     """A Ray head node with the dashboard (the job server), stopped with its process group."""
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    previous = current.read_text() if current.exists() else None
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
@@ -55,6 +58,11 @@ def head(tmp_path: Path):
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+    # `ray start` left its address for bare ray.init() calls to find: put back what was there.
+    if previous is None:
+        current.unlink(missing_ok=True)
+    else:
+        current.write_text(previous)
 
 
 def test_a_submitted_cycle_runs_on_the_cluster_and_its_output_is_followed(head: str, tmp_path: Path) -> None:

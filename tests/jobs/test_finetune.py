@@ -76,6 +76,18 @@ def test_two_ddp_workers_learn_and_the_adapter_is_stored_and_registered(
     assert row["status"] == "candidate" and row["uri"] == two_worker_run["uri"]
     assert Path(row["uri"], "adapter_model.safetensors").is_file()
 
+    # The generator serves it: loaded from the store, it answers, and differently from the base.
+    from app.generation import ChatCompletionRequest, GeneratorService
+
+    service = GeneratorService("tiny", root=cfg.model.storage_root, adapter_store=AdapterStore(cfg.model.storage_root),
+                               device="cpu")  # fmt: skip
+    request = ChatCompletionRequest.model_validate({"model": adapter_id, "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Task 7: write the function we discussed."}]})  # fmt: skip
+    assert service.load_adapter(adapter_id).adapter_id == adapter_id
+    tuned, base = service.complete(request, adapter_id), service.complete(request)
+    assert tuned.model_version == adapter_id and tuned.completion_tokens > 0
+    assert tuned.text != base.text
+
 
 @pytest.mark.slow
 def test_a_failed_worker_resumes_from_the_checkpoint_step(two_worker_run: dict[str, Any]) -> None:
