@@ -85,6 +85,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     record: dict[str, Any] = {"cycle_id": cycle_id, "started_at": datetime.now(timezone.utc).isoformat(),
                               "options": learn.model_dump(mode="json"), "stages": {}}  # fmt: skip
     start_ray(cfg)
+    _quiet_ray_data()
 
     def stage(number: int, name: str) -> Callable[[str], None]:
         progress(f"[{number}/{STAGES}] {name}")
@@ -247,6 +248,18 @@ def submit(
         if status in terminal:
             return job_id, str(status.value if hasattr(status, "value") else status)
         time.sleep(1.0)
+
+
+def _quiet_ray_data() -> None:
+    """The cycle prints its own progress: no Ray Data progress bars or plan logs between its lines."""
+    import logging
+
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _has_validation(path: Path) -> bool:
