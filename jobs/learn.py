@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import sys
@@ -132,6 +133,8 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
             done(f"{made.rehearsal_id}: SSR kept no rows (dropped: {dropped}); training without rehearsal")
     record["rehearsal"] = str(rehearsal) if rehearsal else None
     heldout = earlier if earlier is not None and learn.measure_forgetting and _has_validation(earlier) else None
+    if rehearsal is None:
+        ft_opts = ft_opts.model_copy(update={"rehearsal_ratio": 0.0})  # nothing to mix in, and no warning about it
 
     done = stage(3, f"training ({learn.train_with})")
     if sweep_opts is not None:
@@ -145,7 +148,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
              f"{result['best']['objective']:.4f}); results in {result['path']}")  # fmt: skip
     else:
         adapter = finetune.main(cfg, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout,
-                                progress=lambda m: progress(f"      {finetune.describe_report(m)}"))  # fmt: skip
+                                progress=_Throttled(progress))  # fmt: skip
         record["training"] = {"run_path": adapter["run_path"], "warnings": adapter.get("warnings", [])}
         m = adapter["metrics"]
         done(f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
@@ -248,6 +251,21 @@ def submit(
         if status in terminal:
             return job_id, str(status.value if hasattr(status, "value") else status)
         time.sleep(1.0)
+
+
+class _Throttled:
+    """Training reports as lines: every evaluation and the end, other steps at most every few seconds."""
+
+    def __init__(self, emit: Callable[[str], None], every_s: float = 5.0) -> None:
+        self.emit, self.every_s, self.last = emit, every_s, -math.inf
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        from jobs.finetune import describe_report
+
+        now = time.monotonic()
+        if "val_loss" in metrics or metrics.get("final") or now - self.last >= self.every_s:
+            self.last = now
+            self.emit(f"      {describe_report(metrics)}")
 
 
 def _quiet_ray_data() -> None:
