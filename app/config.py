@@ -361,6 +361,20 @@ def section_errors(exc: ValidationError, model: type[BaseModel], section: str) -
     return messages
 
 
+def _job_section_errors(sections: dict[str, Any]) -> list[str]:
+    """Each job section's problems (an empty section is the job's defaults: nothing to import)."""
+    errors = []
+    for section, values in sections.items():
+        if not values or not isinstance(values, dict):
+            continue  # not a mapping: the config model has said so
+        model = job_options_class(section)
+        try:
+            model.model_validate(values)
+        except ValidationError as exc:
+            errors += section_errors(exc, model, section)
+    return errors
+
+
 def job_options(cfg: KaizenConfig, section: str, overrides: dict[str, Any] | None = None) -> Any:
     """The options object of a job section of ``cfg`` (with ``overrides`` on top).
 
@@ -400,6 +414,8 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
         cfg = KaizenConfig.model_validate(data or {})
     except ValidationError as exc:
         report.errors = _pydantic_errors(exc)
+        # The job sections are checked too, so that one pass names every bad key.
+        report.errors += _job_section_errors({k: v for k, v in (data or {}).items() if k in JOB_SECTIONS})
         return report
 
     c = cfg.collection
@@ -433,12 +449,7 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
         if not key.key and not key.key_env:
             report.errors.append(f"security.api_keys.{i}: set key or key_env")
 
-    for section in JOB_SECTIONS:
-        if getattr(cfg, section):  # an empty section is the job's defaults: nothing to import
-            try:
-                job_options(cfg, section)
-            except ConfigError as exc:
-                report.errors.extend(exc.errors)
+    report.errors += _job_section_errors({section: getattr(cfg, section) for section in JOB_SECTIONS})
 
     if cfg.quality.assessment_timeout_ms < 100:
         report.warnings.append(
