@@ -353,7 +353,7 @@ def section_errors(exc: ValidationError, model: type[BaseModel], section: str) -
         if err["type"] == "extra_forbidden":
             messages.append(f"{key}: unknown key (allowed: {', '.join(_allowed_keys(model, err['loc']))})")
         elif err["loc"]:
-            messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            messages.append(f"{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
         else:  # a model validator: a message that starts with a key names it, else the section
             text = err["msg"].removeprefix("Value error, ")
             first = text.split(":", 1)[0]

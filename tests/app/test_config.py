@@ -98,3 +98,21 @@ def test_hmac_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAIZEN_HMAC_KEY", "from-env")
     assert load_config().hmac_key() == b"from-env"
     assert not any("hmac_key" in w for w in validate_config({}).warnings)
+
+
+def test_job_sections_are_validated_by_their_jobs_options() -> None:
+    from app.config import job_options
+    from app.learning.training import FinetuneConfig
+
+    report = validate_config({"finetune": {"lora_rnk": 4, "masking": "l2"}, "sweep": {"search": {"bogus": [1]}},
+                              "learn": {"train_with": "magic"}, "quality": {"nope": 1}})  # fmt: skip
+    text = "\n".join(report.errors)
+    assert "finetune.lora_rnk: unknown key (allowed:" in text and "finetune.masking:" in text
+    assert "sweep.search: bogus: not searchable" in text and "learn.train_with:" in text
+    assert "quality.nope: unknown key" in text
+    # A model validator's message that starts with a key is named under the section.
+    report = validate_config({"finetune": {"strategy": "deepspeed"}})
+    assert report.errors == ["finetune.strategy: deepspeed needs use_gpu=true (DeepSpeed ZeRO runs on GPUs); use ddp on CPU"]
+    cfg = load_config(None, ["finetune.lora_rank=4", "sweep.num_samples=2"])
+    opts = job_options(cfg, "finetune")
+    assert isinstance(opts, FinetuneConfig) and opts.lora_rank == 4 and job_options(cfg, "sweep").num_samples == 2
