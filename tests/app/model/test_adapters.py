@@ -99,7 +99,8 @@ def test_save_writes_peft_files_and_manifest(trained: Trained, tmp_path: Path) -
         "lora_dropout": 0.0,
     }
     assert written["lineage"] == {
-        "dataset_manifest_hash": "d" * 64, "rehearsal_manifest_hash": None, "parent_adapter_id": None,
+        "dataset_manifest_hash": "d" * 64, "rehearsal_manifest_hash": None, "dataset_uri": None,
+        "rehearsal_uri": None, "parent_adapter_id": None,
         "hyperparameters": {"lr": 2e-2, "steps": 10}, "metrics": {"train_loss": trained.losses[-1]},
         "code_version": None,
     }  # fmt: skip
