@@ -615,6 +615,9 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     _setup_device(opts, device, config["max_vram_gb"])
+    if device.type == "cpu":
+        # Torch's threads follow the worker's CPU reservation, not whatever the environment says.
+        torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
     torch.manual_seed(opts.seed)  # the same LoRA initialisation on every rank
 
     peft_model, tokenizer = _setup_model(config, opts, device)

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app.config import KaizenConfig, load_config, resolve_paths
+from app.config import KaizenConfig
 from app.learning.ssr import (
     DomainReport,
     RehearsalManifest,
@@ -57,7 +57,6 @@ from app.learning.ssr import (
     demonstration_text,
     filter_inputs,
     group_by_domain,
-    load_ssr_config,
     new_rehearsal_id,
     parse_input,
     plan_prompts,
@@ -584,13 +583,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    from app.config import ConfigError
+    from app.config import ConfigError, load_job_config
 
     args = _parse(sys.argv[1:])
-    ssr_overrides = [o for o in args.overrides if o.startswith("ssr.")]
     try:
-        options = load_ssr_config(ssr_overrides)
-        config = resolve_paths(load_config(args.config, [o for o in args.overrides if o not in ssr_overrides]))
+        config, options = load_job_config(args.config, args.overrides, "ssr")
     except ConfigError as exc:
         print(f"python -m jobs.synthesize: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -30,8 +30,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from app.learning import check_folder_id
 from app.quality.code import check_syntax, extract_code_blocks
 
 __all__ = [
@@ -70,7 +78,6 @@ DEFAULT_TASK_DESCRIPTION = (
     '"{domain}", each followed by the assistant\'s answer. Every request is self-contained.'
 )
 
-_REHEARSAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class SSRConfig(BaseModel):
@@ -141,11 +148,7 @@ class SSRConfig(BaseModel):
     @field_validator("rehearsal_id")
     @classmethod
     def _valid_id(cls, value: str | None) -> str | None:
-        if value is not None and not _REHEARSAL_ID.fullmatch(value):
-            raise ValueError(
-                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (a folder name)"
-            )
-        return value
+        return check_folder_id(value)
 
     @model_validator(mode="after")
     def _bounds(self) -> SSRConfig:

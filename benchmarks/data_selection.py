@@ -1,0 +1,356 @@
+"""Data-selection benchmark: ``python -m benchmarks.data_selection [--quick] [--base-cache DIR]``.
+
+The seed's data-efficiency claim, measured in one run: from a pool of interactions in which a
+realistic share is poor, a LoRA adapter is trained (``jobs/finetune.py``, a fresh adapter each,
+the same options) on
+
+  (a) all    every interaction in the pool, as it was answered (the baseline);
+  (b) random a random subset of the same size as (c);
+  (c) kaizen Kaizen's selection of at most 10%: the interactions go through the real path into a
+             real SQLite store (``app.ingest.IngestPipeline``), are scored by ``app.quality``
+             (``QualityService.score_pending``), and ``jobs/build_dataset.py`` keeps those above
+             the inclusion threshold, drops duplicates, balances and picks a diverse, quality-
+             weighted subset with ``dataset.keep_fraction=0.1`` (k-center over MiniLM embeddings).
+
+The interactions are the three transformations of ``benchmarks/tasks.py`` (reverse, rotate, swap
+pairs of four words), asked of an assistant. About 30% of the answers are poor, as in real
+traffic: wrong (another transformation, a shuffled order, a word swapped for another) or sloppy
+(the right words wrapped in chatter, or in capitals with a period). Feedback follows the answer's
+quality as users give it: most good answers get a rating of 4 or 5 and most poor ones 1 or 2, some
+get none, and a few ratings are wrong.
+
+Score: exact match of greedy answers on 100 held-out inputs of each task (the mean over tasks);
+time: the training loop's seconds (``train_time_s``) and the job's wall time. Goal (issue 5):
+(c) scores at least as well as (a) in at most a tenth of (a)'s training time. The base model is the
+one ``benchmarks/forgetting.py`` pre-trains (shared through ``--base-cache``).
+
+Prints a table and writes ``benchmarks/results/data_selection.json``.
+
+Status (2026-11-22): runs end to end, no result committed yet: it waits on the base model of
+``benchmarks/forgetting.py`` learning the tasks (all held-out scores of the smoke run were 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import print_table
+from benchmarks.forgetting import (
+    Evaluator,
+    Settings,
+    TaskData,
+    _write_rows,
+    build_base_model,
+)
+from benchmarks.tasks import (
+    BENCHMARK_TASKS,
+    WORDS,
+    Task,
+    make_examples,
+    task_rows,
+    words_of,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Options:
+    pool_per_task: int = 400
+    poor_share: float = 0.3
+    keep_fraction: float = 0.1
+    test_rows: int = 100
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 8
+    seed: int = 0
+
+
+QUICK = {"pool_per_task": 60, "test_rows": 20, "epochs": 1}
+
+
+def _poor_answer(task: Task, words: list[str], rng: random.Random) -> tuple[str, str]:
+    """A poor answer to ``words`` and its kind."""
+    right = task.apply(list(words))
+    kind = rng.choice(["other_task", "shuffled", "wrong_word", "chatter", "shouting"])
+    if kind == "other_task":
+        other = rng.choice([t for t in BENCHMARK_TASKS if t.name != task.name])
+        return " ".join(other.apply(list(words))), kind
+    if kind == "shuffled":
+        wrong = list(right)
+        while wrong == right:
+            rng.shuffle(wrong)
+        return " ".join(wrong), kind
+    if kind == "wrong_word":
+        wrong = list(right)
+        wrong[rng.randrange(len(wrong))] = rng.choice(
+            [w for w in WORDS if w not in words]
+        )
+        return " ".join(wrong), kind
+    if kind == "chatter":
+        return (
+            f"Sure! Here is the result you asked for: {' '.join(right)}. Let me know if you need anything else!",
+            kind,
+        )
+    return " ".join(right).upper() + ".", kind
+
+
+def make_pool(
+    o: Options, rng: random.Random, held: dict[str, set[tuple[str, ...]]]
+) -> list[dict[str, Any]]:
+    """The pool: interactions with their answers, quality kind and the user's rating (or None)."""
+    pool = []
+    for task in BENCHMARK_TASKS:
+        for text, answer in make_examples(
+            task, o.pool_per_task, rng, exclude=held[task.name]
+        ):
+            words = list(words_of(task, text))
+            kind = "good"
+            if rng.random() < o.poor_share:
+                answer, kind = _poor_answer(task, words, rng)
+            good = kind == "good"
+            rating = None
+            if rng.random() < 0.75:  # most users leave a rating; some ratings are wrong
+                truthful = rng.random() < 0.9
+                rating = rng.choice([4, 5]) if good == truthful else rng.choice([1, 2])
+            pool.append(
+                {
+                    "task": task.name,
+                    "input": text,
+                    "answer": answer,
+                    "kind": kind,
+                    "rating": rating,
+                }
+            )
+    rng.shuffle(pool)
+    return pool
+
+
+def _events(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    start = datetime.now(UTC) - timedelta(days=1)
+    events = []
+    for i, item in enumerate(pool):
+        body: dict[str, Any] = {
+            "session_id": f"bench-{i % 50}",
+            "input": {"raw": item["input"]},
+            "output": {"content": item["answer"], "generation_time_ms": 300.0},
+            "context": {},
+        }
+        if item["rating"] is not None:
+            body["feedback"] = {"explicit": {"rating": item["rating"]}}
+        item["id"] = str(uuid.UUID(int=random.Random(i).getrandbits(128)))
+        events.append({"id": item["id"], "type": "interaction",
+                       "timestamp": (start + timedelta(seconds=i)).isoformat(), "body": body})  # fmt: skip
+    return events
+
+
+def _rows(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    tasks = {t.name: t for t in BENCHMARK_TASKS}
+    rows = []
+    for item in pool:
+        (row,) = task_rows(tasks[item["task"]], [(item["input"], item["answer"])])
+        row["interaction_id"] = item.get("id") or row["interaction_id"]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a short smoke run (numbers mean little)"
+    )
+    parser.add_argument(
+        "--base-cache",
+        type=Path,
+        default=None,
+        help="the pre-trained base model's cache (see forgetting)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="results file (default benchmarks/results/data_selection.json)",
+    )
+    args = parser.parse_args()
+    o = Options(**(QUICK if args.quick else {}))
+    s = Settings(
+        **({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {})
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(
+        logging.WARNING
+    )  # no per-stage progress lines
+    import torch
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="kaizen-data-selection-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "data_selection",
+        "quick": args.quick,
+        "options": asdict(o),
+    }
+    try:
+        import ray
+
+        from app.config import KaizenConfig
+        from app.ingest import IngestPipeline
+        from app.learning.dataset import DatasetConfig
+        from app.learning.training import FinetuneConfig
+        from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
+        from app.quality.service import QualityService
+        from app.store.sqlite import SQLiteStore
+        from jobs import build_dataset, finetune
+
+        tokenizer_dir = ensure_tokenizer_dir(work / "models" / TOKENIZER_DIRNAME)
+        base_dir = (
+            (args.base_cache / f"forgetting-base-{s.base_key()}")
+            if args.base_cache
+            else work / "models" / "base"
+        )
+        if not (base_dir / "config.json").is_file():
+            print("base model: pre-training ...", flush=True)
+            base_dir.parent.mkdir(parents=True, exist_ok=True)
+            build_base_model(base_dir, tokenizer_dir, s)
+        result["base_model"] = str(base_dir)
+
+        rng = random.Random(o.seed)
+        tests, held = [], {}
+        for task in BENCHMARK_TASKS:
+            test = make_examples(task, o.test_rows, random.Random(f"test:{task.name}"))
+            held[task.name] = {words_of(task, x) for x, _ in test}
+            tests.append(TaskData(task, [], [], test, work))
+        pool = make_pool(o, rng, held)
+        result["pool"] = {"interactions": len(pool), "poor": sum(p["kind"] != "good" for p in pool),
+                          "kinds": {k: sum(p["kind"] == k for p in pool) for k in sorted({p["kind"] for p in pool})}}  # fmt: skip
+
+        cfg = KaizenConfig.model_validate({
+            "model": {"base_model": str(base_dir), "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
+            "store": {"sqlite_path": str(work / "kaizen.db")}, "privacy": {"hmac_key": "benchmark"},
+            "ray": {"num_cpus": 2},
+        })  # fmt: skip
+        # The real path into a real store, then the quality scores.
+        t0 = time.perf_counter()
+        store = SQLiteStore(work / "kaizen.db")
+        store.migrate()
+        prepared = IngestPipeline(cfg).prepare(_events(pool))
+        store.write(prepared.to_commit)
+        QualityService(store).score_pending()
+        store.close()
+        result["scoring_seconds"] = round(time.perf_counter() - t0, 1)
+
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
+        t0 = time.perf_counter()
+        manifest = build_dataset.main(cfg, DatasetConfig(dataset_id="kaizen-selection", keep_fraction=o.keep_fraction,
+                                                         min_examples=8, validation_fraction=0.1, seed=o.seed))  # fmt: skip
+        result["selection"] = {"seconds": round(time.perf_counter() - t0, 1), "funnel": manifest.funnel.model_dump(),
+                               "rows": manifest.rows, "share_of_pool": manifest.rows / len(pool)}  # fmt: skip
+        selected = set()
+        import pyarrow.parquet as pq
+
+        for split in ("train", "validation"):
+            selected |= set(
+                pq.read_table(Path(manifest.uri) / f"{split}.parquet")
+                .column("interaction_id")
+                .to_pylist()
+            )
+        by_id = {p["id"]: p for p in pool}
+        picked = [by_id[i] for i in selected if i in by_id]
+        result["selection"]["poor_share"] = sum(
+            p["kind"] != "good" for p in picked
+        ) / max(1, len(picked))
+
+        sets = {
+            "all": work / "sets" / "all",
+            "random": work / "sets" / "random",
+            "kaizen": Path(manifest.uri),
+        }
+        _write_rows(sets["all"] / "train.parquet", _rows(pool))
+        _write_rows(
+            sets["random"] / "train.parquet",
+            _rows(random.Random(o.seed + 1).sample(pool, len(picked))),
+        )
+        evaluator = Evaluator(base_dir, work)
+        result["runs"] = {}
+        for name, folder in sets.items():
+            opts = FinetuneConfig(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lr=o.lr, epochs=o.epochs,
+                                  batch_size=o.batch_size, max_length=96, rehearsal_ratio=0.0, continue_from=None,
+                                  num_workers=1, cpus_per_worker=2, checkpoint_every_steps=100_000,
+                                  early_stopping_patience=0, seed=o.seed)  # fmt: skip
+            t0 = time.perf_counter()
+            out = finetune.main(
+                cfg, opts, folder, validation=None, run_name=f"select-{name}"
+            )
+            wall = time.perf_counter() - t0
+            scores = evaluator.scores(out["adapter_id"], tests)
+            m = out["metrics"]
+            result["runs"][name] = {"rows": m["rows"]["train"], "steps": m["steps"], "train_time_s": m["train_time_s"],
+                                    "wall_s": round(wall, 1), "scores": scores, "score": sum(scores) / len(scores)}  # fmt: skip
+            print(f"  {name}: {m['rows']['train']} rows, score {sum(scores) / len(scores):.3f}, "
+                  f"train {m['train_time_s']:.0f} s", flush=True)  # fmt: skip
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+    runs = result["runs"]
+    a, c = runs["all"], runs["kaizen"]
+    result["goals"] = [
+        {"goal": "Kaizen's selection scores at least as well as all", "measured": c["score"],
+         "target": f">= {a['score']:.3f}", "passed": c["score"] >= a["score"]},
+        {"goal": "in at most a tenth of the training time", "measured": c["train_time_s"],
+         "target": f"<= {a['train_time_s'] / 10:.1f} s (all {a['train_time_s']:.1f} s / 10)",
+         "passed": c["train_time_s"] <= a["train_time_s"] / 10},
+    ]  # fmt: skip
+    if (
+        max(r["score"] for r in runs.values()) < 0.1
+    ):  # nothing learned: a "pass" would mean nothing
+        for g in result["goals"]:
+            g["passed"], g["not_measured"] = (
+                None,
+                "no training set taught the tasks (every held-out score < 0.1)",
+            )
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    print_table(("training set", "rows", "held-out score", "per task", "train s", "wall s"),
+                [(n, r["rows"], f"{r['score']:.3f}", " ".join(f"{x:.2f}" for x in r["scores"]), f"{r['train_time_s']:.1f}",
+                  f"{r['wall_s']:.0f}") for n, r in runs.items()])  # fmt: skip
+    print_table(("goal ((c) vs (a), same run)", "measured", "target", "result"),
+                [(g["goal"], f"{g['measured']:.3f}", g["target"], "NOT MEASURED" if g["passed"] is None else "PASS" if g["passed"] else "FAIL") for g in result["goals"]])  # fmt: skip
+    output = args.output or RESULTS / "data_selection.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Small text transformations for the learning benchmarks, their scoring, and the continual-learning
+metrics (average score, backward transfer, forgetting, relative forgetting rate).
+
+Every task reads one input of the same shape, ``<instruction>: w1 w2 ... wn`` (lower-case common
+English words), and answers with the words transformed, for example ``reverse: apple river stone
+cloud`` -> ``cloud stone river apple``. Answers are a few tokens long, so a small model learns a
+task in minutes on a CPU and greedy generation is scored by exact match.
+
+Two families, disjoint by instruction:
+
+* :data:`BENCHMARK_TASKS` are learned one after another by ``benchmarks/forgetting.py``. They share
+  the input format, so fine-tuning on a later task alone pulls the model towards applying the
+  latest transformation to every input: measurable forgetting.
+* :data:`PRETRAIN_TASKS` make up the general corpus a benchmark's base model is pre-trained on
+  (:func:`pretraining_texts`): the analogue of an LLM's pre-training. They cover the benchmark's
+  input distribution (the same words, lengths and ``Input: ... Output: ...`` blocks that SSR's
+  prompts use), but none of the benchmark's transformations.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "BENCHMARK_TASKS",
+    "INSTRUCTION_WORDS",
+    "PRETRAIN_TASKS",
+    "WORDS",
+    "Task",
+    "average_score",
+    "backward_transfer",
+    "exact_match",
+    "fewshot_block",
+    "forgetting",
+    "make_examples",
+    "normalize_answer",
+    "pretraining_texts",
+    "relative_forgetting_rate",
+    "task_rows",
+]
+
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "table",
+    "window",
+    "orange",
+    "silver",
+    "music",
+    "planet",
+    "rabbit",
+    "summer",
+    "winter",
+    "forest",
+    "market",
+    "doctor",
+    "rocket",
+    "coffee",
+    "dragon",
+    "engine",
+    "flower",
+    "hammer",
+    "mirror",
+    "needle",
+    "shadow",
+    "wallet",
+    "house",
+    "water",
+    "paper",
+    "horse",
+    "bread",
+    "chair",
+    "train",
+    "phone",
+    "ocean",
+    "beach",
+    "snow",
+    "moon",
+    "tree",
+    "bird",
+    "fish",
+    "book",
+    "door",
+    "ship",
+    "king",
+    "queen",
+    "glass",
+    "salt",
+]
+"""The words inputs are made of: 48 nouns, each a single token of Qwen2.5's tokenizer both with and
+without a leading space, so that every task is a fixed pattern over token positions."""
+
+
+INSTRUCTION_WORDS = ("reverse", "rotate", "swap", "pairs")
+"""The benchmark tasks' instruction words. The general corpus uses them as ordinary input words,
+so that their embeddings are trained (in an LLM every common word is), while the transformations
+they name are never shown."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One transformation: ``instruction`` names it in the input; ``apply`` maps the words."""
+
+    name: str
+    instruction: str
+    apply: Callable[[list[str]], list[str]]
+    lengths: tuple[int, ...] = (4,)
+    """Numbers of words an input may have."""
+
+    def input_text(self, words: Sequence[str]) -> str:
+        return f"{self.instruction}: {' '.join(words)}"
+
+    def answer(self, words: Sequence[str]) -> str:
+        return " ".join(self.apply(list(words)))
+
+
+def _swap_pairs(words: list[str]) -> list[str]:
+    out = list(words)
+    for i in range(0, len(out) - 1, 2):
+        out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
+BENCHMARK_TASKS: tuple[Task, ...] = (
+    Task("reverse", "reverse", lambda w: w[::-1]),
+    Task("rotate", "rotate", lambda w: w[1:] + w[:1]),
+    Task("swap", "swap pairs", _swap_pairs),
+)
+"""Learned in this order by the forgetting benchmark; four words in, four words out."""
+
+PRETRAIN_TASKS: tuple[Task, ...] = (
+    Task("copy", "copy", lambda w: list(w)),
+    Task("first", "first", lambda w: w[:1]),
+    Task("last", "last", lambda w: w[-1:]),
+    Task("second", "second", lambda w: w[1:2]),
+    Task("drop-first", "drop first", lambda w: w[1:]),
+    Task("drop-last", "drop last", lambda w: w[:-1]),
+    Task("first-two", "first two", lambda w: w[:2]),
+    Task("last-two", "last two", lambda w: w[-2:]),
+    Task("ends", "ends", lambda w: [w[0], w[-1]]),
+    Task("repeat-first", "repeat first", lambda w: [w[0]] + w),
+    Task("repeat-last", "repeat last", lambda w: w + [w[-1]]),
+    Task("middle", "middle", lambda w: w[1:-1]),
+    Task("third", "third", lambda w: w[2:3]),
+)
+"""The general corpus's transformations: copying, selecting and dropping by position."""
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: whitespace collapsed, case folded, a trailing period dropped."""
+    return " ".join(text.split()).casefold().rstrip(".")
+
+
+def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> float:
+    """The share of predictions equal to their target after :func:`normalize_answer`; NaN for none."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+    if not targets:
+        return float("nan")
+    return sum(
+        normalize_answer(p) == normalize_answer(t) for p, t in zip(predictions, targets)
+    ) / len(targets)
+
+
+def make_examples(
+    task: Task,
+    n: int,
+    rng: random.Random,
+    *,
+    exclude: Iterable[tuple[str, ...]] = (),
+    words: Sequence[str] = WORDS,
+) -> list[tuple[str, str]]:
+    """``n`` distinct ``(input, answer)`` pairs of ``task``, ``words`` drawn without repetition
+    within an input; word tuples in ``exclude`` are never drawn (held-out sets stay unseen)."""
+    seen = set(map(tuple, exclude))
+    out: list[tuple[str, str]] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"cannot draw {n} distinct inputs for {task.name}")
+        drawn = tuple(rng.sample(list(words), rng.choice(task.lengths)))
+        if drawn in seen:
+            continue
+        seen.add(drawn)
+        out.append((task.input_text(drawn), task.answer(drawn)))
+    return out
+
+
+def words_of(task: Task, text: str) -> tuple[str, ...]:
+    """The words of an input of ``task`` (its instruction prefix removed)."""
+    prefix = f"{task.instruction}:"
+    if not text.startswith(prefix):
+        raise ValueError(f"{text!r} is no input of {task.name}")
+    return tuple(text[len(prefix) :].split())
+
+
+TRAINING_SCHEMA_COLUMNS = (
+    "interaction_id", "timestamp", "instruction", "input", "output", "quality_score", "domain", "complexity",
+    "learning_type", "project_context", "features", "messages",
+)  # fmt: skip
+
+
+def task_rows(
+    task: Task, examples: Sequence[tuple[str, str]], *, prefix: str = ""
+) -> list[dict[str, Any]]:
+    """Training rows of ``task`` with the columns ``jobs/build_dataset.py`` writes (the seed's
+    training-dataset schema plus ``messages``): the input is the user's turn, the answer the
+    assistant's, the task's name the domain."""
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    rows = []
+    for i, (text, answer) in enumerate(examples):
+        messages = [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append({
+            "interaction_id": f"{prefix}{task.name}-{i}", "timestamp": now, "instruction": text, "input": "",
+            "output": answer, "quality_score": 1.0, "domain": [task.name], "complexity": "simple",
+            "learning_type": "new_knowledge", "project_context": "{}", "features": "{}",
+            "messages": json.dumps(messages),
+        })  # fmt: skip
+    return rows
+
+
+def fewshot_block(description: str, examples: Sequence[tuple[str, str]]) -> str:
+    """A task description and ``Input: ... / Output: ...`` paragraphs: the layout of SSR's 2-shot
+    prompts (``app.learning.ssr.build_prompt``) with every answer filled in."""
+    parts = [description.strip()] + [
+        f"Input: {inp}\nOutput: {out}" for inp, out in examples
+    ]
+    return "\n\n".join(parts)
+
+
+def pretraining_texts(
+    n: int,
+    rng: random.Random,
+    chat: Callable[[str, str], str],
+    describe: Callable[[str], str],
+    *,
+    tasks: Sequence[Task] = PRETRAIN_TASKS,
+    copy_weight: float = 5.0,
+    chat_share: float = 0.5,
+    shots: tuple[int, int] = (3, 5),
+) -> list[list[tuple[str, bool]]]:
+    """The general corpus: ``n`` documents, each either a few-shot block of one task
+    (:func:`fewshot_block`, ``describe(task name)`` as its description) or one exchange of a task
+    rendered by ``chat(user, assistant)`` (the tokenizer's chat template).
+
+    A document comes as segments ``(text, random)`` that join into its text; ``random`` marks the
+    input words, which are drawn at random (nothing can predict them, so pre-training may weigh
+    them less). ``copy`` is drawn ``copy_weight`` times as often as another task: copying is
+    what the others build on, and a small model learns it first (a curriculum in proportions).
+    Inputs draw from :data:`WORDS` and :data:`INSTRUCTION_WORDS`."""
+    docs = []
+    vocabulary = (*WORDS, *INSTRUCTION_WORDS)
+    weights = [copy_weight if t.name == "copy" else 1.0 for t in tasks]
+    for _ in range(n):
+        (task,) = rng.choices(tasks, weights)
+        if rng.random() < chat_share:
+            examples = make_examples(task, 1, rng, words=vocabulary)
+            text = chat(*examples[0])
+        else:
+            examples = make_examples(task, rng.randint(*shots), rng, words=vocabulary)
+            text = fewshot_block(describe(task.name), examples)
+        docs.append(_mark_inputs(text, task, [x for x, _ in examples]))
+    return docs
+
+
+def _mark_inputs(
+    text: str, task: Task, inputs: Sequence[str]
+) -> list[tuple[str, bool]]:
+    """``text`` cut into segments, the words of each input (after its instruction) marked."""
+    segments: list[tuple[str, bool]] = []
+    at = 0
+    head = len(task.instruction) + 1  # "<instruction>:"
+    for inp in inputs:
+        start = text.index(inp, at)
+        segments.append((text[at : start + head], False))
+        segments.append((text[start + head : start + len(inp)], True))
+        at = start + len(inp)
+    segments.append((text[at:], False))
+    return [seg for seg in segments if seg[0]]
+
+
+# --- continual-learning metrics -----------------------------------------------------------------
+# ``scores[j][i]``: the score on task i after training stage j (stage j learns task j).
+
+
+def _check(scores: Sequence[Sequence[float]]) -> int:
+    t = len(scores)
+    if t == 0 or any(len(row) != t for row in scores):
+        raise ValueError(
+            "scores must be a square matrix: one row per stage, one column per task"
+        )
+    return t
+
+
+def average_score(scores: Sequence[Sequence[float]]) -> float:
+    """The mean score over all tasks after the last stage."""
+    t = _check(scores)
+    return sum(scores[-1]) / t
+
+
+def backward_transfer(scores: Sequence[Sequence[float]]) -> float:
+    """BWT (Lopez-Paz and Ranzato, 2017): the mean over earlier tasks of the final score minus the
+    score just after learning the task; negative when learning later tasks hurt earlier ones."""
+    t = _check(scores)
+    if t < 2:
+        return 0.0
+    return sum(scores[-1][i] - scores[i][i] for i in range(t - 1)) / (t - 1)
+
+
+def forgetting(scores: Sequence[Sequence[float]]) -> float:
+    """The mean over earlier tasks of the best score any stage reached on the task (from the
+    stage that learned it on) minus the final score."""
+    t = _check(scores)
+    if t < 2:
+        return 0.0
+    return sum(
+        max(scores[j][i] for j in range(i, t)) - scores[-1][i] for i in range(t - 1)
+    ) / (t - 1)
+
+
+def relative_forgetting_rate(scores: Sequence[Sequence[float]]) -> float:
+    """The seed's forgetting rate (its ``ForgettingTestSuite``: how much of the performance on
+    historical tasks a new model lost against the baseline that knew them), as a share: the mean
+    over earlier tasks of (best - final) / best. Tasks never learned (best 0) are left out; 0 when
+    none are left. The seed quotes 0.935 for Qwen2.5-14B without mitigation, goal < 0.3."""
+    t = _check(scores)
+    rates = []
+    for i in range(t - 1):
+        best = max(scores[j][i] for j in range(i, t))
+        if best > 0:
+            rates.append((best - scores[-1][i]) / best)
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+def summarize(scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Every metric above, and the score on the last task after the last stage."""
+    return {
+        "average": average_score(scores),
+        "last_task": scores[-1][-1],
+        "backward_transfer": backward_transfer(scores),
+        "forgetting": forgetting(scores),
+        "forgetting_rate": relative_forgetting_rate(scores),
+    }
+
+
+def rows_by_domain(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many rows each (primary) domain has."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        domain = (row.get("domain") or ["?"])[0]
+        counts[domain] = counts.get(domain, 0) + 1
+    return counts

@@ -1,0 +1,138 @@
+"""``benchmarks/tasks.py``: the task generators, the scoring and the continual-learning metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from benchmarks.tasks import (
+    BENCHMARK_TASKS,
+    INSTRUCTION_WORDS,
+    PRETRAIN_TASKS,
+    WORDS,
+    average_score,
+    backward_transfer,
+    exact_match,
+    fewshot_block,
+    forgetting,
+    make_examples,
+    pretraining_texts,
+    relative_forgetting_rate,
+    summarize,
+    task_rows,
+    words_of,
+)
+
+TASKS = {t.name: t for t in BENCHMARK_TASKS}
+
+
+def test_the_benchmark_transformations() -> None:
+    words = ["apple", "river", "stone", "cloud"]
+    assert TASKS["reverse"].answer(words) == "cloud stone river apple"
+    assert TASKS["rotate"].answer(words) == "river stone cloud apple"
+    assert TASKS["swap"].answer(words) == "river apple cloud stone"
+    assert TASKS["swap"].input_text(words) == "swap pairs: apple river stone cloud"
+    assert words_of(TASKS["swap"], "swap pairs: apple river stone cloud") == tuple(
+        words
+    )
+    with pytest.raises(ValueError):
+        words_of(TASKS["reverse"], "rotate: apple river stone cloud")
+
+
+def test_the_families_are_disjoint_and_differ_on_every_input() -> None:
+    instructions = [t.instruction for t in (*BENCHMARK_TASKS, *PRETRAIN_TASKS)]
+    assert len(set(instructions)) == len(instructions)
+    words = WORDS[:4]
+    answers = [t.answer(words) for t in BENCHMARK_TASKS]
+    assert len(set(answers)) == len(
+        answers
+    )  # a later task really overwrites an earlier one
+    assert len(set(WORDS)) == len(WORDS) == 48
+
+
+def test_examples_are_distinct_seeded_and_respect_exclusions() -> None:
+    task = TASKS["reverse"]
+    a = make_examples(task, 50, random.Random(1))
+    assert a == make_examples(task, 50, random.Random(1))
+    assert len({x for x, _ in a}) == 50
+    held = [words_of(task, x) for x, _ in a[:25]]
+    b = make_examples(task, 50, random.Random(2), exclude=held)
+    assert not {words_of(task, x) for x, _ in b} & set(held)
+    for x, y in b:
+        assert y == task.answer(words_of(task, x)) and len(words_of(task, x)) == 4
+
+
+def test_rows_and_corpus_formats() -> None:
+    task = TASKS["rotate"]
+    rows = task_rows(task, [("rotate: a b c d", "b c d a")], prefix="t-")
+    (row,) = rows
+    assert (
+        row["interaction_id"] == "t-rotate-0"
+        and row["domain"] == ["rotate"]
+        and row["input"] == ""
+    )
+    assert json.loads(row["messages"]) == [{"role": "user", "content": "rotate: a b c d"},
+                                           {"role": "assistant", "content": "b c d a"}]  # fmt: skip
+    block = fewshot_block("Examples.", [("copy: a b", "a b"), ("copy: c d", "c d")])
+    assert (
+        block
+        == "Examples.\n\nInput: copy: a b\nOutput: a b\n\nInput: copy: c d\nOutput: c d"
+    )
+    docs = pretraining_texts(
+        200,
+        random.Random(0),
+        lambda u, a: f"<u>{u}</u><a>{a}</a>",
+        lambda n: f"Ex {n}.",
+    )
+    texts = ["".join(text for text, _ in doc) for doc in docs]
+    assert any(t.startswith("<u>") for t in texts) and any(
+        t.startswith("Ex ") for t in texts
+    )
+    assert not any(
+        f"{t.instruction}:" in text for text in texts for t in BENCHMARK_TASKS
+    )  # unseen transformations
+    assert any(
+        w in text for text in texts for w in INSTRUCTION_WORDS
+    )  # but their words are known
+    chat_docs = [doc for doc, t in zip(docs, texts) if t.startswith("<u>")]
+    for doc in chat_docs[:20]:
+        (marked,) = [text for text, random_words in doc if random_words]
+        assert len(marked.split()) == 4 and marked.startswith(
+            " "
+        )  # the four input words, nothing else
+    copies = sum(t.startswith("<u>copy:") for t in texts) / max(1, len(chat_docs))
+    assert copies > 0.2  # copy is drawn five times as often as each of the 12 others
+
+
+def test_exact_match() -> None:
+    assert exact_match(["Cloud  stone.", "x"], ["cloud stone", "y"]) == 0.5
+    assert math.isnan(exact_match([], []))
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
+
+
+def test_continual_learning_metrics() -> None:
+    # Stage j learns task j. Task 0: 0.9 -> 0.6 -> 0.3; task 1: 0.8 -> 0.8; task 2: 0.7.
+    scores = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.0], [0.3, 0.8, 0.7]]
+    assert average_score(scores) == pytest.approx((0.3 + 0.8 + 0.7) / 3)
+    assert backward_transfer(scores) == pytest.approx(((0.3 - 0.9) + (0.8 - 0.8)) / 2)
+    assert forgetting(scores) == pytest.approx((0.6 + 0.0) / 2)
+    assert relative_forgetting_rate(scores) == pytest.approx((0.6 / 0.9 + 0.0) / 2)
+    summary = summarize(scores)
+    assert summary["last_task"] == 0.7 and summary["forgetting"] == pytest.approx(0.3)
+
+
+def test_forgetting_uses_the_best_score_not_the_first() -> None:
+    # Task 0 improves after stage 0 (positive transfer), then drops: forgetting counts from the peak.
+    scores = [[0.5, 0.0, 0.0], [0.9, 0.7, 0.0], [0.6, 0.7, 0.8]]
+    assert backward_transfer(scores) == pytest.approx(((0.6 - 0.5) + 0.0) / 2)
+    assert forgetting(scores) == pytest.approx((0.3 + 0.0) / 2)
+    assert relative_forgetting_rate(scores) == pytest.approx((0.3 / 0.9) / 2)
+    # Never learned: no rate for that task; a single stage forgets nothing.
+    assert relative_forgetting_rate([[0.0, 0.0], [0.0, 1.0]]) == 0.0
+    assert forgetting([[1.0]]) == 0.0 and backward_transfer([[1.0]]) == 0.0
+    with pytest.raises(ValueError):
+        forgetting([[1.0, 0.0]])
