@@ -294,7 +294,8 @@ def main() -> None:
         _write_rows(sets["all"] / "train.parquet", _rows(pool))
         _write_rows(
             sets["random"] / "train.parquet",
-            _rows(random.Random(o.seed + 1).sample(pool, len(picked))),
+            # As many rows as Kaizen's selection trains on (its validation rows only validate).
+            _rows(random.Random(o.seed + 1).sample(pool, manifest.funnel.train)),
         )
         evaluator = Evaluator(base_dir, work)
         result["runs"] = {}
