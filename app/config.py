@@ -31,6 +31,7 @@ __all__ = [
     "job_options",
     "load_config",
     "load_job_config",
+    "section_options",
     "resolve_paths",
     "validate_config",
 ]
@@ -367,23 +368,36 @@ def _job_section_errors(sections: dict[str, Any]) -> list[str]:
     for section, values in sections.items():
         if not values or not isinstance(values, dict):
             continue  # not a mapping: the config model has said so
-        model = job_options_class(section)
         try:
-            model.model_validate(values)
-        except ValidationError as exc:
-            errors += section_errors(exc, model, section)
+            section_options(section, base=values)
+        except ConfigError as exc:
+            errors += exc.errors
     return errors
 
 
-def job_options(cfg: KaizenConfig, section: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The options object of a job section of ``cfg`` (with ``overrides`` on top).
+def job_options(cfg: KaizenConfig, section: str) -> Any:
+    """The options object of a job section of ``cfg``.
 
     Raises:
         ConfigError: every problem as ``section.key: reason``.
     """
+    return section_options(section, base=getattr(cfg, section))
+
+
+def section_options(section: str, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> Any:
+    """A job's options object from ``section.key=value`` overrides (values parsed as YAML) on
+    ``base`` (the section's mapping, as in a config file).
+
+    Raises:
+        ConfigError: every problem as ``section.key: reason``; an override of another section.
+    """
+    data = apply_overrides({section: dict(base or {})}, list(overrides or []))
+    errors = [f"{key}: unknown section ({section} options are {section}.<key>=<value>)" for key in data if key != section]
+    if errors:
+        raise ConfigError(errors)
     model = job_options_class(section)
     try:
-        return model.model_validate({**getattr(cfg, section), **(overrides or {})})
+        return model.model_validate(data[section])
     except ValidationError as exc:
         raise ConfigError(section_errors(exc, model, section)) from None
 

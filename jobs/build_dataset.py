@@ -70,7 +70,7 @@ from app.learning.dataset import (
 )
 from app.ray_setup import start_ray
 
-__all__ = ["cli", "load_options", "main", "select_ids", "summary"]
+__all__ = ["cli", "main", "select_ids", "summary"]
 
 QUALITY_STATUS = "scored"
 
@@ -243,16 +243,6 @@ def summary(manifest: DatasetManifest) -> str:
     ])  # fmt: skip
 
 
-def load_options(config: str | None, overrides: list[str] | None = None) -> tuple[KaizenConfig, DatasetConfig]:
-    """The Kaizen config and its ``dataset`` section's options, from a config file and
-    ``key=value`` overrides (``dataset.*`` keys among them).
-
-    Raises:
-        ConfigError: every problem of both, each naming its key.
-    """
-    return load_job_config(config, overrides, "dataset")
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.build_dataset", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
@@ -265,7 +255,7 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1: too few interactions, 2: a bad option)."""
     args = _parse(argv)
     try:
-        cfg, opts = load_options(args.config, args.overrides)
+        cfg, opts = load_job_config(args.config, args.overrides, "dataset")
     except ConfigError as exc:
         print(f"build_dataset: {exc}", file=sys.stderr)
         return 2

@@ -1255,17 +1255,6 @@ def _default_storage_path(cfg: KaizenConfig) -> str:
     return f"{cfg.model.checkpoint_dir.rstrip('/')}/runs"
 
 
-def _load_configs(path: str | None, overrides: Sequence[str]) -> tuple[KaizenConfig, FinetuneConfig]:
-    """The config file with the overrides, and its ``finetune`` section as the options.
-
-    Raises:
-        ConfigError: every problem, each naming its key.
-    """
-    from app.config import load_job_config
-
-    return load_job_config(path, list(overrides), "finetune")
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
@@ -1280,11 +1269,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
-    from app.config import ConfigError
+    from app.config import ConfigError, load_job_config
 
     args = _parse(argv)
     try:
-        cfg, opts = _load_configs(args.config, args.overrides)
+        cfg, opts = load_job_config(args.config, args.overrides, "finetune")
     except ConfigError as exc:
         print(f"python -m jobs.finetune: {exc}", file=sys.stderr)
         return 2

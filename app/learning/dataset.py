@@ -58,7 +58,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -99,7 +98,6 @@ __all__ = [
     "format_chatml",
     "interaction_messages",
     "interaction_row",
-    "load_dataset_config",
     "new_dataset_id",
     "normalize_text",
     "quality_histogram",
@@ -235,19 +233,6 @@ class DatasetConfig(BaseModel):
             raise ValueError(f"until ({self.until.isoformat()}) must be after since ({self.since.isoformat()})")
         return self
 
-
-def load_dataset_config(data: Mapping[str, Any] | None = None) -> DatasetConfig:
-    """A :class:`DatasetConfig` from the ``dataset`` section of a raw config mapping.
-
-    Raises:
-        ConfigError: every problem as ``dataset.<key>: reason``.
-    """
-    from app.config import ConfigError, section_errors
-
-    try:
-        return DatasetConfig.model_validate(dict(data or {}))
-    except ValidationError as exc:
-        raise ConfigError(section_errors(exc, DatasetConfig, "dataset")) from None
 
 
 def threshold_manager(base: float, adjustments: Mapping[str, float] | None = None) -> ThresholdManager:

@@ -34,7 +34,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -58,7 +57,6 @@ __all__ = [
     "demonstration_text",
     "filter_inputs",
     "group_by_domain",
-    "load_ssr_config",
     "nearest_to_centroids",
     "new_rehearsal_id",
     "normalize",
@@ -162,23 +160,6 @@ class SSRConfig(BaseModel):
             )
         return self
 
-
-def load_ssr_config(overrides: Sequence[str] | None = None, base: Mapping[str, Any] | None = None) -> SSRConfig:
-    """An :class:`SSRConfig` from ``ssr.key=value`` overrides (values parsed as YAML) on ``base``.
-
-    Raises:
-        ConfigError: every problem as ``ssr.<key>: reason``.
-    """
-    from app.config import ConfigError, apply_overrides, section_errors
-
-    data = apply_overrides({"ssr": dict(base or {})}, list(overrides or []))
-    errors = [f"{key}: unknown section (SSR options are ssr.<key>=<value>)" for key in data if key != "ssr"]
-    if errors:
-        raise ConfigError(errors)
-    try:
-        return SSRConfig.model_validate(data["ssr"])
-    except ValidationError as exc:
-        raise ConfigError(section_errors(exc, SSRConfig, "ssr")) from None
 
 
 def new_rehearsal_id(now: datetime | None = None) -> str:

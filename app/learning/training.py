@@ -27,7 +27,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "EarlyStopping",
     "FinetuneConfig",
     "collate",
-    "load_finetune_config",
     "lr_factor",
     "mix_rehearsal",
     "parse_messages",
@@ -213,27 +211,6 @@ class FinetuneConfig(BaseModel):
             return "bf16"
         return "fp32"
 
-
-def load_finetune_config(
-    overrides: Sequence[str] | None = None, base: Mapping[str, Any] | None = None
-) -> FinetuneConfig:
-    """A :class:`FinetuneConfig` from ``finetune.key=value`` overrides (values parsed as YAML)
-    on ``base`` (a config file's ``finetune:`` section).
-
-    Raises:
-        ConfigError: every problem as ``finetune.<key>: reason``.
-    """
-    from app.config import ConfigError, apply_overrides, section_errors
-
-    data = apply_overrides({"finetune": dict(base or {})}, list(overrides or []))
-    errors = [f"{key}: unknown section (fine-tuning options are finetune.<key>=<value>)"
-              for key in data if key != "finetune"]  # fmt: skip
-    if errors:
-        raise ConfigError(errors)
-    try:
-        return FinetuneConfig.model_validate(data["finetune"])
-    except ValidationError as exc:
-        raise ConfigError(section_errors(exc, FinetuneConfig, "finetune")) from None
 
 
 # --- tokenization ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.config import ConfigError, KaizenConfig
+from app.config import ConfigError, KaizenConfig, load_job_config
 from app.learning.dataset import (
     COMPLEXITIES,
     DATASET_SCHEMA,
@@ -27,7 +27,7 @@ from app.learning.dataset import (
 from app.quality.service import QualityService
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SQLiteStore
-from jobs.build_dataset import cli, load_options, main
+from jobs.build_dataset import cli, main
 from tests.conftest import ingest_samples
 
 SAMPLES = 60
@@ -170,11 +170,11 @@ def test_an_empty_store_says_there_is_nothing_scored(tmp_path: Path) -> None:
 def test_options_from_the_file_and_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("store:\n  sqlite_path: k.db\ndataset:\n  keep_fraction: 0.3\n  balance_by: [language]\n")
-    cfg, opts = load_options(str(path), ["dataset.validation_fraction=0.25", "quality.threshold=0.6"])
+    cfg, opts = load_job_config(str(path), ["dataset.validation_fraction=0.25", "quality.threshold=0.6"], "dataset")
     assert (opts.keep_fraction, opts.validation_fraction, opts.balance_by) == (0.3, 0.25, ["language"])
     assert cfg.quality.threshold == 0.6 and Path(cfg.store.sqlite_path).is_absolute()
     with pytest.raises(ConfigError) as err:
-        load_options(str(path), ["dataset.nope=1", "quality.nope=2", "dataset.selection=random"])
+        load_job_config(str(path), ["dataset.nope=1", "quality.nope=2", "dataset.selection=random"], "dataset")
     text = str(err.value)
     assert "dataset.nope: unknown key" in text and "quality.nope: unknown key" in text
     assert "dataset.selection" in text and "k_center" in text

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.config import KaizenConfig
+from app.config import KaizenConfig, load_job_config
 from app.learning.training import FinetuneConfig
 from jobs import finetune
 
@@ -150,7 +150,7 @@ def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dic
     cfg_file.write_text("finetune:\n  lora_rank: 4\nmodel:\n  base_model: tiny\n")
     code = finetune._cli(["--config", str(cfg_file), "--train", str(data["dataset"]), "finetune.lora_rnk=2"])
     assert code == 2 and "finetune.lora_rnk: unknown key" in capsys.readouterr().err
-    loaded, opts = finetune._load_configs(str(cfg_file), ["finetune.epochs=5", "model.storage_root=/tmp/r"])
+    loaded, opts = load_job_config(str(cfg_file), ["finetune.epochs=5", "model.storage_root=/tmp/r"], "finetune")
     assert (opts.lora_rank, opts.epochs, loaded.model.storage_root) == (4, 5, "/tmp/r")
 
 

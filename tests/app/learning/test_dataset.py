@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.config import ConfigError
+from app.config import ConfigError, section_options
 from app.learning.dataset import (
     DATASET_SCHEMA,
     DatasetConfig,
@@ -36,7 +36,6 @@ from app.learning.dataset import (
     fingerprint,
     format_chatml,
     interaction_row,
-    load_dataset_config,
     quality_histogram,
     rows_to_batch,
     select_diverse,
@@ -125,15 +124,15 @@ def _rows(n: int, **overrides) -> dict[str, np.ndarray]:
 
 
 def test_options_name_the_bad_key() -> None:
-    assert load_dataset_config({}).keep_fraction == 0.5
+    assert section_options("dataset", base={}).keep_fraction == 0.5
     with pytest.raises(ConfigError) as err:
-        load_dataset_config({"keep_fraction": 2, "bogus": 1})
+        section_options("dataset", base={"keep_fraction": 2, "bogus": 1})
     text = str(err.value)
     assert "dataset.keep_fraction" in text and "dataset.bogus: unknown key" in text
     with pytest.raises(ConfigError, match="until .* must be after since"):
-        load_dataset_config({"since": "2025-02-01", "until": "2025-01-01"})
+        section_options("dataset", base={"since": "2025-02-01", "until": "2025-01-01"})
     with pytest.raises(ConfigError, match="dataset.dataset_id"):
-        load_dataset_config({"dataset_id": "../escape"})
+        section_options("dataset", base={"dataset_id": "../escape"})
 
 
 def test_interaction_row_flattens_a_stored_interaction() -> None:

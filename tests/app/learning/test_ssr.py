@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from app.config import ConfigError
+from app.config import ConfigError, section_options
 from app.learning.ssr import (
     GENERAL_DOMAIN,
     SSRConfig,
@@ -18,7 +18,6 @@ from app.learning.ssr import (
     demonstration_text,
     filter_inputs,
     group_by_domain,
-    load_ssr_config,
     nearest_to_centroids,
     parse_input,
     plan_prompts,
@@ -39,14 +38,14 @@ def _rows(domain: str, n: int) -> list[dict]:
 def test_every_option_is_described_and_unknown_ones_are_refused() -> None:
     assert all(f.description for f in SSRConfig.model_fields.values())
     with pytest.raises(ConfigError, match=r"ssr\.bogus: unknown key"):
-        load_ssr_config(["ssr.bogus=1"])
+        section_options("ssr", ["ssr.bogus=1"])
     with pytest.raises(ConfigError, match=r"ssr\.top_p: .*less than or equal to 1"):
-        load_ssr_config(["ssr.top_p=1.5"])
+        section_options("ssr", ["ssr.top_p=1.5"])
     with pytest.raises(ConfigError, match="max_input_chars"):
-        load_ssr_config(["ssr.min_input_chars=10", "ssr.max_input_chars=5"])
+        section_options("ssr", ["ssr.min_input_chars=10", "ssr.max_input_chars=5"])
     with pytest.raises(ConfigError, match=r"ssr\.rehearsal_id"):
-        load_ssr_config(["ssr.rehearsal_id=../x"])
-    opts = load_ssr_config(["ssr.samples_per_prompt=2", "ssr.domains=[python, go]"])
+        section_options("ssr", ["ssr.rehearsal_id=../x"])
+    opts = section_options("ssr", ["ssr.samples_per_prompt=2", "ssr.domains=[python, go]"])
     assert opts.samples_per_prompt == 2 and opts.domains == ["python", "go"]
     assert (opts.top_p, opts.temperature, opts.num_clusters) == (0.6, 0.9, 20)  # the paper's
 

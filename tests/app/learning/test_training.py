@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.config import ConfigError
+from app.config import ConfigError, section_options
 from app.learning.training import (
     IGNORE_INDEX,
     EarlyStopping,
     FinetuneConfig,
     collate,
-    load_finetune_config,
     lr_factor,
     mix_rehearsal,
     rehearsal_count,
@@ -155,11 +154,11 @@ def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
     assert FinetuneConfig(use_gpu=True).precision == "bf16"
     assert all(f.description for f in FinetuneConfig.model_fields.values())
 
-    loaded = load_finetune_config(["finetune.lora_rank=4", "finetune.masking=fggm"], {"lr": 0.01})
+    loaded = section_options("finetune", ["finetune.lora_rank=4", "finetune.masking=fggm"], {"lr": 0.01})
     assert (loaded.lora_rank, loaded.masking, loaded.lr) == (4, "fggm", 0.01)
 
     with pytest.raises(ConfigError) as info:
-        load_finetune_config(["finetune.lora_rnk=4", "finetune.masking=l2"])
+        section_options("finetune", ["finetune.lora_rnk=4", "finetune.masking=l2"])
     text = str(info.value)
     assert "finetune.lora_rnk: unknown key (allowed:" in text and "lora_rank" in text
     assert "finetune.masking:" in text and "'none', 'fggm' or 'ewc'" in text
@@ -169,11 +168,11 @@ def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
         ("finetune.continue_from=../x", "finetune.continue_from:"),
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_finetune_config([override])
+            section_options("finetune", [override])
     with pytest.raises(ConfigError, match=r"finetune\.weight_decay: must be 0 with masking=fggm"):
-        load_finetune_config(["finetune.masking=fggm", "finetune.weight_decay=0.01"])
+        section_options("finetune", ["finetune.masking=fggm", "finetune.weight_decay=0.01"])
     with pytest.raises(ConfigError, match=r"finetune\.masking: fggm needs whole parameters"):
-        load_finetune_config(["finetune.masking=fggm", "finetune.use_gpu=true", "finetune.strategy=deepspeed",
+        section_options("finetune", ["finetune.masking=fggm", "finetune.use_gpu=true", "finetune.strategy=deepspeed",
                               "finetune.zero_stage=3"])  # fmt: skip
     with pytest.raises(ConfigError, match="unknown section"):
-        load_finetune_config(["model.base_model=x"])
+        section_options("finetune", ["model.base_model=x"])
