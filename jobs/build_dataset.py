@@ -80,20 +80,10 @@ def select_ids(cfg: KaizenConfig, opts: DatasetConfig) -> list[str]:
     from app.store import open_store
 
     store = open_store(cfg.store)
-    ids: list[str] = []
     try:
-        after = None
-        while True:
-            page = store.interaction_ids(
-                since=opts.since, until=opts.until, quality_status=QUALITY_STATUS, after_id=after, limit=10_000
-            )
-            if not page:
-                break
-            ids.extend(page)
-            after = page[-1]
+        return store.all_interaction_ids(since=opts.since, until=opts.until, quality_status=QUALITY_STATUS)
     finally:
         store.close()
-    return ids
 
 
 def _window(opts: DatasetConfig) -> str:

@@ -79,6 +79,7 @@ from app.learning.training import (
     steps_per_epoch,
     tokenize_messages,
 )
+from app.model.storage import file_sha256
 from app.ray_setup import start_ray
 
 if TYPE_CHECKING:
@@ -96,7 +97,9 @@ __all__ = [
     "check_requirements",
     "code_version",
     "data_hash",
+    "add_data_arguments",
     "describe_report",
+    "format_metric",
     "main",
     "publish_adapter",
     "read_datasets",
@@ -253,22 +256,15 @@ def _parquet_files(root: Path) -> list[Path]:
     )  # fmt: skip
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def data_hash(files: Sequence[Path], manifest: Path | None) -> str:
     """SHA-256 of a data set's ``manifest.json``, or where it has none, of its files' names and
     SHA-256s (so the same files give the same hash wherever they lie)."""
     if manifest is not None and manifest.is_file():
-        return _sha256(manifest)
+        return file_sha256(manifest)
     digest = hashlib.sha256()
     for f in sorted(files, key=lambda p: p.name):
-        digest.update(f"{f.name}\0{_sha256(f)}\n".encode())
+        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return digest.hexdigest()
 
 
@@ -1210,16 +1206,17 @@ def publish_adapter(
 def describe_report(metrics: Mapping[str, Any]) -> str:
     """One line for a training report: step, loss, validation figures, speed."""
     if metrics.get("final"):
-        return (f"done: {metrics.get('step')} steps, val_loss {_fmt(metrics.get('val_loss'))}, "
-                f"forgetting {_fmt(metrics.get('forgetting'))}, {metrics.get('stop_reason')}")  # fmt: skip
-    line = f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {_fmt(metrics.get('loss'))}"
+        return (f"done: {metrics.get('step')} steps, val_loss {format_metric(metrics.get('val_loss'))}, "
+                f"forgetting {format_metric(metrics.get('forgetting'))}, {metrics.get('stop_reason')}")  # fmt: skip
+    line = f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {format_metric(metrics.get('loss'))}"
     for key in ("val_loss", "forgetting", "objective"):
         if metrics.get(key) is not None:
-            line += f", {key} {_fmt(metrics[key])}"
+            line += f", {key} {format_metric(metrics[key])}"
     return line + f", {metrics.get('tokens_per_s', 0):,.0f} tokens/s"
 
 
-def _fmt(value: Any) -> str:
+def format_metric(value: Any) -> str:
+    """A loss-like figure with four decimals, or '-' when there is none."""
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -1255,14 +1252,19 @@ def _default_storage_path(cfg: KaizenConfig) -> str:
     return f"{cfg.model.checkpoint_dir.rstrip('/')}/runs"
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and the sets a run reads (shared with ``jobs.sweep``)."""
     parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
     parser.add_argument("--train", required=True, type=Path, help="training rows: a dataset folder or a .parquet file")
     parser.add_argument("--validation", type=Path, help="validation rows (default: the dataset's validation split)")
     parser.add_argument("--rehearsal", type=Path, help="rehearsal rows of earlier domains (SSR output)")
     parser.add_argument("--fisher-data", type=Path, help="earlier-task rows for the Fisher information (default: rehearsal)")
     parser.add_argument("--heldout", type=Path, help="held-out rows of earlier domains: their loss measures forgetting")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
     parser.add_argument("--name", help="the run's name (default finetune-<time>-<hex>)")
     parser.add_argument("overrides", nargs="*", help="finetune.key=value (options) and section.key=value (config)")
     return parser.parse_args(argv)

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -150,10 +151,10 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         adapter = finetune.main(cfg, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout,
                                 progress=_Throttled(progress))  # fmt: skip
         record["training"] = {"run_path": adapter["run_path"], "warnings": adapter.get("warnings", [])}
-        m = adapter["metrics"]
+        m, fmt = adapter["metrics"], finetune.format_metric
         done(f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
-             f"validation {_fmt(m.get('initial_val_loss'))} -> {_fmt(m.get('val_loss'))}, "
-             f"forgetting {_fmt(m.get('forgetting'))}")  # fmt: skip
+             f"validation {fmt(m.get('initial_val_loss'))} -> {fmt(m.get('val_loss'))}, "
+             f"forgetting {fmt(m.get('forgetting'))}")  # fmt: skip
 
     done = stage(4, "candidate")
     record["adapter"] = {k: adapter.get(k) for k in ("adapter_id", "uri", "status", "parent_adapter_id", "metrics")}
@@ -218,7 +219,7 @@ def submit(
                       for key, value in paths.items() if "://" not in value and not Path(value).is_absolute()]  # fmt: skip
     if relative_paths:
         raise ConfigError(relative_paths)
-    entrypoint = " ".join(["python", "-m", "jobs.learn", "--config", str(relative), *map(_quote, overrides)])
+    entrypoint = " ".join(["python", "-m", "jobs.learn", "--config", str(relative), *map(shlex.quote, overrides)])
     client = JobSubmissionClient(address)
     submission_id = f"kaizen-learn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     deadline = time.monotonic() + 60
@@ -292,16 +293,6 @@ def _write_record(cfg: KaizenConfig, cycle_id: str, record: dict[str, Any]) -> s
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, target)
     return str(target)
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,21 +53,10 @@ def select_ids(
     from app.store import open_store
 
     store = open_store(cfg.store)
-    ids: list[str] = []
     try:
-        after = None
-        while limit is None or len(ids) < limit:
-            page = store.interaction_ids(
-                since=since, until=until, quality_status=status, after_id=after,
-                limit=min(10_000, limit - len(ids)) if limit else 10_000,
-            )  # fmt: skip
-            if not page:
-                break
-            ids.extend(page)
-            after = page[-1]
+        return store.all_interaction_ids(since=since, until=until, quality_status=status, limit=limit)
     finally:
         store.close()
-    return ids
 
 
 class ScoreBatch:

@@ -46,7 +46,7 @@ from app.learning.sweep import (
     relevant_search,
     tune_space,
 )
-from app.learning.training import FinetuneConfig, steps_per_epoch
+from app.learning.training import FinetuneConfig, rehearsal_count, steps_per_epoch
 from app.ray_setup import start_ray
 from jobs import finetune
 
@@ -236,7 +236,7 @@ def _progress_callback(emit: Callable[[str], None], params: list[str]) -> Any:
 
 def _total_steps(opts: FinetuneConfig, rows: Mapping[str, int]) -> int:
     per_worker = rows["train"] // opts.num_workers
-    mixed = per_worker + (round(per_worker * opts.rehearsal_ratio / (1 - opts.rehearsal_ratio)) if "rehearsal" in rows else 0)
+    mixed = per_worker + (rehearsal_count(per_worker, opts.rehearsal_ratio) if "rehearsal" in rows else 0)
     total = opts.epochs * steps_per_epoch(mixed, opts.batch_size, opts.grad_accumulation)
     return min(total, opts.max_steps or total)
 
@@ -291,12 +291,7 @@ def _save(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
-    parser.add_argument("--train", required=True, type=Path, help="training rows: a dataset folder or a .parquet file")
-    parser.add_argument("--validation", type=Path, help="validation rows (default: the dataset's validation split)")
-    parser.add_argument("--rehearsal", type=Path, help="rehearsal rows of earlier domains (SSR output)")
-    parser.add_argument("--heldout", type=Path, help="held-out rows of earlier domains: their loss measures forgetting")
-    parser.add_argument("--fisher-data", type=Path, help="earlier-task rows for the Fisher information (default: rehearsal)")
+    finetune.add_data_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="sweep.key=value, finetune.key=value and section.key=value")
     return parser.parse_args(argv)
 

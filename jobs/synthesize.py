@@ -63,6 +63,7 @@ from app.learning.ssr import (
     sample_demonstrations,
     select_by_clusters,
 )
+from app.model.storage import file_sha256
 from app.ray_setup import start_ray
 
 __all__ = [
@@ -409,7 +410,7 @@ def read_source(source: Path) -> tuple[pa.Table, str | None]:
         raise FileNotFoundError(f"no Parquet training rows at {source} (a .parquet file or a folder holding them)")
     tables = [pq.read_table(f) for f in files]
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return table, _sha256(manifest) if manifest.is_file() else None
+    return table, file_sha256(manifest) if manifest.is_file() else None
 
 
 def latest_adapter(cfg: KaizenConfig) -> str | None:
@@ -530,13 +531,6 @@ def _content_hash(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _refuse_existing(uri: str) -> None:
     fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
@@ -554,7 +548,7 @@ def _write(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalManife
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(uri).name}.tmp-", dir=parent))
     try:
         pq.write_table(table, staging / DATA_FILE)
-        manifest = RehearsalManifest(**fields, files={DATA_FILE: _sha256(staging / DATA_FILE)})
+        manifest = RehearsalManifest(**fields, files={DATA_FILE: file_sha256(staging / DATA_FILE)})
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if remote:
             fs, path = pafs.FileSystem.from_uri(uri)

@@ -63,6 +63,7 @@ from pydantic import (
 )
 
 from app.learning import check_folder_id
+from app.model.storage import file_sha256
 from app.quality.code import extract_code_blocks
 from app.quality.thresholds import ThresholdManager
 
@@ -1215,13 +1216,6 @@ def count_rows(table: pa.Table) -> dict[str, dict[str, int]]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _write_jsonl(table: pa.Table, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
@@ -1276,7 +1270,7 @@ def write_dataset(
                 "uri": uri,
                 "rows": train.num_rows + validation.num_rows,
                 "content_hash": content_hash(train, validation),
-                "files": {name: _sha256(staging / name) for name in DATA_FILES},
+                "files": {name: file_sha256(staging / name) for name in DATA_FILES},
                 "columns": {f.name: str(f.type) for f in DATASET_SCHEMA},
             }
         )

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.model.storage import DEFAULT_ROOT, ensure_directory
+from app.model.storage import DEFAULT_ROOT, ensure_directory, file_sha256
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -227,7 +227,7 @@ class AdapterStore:
                 created_at=now,
                 peft=_lora_summary(config, staging / "adapter_config.json"),
                 lineage=lineage,
-                files={name: _sha256(staging / name) for name in ADAPTER_FILES},
+                files={name: file_sha256(staging / name) for name in ADAPTER_FILES},
             )
             (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
             if self.remote:
@@ -345,7 +345,7 @@ class AdapterStore:
                 f"{self._remote_dir(adapter_id)}/{name}", (directory / name).as_posix(),
                 source_filesystem=self._fs, destination_filesystem=local,
             )  # fmt: skip
-            if _sha256(directory / name) != manifest.files.get(name):
+            if file_sha256(directory / name) != manifest.files.get(name):
                 raise ValueError(
                     f"adapter {adapter_id!r}: {name} from {self.uri(adapter_id)} does not match the "
                     "SHA-256 in its manifest (corrupt or modified after saving)"
@@ -454,10 +454,3 @@ def _lora_summary(config: dict[str, Any], path: Path) -> LoraSummary:
         lora_dropout=config.get("lora_dropout", 0.0),
     )
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -11,6 +11,7 @@ learns that another process won.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -70,3 +71,12 @@ def _refuse_foreign(target: Path, marker: str) -> None:
         )
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; remove it or pass another path")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

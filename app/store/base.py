@@ -600,6 +600,28 @@ class InteractionStore(ABC):
         params.append(int(limit))
         return [r["id"] for r in self._fetch(f"SELECT id FROM interactions{where} ORDER BY id LIMIT ?", params)]
 
+    def all_interaction_ids(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        quality_status: str | None = None,
+        limit: int | None = None,
+        page_size: int = 10_000,
+    ) -> list[str]:
+        """Every matching id in id order (at most ``limit``), read with :meth:`interaction_ids`
+        a page at a time so that no query holds the whole store."""
+        ids: list[str] = []
+        after = None
+        while limit is None or len(ids) < limit:
+            size = page_size if limit is None else min(page_size, limit - len(ids))
+            page = self.interaction_ids(since=since, until=until, quality_status=quality_status, after_id=after, limit=size)
+            if not page:
+                break
+            ids.extend(page)
+            after = page[-1]
+        return ids
+
     @staticmethod
     def _interaction_filters(
         session_hash: str | None,

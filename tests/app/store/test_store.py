@@ -155,3 +155,13 @@ def test_ingestion_writes_only_known_tables(store) -> None:
         store.write([StoredEvent("x", "interaction", T0, {"adapters": [{"id": "a"}]})])
     # The failed transaction left nothing behind, not even the ledger entry.
     assert store.count("events") == 0
+
+
+def test_all_interaction_ids_walks_the_pages_in_id_order(store) -> None:
+    from tests.conftest import ingest_samples
+
+    ingest_samples(store, 11)  # and one with an empty answer: 12 interactions
+    every = store.all_interaction_ids(page_size=5)
+    assert len(every) == 12 and every == sorted(every) == store.interaction_ids(limit=100)
+    assert store.all_interaction_ids(page_size=5, limit=7) == every[:7]
+    assert store.all_interaction_ids(quality_status="scored") == []
