@@ -34,14 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import random
 import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,7 +50,9 @@ from benchmarks.forgetting import (
     Settings,
     TaskData,
     _write_rows,
-    build_base_model,
+    add_common_arguments,
+    ensure_base_model,
+    quiet_process,
 )
 from benchmarks.tasks import (
     BENCHMARK_TASKS,
@@ -169,39 +168,13 @@ def _rows(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a short smoke run (numbers mean little)"
-    )
-    parser.add_argument(
-        "--base-cache",
-        type=Path,
-        default=None,
-        help="the pre-trained base model's cache (see forgetting)",
-    )
-    parser.add_argument(
-        "--keep", type=Path, default=None, help="work in this folder and keep it"
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="results file (default benchmarks/results/data_selection.json)",
-    )
+    add_common_arguments(parser, "data_selection")
     args = parser.parse_args()
     o = Options(**(QUICK if args.quick else {}))
     s = Settings(
         **({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {})
     )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(
-        logging.WARNING
-    )  # no per-stage progress lines
-    import torch
-
-    torch.set_num_threads(2)
+    quiet_process()
     started = time.perf_counter()
     work = args.keep or Path(tempfile.mkdtemp(prefix="kaizen-data-selection-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -217,21 +190,11 @@ def main() -> None:
         from app.ingest import IngestPipeline
         from app.learning.dataset import DatasetConfig
         from app.learning.training import FinetuneConfig
-        from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
         from app.quality.service import QualityService
         from app.store.sqlite import SQLiteStore
         from jobs import build_dataset, finetune
 
-        tokenizer_dir = ensure_tokenizer_dir(work / "models" / TOKENIZER_DIRNAME)
-        base_dir = (
-            (args.base_cache / f"forgetting-base-{s.base_key()}")
-            if args.base_cache
-            else work / "models" / "base"
-        )
-        if not (base_dir / "config.json").is_file():
-            print("base model: pre-training ...", flush=True)
-            base_dir.parent.mkdir(parents=True, exist_ok=True)
-            build_base_model(base_dir, tokenizer_dir, s)
+        base_dir, _ = ensure_base_model(work, args.base_cache, s)
         result["base_model"] = str(base_dir)
 
         rng = random.Random(o.seed)

@@ -552,33 +552,53 @@ def goals(
     return out
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options both learning benchmarks take."""
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers mean little)")
+    parser.add_argument("--base-cache", type=Path, default=None,
+                        help="keep the pre-trained base model in this folder and reuse it (keyed by its settings)")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp folder)")
+    parser.add_argument("--output", type=Path, default=None, help=f"results file (default benchmarks/results/{name}.json)")
+
+
+def quiet_process() -> None:
+    """Offline, no usage stats, no warnings or Ray Data progress lines, torch on both cores."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    torch.set_num_threads(2)
+
+
+def ensure_base_model(work: Path, cache: Path | None, s: Settings) -> tuple[Path, dict[str, Any]]:
+    """The pre-trained base model's folder (reused from ``cache`` when it holds one with these
+    settings, else pre-trained now) and what its pre-training reported."""
+    from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
+
+    tokenizer_dir = ensure_tokenizer_dir(work / "models" / TOKENIZER_DIRNAME)
+    base_dir = cache / f"forgetting-base-{s.base_key()}" if cache else work / "models" / "base"
+    t0 = time.perf_counter()
+    if (base_dir / "config.json").is_file():
+        base = {**json.loads((base_dir / "pretraining.json").read_text()), "reused": str(base_dir)}
+        print(f"base model: reused {base_dir}", flush=True)
+    else:
+        print(f"base model: pre-training {s.hidden} wide, {s.layers} layers, {s.pretrain_steps} steps ...", flush=True)
+        base_dir.parent.mkdir(parents=True, exist_ok=True)
+        base = build_base_model(base_dir, tokenizer_dir, s)
+    base["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return base_dir, base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a short smoke run (numbers mean little)"
-    )
-    parser.add_argument(
-        "--base-cache",
-        type=Path,
-        default=None,
-        help="keep the pre-trained base model in this folder and reuse it (keyed by its settings)",
-    )
+    add_common_arguments(parser, "forgetting")
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)}",
-    )
-    parser.add_argument(
-        "--keep",
-        type=Path,
-        default=None,
-        help="work in this folder and keep it (default: a temp folder)",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="results file (default benchmarks/results/forgetting.json)",
     )
     args = parser.parse_args()
 
@@ -589,16 +609,7 @@ def main() -> None:
     unknown = sorted(set(s.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(
-        logging.WARNING
-    )  # no per-stage progress lines
-    import torch
-
-    torch.set_num_threads(2)
+    quiet_process()
     started = time.perf_counter()
     work = args.keep or Path(tempfile.mkdtemp(prefix="kaizen-forgetting-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -608,31 +619,9 @@ def main() -> None:
         import ray
 
         from app.config import KaizenConfig
-        from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
 
         # 1. The base model.
-        tokenizer_dir = ensure_tokenizer_dir(work / "models" / TOKENIZER_DIRNAME)
-        cache = args.base_cache
-        base_dir = (
-            (cache / f"forgetting-base-{s.base_key()}")
-            if cache
-            else work / "models" / "base"
-        )
-        t0 = time.perf_counter()
-        if (base_dir / "config.json").is_file():
-            base = {
-                **json.loads((base_dir / "pretraining.json").read_text()),
-                "reused": str(base_dir),
-            }
-            print(f"base model: reused {base_dir}", flush=True)
-        else:
-            print(
-                f"base model: pre-training {s.hidden} wide, {s.layers} layers, {s.pretrain_steps} steps ...",
-                flush=True,
-            )
-            base_dir.parent.mkdir(parents=True, exist_ok=True)
-            base = build_base_model(base_dir, tokenizer_dir, s)
-        base["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        base_dir, base = ensure_base_model(work, args.base_cache, s)
         result["base_model"] = base
 
         # 2. Data, config, Ray.
