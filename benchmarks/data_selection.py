@@ -12,10 +12,10 @@ the same options) on
              the inclusion threshold, drops duplicates, balances and picks a diverse, quality-
              weighted subset with ``dataset.keep_fraction=0.1`` (k-center over MiniLM embeddings).
 
-The interactions are the three transformations of ``benchmarks/tasks.py`` (reverse, rotate, swap
-pairs of four words), asked of an assistant. About 30% of the answers are poor, as in real
-traffic: wrong (another transformation, a shuffled order, a word swapped for another) or sloppy
-(the right words wrapped in chatter, or in capitals with a period). Feedback follows the answer's
+The interactions are the three tasks of ``benchmarks/tasks.py`` (next, before, partner: a word of a
+fixed list for the first of four words), asked of an assistant. About 30% of the answers are poor,
+as in real traffic: wrong (another task's answer, another word, the question's words echoed) or
+sloppy (the right word wrapped in chatter, or in capitals with a period). Feedback follows the answer's
 quality as users give it: most good answers get a rating of 4 or 5 and most poor ones 1 or 2, some
 get none, and a few ratings are wrong.
 
@@ -68,12 +68,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclass
 class Options:
-    pool_per_task: int = 400
+    pool_per_task: int = 800
     poor_share: float = 0.3
     keep_fraction: float = 0.1
     test_rows: int = 100
-    epochs: int = 2
-    lr: float = 2e-3
+    epochs: int = 10
+    lr: float = 3e-3
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
     batch_size: int = 8
     seed: int = 0
 
@@ -84,21 +86,14 @@ QUICK = {"pool_per_task": 60, "test_rows": 20, "epochs": 1}
 def _poor_answer(task: Task, words: list[str], rng: random.Random) -> tuple[str, str]:
     """A poor answer to ``words`` and its kind."""
     right = task.apply(list(words))
-    kind = rng.choice(["other_task", "shuffled", "wrong_word", "chatter", "shouting"])
-    if kind == "other_task":
+    kind = rng.choice(["other_task", "wrong_word", "echo", "chatter", "shouting"])
+    if kind == "other_task":  # the answer of another task: the instruction misread
         other = rng.choice([t for t in BENCHMARK_TASKS if t.name != task.name])
         return " ".join(other.apply(list(words))), kind
-    if kind == "shuffled":
-        wrong = list(right)
-        while wrong == right:
-            rng.shuffle(wrong)
-        return " ".join(wrong), kind
     if kind == "wrong_word":
-        wrong = list(right)
-        wrong[rng.randrange(len(wrong))] = rng.choice(
-            [w for w in WORDS if w not in words]
-        )
-        return " ".join(wrong), kind
+        return rng.choice([w for w in WORDS if w not in right]), kind
+    if kind == "echo":  # the question's words given back
+        return " ".join(words), kind
     if kind == "chatter":
         return (
             f"Sure! Here is the result you asked for: {' '.join(right)}. Let me know if you need anything else!",
@@ -263,7 +258,7 @@ def main() -> None:
         evaluator = Evaluator(base_dir, work)
         result["runs"] = {}
         for name, folder in sets.items():
-            opts = FinetuneConfig(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lr=o.lr, epochs=o.epochs,
+            opts = FinetuneConfig(lora_rank=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=0.0, lr=o.lr, epochs=o.epochs,
                                   batch_size=o.batch_size, max_length=96, rehearsal_ratio=0.0, continue_from=None,
                                   num_workers=1, cpus_per_worker=2, checkpoint_every_steps=100_000,
                                   early_stopping_patience=0, seed=o.seed)  # fmt: skip

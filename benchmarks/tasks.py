@@ -1,20 +1,21 @@
-"""Small text transformations for the learning benchmarks, their scoring, and the continual-learning
-metrics (average score, backward transfer, forgetting, relative forgetting rate).
+"""Small word tasks for the learning benchmarks, their scoring, and the continual-learning metrics
+(average score, backward transfer, forgetting, relative forgetting rate).
 
 Every task reads one input of the same shape, ``<instruction>: w1 w2 ... wn`` (lower-case common
-English words), and answers with the words transformed, for example ``reverse: apple river stone
-cloud`` -> ``cloud stone river apple``. Answers are a few tokens long, so a small model learns a
-task in minutes on a CPU and greedy generation is scored by exact match.
+English words), and answers with words, for example ``next: apple stone cloud salt`` -> ``river``
+(the word after ``apple`` in :data:`WORDS`). Answers are a few tokens long, so a small model learns
+a task in minutes on a CPU and greedy generation is scored by exact match.
 
-Two families, disjoint by instruction:
+Two families:
 
-* :data:`BENCHMARK_TASKS` are learned one after another by ``benchmarks/forgetting.py``. They share
-  the input format, so fine-tuning on a later task alone pulls the model towards applying the
-  latest transformation to every input: measurable forgetting.
+* :data:`BENCHMARK_TASKS` are learned one after another by ``benchmarks/forgetting.py`` (and make
+  up ``benchmarks/data_selection.py``'s pool). Each maps the first word to another word of the
+  list, so fine-tuning on a later task alone pulls the model towards the latest mapping for every
+  input: measurable forgetting.
 * :data:`PRETRAIN_TASKS` make up the general corpus a benchmark's base model is pre-trained on
   (:func:`pretraining_texts`): the analogue of an LLM's pre-training. They cover the benchmark's
   input distribution (the same words, lengths and ``Input: ... Output: ...`` blocks that SSR's
-  prompts use), but none of the benchmark's transformations.
+  prompts use) with positional transformations, but none of the benchmark's mappings.
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ WORDS = [
 without a leading space, so that every task is a fixed pattern over token positions."""
 
 
-INSTRUCTION_WORDS = ("reverse", "rotate", "swap", "pairs")
+INSTRUCTION_WORDS = ("next", "before", "partner")
 """The benchmark tasks' instruction words. The general corpus uses them as ordinary input words,
-so that their embeddings are trained (in an LLM every common word is), while the transformations
-they name are never shown."""
+so that their embeddings are trained (in an LLM every common word is), while the mappings they
+name are never shown."""
 
 
 @dataclass(frozen=True)
@@ -121,19 +122,25 @@ class Task:
         return " ".join(self.apply(list(words)))
 
 
-def _swap_pairs(words: list[str]) -> list[str]:
-    out = list(words)
-    for i in range(0, len(out) - 1, 2):
-        out[i], out[i + 1] = out[i + 1], out[i]
-    return out
+def _shifted(offset: int) -> Callable[[list[str]], list[str]]:
+    """The word ``offset`` places after the input's first word in :data:`WORDS` (cyclically)."""
+
+    def apply(words: list[str]) -> list[str]:
+        return [WORDS[(WORDS.index(words[0]) + offset) % len(WORDS)]]
+
+    return apply
 
 
 BENCHMARK_TASKS: tuple[Task, ...] = (
-    Task("reverse", "reverse", lambda w: w[::-1]),
-    Task("rotate", "rotate", lambda w: w[1:] + w[:1]),
-    Task("swap", "swap pairs", _swap_pairs),
+    Task("next", "next", _shifted(1)),
+    Task("before", "before", _shifted(-1)),
+    Task("partner", "partner", _shifted(len(WORDS) // 2)),
 )
-"""Learned in this order by the forgetting benchmark; four words in, four words out."""
+"""Learned in this order by the forgetting benchmark: four words in, one word out, a fixed mapping
+of the first word (its successor, its predecessor, the word half the list away). Each is knowledge
+the base model has not got (48 associations, learned from examples whose other three words vary),
+and all three read the same position and answer from the same words, so that learning a later
+task alone overwrites the earlier ones unless something protects them."""
 
 PRETRAIN_TASKS: tuple[Task, ...] = (
     Task("copy", "copy", lambda w: list(w)),
@@ -248,6 +255,7 @@ def pretraining_texts(
     tasks: Sequence[Task] = PRETRAIN_TASKS,
     copy_weight: float = 5.0,
     chat_share: float = 0.5,
+    rename_share: float = 0.6,
     shots: tuple[int, int] = (3, 5),
 ) -> list[list[tuple[str, bool]]]:
     """The general corpus: ``n`` documents, each either a few-shot block of one task
@@ -258,6 +266,9 @@ def pretraining_texts(
     input words, which are drawn at random (nothing can predict them, so pre-training may weigh
     them less). ``copy`` is drawn ``copy_weight`` times as often as another task: copying is
     what the others build on, and a small model learns it first (a curriculum in proportions).
+    In ``rename_share`` of the few-shot blocks the task goes by a random word of the vocabulary
+    (in its description and every input): the model cannot know the name, only copy it from the
+    block's earlier inputs, which is what continuing SSR's prompts of an unseen task takes.
     Inputs draw from :data:`WORDS` and :data:`INSTRUCTION_WORDS`."""
     docs = []
     vocabulary = (*WORDS, *INSTRUCTION_WORDS)
@@ -268,6 +279,9 @@ def pretraining_texts(
             examples = make_examples(task, 1, rng, words=vocabulary)
             text = chat(*examples[0])
         else:
+            if rng.random() < rename_share:
+                name = rng.choice(vocabulary)
+                task = Task(name, name, task.apply, task.lengths)
             examples = make_examples(task, rng.randint(*shots), rng, words=vocabulary)
             text = fewshot_block(describe(task.name), examples)
         docs.append(_mark_inputs(text, task, [x for x, _ in examples]))

@@ -21,7 +21,10 @@ on the command line or a ``finetune:`` section in the config file):
    (``finetune.rehearsal_ratio``); Fisher-guided gradient masking or EWC, with the Fisher
    information estimated on the rehearsal rows (or ``--fisher-data``), keeps the adapter entries
    that matter to earlier domains in place. Validation loss drives early stopping and the best
-   adapter is the one kept. Every step reports loss, learning rate and tokens/s; every
+   adapter is the one kept. Every step's loss, learning rate and tokens/s reach Ray Train in
+   the ``step_metrics`` of the next report, sent at evaluations, checkpoints, epoch ends and at
+   most every ``finetune.report_every_s`` in between (a report waits for the controller's next
+   poll, every 2 s: one per step would cap a fast run at a step per poll); every
    ``finetune.checkpoint_every_steps`` steps the adapter, optimizer and position are
    checkpointed to ``<model.checkpoint_dir>/runs/<run>``, from which a failed worker group is
    restarted (``finetune.max_failures``) and goes on from the checkpoint's step;
@@ -666,6 +669,8 @@ def train_loop(config: dict[str, Any]) -> None:
     resumed_at = time.perf_counter() - state.elapsed_s
     # Nothing left (a checkpoint of the last step): straight to the final report.
     done = state.step >= total
+    step_metrics: list[dict[str, float]] = []  # the steps since the last report
+    last_report = time.perf_counter()
     while not done and state.epoch < opts.epochs:
         epoch = state.epoch
         rows = _epoch_rows(data, opts, epoch)
@@ -681,16 +686,19 @@ def train_loop(config: dict[str, Any]) -> None:
             state.epoch, state.window = (epoch + 1, 0) if end_of_epoch else (epoch, w + 1)
             state.elapsed_s = time.perf_counter() - resumed_at
             over_time = state.elapsed_s > config["max_seconds"]
-            loss_sum, labels, tokens, over_time = _all_reduce([loss_sum, labels, tokens, float(over_time)], device)
+            report_due = time.perf_counter() - last_report >= opts.report_every_s
+            # Summed over the ranks, so that every rank takes the same decisions (a report is a barrier).
+            loss_sum, labels, tokens, over_time, report_due = _all_reduce(
+                [loss_sum, labels, tokens, float(over_time), float(report_due)], device
+            )
             state.tokens += int(tokens)
             state.epoch_loss += loss_sum
             state.epoch_label_tokens += int(labels)
+            step_metrics.append({"step": state.step, "loss": loss_sum / max(labels, 1.0), "lr": _current_lr(optimizer, engine),
+                          "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})  # fmt: skip
             metrics: dict[str, Any] = {
-                "step": state.step,
+                **step_metrics[-1],
                 "epoch": epoch + (w + 1) / len(windows),
-                "loss": loss_sum / max(labels, 1.0),
-                "lr": _current_lr(optimizer, engine),
-                "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
                 "tokens": state.tokens,
                 "elapsed_s": state.elapsed_s,
             }
@@ -711,8 +719,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 stop_reason = "time_limit"
             done = stop_reason != "completed" or state.step >= total
             save = state.step % opts.checkpoint_every_steps == 0 and not done
-            _report(metrics, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
-                    name=f"checkpoint-step{state.step:06d}" if save else None)  # fmt: skip
+            if save or done or report_due or "val_loss" in metrics or end_of_epoch:
+                metrics["step_metrics"] = step_metrics
+                _report(metrics, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
+                        name=f"checkpoint-step{state.step:06d}" if save else None)  # fmt: skip
+                step_metrics, last_report = [], time.perf_counter()
             _maybe_fail(config.get("fault"), state.step, rank)
             if done:
                 break

@@ -164,6 +164,17 @@ class FinetuneConfig(BaseModel):
         "auto", description="auto: bf16 autocast (and bf16 base weights) on GPU, fp32 on CPU."
     )
 
+    # reports
+    report_every_s: float = Field(
+        10.0, ge=0.0,
+        description=(
+            "Report to Ray Train at most this often, besides every evaluation, checkpoint and the end; the "
+            "steps in between travel in the next report's 'step_metrics' list. A report waits until Ray Train's "
+            "controller collects it (it polls every 2 s), so a report per step would cap a run at one step "
+            "per poll. 0: a report per step."
+        ),
+    )  # fmt: skip
+
     # checkpoints and fault tolerance
     checkpoint_every_steps: int = Field(
         50, ge=1, description="Checkpoint (adapter, optimizer, step) to the run's storage every N optimizer steps."

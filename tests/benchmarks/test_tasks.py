@@ -29,17 +29,18 @@ from benchmarks.tasks import (
 TASKS = {t.name: t for t in BENCHMARK_TASKS}
 
 
-def test_the_benchmark_transformations() -> None:
-    words = ["apple", "river", "stone", "cloud"]
-    assert TASKS["reverse"].answer(words) == "cloud stone river apple"
-    assert TASKS["rotate"].answer(words) == "river stone cloud apple"
-    assert TASKS["swap"].answer(words) == "river apple cloud stone"
-    assert TASKS["swap"].input_text(words) == "swap pairs: apple river stone cloud"
-    assert words_of(TASKS["swap"], "swap pairs: apple river stone cloud") == tuple(
-        words
-    )
+def test_the_benchmark_tasks() -> None:
+    words = ["apple", "stone", "cloud", "salt"]
+    assert TASKS["next"].answer(words) == "river"
+    assert TASKS["before"].answer(words) == "salt"  # cyclic: before the first word is the last
+    assert TASKS["partner"].answer(words) == WORDS[24] == "shadow"
+    assert TASKS["next"].answer(["salt", "apple", "river", "stone"]) == "apple"
+    assert TASKS["before"].input_text(words) == "before: apple stone cloud salt"
+    assert words_of(TASKS["before"], "before: apple stone cloud salt") == tuple(words)
     with pytest.raises(ValueError):
-        words_of(TASKS["reverse"], "rotate: apple river stone cloud")
+        words_of(TASKS["next"], "before: apple river stone cloud")
+    # Only the first word matters: the other three vary between examples of one mapping.
+    assert TASKS["next"].answer(["apple", "salt", "king", "fish"]) == "river"
 
 
 def test_the_families_are_disjoint_and_differ_on_every_input() -> None:
@@ -54,7 +55,7 @@ def test_the_families_are_disjoint_and_differ_on_every_input() -> None:
 
 
 def test_examples_are_distinct_seeded_and_respect_exclusions() -> None:
-    task = TASKS["reverse"]
+    task = TASKS["partner"]
     a = make_examples(task, 50, random.Random(1))
     assert a == make_examples(task, 50, random.Random(1))
     assert len({x for x, _ in a}) == 50
@@ -66,16 +67,12 @@ def test_examples_are_distinct_seeded_and_respect_exclusions() -> None:
 
 
 def test_rows_and_corpus_formats() -> None:
-    task = TASKS["rotate"]
-    rows = task_rows(task, [("rotate: a b c d", "b c d a")], prefix="t-")
+    task = TASKS["next"]
+    rows = task_rows(task, [("next: apple river stone cloud", "river")], prefix="t-")
     (row,) = rows
-    assert (
-        row["interaction_id"] == "t-rotate-0"
-        and row["domain"] == ["rotate"]
-        and row["input"] == ""
-    )
-    assert json.loads(row["messages"]) == [{"role": "user", "content": "rotate: a b c d"},
-                                           {"role": "assistant", "content": "b c d a"}]  # fmt: skip
+    assert row["interaction_id"] == "t-next-0" and row["domain"] == ["next"] and row["input"] == ""
+    assert json.loads(row["messages"]) == [{"role": "user", "content": "next: apple river stone cloud"},
+                                           {"role": "assistant", "content": "river"}]  # fmt: skip
     block = fewshot_block("Examples.", [("copy: a b", "a b"), ("copy: c d", "c d")])
     assert (
         block
@@ -91,9 +88,15 @@ def test_rows_and_corpus_formats() -> None:
     assert any(t.startswith("<u>") for t in texts) and any(
         t.startswith("Ex ") for t in texts
     )
-    assert not any(
-        f"{t.instruction}:" in text for text in texts for t in BENCHMARK_TASKS
-    )  # unseen transformations
+    # The benchmark's mappings are never shown (their names may name a renamed block's task).
+    for task in BENCHMARK_TASKS:
+        for text in texts:
+            for line in text.splitlines():
+                if line.startswith(f"Input: {task.instruction}: "):
+                    words = line.split(": ", 2)[2].split()
+                    if words[0] in WORDS:
+                        following = text.split(line + "\nOutput: ", 1)[1].split("\n")[0]
+                        assert following != task.answer(words) or task.answer(words) in words
     assert any(
         w in text for text in texts for w in INSTRUCTION_WORDS
     )  # but their words are known
@@ -105,6 +108,16 @@ def test_rows_and_corpus_formats() -> None:
         )  # the four input words, nothing else
     copies = sum(t.startswith("<u>copy:") for t in texts) / max(1, len(chat_docs))
     assert copies > 0.2  # copy is drawn five times as often as each of the 12 others
+    # Half the few-shot blocks call their task by a random word, the same in every input.
+    names = {t.name for t in PRETRAIN_TASKS}
+    blocks = {t: t[3 : t.index(".")] for t in texts if t.startswith("Ex ")}  # "Ex <name>."
+    renamed = [t for t, name in blocks.items() if name not in names]
+    assert 0.4 < len(renamed) / len(blocks) < 0.8
+    assert all(name in WORDS or name in INSTRUCTION_WORDS for t, name in blocks.items() if t in renamed)
+    for text in renamed[:10]:
+        name = blocks[text]
+        inputs = [line for line in text.splitlines() if line.startswith("Input: ")]
+        assert inputs and all(line.startswith(f"Input: {name}: ") for line in inputs)
 
 
 def test_exact_match() -> None:

@@ -32,12 +32,13 @@ def two_worker_run(cfg: KaizenConfig, data: dict[str, Path], tmp_path_factory, r
     last checkpoint is step 4): the tests below read its result from different sides."""
     marker = tmp_path_factory.mktemp("fault") / "failed-once"
     os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV] = "6", str(marker)
+    reports: list[dict[str, Any]] = []
     try:
         result = finetune.main(cfg, FinetuneConfig(**TWO_WORKERS), data["dataset"], rehearsal=data["rehearsal"],
-                               run_name="two-workers")  # fmt: skip
+                               run_name="two-workers", progress=reports.append)  # fmt: skip
     finally:
         del os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV]
-    return {**result, "marker": marker}
+    return {**result, "marker": marker, "reports": reports}
 
 
 @pytest.mark.slow
@@ -87,6 +88,19 @@ def test_two_ddp_workers_learn_and_the_adapter_is_stored_and_registered(
     tuned, base = service.complete(request, adapter_id), service.complete(request)
     assert tuned.model_version == adapter_id and tuned.completion_tokens > 0
     assert tuned.text != base.text
+
+
+@pytest.mark.slow
+def test_every_step_is_reported_without_a_report_per_step(two_worker_run: dict[str, Any]) -> None:
+    # A report waits for Ray Train's controller (it polls every 2 s): reports come at checkpoints,
+    # evaluations and epoch ends, and carry the steps since the last one.
+    reports = [r for r in two_worker_run["reports"] if not r.get("final")]
+    steps = [m["step"] for r in reports for m in r["step_metrics"]]
+    assert set(steps) == set(range(1, 13))
+    assert len(reports) < len(steps)
+    assert [r["step"] for r in reports] == [r["step_metrics"][-1]["step"] for r in reports]
+    assert all(m["loss"] > 0 and m["lr"] > 0 and m["tokens_per_s"] > 0 for r in reports for m in r["step_metrics"])
+    assert two_worker_run["reports"][-1].get("final")
 
 
 @pytest.mark.slow
