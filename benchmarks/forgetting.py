@@ -111,7 +111,7 @@ class Settings:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lr: float = 3e-3
-    epochs: int = 20
+    epochs: int = 40
     batch_size: int = 8
     rehearsal_ratio: float = 0.25
     mask_fraction: float = 0.5
