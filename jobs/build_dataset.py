@@ -151,7 +151,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
     pool, exact = drop_exact_duplicates(candidates)
     pool, near = drop_near_duplicates(pool, opts.near_duplicate_threshold, opts.num_perm, opts.seed)
     pool, capped, balance_info = balance(pool, opts.max_group_share, opts.balance_by)
-    planned = selection_size(_size(pool), opts.keep_fraction)
+    planned = selection_size(_size(pool), opts.keep_fraction, opts.max_rows)
     if planned < opts.min_examples:
         raise InsufficientDataError(
             f"only {planned} interactions would be left, fewer than dataset.min_examples={opts.min_examples}: "
@@ -159,7 +159,9 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             f"threshold {base:.2f} ({min(applied.values()):.2f}-{max(applied.values()):.2f} by domain and "
             f"complexity), "
             f"{above - exact - near} after removing duplicates, {_size(pool)} after balancing, and "
-            f"dataset.keep_fraction={opts.keep_fraction} of those; lower the threshold or min_examples, "
+            f"dataset.keep_fraction={opts.keep_fraction} of those"
+            + (f" (at most dataset.max_rows={opts.max_rows})" if opts.max_rows else "")
+            + "; lower the threshold or min_examples, "
             "widen the window, or collect more interactions"
         )
     pool.pop("minhash", None)
@@ -175,7 +177,8 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
         .map_batches(encode_features, batch_size=opts.batch_size)
     )
 
-    chosen = select_diverse(embedded, opts.keep_fraction, opts.selection, opts.quality_weight, opts.seed)
+    chosen = select_diverse(embedded, opts.keep_fraction, opts.selection, opts.quality_weight, opts.seed,
+                            max_rows=opts.max_rows)  # fmt: skip
     chosen = assign_split(chosen, opts.validation_fraction)
     in_validation = chosen["split"] == "validation"
     train, validation = to_table(take(chosen, ~in_validation)), to_table(take(chosen, in_validation))

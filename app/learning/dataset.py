@@ -186,6 +186,9 @@ class DatasetConfig(BaseModel):
     keep_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of the balanced rows the diverse selection keeps (rounded up)."
     )
+    max_rows: int | None = Field(
+        None, ge=1, description="Most rows the selection keeps, whatever keep_fraction gives; None: no cap."
+    )
     selection: Literal["k_center", "k_means"] = Field(
         "k_center",
         description="k_center: greedy farthest-first, O(n*k); k_means: one row per k-means cluster (large pools).",
@@ -960,9 +963,11 @@ def decode_features(text: str) -> dict[str, Any]:
 # --- stage 8: selection, split ------------------------------------------------------------------
 
 
-def selection_size(n: int, keep_fraction: float) -> int:
-    """How many of ``n`` rows a selection keeps: the fraction, rounded up, at least one of a non-empty pool."""
-    return 0 if n == 0 else min(n, max(1, math.ceil(n * keep_fraction - 1e-9)))
+def selection_size(n: int, keep_fraction: float, max_rows: int | None = None) -> int:
+    """How many of ``n`` rows a selection keeps: the fraction, rounded up, at least one of a
+    non-empty pool, at most ``max_rows``."""
+    size = 0 if n == 0 else min(n, max(1, math.ceil(n * keep_fraction - 1e-9)))
+    return size if max_rows is None else min(size, max_rows)
 
 
 def diverse_indices(
@@ -1036,6 +1041,7 @@ def select_diverse(
     method: Literal["k_center", "k_means"] = "k_center",
     quality_weight: float = 1.0,
     seed: int = 0,
+    max_rows: int | None = None,
 ) -> Batch:
     """Stage 8: the :func:`selection_size` rows :func:`diverse_indices` picks, by ``embedding``
     and ``quality_score``. Rows are first put in id order, so the result does not depend on the
@@ -1046,7 +1052,7 @@ def select_diverse(
     order = np.asarray(sorted(range(n), key=lambda i: _text(batch["interaction_id"][i])), dtype=np.int64)
     batch = take(batch, order)
     picked = diverse_indices(
-        np.asarray(batch["embedding"]), np.asarray(batch["quality_score"]), selection_size(n, keep_fraction),
+        np.asarray(batch["embedding"]), np.asarray(batch["quality_score"]), selection_size(n, keep_fraction, max_rows),
         method, quality_weight, seed,
     )  # fmt: skip
     return take(batch, picked)

@@ -296,6 +296,11 @@ def test_selection_keeps_the_fraction_and_weighs_quality() -> None:
     assert selection_size(20, 0.5) == 10 and selection_size(21, 0.5) == 11 and selection_size(3, 0.01) == 1
     chosen = select_diverse(batch, keep_fraction=0.5)
     assert len(chosen["interaction_id"]) == 10 and len(set(chosen["interaction_id"])) == 10
+    # max_rows caps what the fraction gives, never raises it.
+    assert selection_size(20, 0.5, max_rows=4) == 4 and selection_size(20, 0.1, max_rows=4) == 2
+    capped = select_diverse(batch, keep_fraction=1.0, max_rows=6)
+    assert set(capped["interaction_id"]) < set(select_diverse(batch, keep_fraction=1.0)["interaction_id"])
+    assert len(capped["interaction_id"]) == 6
     # Equidistant candidates: the better one wins; with quality_weight 0 the first (lowest index).
     y = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     assert diverse_indices(y, np.array([0.9, 0.6, 0.8]), 2).tolist() == [0, 2]
