@@ -99,7 +99,9 @@ def test_every_step_is_reported_without_a_report_per_step(two_worker_run: dict[s
     assert set(steps) == set(range(1, 13))
     assert len(reports) < len(steps)
     assert [r["step"] for r in reports] == [r["step_metrics"][-1]["step"] for r in reports]
-    assert all(m["loss"] > 0 and m["lr"] > 0 and m["tokens_per_s"] > 0 for r in reports for m in r["step_metrics"])
+    figures = [m for r in reports for m in r["step_metrics"]]
+    assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in figures)
+    assert all(m["lr"] > 0 for m in figures if m["step"] < 12)  # the cosine schedule ends at 0
     assert two_worker_run["reports"][-1].get("final")
 
 
