@@ -23,8 +23,9 @@ on the command line or a ``finetune:`` section in the config file):
    that matter to earlier domains in place. Validation loss drives early stopping and the best
    adapter is the one kept. Every step's loss, learning rate and tokens/s reach Ray Train in
    the ``step_metrics`` of the next report, sent at evaluations, checkpoints, epoch ends and at
-   most every ``finetune.report_every_s`` in between (a report waits for the controller's next
-   poll, every 2 s: one per step would cap a fast run at a step per poll); every
+   most every ``finetune.report_every_s`` in between (a report waits until the controller has
+   collected the one before, and it polls every 2 s: a report per step would cap a fast run at a
+   step per poll); every
    ``finetune.checkpoint_every_steps`` steps the adapter, optimizer and position are
    checkpointed to ``<model.checkpoint_dir>/runs/<run>``, from which a failed worker group is
    restarted (``finetune.max_failures``) and goes on from the checkpoint's step;

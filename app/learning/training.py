@@ -170,8 +170,8 @@ class FinetuneConfig(BaseModel):
         description=(
             "Report to Ray Train at most this often, besides every evaluation, checkpoint and the end; the "
             "steps in between travel in the next report's 'step_metrics' list. A report waits until Ray Train's "
-            "controller collects it (it polls every 2 s), so a report per step would cap a run at one step "
-            "per poll. 0: a report per step."
+            "controller has collected the one before (it polls every 2 s), so a report per step would cap a "
+            "run at one step per poll. 0: a report per step."
         ),
     )  # fmt: skip
 
