@@ -117,9 +117,9 @@ class Settings:
     mask_fraction: float = 0.5
     fisher_rows_per_task: int = 32
     # SSR (jobs/synthesize.py)
-    ssr_prompts_per_domain: int = 96
+    ssr_prompts_per_domain: int = 40
     ssr_samples_per_prompt: int = 4
-    ssr_instances_per_domain: int = 144
+    ssr_instances_per_domain: int = 96
     ssr_clusters: int = 20
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
