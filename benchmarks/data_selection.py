@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -50,7 +48,9 @@ from benchmarks.forgetting import (
     _write_rows,
     add_common_arguments,
     ensure_base_model,
+    local_setup,
     quiet_process,
+    work_folder,
 )
 from benchmarks.tasks import (
     BENCHMARK_TASKS,
@@ -172,17 +172,12 @@ def main() -> None:
     )
     quiet_process()
     started = time.perf_counter()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="kaizen-data-selection-"))
-    work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "benchmark": "data_selection",
         "quick": args.quick,
         "options": asdict(o),
     }
-    try:
-        import ray
-
-        from app.config import KaizenConfig
+    with work_folder(args.keep, "kaizen-data-selection-") as work:
         from app.ingest import IngestPipeline
         from app.learning.dataset import DatasetConfig
         from app.learning.training import FinetuneConfig
@@ -203,11 +198,7 @@ def main() -> None:
         result["pool"] = {"interactions": len(pool), "poor": sum(p["kind"] != "good" for p in pool),
                           "kinds": {k: sum(p["kind"] == k for p in pool) for k in sorted({p["kind"] for p in pool})}}  # fmt: skip
 
-        cfg = KaizenConfig.model_validate({
-            "model": {"base_model": str(base_dir), "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
-            "store": {"sqlite_path": str(work / "kaizen.db")}, "privacy": {"hmac_key": "benchmark"},
-            "ray": {"num_cpus": 2},
-        })  # fmt: skip
+        cfg = local_setup(base_dir, work)
         # The real path into a real store, then the quality scores.
         t0 = time.perf_counter()
         store = SQLiteStore(work / "kaizen.db")
@@ -220,13 +211,6 @@ def main() -> None:
         store.close()
         result["scoring_seconds"] = round(time.perf_counter() - t0, 1)
 
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-        )
         t0 = time.perf_counter()
         # At most keep_fraction of the pool: all that passes the threshold, duplicates and balance
         # when that is less, else the diverse, quality-weighted subset of that size.
@@ -280,15 +264,6 @@ def main() -> None:
                                     "wall_s": round(wall, 1), "scores": scores, "score": sum(scores) / len(scores)}  # fmt: skip
             print(f"  {name}: {m['rows']['train']} rows, score {sum(scores) / len(scores):.3f}, "
                   f"train {m['train_time_s']:.0f} s", flush=True)  # fmt: skip
-    finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            if args.keep is None:
-                shutil.rmtree(work, ignore_errors=True)
     runs = result["runs"]
     a, c = runs["all"], runs["kaizen"]
     result["goals"] = [

@@ -51,6 +51,7 @@ matrices, rehearsal statistics, the summary and the goals with pass/fail).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -599,6 +601,41 @@ def ensure_base_model(work: Path, cache: Path | None, s: Settings) -> tuple[Path
     return base_dir, base
 
 
+@contextlib.contextmanager
+def work_folder(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """The run's folder (``keep``, else a temp folder removed afterwards); Ray, if the run started
+    it, is shut down on the way out."""
+    work = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def local_setup(base_dir: Path, work: Path) -> Any:
+    """A Kaizen config whose base model is ``base_dir`` and whose store and storage live in
+    ``work``, with a local 2-CPU Ray started for the jobs."""
+    import ray
+
+    from app.config import KaizenConfig
+
+    cfg = KaizenConfig.model_validate({
+        "model": {"base_model": str(base_dir), "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
+        "store": {"sqlite_path": str(work / "kaizen.db")}, "privacy": {"hmac_key": "benchmark"},
+        "ray": {"num_cpus": 2},
+    })  # fmt: skip
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    return cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "forgetting")
@@ -618,41 +655,19 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     quiet_process()
     started = time.perf_counter()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="kaizen-forgetting-"))
-    work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "forgetting", "quick": args.quick, "settings": asdict(s),
                               "tasks": [t.name for t in BENCHMARK_TASKS]}  # fmt: skip
-    try:
-        import ray
-
-        from app.config import KaizenConfig
-
+    with work_folder(args.keep, "kaizen-forgetting-") as work:
         # 1. The base model.
         base_dir, base = ensure_base_model(work, args.base_cache, s)
         result["base_model"] = base
 
         # 2. Data, config, Ray.
         tasks = make_task_data(work, s)
-        cfg = KaizenConfig.model_validate({
-            "model": {"base_model": str(base_dir), "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
-            "store": {"sqlite_path": str(work / "kaizen.db")}, "privacy": {"hmac_key": "benchmark"},
-            "ray": {"num_cpus": 2},
-        })  # fmt: skip
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-        )
+        cfg = local_setup(base_dir, work)
         evaluator = Evaluator(base_dir, work)
         result["base_scores"] = evaluator.scores(None, tasks)
-        print(
-            "base model scores: "
-            + ", ".join(
-                f"{d.task.name} {x:.2f}" for d, x in zip(tasks, result["base_scores"])
-            )
-        )
+        print("base model scores: " + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, result["base_scores"])))
 
         # 3. Stage 1, shared; then every method's later stages.
         first = _finetune(cfg, s, tasks[0], None, "stage1")
@@ -662,19 +677,8 @@ def main() -> None:
         result["methods"] = {}
         for method in s.methods:
             t0 = time.perf_counter()
-            result["methods"][method] = run_method(
-                method, cfg, s, tasks, first, evaluator, first_scores
-            )
+            result["methods"][method] = run_method(method, cfg, s, tasks, first, evaluator, first_scores)
             result["methods"][method]["seconds"] = round(time.perf_counter() - t0, 1)
-    finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            if args.keep is None:
-                shutil.rmtree(work, ignore_errors=True)
     summary = {m: r["summary"] for m, r in result["methods"].items()}
     result["summary"] = summary
     result["goals"] = goals(summary, result["methods"].get("naive", {}).get("scores"))
