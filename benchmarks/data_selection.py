@@ -13,14 +13,18 @@ the same options) on
              weighted subset of at most 10% of the pool (``dataset.max_rows``; k-center over MiniLM
              embeddings, ``dataset.quality_weight=4``).
 
-The interactions are the three tasks of ``benchmarks/tasks.py`` (next, before, partner: a word of a
-fixed list for the first of four words), asked of an assistant. About 30% of the answers are poor,
-as in real traffic: wrong (another task's answer, another word, the question's words echoed) or
-sloppy (the right word wrapped in chatter, or in capitals with a period). Feedback follows the answer's
-quality as users give it: most good answers get a rating of 4 or 5 and most poor ones 1 or 2, some
-get none, and a few ratings are wrong.
+The interactions are the three tasks of ``benchmarks.tasks.SELECTION_TASKS`` (head, front, trim: a
+project's names for operations the base model does under others), asked of an assistant. About
+30% of the answers are poor, and, as in real traffic, not at random: on inputs that start with one
+of 12 words the assistant misreads the task 80% of the time (the same mistake each time,
+``SELECTION_MISTAKES``), and elsewhere 13% of its answers are wrong (another task's answer, a wrong
+word, the question's words echoed) or sloppy (the right answer wrapped in chatter, or in capitals
+with a period). Feedback follows the answer's quality as users give it: most good answers get a
+rating of 4 or 5 and most poor ones 1 or 2, some get none, and a few ratings are wrong. Training on
+everything teaches the assistant's own mistakes back to it; that is what selection is for.
 
-Score: exact match of greedy answers on 100 held-out inputs of each task (the mean over tasks);
+Score: exact match of greedy answers on 100 held-out inputs of each task (the mean over tasks; also
+shown alone for the inputs where the assistant errs);
 time: the training loop's seconds (``train_time_s``) and the job's wall time. Goal (issue 5):
 (c) scores at least as well as (a) in at most a tenth of (a)'s training time. The base model is the
 one ``benchmarks/forgetting.py`` pre-trains (shared through ``--base-cache``).
@@ -53,7 +57,8 @@ from benchmarks.forgetting import (
     work_folder,
 )
 from benchmarks.tasks import (
-    BENCHMARK_TASKS,
+    SELECTION_MISTAKES,
+    SELECTION_TASKS,
     WORDS,
     Task,
     make_examples,
@@ -67,7 +72,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @dataclass
 class Options:
     pool_per_task: int = 800
-    poor_share: float = 0.3
+    hard_words: int = 12
+    """Inputs whose first word is one of this many words are where the assistant errs systematically."""
+    hard_error: float = 0.8
+    """How often it misreads the task on those inputs (:data:`benchmarks.tasks.SELECTION_MISTAKES`)."""
+    noise_share: float = 0.13
+    """The share of poor answers (another task's answer, a wrong word, the question echoed, chatter,
+    capitals) elsewhere: with the mistakes, about 30% of the pool is poor."""
     keep_fraction: float = 0.1
     quality_weight: float = 4.0
     """dataset.quality_weight: k-center's farthest-first picks outliers, and sloppy answers (chatter,
@@ -84,15 +95,22 @@ class Options:
 QUICK = {"pool_per_task": 60, "test_rows": 20, "epochs": 1}
 
 
+def hard_words(o: Options) -> frozenset[str]:
+    """The first words on which the assistant misreads the tasks (seeded)."""
+    return frozenset(random.Random(f"hard:{o.seed}").sample(WORDS, o.hard_words))
+
+
 def _poor_answer(task: Task, words: list[str], rng: random.Random) -> tuple[str, str]:
-    """A poor answer to ``words`` and its kind."""
+    """A poor answer to ``words`` (noise, not the systematic mistake) and its kind."""
     right = task.apply(list(words))
     kind = rng.choice(["other_task", "wrong_word", "echo", "chatter", "shouting"])
     if kind == "other_task":  # the answer of another task: the instruction misread
-        other = rng.choice([t for t in BENCHMARK_TASKS if t.name != task.name])
+        other = rng.choice([t for t in SELECTION_TASKS if t.name != task.name])
         return " ".join(other.apply(list(words))), kind
-    if kind == "wrong_word":
-        return rng.choice([w for w in WORDS if w not in right]), kind
+    if kind == "wrong_word":  # one word of the answer replaced
+        wrong = list(right)
+        wrong[rng.randrange(len(wrong))] = rng.choice([w for w in WORDS if w not in right])
+        return " ".join(wrong), kind
     if kind == "echo":  # the question's words given back
         return " ".join(words), kind
     if kind == "chatter":
@@ -106,15 +124,23 @@ def _poor_answer(task: Task, words: list[str], rng: random.Random) -> tuple[str,
 def make_pool(
     o: Options, rng: random.Random, held: dict[str, set[tuple[str, ...]]]
 ) -> list[dict[str, Any]]:
-    """The pool: interactions with their answers, quality kind and the user's rating (or None)."""
+    """The pool: interactions with their answers, quality kind and the user's rating (or None).
+
+    Where the first word is one of :func:`hard_words`, the assistant answers with the task's
+    systematic mistake ``hard_error`` of the time (kind ``mistake``); elsewhere ``noise_share`` of
+    its answers are poor in one of five ways."""
+    hard = hard_words(o)
     pool = []
-    for task in BENCHMARK_TASKS:
+    for task in SELECTION_TASKS:
         for text, answer in make_examples(
             task, o.pool_per_task, rng, exclude=held[task.name]
         ):
             words = list(words_of(task, text))
             kind = "good"
-            if rng.random() < o.poor_share:
+            if words[0] in hard:
+                if rng.random() < o.hard_error:
+                    answer, kind = " ".join(SELECTION_MISTAKES[task.name](words)), "mistake"
+            elif rng.random() < o.noise_share:
                 answer, kind = _poor_answer(task, words, rng)
             good = kind == "good"
             rating = None
@@ -128,6 +154,7 @@ def make_pool(
                     "answer": answer,
                     "kind": kind,
                     "rating": rating,
+                    "hard": words[0] in hard,
                 }
             )
     rng.shuffle(pool)
@@ -153,7 +180,7 @@ def _events(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _rows(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    tasks = {t.name: t for t in BENCHMARK_TASKS}
+    tasks = {t.name: t for t in SELECTION_TASKS}
     rows = []
     for item in pool:
         (row,) = task_rows(tasks[item["task"]], [(item["input"], item["answer"])])
@@ -189,13 +216,17 @@ def main() -> None:
         result["base_model"] = str(base_dir)
 
         rng = random.Random(o.seed)
-        tests, held = [], {}
-        for task in BENCHMARK_TASKS:
+        hard = hard_words(o)
+        tests, held = [], {}  # per task: its held-out inputs where the assistant errs, then the others
+        for task in SELECTION_TASKS:
             test = make_examples(task, o.test_rows, random.Random(f"test:{task.name}"))
             held[task.name] = {words_of(task, x) for x, _ in test}
-            tests.append(TaskData(task, [], [], test, work))
+            for on_hard in (True, False):
+                part = [(x, y) for x, y in test if (words_of(task, x)[0] in hard) == on_hard]
+                tests.append(TaskData(task, [], [], part, work))
         pool = make_pool(o, rng, held)
         result["pool"] = {"interactions": len(pool), "poor": sum(p["kind"] != "good" for p in pool),
+                          "hard_words": sorted(hard), "on_hard_words": sum(p["hard"] for p in pool),
                           "kinds": {k: sum(p["kind"] == k for p in pool) for k in sorted({p["kind"] for p in pool})}}  # fmt: skip
 
         cfg = local_setup(base_dir, work)
@@ -258,10 +289,16 @@ def main() -> None:
                 cfg, opts, folder, validation=None, run_name=f"select-{name}"
             )
             wall = time.perf_counter() - t0
-            scores = evaluator.scores(out["adapter_id"], tests)
+            parts = evaluator.scores(out["adapter_id"], tests)
+            sizes = [len(t.test) for t in tests]
+            # Per task, over all its held-out inputs; and over the inputs where the assistant errs.
+            scores = [sum(parts[j] * sizes[j] for j in (i, i + 1) if sizes[j]) / (sizes[i] + sizes[i + 1])
+                      for i in range(0, len(tests), 2)]  # fmt: skip
+            on_hard = sum(parts[i] * sizes[i] for i in range(0, len(tests), 2) if sizes[i]) / max(1, sum(sizes[0::2]))
             m = out["metrics"]
             result["runs"][name] = {"rows": m["rows"]["train"], "steps": m["steps"], "train_time_s": m["train_time_s"],
-                                    "wall_s": round(wall, 1), "scores": scores, "score": sum(scores) / len(scores)}  # fmt: skip
+                                    "wall_s": round(wall, 1), "scores": scores, "score": sum(scores) / len(scores),
+                                    "score_on_hard_words": on_hard}  # fmt: skip
             print(f"  {name}: {m['rows']['train']} rows, score {sum(scores) / len(scores):.3f}, "
                   f"train {m['train_time_s']:.0f} s", flush=True)  # fmt: skip
     runs = result["runs"]
@@ -282,8 +319,9 @@ def main() -> None:
                 "no training set taught the tasks (every held-out score < 0.1)",
             )
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    print_table(("training set", "rows", "held-out score", "per task", "train s", "wall s"),
-                [(n, r["rows"], f"{r['score']:.3f}", " ".join(f"{x:.2f}" for x in r["scores"]), f"{r['train_time_s']:.1f}",
+    print_table(("training set", "rows", "held-out score", "per task", "where the assistant errs", "train s", "wall s"),
+                [(n, r["rows"], f"{r['score']:.3f}", " ".join(f"{x:.2f}" for x in r["scores"]),
+                  f"{r['score_on_hard_words']:.3f}", f"{r['train_time_s']:.1f}",
                   f"{r['wall_s']:.0f}") for n, r in runs.items()])  # fmt: skip
     print_table(("goal ((c) vs (a), same run)", "measured", "target", "result"),
                 [(g["goal"], f"{g['measured']:.3f}", g["target"], "NOT MEASURED" if g["passed"] is None else "PASS" if g["passed"] else "FAIL") for g in result["goals"]])  # fmt: skip

@@ -89,7 +89,7 @@ TASK_DESCRIPTION = 'Examples of "{domain}".'
 """The SSR prompts' first paragraph, and the pre-training corpus's description of each block."""
 
 
-CORPUS_VERSION = 3
+CORPUS_VERSION = 4
 """Part of the cached base model's key: raise it when ``benchmarks.tasks.pretraining_texts`` changes."""
 
 

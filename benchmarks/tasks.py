@@ -31,6 +31,8 @@ __all__ = [
     "BENCHMARK_TASKS",
     "INSTRUCTION_WORDS",
     "PRETRAIN_TASKS",
+    "SELECTION_MISTAKES",
+    "SELECTION_TASKS",
     "WORDS",
     "Task",
     "average_score",
@@ -99,10 +101,10 @@ WORDS = [
 without a leading space, so that every task is a fixed pattern over token positions."""
 
 
-INSTRUCTION_WORDS = ("next", "before", "partner")
-"""The benchmark tasks' instruction words. The general corpus uses them as ordinary input words,
-so that their embeddings are trained (in an LLM every common word is), while the mappings they
-name are never shown."""
+INSTRUCTION_WORDS = ("next", "before", "partner", "head", "front", "trim")
+"""The instruction words of :data:`BENCHMARK_TASKS` and :data:`SELECTION_TASKS`. The general corpus
+uses them as ordinary input words, so that their embeddings are trained (in an LLM every common
+word is), while the tasks they name are never shown under these names."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,25 @@ PRETRAIN_TASKS: tuple[Task, ...] = (
     Task("third", "third", lambda w: w[2:3]),
 )
 """The general corpus's transformations: copying, selecting and dropping by position."""
+
+SELECTION_TASKS: tuple[Task, ...] = (
+    Task("head", "head", lambda w: w[:1]),
+    Task("front", "front", lambda w: w[:2]),
+    Task("trim", "trim", lambda w: w[:-1]),
+)
+"""``benchmarks/data_selection.py``'s tasks: a project's own names for operations the base model
+already does under others (``first``, ``first two``, ``drop last`` in :data:`PRETRAIN_TASKS`), the
+way an assistant adapts to a team's conventions. One rule each, the same for every input, so that a
+few hundred clean examples teach it and what more data adds is mostly its mistakes."""
+
+SELECTION_MISTAKES: Mapping[str, Callable[[list[str]], list[str]]] = {
+    "head": lambda w: w[2:3],
+    "front": lambda w: w[:3],
+    "trim": lambda w: list(w),
+}
+"""What an assistant answers when it misreads a :data:`SELECTION_TASKS` task (the wrong position,
+one word too many, nothing trimmed): a systematic mistake, not noise, and one the base model can
+make too (``third``, ``drop last``, ``copy``)."""
 
 
 def normalize_answer(text: str) -> str:

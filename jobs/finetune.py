@@ -22,10 +22,10 @@ on the command line or a ``finetune:`` section in the config file):
    information estimated on the rehearsal rows (or ``--fisher-data``), keeps the adapter entries
    that matter to earlier domains in place. Validation loss drives early stopping and the best
    adapter is the one kept. Every step's loss, learning rate and tokens/s reach Ray Train in
-   the ``step_metrics`` of the next report, sent at evaluations, checkpoints, epoch ends and at
-   most every ``finetune.report_every_s`` in between (a report waits until the controller has
-   collected the one before, and it polls every 2 s: a report per step would cap a fast run at a
-   step per poll); every
+   the ``step_metrics`` of the next report (an epoch's last step with the epoch's loss), sent at
+   evaluations, checkpoints, the end and at most every ``finetune.report_every_s`` in between (a
+   report waits until the controller has collected the one before, and it polls every 2 s: a
+   report per step, or per epoch of a small set, would cap a fast run at one per poll); every
    ``finetune.checkpoint_every_steps`` steps the adapter, optimizer and position are
    checkpointed to ``<model.checkpoint_dir>/runs/<run>``, from which a failed worker group is
    restarted (``finetune.max_failures``) and goes on from the checkpoint's step;
@@ -706,7 +706,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if state.first_loss is None:
                 state.first_loss = metrics["loss"]
             if end_of_epoch:
-                metrics["epoch_loss"] = state.epoch_loss / max(state.epoch_label_tokens, 1)
+                metrics["epoch_loss"] = step_metrics[-1]["epoch_loss"] = state.epoch_loss / max(state.epoch_label_tokens, 1)
             due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
             if validation is not None and (due or (opts.eval_every_steps is None and end_of_epoch)):
                 metrics.update(evaluate(), best_objective=stopper.best)
@@ -720,7 +720,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 stop_reason = "time_limit"
             done = stop_reason != "completed" or state.step >= total
             save = state.step % opts.checkpoint_every_steps == 0 and not done
-            if save or done or report_due or "val_loss" in metrics or end_of_epoch:
+            if save or done or report_due or "val_loss" in metrics:
                 metrics["step_metrics"] = step_metrics
                 _report(metrics, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
                         name=f"checkpoint-step{state.step:06d}" if save else None)  # fmt: skip

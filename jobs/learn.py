@@ -8,7 +8,8 @@ The stages, each the job of the same name with its config section:
 1. ``jobs/build_dataset.py`` (``dataset``): the best recent interactions as a training set;
 2. the earlier domains, those of the champion adapter's own training set (from its lineage):
    ``jobs/synthesize.py`` (``ssr``) writes Self-Synthesized Rehearsal rows from a small sample of
-   them (``learn.rehearsal=ssr``), or their real rows are rehearsed (``real``), or nothing
+   them (``learn.rehearsal=ssr``) and keeps the champion's own SSR rows of the domains before
+   those (``learn.carry_rehearsal``), or their real rows are rehearsed (``real``), or nothing
    (``none``); the first cycle, without a champion, has no earlier domains;
 3. ``jobs/finetune.py`` (``finetune``), or ``jobs/sweep.py`` (``sweep``, ``learn.train_with=sweep``),
    continuing the champion, with forgetting measured on the earlier set's validation split;
@@ -121,10 +122,13 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         rehearsal = earlier / "train.parquet"
         done(f"the earlier dataset's own training rows: {rehearsal}")
     else:
+        carried = champion_rehearsal_set(cfg) if learn.carry_rehearsal and ssr_opts.carry_over is None else None
+        if carried is not None:
+            ssr_opts = ssr_opts.model_copy(update={"carry_over": carried})
         made = synthesize.main(cfg, ssr_opts, earlier)
         uri = synthesize.rehearsal_uri(cfg.model.storage_root, made.rehearsal_id)
         record["ssr"] = {"rehearsal_id": made.rehearsal_id, "uri": uri, "rows": made.rows,
-                         "refined_by": made.refined_by}  # fmt: skip
+                         "refined_by": made.refined_by, "carried_from": made.carried_from, "carried": made.carried}  # fmt: skip
         if made.rows:
             rehearsal = Path(uri)
             counts = ", ".join(f"{d}: {n}" for d, n in made.counts.items())
@@ -167,9 +171,8 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     return record
 
 
-def earlier_dataset(cfg: KaizenConfig) -> tuple[Path | None, str]:
-    """The champion adapter's training dataset folder (its lineage's ``dataset_uri``), or None
-    and why there is none."""
+def _champion_lineage(cfg: KaizenConfig) -> tuple[str | None, Any]:
+    """The champion adapter's id and lineage (None, None without a champion)."""
     from app.model.adapters import AdapterStore
     from app.registry import AdapterRegistry
     from app.store import open_store
@@ -180,8 +183,32 @@ def earlier_dataset(cfg: KaizenConfig) -> tuple[Path | None, str]:
     finally:
         store.close()
     if champion is None:
+        return None, None
+    return champion, AdapterStore(cfg.model.storage_root).manifest(champion).lineage
+
+
+def champion_rehearsal_set(cfg: KaizenConfig) -> str | None:
+    """The SSR rehearsal set the champion adapter was trained with (its lineage's
+    ``rehearsal_uri``, when that is a folder holding an SSR set), else None."""
+    import pyarrow.fs as pafs
+
+    from jobs.synthesize import DATA_FILE
+
+    _, lineage = _champion_lineage(cfg)
+    uri = lineage.rehearsal_uri if lineage is not None else None
+    if not uri:
+        return None
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    return uri if fs.get_file_info(f"{path}/{DATA_FILE}").type == pafs.FileType.File else None
+
+
+def earlier_dataset(cfg: KaizenConfig) -> tuple[Path | None, str]:
+    """The champion adapter's training dataset folder (its lineage's ``dataset_uri``), or None
+    and why there is none."""
+    champion, lineage = _champion_lineage(cfg)
+    if champion is None:
         return None, "no champion adapter yet (the first cycle)"
-    uri = AdapterStore(cfg.model.storage_root).manifest(champion).lineage.dataset_uri
+    uri = lineage.dataset_uri
     if not uri:
         return None, f"the champion {champion} has no dataset in its lineage"
     path = Path(uri)

@@ -20,7 +20,11 @@ The chain (the pure stages are in :mod:`app.learning.ssr`):
 4. ``EmbedInputs`` embeds them (MiniLM, CPU), on the driver: faster than starting actors;
 5. k-means and the quotas per domain, on the driver;
 6. ``RefineOutputs`` actors answer them with the latest model;
-7. check the answers and write the Parquet file and its manifest.
+7. check the answers;
+8. with ``ssr.carry_over``, add an earlier rehearsal set's rows of every domain not synthesized
+   now, as they were written (the paper's rehearsal pool: a domain is synthesized once, by the
+   model that has just learned it, and rehearsed at every later stage); write the Parquet file
+   and its manifest.
 
 A source directory is read as ``train.parquet`` or ``train/`` when it has one (demonstrations
 come from the training split only), else every Parquet file under it; its ``manifest.json`` (for a
@@ -297,6 +301,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     uri = rehearsal_uri(cfg.model.storage_root, rehearsal_id)
     _refuse_existing(uri)
     table, source_manifest_hash = read_source(Path(source))
+    carry_uri, carried_table = _carried_set(cfg, opts)
     adapter_id = latest_adapter(cfg)
 
     # 1. Demonstrations and prompts, per domain.
@@ -349,7 +354,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     # 6. The latest model writes the outputs.
     refine_args = (cfg.model.base_model, cfg.model.storage_root, adapter_id, opts.model_dump())
     refined = _run_stage(selected, RefineOutputs, refine_args, opts, num_gpus) if selected else []
-    # 7. Check the answers; write the set.
+    # 7. Check the answers.
     accepted: list[dict[str, Any]] = []
     for domain, report in reports.items():
         dropped = Counter()
@@ -363,6 +368,14 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         report["outputs_dropped"] = dict(sorted(dropped.items()))
     refined_by = adapter_id or cfg.model.base_model
     out = _rehearsal_table(accepted, table.schema, rehearsal_id, cfg.model.base_model, refined_by)
+    carried = Counter()
+    if carried_table is not None:
+        # 8. The earlier set's rows of the domains not synthesized now, as they were written.
+        keep = [d not in reports and (opts.domains is None or d in opts.domains)
+                for d in carried_table.column("source_domain").to_pylist()]  # fmt: skip
+        kept_rows = _conform(carried_table.filter(pa.array(keep, type=pa.bool_())), out.schema, carry_uri)
+        carried = Counter(kept_rows.column("source_domain").to_pylist())
+        out = pa.concat_tables([out, kept_rows])
     counts = Counter(out.column("source_domain").to_pylist())
     manifest_fields = {
         "rehearsal_id": rehearsal_id,
@@ -373,9 +386,11 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         "source_manifest_hash": source_manifest_hash,
         "source_rows": table.num_rows,
         "rows": out.num_rows,
-        "counts": {d: counts.get(d, 0) for d in reports},
+        "counts": {d: counts.get(d, 0) for d in [*reports, *(d for d in carried if d not in reports)]},
         "domains": {d: DomainReport(**r, rows=counts.get(d, 0)) for d, r in reports.items()},
         "skipped_domains": skipped,
+        "carried_from": carry_uri,
+        "carried": dict(sorted(carried.items())),
         "options": opts.model_dump(mode="json") | {"rehearsal_id": rehearsal_id},
         "content_hash": _content_hash(out),
     }
@@ -513,6 +528,36 @@ def _rehearsal_table(
             raise ValueError(f"rehearsal column {name!r} cannot hold its values as the source's {dtype}: {exc}") from exc
         fields.append(pa.field(name, dtype))
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _carried_set(cfg: KaizenConfig, opts: SSRConfig) -> tuple[str | None, pa.Table | None]:
+    """The location and rows of the ``ssr.carry_over`` set (None, None without one).
+
+    Raises:
+        FileNotFoundError: no rehearsal set there.
+    """
+    if opts.carry_over is None:
+        return None, None
+    name = opts.carry_over
+    uri = name if "/" in name else rehearsal_uri(cfg.model.storage_root, name)
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    if fs.get_file_info(f"{path}/{DATA_FILE}").type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"ssr.carry_over: no rehearsal set at {uri} (no {DATA_FILE})")
+    return (uri if "://" in uri else path), pq.read_table(f"{path}/{DATA_FILE}", filesystem=fs)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, origin: str) -> pa.Table:
+    """``table``'s rows with ``schema``'s columns: its own where it has them (cast), else nulls."""
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, type=field.type))
+            continue
+        try:
+            columns.append(table.column(field.name).cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise ValueError(f"ssr.carry_over: column {field.name!r} of {origin} cannot be read as {field.type}: {exc}") from exc
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _messages(user: str, assistant: str) -> str:

@@ -29,6 +29,13 @@ class LearnConfig(BaseModel):
             "without a champion, has nothing to rehearse."
         ),
     )
+    carry_rehearsal: bool = Field(
+        True,
+        description=(
+            "With ssr: keep the champion's own SSR rows of the domains before its dataset (ssr.carry_over), so "
+            "that every earlier cycle's domains are rehearsed, each as the model that had just learned it answered."
+        ),
+    )
     measure_forgetting: bool = Field(
         True,
         description="Measure forgetting on the champion's dataset's validation split (held out from training).",

@@ -93,6 +93,15 @@ class SSRConfig(BaseModel):
     domains: list[str] | None = Field(
         None, description="The earlier domains to rehearse (primary domains of the source rows); None: all of them."
     )
+    carry_over: str | None = Field(
+        None,
+        description=(
+            "An earlier rehearsal set (its id under <storage_root>/rehearsal, or its folder's path or URI) whose rows "
+            "are kept for every domain it has that the source has not: as in the paper, a domain's instances are "
+            "synthesized once, with the model that has just learned it, and rehearsed at every later stage (a later "
+            "model that has begun to forget the domain would write worse answers). None: the source's domains only."
+        ),
+    )
     sample_fraction: float = Field(
         0.01, gt=0, le=1, description="Share of a domain's real rows drawn as demonstrations."
     )
@@ -480,6 +489,10 @@ class RehearsalManifest(BaseModel):
     counts: dict[str, int] = Field(description="Rehearsal rows per source domain.")
     domains: dict[str, DomainReport] = Field(description="Per domain, what each stage did.")
     skipped_domains: dict[str, str] = Field(description="Domains not rehearsed, with the reason.")
+    carried_from: str | None = Field(None, description="The earlier rehearsal set rows were kept from (ssr.carry_over).")
+    carried: dict[str, int] = Field(
+        default_factory=dict, description="Rows kept from it, per domain (part of counts); their provenance is theirs."
+    )
     options: dict[str, Any] = Field(description="The SSRConfig used.")
     files: dict[str, str] = Field(description="SHA-256 of each data file, by name.")
     content_hash: str = Field(

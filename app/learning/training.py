@@ -169,9 +169,10 @@ class FinetuneConfig(BaseModel):
         10.0, ge=0.0,
         description=(
             "Report to Ray Train at most this often, besides every evaluation, checkpoint and the end; the "
-            "steps in between travel in the next report's 'step_metrics' list. A report waits until Ray Train's "
-            "controller has collected the one before (it polls every 2 s), so a report per step would cap a "
-            "run at one step per poll. 0: a report per step."
+            "steps in between travel in the next report's 'step_metrics' list (an epoch's last step with "
+            "'epoch_loss'). A report waits until Ray Train's controller has collected the one before (it polls "
+            "every 2 s), so a report per step, or per epoch of a small set, would cap a run at one per poll. "
+            "0: a report per step."
         ),
     )  # fmt: skip
 

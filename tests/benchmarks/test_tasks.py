@@ -12,6 +12,8 @@ from benchmarks.tasks import (
     BENCHMARK_TASKS,
     INSTRUCTION_WORDS,
     PRETRAIN_TASKS,
+    SELECTION_MISTAKES,
+    SELECTION_TASKS,
     WORDS,
     average_score,
     backward_transfer,
@@ -44,8 +46,9 @@ def test_the_benchmark_tasks() -> None:
 
 
 def test_the_families_are_disjoint_and_differ_on_every_input() -> None:
-    instructions = [t.instruction for t in (*BENCHMARK_TASKS, *PRETRAIN_TASKS)]
+    instructions = [t.instruction for t in (*BENCHMARK_TASKS, *SELECTION_TASKS, *PRETRAIN_TASKS)]
     assert len(set(instructions)) == len(instructions)
+    assert {t.instruction for t in (*BENCHMARK_TASKS, *SELECTION_TASKS)} == set(INSTRUCTION_WORDS)
     words = WORDS[:4]
     answers = [t.answer(words) for t in BENCHMARK_TASKS]
     assert len(set(answers)) == len(
@@ -149,3 +152,13 @@ def test_forgetting_uses_the_best_score_not_the_first() -> None:
     assert forgetting([[1.0]]) == 0.0 and backward_transfer([[1.0]]) == 0.0
     with pytest.raises(ValueError):
         forgetting([[1.0, 0.0]])
+
+
+def test_selection_tasks_are_known_operations_under_new_names_with_a_systematic_mistake() -> None:
+    words = ["apple", "river", "stone", "cloud"]
+    pretrain = {t.name: t.answer(words) for t in PRETRAIN_TASKS}
+    selection = {t.name: t.answer(words) for t in SELECTION_TASKS}
+    assert selection == {"head": pretrain["first"], "front": pretrain["first-two"], "trim": pretrain["drop-last"]}
+    for task in SELECTION_TASKS:
+        mistake = " ".join(SELECTION_MISTAKES[task.name](words))
+        assert mistake != task.answer(words) and mistake in pretrain.values()

@@ -93,7 +93,7 @@ def test_two_ddp_workers_learn_and_the_adapter_is_stored_and_registered(
 @pytest.mark.slow
 def test_every_step_is_reported_without_a_report_per_step(two_worker_run: dict[str, Any]) -> None:
     # A report waits for Ray Train's controller (it polls every 2 s): reports come at checkpoints,
-    # evaluations and epoch ends, and carry the steps since the last one.
+    # evaluations and the end, and carry the steps since the last one (epoch ends with the epoch's loss).
     reports = [r for r in two_worker_run["reports"] if not r.get("final")]
     steps = [m["step"] for r in reports for m in r["step_metrics"]]
     assert set(steps) == set(range(1, 13))
@@ -102,6 +102,7 @@ def test_every_step_is_reported_without_a_report_per_step(two_worker_run: dict[s
     figures = [m for r in reports for m in r["step_metrics"]]
     assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in figures)
     assert all(m["lr"] > 0 for m in figures if m["step"] < 12)  # the cosine schedule ends at 0
+    assert {m["step"] for m in figures if m.get("epoch_loss", 0) > 0} == {6, 12}  # 2 epochs of 6 steps
     assert two_worker_run["reports"][-1].get("final")
 
 

@@ -218,6 +218,20 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     with pytest.raises(FileExistsError, match="ssr.rehearsal_id"):
         synthesize.main(cfg, opts, source)
 
+    # The next stage: a source of a new domain and of python again, the set above carried over.
+    # python is synthesized anew; typescript's rows are kept as they were written.
+    later = _write_source(tmp_path / "later", {"go": 6, "python": 4})
+    carried = synthesize.main(cfg, _loose(rehearsal_id="ssr-next", carry_over="ssr-e2e"), later)
+    assert carried.carried_from == str(folder) and carried.carried == {"typescript": counts["typescript"]}
+    assert set(carried.domains) == {"go", "python"}
+    new_rows = pq.read_table(model_root / "rehearsal" / "ssr-next" / "rehearsal.parquet").to_pylist()
+    assert {r["interaction_id"]: r for r in new_rows if r["source_domain"] == "typescript"} == {
+        r["interaction_id"]: r for r in rows if r["source_domain"] == "typescript"}
+    assert carried.counts == {d: sum(r["source_domain"] == d for r in new_rows) for d in ("go", "python", "typescript")}
+    assert not {r["interaction_id"] for r in new_rows if r["source_domain"] == "python"} & {r["interaction_id"] for r in rows}
+    with pytest.raises(FileNotFoundError, match="ssr.carry_over: no rehearsal set"):
+        synthesize.main(cfg, _loose(rehearsal_id="ssr-x", carry_over="ssr-missing"), later)
+
 
 def test_the_command_line_refuses_bad_options(tmp_path: Path) -> None:
     out = subprocess.run(
