@@ -6,11 +6,13 @@ precedes or faces the first of four input words) are learned one after another b
 each stage a LoRA adapter continued from the previous stage's, with
 
   (a) naive    fine-tuning on the new task alone (the baseline);
-  (b) ssr      Self-Synthesized Rehearsal (``jobs/synthesize.py``, Huang et al. ACL 2024): the base
-               model writes inputs of the earlier tasks from 2-shot prompts built on 4 real
-               examples of each, k-means picks the rehearsal instances, the latest adapter (the
-               previous stage's, set as the registry's champion) writes their outputs, and
-               ``jobs/finetune.py`` mixes them into the epochs (``finetune.rehearsal_ratio``);
+  (b) ssr      Self-Synthesized Rehearsal (``jobs/synthesize.py``, Huang et al. ACL 2024): at each
+               stage the base model writes inputs of the task just learned from 2-shot prompts
+               built on 4 real examples of it, k-means picks the rehearsal instances, the latest
+               adapter (the one that has just learned it, set as the registry's champion) writes
+               their outputs, the earlier tasks' rows are carried over from the previous stage's
+               set (``ssr.carry_over``), and ``jobs/finetune.py`` mixes them all into the epochs
+               (``finetune.rehearsal_ratio``);
   (c) real     rehearsal of real earlier rows instead (as many per task as SSR keeps): the reference;
   (d) fggm     Fisher-guided gradient masking alone: no rehearsal; the Fisher information of the
                adapter is estimated on a small real sample of the earlier tasks
@@ -404,9 +406,12 @@ def _finetune(cfg: Any, s: Settings, data: TaskData, parent: str | None, name: s
 
 
 def _synthesize(
-    cfg: Any, s: Settings, tasks: list[TaskData], stage: int, champion: str, name: str
+    cfg: Any, s: Settings, tasks: list[TaskData], stage: int, champion: str, name: str, carry: str | None
 ) -> tuple[Path, dict[str, Any]]:
-    """SSR rehearsal rows of the tasks before ``stage``, the outputs written by ``champion``."""
+    """SSR rehearsal rows of the tasks before ``stage``, as the paper rehearses them: the task
+    just learned (``stage - 1``) is synthesized now, its outputs written by ``champion`` (the
+    adapter that has just learned it), and the rows of the tasks before it are carried over from
+    the previous stage's set ``carry`` as they were written."""
     from app.learning.ssr import SSRConfig
     from app.registry import AdapterRegistry
     from app.store import open_store
@@ -423,9 +428,9 @@ def _synthesize(
     finally:
         store.close()
     source = Path(cfg.model.storage_root) / "sources" / name
-    _write_rows(source / "train.parquet", _earlier_rows(tasks, stage, None, s.seed))
+    _write_rows(source / "train.parquet", task_rows(tasks[stage - 1].task, tasks[stage - 1].train))
     opts = SSRConfig(
-        rehearsal_id=name, task_description=TASK_DESCRIPTION, prompts_per_domain=s.ssr_prompts_per_domain,
+        rehearsal_id=name, carry_over=carry, task_description=TASK_DESCRIPTION, prompts_per_domain=s.ssr_prompts_per_domain,
         samples_per_prompt=s.ssr_samples_per_prompt, max_input_tokens=16, max_output_tokens=12, min_input_chars=8,
         num_clusters=s.ssr_clusters, rehearsal_instances_per_domain=s.ssr_instances_per_domain, batch_size=16,
         num_cpus=2, num_gpus=0, seed=s.seed,
@@ -437,7 +442,7 @@ def _synthesize(
         synthesize.rehearsal_uri(cfg.model.storage_root, manifest.rehearsal_id)
     )
     stats = _rehearsal_stats(folder, tasks[:stage])
-    stats.update(seconds=round(seconds, 1), rows=manifest.rows, counts=manifest.counts,
+    stats.update(seconds=round(seconds, 1), rows=manifest.rows, counts=manifest.counts, carried=manifest.carried,
                  domains={d: r.model_dump() for d, r in manifest.domains.items()})  # fmt: skip
     return folder, stats
 
@@ -480,13 +485,15 @@ def run_method(method: str, cfg: Any, s: Settings, tasks: list[TaskData], first:
         }
     ]
     parent = first["adapter_id"]
+    carry = None  # SSR: the previous stage's rehearsal set
     for stage in range(1, len(tasks)):
         name = f"{method.replace('+', '-')}-stage{stage + 1}"
         info: dict[str, Any] = {}
         rehearsal = fisher = None
         masking = "fggm" if "fggm" in method else "none"
         if method.startswith("ssr"):
-            rehearsal, info["ssr"] = _synthesize(cfg, s, tasks, stage, parent, name)
+            rehearsal, info["ssr"] = _synthesize(cfg, s, tasks, stage, parent, name, carry)
+            carry = name
         elif method == "real":
             rehearsal = root / "real" / name
             _write_rows(

@@ -196,6 +196,13 @@ class DatasetConfig(BaseModel):
     quality_weight: float = Field(
         1.0, ge=0, description="Exponent of the quality score in the selection's priority (0: diversity alone)."
     )
+    confidence_weight: float = Field(
+        1.0, ge=0,
+        description=(
+            "Exponent of the score's confidence in the selection's priority: a score backed by evidence (a user's "
+            "rating, tests that ran) outranks an equal one inferred without it (0: confidence ignored)."
+        ),
+    )
     validation_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of rows in validation, chosen by a hash of the interaction id."
     )
@@ -977,14 +984,17 @@ def diverse_indices(
     method: Literal["k_center", "k_means"] = "k_center",
     quality_weight: float = 1.0,
     seed: int = 0,
+    confidence: np.ndarray | None = None,
+    confidence_weight: float = 0.0,
 ) -> np.ndarray:
     """``k`` row indices that cover the embedding space, weighted towards quality.
 
-    ``k_center``: farthest-first greedy; it starts from the best row and then takes the row whose
-    cosine distance to the nearest chosen one, times ``quality ** quality_weight``, is largest.
-    ``k_means``: k clusters; from each, the row with the largest ``quality ** quality_weight``
-    times its cosine similarity to the centroid (an empty cluster's place goes to the best row
-    left). Ties go to the lower index. Returns the indices in the order chosen.
+    A row's weight is ``quality ** quality_weight * confidence ** confidence_weight`` (a missing
+    or NaN confidence counts as 1). ``k_center``: farthest-first greedy; it starts from the
+    heaviest row and then takes the row whose cosine distance to the nearest chosen one, times
+    its weight, is largest. ``k_means``: k clusters; from each, the row with the largest weight
+    times its cosine similarity to the centroid (an empty cluster's place goes to the heaviest
+    row left). Ties go to the lower index. Returns the indices in the order chosen.
     """
     n = len(embeddings)
     k = min(k, n)
@@ -993,6 +1003,9 @@ def diverse_indices(
     x = np.asarray(embeddings, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     weight = np.clip(np.asarray(quality, dtype=np.float64), 1e-6, None) ** quality_weight
+    if confidence is not None and confidence_weight:
+        sure = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=1.0)
+        weight = weight * np.clip(sure, 1e-6, None) ** confidence_weight
     chosen: list[int] = []
     if method == "k_center":
         first = int(np.argmax(weight))
@@ -1042,9 +1055,11 @@ def select_diverse(
     quality_weight: float = 1.0,
     seed: int = 0,
     max_rows: int | None = None,
+    confidence_weight: float = 0.0,
 ) -> Batch:
-    """Stage 8: the :func:`selection_size` rows :func:`diverse_indices` picks, by ``embedding``
-    and ``quality_score``. Rows are first put in id order, so the result does not depend on the
+    """Stage 8: the :func:`selection_size` rows :func:`diverse_indices` picks, by ``embedding``,
+    ``quality_score`` and ``quality_confidence`` (when the batch has it). Rows are first put in
+    id order, so the result does not depend on the
     order they arrived in."""
     n = _size(batch)
     if n == 0:
@@ -1053,7 +1068,7 @@ def select_diverse(
     batch = take(batch, order)
     picked = diverse_indices(
         np.asarray(batch["embedding"]), np.asarray(batch["quality_score"]), selection_size(n, keep_fraction, max_rows),
-        method, quality_weight, seed,
+        method, quality_weight, seed, batch.get("quality_confidence"), confidence_weight,
     )  # fmt: skip
     return take(batch, picked)
 

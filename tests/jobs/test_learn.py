@@ -15,6 +15,7 @@ from app.model.adapters import AdapterStore
 from app.quality.service import QualityService
 from app.registry import AdapterRegistry
 from app.store.sqlite import SQLiteStore
+from jobs import learn
 from tests.conftest import ingest_samples
 
 pytestmark = pytest.mark.integration
@@ -97,6 +98,16 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     assert third["adapter"]["metrics"]["rows"]["rehearsal"] == first["dataset"]["rows"] - third["adapter"]["metrics"]["rows"]["heldout"]
     lineage = AdapterStore(cfg.model.storage_root).manifest(third["adapter"]["adapter_id"]).lineage
     assert lineage.rehearsal_uri == third["rehearsal"] and lineage.rehearsal_manifest_hash
+
+    # What a later SSR cycle carries over (learn.carry_rehearsal): the champion's own SSR set,
+    # never a real-rehearsal file.
+    for champion, expected in ((third, None), (second, second["rehearsal"])):
+        store = open_store(cfg.store)
+        try:
+            AdapterRegistry(store).set_alias("champion", champion["adapter"]["adapter_id"], actor="test", reason="carry")
+        finally:
+            store.close()
+        assert learn.champion_rehearsal_set(cfg) == expected
 
 
 def test_bad_options_and_an_empty_store_are_named(config_file: Path, tmp_path: Path, capsys) -> None:

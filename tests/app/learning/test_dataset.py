@@ -289,6 +289,20 @@ def test_selection_covers_every_cluster_with_its_best_row(method: str) -> None:
     assert sorted(picked.tolist()) == best
 
 
+@pytest.mark.parametrize("method", ["k_center", "k_means"])
+def test_selection_prefers_scores_backed_by_evidence(method: str) -> None:
+    x = _clusters([10, 5, 5])
+    quality = np.full(20, 0.9)
+    quality[[0, 10, 15]] = 0.95  # the best guesses, inferred without evidence
+    confidence = np.full(20, 0.45)
+    sure = [4, 12, 18]  # rated by their users: a little lower, but known
+    confidence[sure] = 0.62
+    confidence[1] = np.nan  # unknown: counts as 1 only when weighed
+    assert sorted(diverse_indices(x, quality, 3, method=method, seed=0).tolist()) == [0, 10, 15]
+    picked = diverse_indices(x, quality, 3, method=method, seed=0, confidence=confidence, confidence_weight=4)
+    assert sorted(picked.tolist()) == [1, 12, 18]
+
+
 def test_selection_keeps_the_fraction_and_weighs_quality() -> None:
     x = _clusters([10, 5, 5])
     batch = _rows(20, quality_score=list(np.linspace(0.7, 0.9, 20)))
