@@ -20,9 +20,9 @@ each stage a LoRA adapter continued from the previous stage's, with
                updated;
   (e) ssr+fggm SSR rehearsal with the masking, the Fisher estimated on the rehearsal rows.
 
-Each task is new knowledge (48 associations, the other three words varying), and all three read
-the same position and answer from the same words: learned alone, a later task overwrites the
-earlier ones.
+Each task is new knowledge (16 associations, the other three words varying); each task's inputs
+start with its own third of the list, so one model can hold all three, and all three read the same
+position and answer from the same words: learned alone, a later task overwrites the earlier ones.
 
 The first stage (task 1 from a fresh adapter) is the same for every method and is trained once.
 After every stage every task is scored on 100 held-out inputs (exact match of greedy answers), so
@@ -449,11 +449,13 @@ def _synthesize(
 
 def _rehearsal_stats(folder: Path, tasks: list[TaskData]) -> dict[str, Any]:
     """How good the synthetic rows are: the share whose input is a well-formed input of its task
-    (four words of :data:`WORDS` after its instruction) and, of those, the share whose output (the latest model's) is the right answer."""
+    (four words of :data:`WORDS` after its instruction) and, of those, the share whose output (the
+    latest model's) is the right answer and the share that start with one of the task's own first
+    words."""
     import pyarrow.parquet as pq
 
     by_name = {d.task.name: d.task for d in tasks}
-    well_formed = correct = 0
+    well_formed = correct = own_first = 0
     rows = pq.read_table(folder / "rehearsal.parquet").to_pylist()
     examples = []
     for r in rows:
@@ -465,11 +467,13 @@ def _rehearsal_stats(folder: Path, tasks: list[TaskData]) -> dict[str, Any]:
         if words is not None and len(words) == 4 and set(words) <= VOCABULARY:
             well_formed += 1
             correct += r["output"].split() == task.apply(list(words))
+            own_first += not task.first_words or words[0] in task.first_words
         if len(examples) < 3:
             examples.append({"input": r["instruction"], "output": r["output"]})
     n = len(rows)
     return {"well_formed_inputs": well_formed / n if n else float("nan"),
-            "correct_outputs": correct / well_formed if well_formed else float("nan"), "examples": examples}  # fmt: skip
+            "correct_outputs": correct / well_formed if well_formed else float("nan"),
+            "own_first_words": own_first / well_formed if well_formed else float("nan"), "examples": examples}  # fmt: skip
 
 
 def run_method(method: str, cfg: Any, s: Settings, tasks: list[TaskData], first: dict[str, Any],

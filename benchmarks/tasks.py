@@ -116,6 +116,8 @@ class Task:
     apply: Callable[[list[str]], list[str]]
     lengths: tuple[int, ...] = (4,)
     """Numbers of words an input may have."""
+    first_words: tuple[str, ...] = ()
+    """The words an input may start with (empty: any)."""
 
     def input_text(self, words: Sequence[str]) -> str:
         return f"{self.instruction}: {' '.join(words)}"
@@ -134,15 +136,19 @@ def _shifted(offset: int) -> Callable[[list[str]], list[str]]:
 
 
 BENCHMARK_TASKS: tuple[Task, ...] = (
-    Task("next", "next", _shifted(1)),
-    Task("before", "before", _shifted(-1)),
-    Task("partner", "partner", _shifted(len(WORDS) // 2)),
+    Task("next", "next", _shifted(1), first_words=tuple(WORDS[0::3])),
+    Task("before", "before", _shifted(-1), first_words=tuple(WORDS[1::3])),
+    Task("partner", "partner", _shifted(len(WORDS) // 2), first_words=tuple(WORDS[2::3])),
 )
 """Learned in this order by the forgetting benchmark: four words in, one word out, a fixed mapping
 of the first word (its successor, its predecessor, the word half the list away). Each is knowledge
-the base model has not got (48 associations, learned from examples whose other three words vary),
-and all three read the same position and answer from the same words, so that learning a later
-task alone overwrites the earlier ones unless something protects them."""
+the base model has not got (16 associations, learned from examples whose other three words vary).
+Each task's inputs start with its own third of the words, as real domains differ in their inputs,
+so that one model can hold all three (trained on all three at once for as many steps as one
+stage, a LoRA adapter reached 0.76 / 0.48 / 0.75; when the tasks shared their first words it
+reached 0.03 / 0.02 / 0.01: the two-layer model could not learn to read the instruction). All
+three answer from the same words at the same position, so that learning a later task alone
+overwrites the earlier ones unless something protects them."""
 
 PRETRAIN_TASKS: tuple[Task, ...] = (
     Task("copy", "copy", lambda w: list(w)),
@@ -214,7 +220,11 @@ def make_examples(
         attempts += 1
         if attempts > 100 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct inputs for {task.name}")
-        drawn = tuple(rng.sample(list(words), rng.choice(task.lengths)))
+        if task.first_words:
+            first = rng.choice(task.first_words)
+            drawn = (first, *rng.sample([w for w in words if w != first], rng.choice(task.lengths) - 1))
+        else:
+            drawn = tuple(rng.sample(list(words), rng.choice(task.lengths)))
         if drawn in seen:
             continue
         seen.add(drawn)

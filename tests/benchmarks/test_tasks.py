@@ -57,6 +57,17 @@ def test_the_families_are_disjoint_and_differ_on_every_input() -> None:
     assert len(set(WORDS)) == len(WORDS) == 48
 
 
+def test_each_benchmark_task_starts_with_its_own_third_of_the_words() -> None:
+    thirds = [set(t.first_words) for t in BENCHMARK_TASKS]
+    assert all(len(t) == 16 for t in thirds) and set().union(*thirds) == set(WORDS)
+    assert not (thirds[0] & thirds[1] or thirds[0] & thirds[2] or thirds[1] & thirds[2])
+    for task in BENCHMARK_TASKS:
+        for text, answer in make_examples(task, 60, random.Random(task.name)):
+            words = words_of(task, text)
+            assert words[0] in task.first_words and len(set(words)) == 4 and set(words) <= set(WORDS)
+            assert answer == task.answer(words)
+
+
 def test_examples_are_distinct_seeded_and_respect_exclusions() -> None:
     task = TASKS["partner"]
     a = make_examples(task, 50, random.Random(1))
