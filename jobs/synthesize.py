@@ -78,6 +78,7 @@ __all__ = [
     "EmbedInputs",
     "RefineOutputs",
     "SynthesizeInputs",
+    "cli",
     "latest_adapter",
     "main",
     "manifest_hash",
@@ -621,15 +622,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a bad option or input)."""
     from app.config import ConfigError, load_job_config
 
-    args = _parse(sys.argv[1:])
+    args = _parse(argv)
     try:
         config, options = load_job_config(args.config, args.overrides, "ssr")
     except ConfigError as exc:
         print(f"python -m jobs.synthesize: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = main(config, options, args.source)
+    try:
+        result = main(config, options, args.source)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"python -m jobs.synthesize: {exc}", file=sys.stderr)
+        return 2
     print(result.model_dump_json(indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -233,7 +233,7 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
         synthesize.main(cfg, _loose(rehearsal_id="ssr-x", carry_over="ssr-missing"), later)
 
 
-def test_the_command_line_refuses_bad_options(tmp_path: Path) -> None:
+def test_the_command_line_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "jobs.synthesize", "--source", str(tmp_path), "ssr.bogus=1", "ssr.top_p=2"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
@@ -242,3 +242,9 @@ def test_the_command_line_refuses_bad_options(tmp_path: Path) -> None:
     assert "ssr.bogus: unknown key" in out.stderr and "ssr.top_p" in out.stderr
     missing = subprocess.run([sys.executable, "-m", "jobs.synthesize"], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "--source" in missing.stderr
+    # A bad input is named, not a traceback.
+    assert synthesize.cli(["--source", str(tmp_path / "nowhere"), f"model.storage_root={tmp_path}"]) == 2
+    assert "no Parquet training rows" in capsys.readouterr().err
+    source = _write_source(tmp_path / "dataset", {"python": 4})
+    assert synthesize.cli(["--source", str(source), f"model.storage_root={tmp_path}", "ssr.carry_over=gone"]) == 2
+    assert "ssr.carry_over: no rehearsal set" in capsys.readouterr().err
