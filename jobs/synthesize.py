@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -115,6 +116,7 @@ PROVENANCE_COLUMNS: dict[str, pa.DataType] = {
     "refined_by": pa.string(),
     "cluster": pa.int64(),
     "demonstration_ids": pa.list_(pa.string()),
+    "output_confidence": pa.float64(),
 }
 
 
@@ -150,11 +152,14 @@ class _Generator:
         self.device = next(self.model.parameters()).device
 
     def generate(
-        self, prompts: list[str], processors: list[Any] | None = None, stop: str | None = None, **config: Any
-    ) -> list[tuple[str, bool]]:
-        """``(text, truncated)`` per returned sequence (``num_return_sequences`` per prompt, in
-        order); ``truncated``: no end-of-sequence token before the token limit. A row ends early
-        once its text contains ``stop`` (kept in the text)."""
+        self, prompts: list[str], processors: list[Any] | None = None, stop: str | None = None,
+        confidence: bool = False, **config: Any,
+    ) -> list[tuple[str, bool, float | None]]:
+        """``(text, truncated, confidence)`` per returned sequence (``num_return_sequences`` per
+        prompt, in order); ``truncated``: no end-of-sequence token before the token limit. A row
+        ends early once its text contains ``stop`` (kept in the text). With ``confidence``, the
+        geometric mean of the probabilities of the tokens chosen, the end-of-sequence token
+        included (the model's distribution, before any processors), else None."""
         from transformers import (
             GenerationConfig,
             LogitsProcessorList,
@@ -171,12 +176,22 @@ class _Generator:
                 input_ids=input_ids, attention_mask=attention, generation_config=generation,
                 logits_processor=LogitsProcessorList(processors or []),
                 stopping_criteria=StoppingCriteriaList([_StopAt(stop, width, self.tokenizer)] if stop else []),
+                output_logits=confidence, return_dict_in_generate=True,
             )  # fmt: skip
+            chosen = None
+            if confidence:  # log-probability of each chosen token: [rows, steps]
+                logits = self.torch.stack(output.logits, dim=1).float()
+                steps = output.sequences[:, width : width + logits.shape[1]]
+                chosen = self.torch.log_softmax(logits, dim=-1).gather(-1, steps.unsqueeze(-1)).squeeze(-1).tolist()
         results = []
-        for ids in output[:, width:].tolist():
+        for row, ids in enumerate(output.sequences[:, width:].tolist()):
             end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-            results.append((text, end is None and len(ids) >= config["max_new_tokens"]))
+            sure = None
+            if chosen is not None:
+                scored = chosen[row][: len(ids) if end is None else end + 1]
+                sure = math.exp(sum(scored) / len(scored)) if scored else 0.0
+            results.append((text, end is None and len(ids) >= config["max_new_tokens"], sure))
         return results
 
 
@@ -203,7 +218,7 @@ class SynthesizeInputs(_Generator):
             max_new_tokens=opts.max_input_tokens, stop="Output:",
         )  # fmt: skip
         out: dict[str, list[Any]] = {"prompt_id": [], "domain": [], "demonstration_ids": [], "raw": [], "input": []}
-        for k, (text, _) in enumerate(texts):
+        for k, (text, _, _) in enumerate(texts):
             row = rows[k // opts.samples_per_prompt]
             out["prompt_id"].append(row["prompt_id"])
             out["domain"].append(row["domain"])
@@ -281,9 +296,10 @@ class RefineOutputs(_Generator):
             self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
             for text in batch.column("input").to_pylist()
         ]  # fmt: skip
-        answers = self.generate(prompts, do_sample=False, max_new_tokens=self.opts.max_output_tokens)
-        batch = batch.append_column("output", pa.array([text.strip() for text, _ in answers], pa.string()))
-        return batch.append_column("truncated", pa.array([truncated for _, truncated in answers], pa.bool_()))
+        answers = self.generate(prompts, do_sample=False, max_new_tokens=self.opts.max_output_tokens, confidence=True)
+        batch = batch.append_column("output", pa.array([text.strip() for text, _, _ in answers], pa.string()))
+        batch = batch.append_column("truncated", pa.array([truncated for _, truncated, _ in answers], pa.bool_()))
+        return batch.append_column("output_confidence", pa.array([sure for _, _, sure in answers], pa.float64()))
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -361,7 +377,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         dropped = Counter()
         for row in refined:
             if row["domain"] == domain:
-                reason = check_output(row["output"], row["truncated"], opts)
+                reason = check_output(row["output"], row["truncated"], opts, row.get("output_confidence"))
                 if reason is None:
                     accepted.append(row)
                 else:
@@ -518,6 +534,7 @@ def _rehearsal_table(
         "refined_by": [refined_by for _ in rows],
         "cluster": [r["cluster"] for r in rows],
         "demonstration_ids": [[str(i) for i in r["demonstration_ids"]] for r in rows],
+        "output_confidence": [r.get("output_confidence") for r in rows],
     }
     # quality_score, complexity, project_context, features and any other source column stay null:
     # nothing measured them for a synthetic row, and a made-up value would pass for a real one.

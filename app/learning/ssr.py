@@ -139,6 +139,13 @@ class SSRConfig(BaseModel):
         200, ge=1, description="Instances selected per domain, shared among clusters in proportion to their sizes."
     )
     max_output_tokens: int = Field(1024, ge=1, description="Most tokens the latest model writes per answer.")
+    min_output_confidence: float = Field(
+        0.0, ge=0, le=1,
+        description=(
+            "Answers the latest model gives with a lower geometric-mean token probability are dropped: an input "
+            "outside what the earlier domain taught gets a guess, and rehearsing guesses teaches them (0: keep all)."
+        ),
+    )
     min_output_chars: int = Field(1, ge=1, description="Shorter answers are dropped.")
     max_output_chars: int = Field(16000, ge=1, description="Longer answers are dropped.")
     drop_truncated_outputs: bool = Field(
@@ -435,13 +442,16 @@ def select_by_clusters(embeddings: np.ndarray, total: int, num_clusters: int = 2
 # --- stage 4: checking the latest model's answers -----------------------------------------------
 
 
-def check_output(text: str, truncated: bool, opts: SSRConfig) -> str | None:
-    """The reason to drop an answer (``empty``, ``truncated``, ``too_short``, ``too_long``,
-    ``broken_code``), or None to keep it."""
+def check_output(text: str, truncated: bool, opts: SSRConfig, confidence: float | None = None) -> str | None:
+    """The reason to drop an answer (``empty``, ``truncated``, ``unsure``, ``too_short``,
+    ``too_long``, ``broken_code``), or None to keep it. ``confidence``: the latest model's
+    geometric-mean token probability of the answer (None: not measured)."""
     if not text.strip():
         return "empty"
     if truncated and opts.drop_truncated_outputs:
         return "truncated"
+    if confidence is not None and confidence < opts.min_output_confidence:
+        return "unsure"
     if len(text) < opts.min_output_chars:
         return "too_short"
     if len(text) > opts.max_output_chars:

@@ -99,8 +99,12 @@ def test_the_stages_without_ray(model_root: Path) -> None:
 
     refine = synthesize.RefineOutputs("tiny", str(model_root), None, opts.model_dump())
     answered = refine(pa.table({"input": ["How do I read a file?", "Explain generators."]}))
-    assert answered.column_names == ["input", "output", "truncated"]
-    assert answered.column("output").to_pylist() == refine(answered.select(["input"])).column("output").to_pylist()
+    assert answered.column_names == ["input", "output", "truncated", "output_confidence"]
+    again = refine(answered.select(["input"]))
+    assert answered.column("output").to_pylist() == again.column("output").to_pylist()
+    sure = answered.column("output_confidence").to_pylist()
+    assert all(0 < p < 0.5 for p in sure)  # a random model's greedy tokens are far from sure
+    assert sure == pytest.approx(again.column("output_confidence").to_pylist())
 
 
 def test_top_k_then_top_p() -> None:
@@ -202,6 +206,7 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
         assert r["domain"] == [domain]
         assert len(r["demonstration_ids"]) == 2 and set(r["demonstration_ids"]) <= set(result.domains[domain].demonstrations)
         assert r["cluster"] >= 0 and r["interaction_id"].startswith("ssr-")
+        assert 0 < r["output_confidence"] <= 1
         assert r["quality_score"] is None and r["input"] == ""
         assert json.loads(r["messages"]) == [{"role": "user", "content": r["instruction"]},
                                              {"role": "assistant", "content": r["output"]}]  # fmt: skip

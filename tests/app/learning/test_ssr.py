@@ -160,6 +160,12 @@ def test_output_checks() -> None:
     assert check_output("ab", False, opts) == "too_short"
     assert check_output("a" * 21, False, opts) == "too_long"
     assert check_output("```python\ndef (\n```", False, SSRConfig()) == "broken_code"
+    # The latest model's confidence in its answer: a guess is not rehearsed.
+    sure = SSRConfig(min_output_confidence=0.9)
+    assert check_output("A fine answer.", False, sure, 0.95) is None
+    assert check_output("A fine answer.", False, sure, 0.5) == "unsure"
+    assert check_output("A fine answer.", False, sure, None) is None  # not measured
+    assert check_output("A fine answer.", False, opts, 0.01) is None  # 0: every answer kept
 
 
 # --- k-means selection ----------------------------------------------------------------------------
