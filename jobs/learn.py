@@ -190,16 +190,11 @@ def _champion_lineage(cfg: KaizenConfig) -> tuple[str | None, Any]:
 def champion_rehearsal_set(cfg: KaizenConfig) -> str | None:
     """The SSR rehearsal set the champion adapter was trained with (its lineage's
     ``rehearsal_uri``, when that is a folder holding an SSR set), else None."""
-    import pyarrow.fs as pafs
-
-    from jobs.synthesize import DATA_FILE
+    from jobs.synthesize import is_rehearsal_set
 
     _, lineage = _champion_lineage(cfg)
     uri = lineage.rehearsal_uri if lineage is not None else None
-    if not uri:
-        return None
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
-    return uri if fs.get_file_info(f"{path}/{DATA_FILE}").type == pafs.FileType.File else None
+    return uri if uri and is_rehearsal_set(uri) else None
 
 
 def earlier_dataset(cfg: KaizenConfig) -> tuple[Path | None, str]:

@@ -80,6 +80,7 @@ __all__ = [
     "RefineOutputs",
     "SynthesizeInputs",
     "cli",
+    "is_rehearsal_set",
     "latest_adapter",
     "main",
     "manifest_hash",
@@ -477,9 +478,20 @@ def rehearsal_uri(storage_root: str, rehearsal_id: str) -> str:
     return str(Path(storage_root).expanduser().absolute() / REHEARSAL_DIRNAME / rehearsal_id)
 
 
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a URI (``s3://…``) or local path, and the path within it."""
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
+
+
+def is_rehearsal_set(uri: str) -> bool:
+    """Whether ``uri`` is a folder holding a rehearsal set's data file."""
+    fs, path = _filesystem(uri)
+    return fs.get_file_info(f"{path.rstrip('/')}/{DATA_FILE}").type == pafs.FileType.File
+
+
 def manifest_hash(uri: str) -> str:
     """SHA-256 of a rehearsal set's ``manifest.json`` (for the adapter's lineage)."""
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    fs, path = _filesystem(uri)
     with fs.open_input_stream(f"{path.rstrip('/')}/{MANIFEST_FILE}") as stream:
         return hashlib.sha256(stream.read()).hexdigest()
 
@@ -558,9 +570,9 @@ def _carried_set(cfg: KaizenConfig, opts: SSRConfig) -> tuple[str | None, pa.Tab
         return None, None
     name = opts.carry_over
     uri = name if "/" in name else rehearsal_uri(cfg.model.storage_root, name)
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
-    if fs.get_file_info(f"{path}/{DATA_FILE}").type == pafs.FileType.NotFound:
+    if not is_rehearsal_set(uri):
         raise FileNotFoundError(f"ssr.carry_over: no rehearsal set at {uri} (no {DATA_FILE})")
+    fs, path = _filesystem(uri)
     return (uri if "://" in uri else path), pq.read_table(f"{path}/{DATA_FILE}", filesystem=fs)
 
 
@@ -596,7 +608,7 @@ def _content_hash(table: pa.Table) -> str:
 
 
 def _refuse_existing(uri: str) -> None:
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    fs, path = _filesystem(uri)
     if fs.get_file_info(f"{path}/{MANIFEST_FILE}").type != pafs.FileType.NotFound:
         raise FileExistsError(f"a rehearsal set already exists at {uri}; choose another ssr.rehearsal_id")
 

@@ -1059,8 +1059,7 @@ def select_diverse(
 ) -> Batch:
     """Stage 8: the :func:`selection_size` rows :func:`diverse_indices` picks, by ``embedding``,
     ``quality_score`` and ``quality_confidence`` (when the batch has it). Rows are first put in
-    id order, so the result does not depend on the
-    order they arrived in."""
+    id order, so the result does not depend on the order they arrived in."""
     n = _size(batch)
     if n == 0:
         return dict(batch)
