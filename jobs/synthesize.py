@@ -20,7 +20,11 @@ The chain (the pure stages are in :mod:`app.learning.ssr`):
 4. ``EmbedInputs`` embeds them (MiniLM, CPU), on the driver: faster than starting actors;
 5. k-means and the quotas per domain, on the driver;
 6. ``RefineOutputs`` actors answer them with the latest model;
-7. check the answers;
+7. check the answers; with ``ssr.sample_confidence_ratio`` the latest model also answers the real
+   sample's inputs, and its least sure answer to them sets the domain's confidence floor (with
+   ``ssr.answer_before_selecting``, 6 and 7 come before 4 and 5, as in the paper: every filtered
+   input is answered and checked, and k-means chooses among the rows that passed, so that
+   dropped answers do not leave the quotas short);
 8. with ``ssr.carry_over``, add an earlier rehearsal set's rows of every domain not synthesized
    now, as they were written (the paper's rehearsal pool: a domain is synthesized once, by the
    model that has just learned it, and rehearsed at every later stage); write the Parquet file
@@ -59,6 +63,7 @@ from app.learning.ssr import (
     RehearsalManifest,
     SSRConfig,
     check_output,
+    confidence_floor,
     demonstration_text,
     filter_inputs,
     group_by_domain,
@@ -326,6 +331,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     groups = group_by_domain(table.to_pylist(), opts.domains)
     skipped = {d: "not in the source" for d in opts.domains or [] if d not in groups}
     reports: dict[str, dict[str, Any]] = {}
+    samples: dict[str, list[str]] = {}  # the real sample's inputs, per domain
     prompts: list[dict[str, Any]] = []
     for domain, rows in groups.items():
         if len(rows) < 2:
@@ -333,6 +339,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
             continue
         rng = random.Random(f"{opts.seed}:{domain}")  # per domain: independent of which others exist
         sample = sample_demonstrations(rows, opts, rng)
+        samples[domain] = [demonstration_text(r)[0] for r in sample]
         planned = plan_prompts(domain, sample, opts, rng)
         prompts.extend(planned)
         reports[domain] = {"source_rows": len(rows), "demonstrations": [str(r["interaction_id"]) for r in sample],
@@ -354,36 +361,13 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         indices, dropped = filter_inputs([c["input"] for c in mine], real, opts)
         kept.extend(mine[i] for i in indices)
         report.update(generated=len(mine), inputs_kept=len(indices), inputs_dropped=dict(sorted(dropped.items())))
-    # 4. Embeddings, here: MiniLM embeds a few thousand short inputs in seconds on a CPU, less
-    # than an actor pool takes to start.
-    embedded = EmbedInputs()(pa.Table.from_pylist(kept)).to_pylist() if kept else []
-    # 5. k-means and proportional quotas, per domain.
-    selected: list[dict[str, Any]] = []
-    for domain, report in reports.items():
-        mine = [c for c in embedded if c["domain"] == domain]
-        choice = select_by_clusters(
-            [c["embedding"] for c in mine], opts.rehearsal_instances_per_domain, opts.num_clusters, opts.seed
-        )
-        for index, cluster in zip(choice.indices, choice.clusters):
-            selected.append({**mine[index], "cluster": cluster})
-        report.update(clusters=len(choice.sizes), selected=len(choice.indices))
-    for row in selected:
-        del row["embedding"], row["raw"]
-    # 6. The latest model writes the outputs.
+    # 4-7. k-means selection and the latest model's checked answers, in the configured order.
     refine_args = (cfg.model.base_model, cfg.model.storage_root, adapter_id, opts.model_dump())
-    refined = _run_stage(selected, RefineOutputs, refine_args, opts, num_gpus) if selected else []
-    # 7. Check the answers.
-    accepted: list[dict[str, Any]] = []
-    for domain, report in reports.items():
-        dropped = Counter()
-        for row in refined:
-            if row["domain"] == domain:
-                reason = check_output(row["output"], row["truncated"], opts, row.get("output_confidence"))
-                if reason is None:
-                    accepted.append(row)
-                else:
-                    dropped[reason] += 1
-        report["outputs_dropped"] = dict(sorted(dropped.items()))
+    if opts.answer_before_selecting:
+        answered = _answer_and_check(kept, samples, refine_args, opts, num_gpus, reports)
+        accepted = _select(answered, opts, reports)
+    else:
+        accepted = _answer_and_check(_select(kept, opts, reports), samples, refine_args, opts, num_gpus, reports)
     refined_by = adapter_id or cfg.model.base_model
     out = _rehearsal_table(accepted, table.schema, rehearsal_id, cfg.model.base_model, refined_by)
     carried = Counter()
@@ -522,6 +506,57 @@ def _run_stage(rows: list[dict[str, Any]], stage: type, args: tuple, opts: SSRCo
     )
     # Arrow list columns come back as numpy arrays: plain lists travel through the next stage as lists.
     return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()} for row in ds.take_all()]
+
+
+def _select(rows: list[dict[str, Any]], opts: SSRConfig, reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per domain, the rows that k-means chooses: ``rehearsal_instances_per_domain`` shared among
+    the clusters of the inputs' embeddings in proportion to their sizes, nearest to each centroid."""
+    # MiniLM embeds a few thousand short inputs in seconds on a CPU, less than an actor pool takes to start.
+    embedded = EmbedInputs()(pa.Table.from_pylist(rows)).to_pylist() if rows else []
+    selected: list[dict[str, Any]] = []
+    for domain, report in reports.items():
+        mine = [c for c in embedded if c["domain"] == domain]
+        choice = select_by_clusters(
+            [c["embedding"] for c in mine], opts.rehearsal_instances_per_domain, opts.num_clusters, opts.seed
+        )
+        for index, cluster in zip(choice.indices, choice.clusters):
+            row = {k: v for k, v in mine[index].items() if k not in ("embedding", "raw")}
+            selected.append({**row, "cluster": cluster})
+        report.update(clusters=len(choice.sizes), selected=len(choice.indices))
+    return selected
+
+
+def _answer_and_check(
+    rows: list[dict[str, Any]], samples: dict[str, list[str]], refine_args: tuple, opts: SSRConfig, num_gpus: float,
+    reports: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The latest model's greedy answer to each row's input, and the rows whose answers pass
+    :func:`check_output`; what was dropped is counted per domain in ``reports``. With
+    ``sample_confidence_ratio``, it also answers each domain's real sample inputs (``samples``)
+    to calibrate the domain's confidence floor."""
+    calibrate = opts.sample_confidence_ratio > 0
+    items = [{"key": i, "input": r["input"]} for i, r in enumerate(rows)]
+    real = [(d, x) for d, inputs in samples.items() for x in inputs] if calibrate and rows else []
+    items += [{"key": -1 - j, "input": x} for j, (_, x) in enumerate(real)]
+    answers = {a["key"]: a for a in _run_stage(items, RefineOutputs, refine_args, opts, num_gpus)}
+    accepted: list[dict[str, Any]] = []
+    for domain, report in reports.items():
+        sure = [answers[-1 - j]["output_confidence"] for j, (d, _) in enumerate(real) if d == domain]
+        floor = confidence_floor(opts, sure)
+        dropped = Counter()
+        for i, row in enumerate(rows):
+            if row["domain"] != domain:
+                continue
+            answer = answers[i]
+            row = {**row, "output": answer["output"], "truncated": answer["truncated"],
+                   "output_confidence": answer["output_confidence"]}  # fmt: skip
+            reason = check_output(row["output"], row["truncated"], opts, row["output_confidence"], floor)
+            if reason is None:
+                accepted.append(row)
+            else:
+                dropped[reason] += 1
+        report.update(outputs_dropped=dict(sorted(dropped.items())), confidence_floor=floor or None)
+    return accepted
 
 
 def _rehearsal_table(

@@ -139,11 +139,29 @@ class SSRConfig(BaseModel):
         200, ge=1, description="Instances selected per domain, shared among clusters in proportion to their sizes."
     )
     max_output_tokens: int = Field(1024, ge=1, description="Most tokens the latest model writes per answer.")
+    answer_before_selecting: bool = Field(
+        False,
+        description=(
+            "The latest model answers every filtered input, and its answers are checked, before the k-means "
+            "selection (the paper's order: refinement, then selection): the clusters' quotas are then filled with "
+            "rows that pass the checks, rather than shrinking by the answers dropped after it. Costs an answer per "
+            "candidate instead of one per selected input."
+        ),
+    )
     min_output_confidence: float = Field(
         0.0, ge=0, le=1,
         description=(
             "Answers the latest model gives with a lower geometric-mean token probability are dropped: an input "
             "outside what the earlier domain taught gets a guess, and rehearsing guesses teaches them (0: keep all)."
+        ),
+    )
+    sample_confidence_ratio: float = Field(
+        0.0, ge=0, le=1,
+        description=(
+            "A threshold calibrated per domain and model: the latest model also answers the real sample's inputs (in "
+            "the domain by construction), and an answer less sure than this share of its least sure answer to them is "
+            "dropped as 'unsure' (1: at least as sure as on every real input; 0: off). Unlike min_output_confidence, "
+            "it follows how sure the model is of the domain at all; the higher of the two applies."
         ),
     )
     min_output_chars: int = Field(1, ge=1, description="Shorter answers are dropped.")
@@ -442,15 +460,26 @@ def select_by_clusters(embeddings: np.ndarray, total: int, num_clusters: int = 2
 # --- stage 4: checking the latest model's answers -----------------------------------------------
 
 
-def check_output(text: str, truncated: bool, opts: SSRConfig, confidence: float | None = None) -> str | None:
+def confidence_floor(opts: SSRConfig, sample_confidences: Sequence[float]) -> float:
+    """The confidence below which a domain's answers are dropped: ``min_output_confidence``, or
+    ``sample_confidence_ratio`` of the latest model's least sure answer to the domain's real
+    sample inputs when that is higher."""
+    calibrated = opts.sample_confidence_ratio * min(sample_confidences) if sample_confidences else 0.0
+    return max(opts.min_output_confidence, calibrated)
+
+
+def check_output(
+    text: str, truncated: bool, opts: SSRConfig, confidence: float | None = None, floor: float | None = None
+) -> str | None:
     """The reason to drop an answer (``empty``, ``truncated``, ``unsure``, ``too_short``,
     ``too_long``, ``broken_code``), or None to keep it. ``confidence``: the latest model's
-    geometric-mean token probability of the answer (None: not measured)."""
+    geometric-mean token probability of the answer (None: not measured); ``floor``: the lowest
+    accepted (default ``min_output_confidence``; see :func:`confidence_floor`)."""
     if not text.strip():
         return "empty"
     if truncated and opts.drop_truncated_outputs:
         return "truncated"
-    if confidence is not None and confidence < opts.min_output_confidence:
+    if confidence is not None and confidence < (opts.min_output_confidence if floor is None else floor):
         return "unsure"
     if len(text) < opts.min_output_chars:
         return "too_short"
@@ -476,7 +505,14 @@ class DomainReport(BaseModel):
     inputs_kept: int = Field(description="Synthetic inputs that passed the filters.")
     inputs_dropped: dict[str, int] = Field(description="Synthetic inputs dropped, by reason.")
     clusters: int = Field(description="k of the domain's k-means.")
-    selected: int = Field(description="Inputs chosen for the latest model to answer.")
+    selected: int = Field(
+        description="Instances chosen by k-means: inputs for the latest model to answer, or (answer_before_selecting) "
+        "answered rows that passed the checks."
+    )
+    confidence_floor: float | None = Field(
+        None, description="The confidence below which answers were dropped (the higher of min_output_confidence and "
+        "the sample-calibrated threshold); None: no threshold."
+    )
     outputs_dropped: dict[str, int] = Field(description="Answers dropped, by reason.")
     rows: int = Field(description="Rehearsal rows written.")
 

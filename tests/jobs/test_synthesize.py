@@ -237,6 +237,36 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     with pytest.raises(FileNotFoundError, match="ssr.carry_over: no rehearsal set"):
         synthesize.main(cfg, _loose(rehearsal_id="ssr-x", carry_over="ssr-missing"), later)
 
+    # The paper's order: every input answered and checked first, k-means choosing among the rows
+    # that passed, so that a confidence threshold does not leave the quota short. The same seed
+    # samples the same inputs as the first run above, whose least sure python answer is dropped.
+    threshold = sorted(r["output_confidence"] for r in rows if r["source_domain"] == "python")[1]
+    early = synthesize.main(cfg, _loose(rehearsal_id="ssr-early", answer_before_selecting=True,
+                                        min_output_confidence=threshold), source)  # fmt: skip
+    report = early.domains["python"]
+    passed = report.inputs_kept - report.outputs_dropped.get("unsure", 0)
+    assert report.outputs_dropped.get("unsure", 0) >= 1
+    assert report.selected == report.rows == min(3, passed) == early.counts["python"]
+    # The first run's order, with this threshold, would have kept fewer.
+    assert report.rows > sum(r["output_confidence"] >= threshold for r in rows if r["source_domain"] == "python")
+    early_rows = pq.read_table(model_root / "rehearsal" / "ssr-early" / "rehearsal.parquet").to_pylist()
+    assert all(r["output_confidence"] >= threshold and r["cluster"] >= 0 for r in early_rows)
+
+    # Calibrated per domain: the floor is the champion's least sure answer to the domain's real
+    # sample inputs (its demonstrations), measured here without Ray.
+    calibrated = synthesize.main(cfg, _loose(rehearsal_id="ssr-calibrated", domains=["typescript"],
+                                             sample_confidence_ratio=1.0), source)  # fmt: skip
+    report = calibrated.domains["typescript"]
+    real = [r["instruction"] for r in pq.read_table(source / "train.parquet").to_pylist()
+            if r["interaction_id"] in report.demonstrations]  # fmt: skip
+    refine = synthesize.RefineOutputs("tiny", str(model_root), "adp-ssr-champion", _loose().model_dump())
+    sure = refine(pa.table({"input": real})).column("output_confidence").to_pylist()
+    assert len(real) == 4 and report.confidence_floor == pytest.approx(min(sure), rel=1e-3)
+    written = pq.read_table(model_root / "rehearsal" / "ssr-calibrated" / "rehearsal.parquet").to_pylist()
+    assert all(r["output_confidence"] >= report.confidence_floor for r in written)
+    assert report.rows + sum(report.outputs_dropped.values()) == report.selected
+    assert early.domains["python"].confidence_floor == threshold and result.domains["python"].confidence_floor is None
+
 
 def test_the_command_line_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = subprocess.run(

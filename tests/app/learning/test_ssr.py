@@ -14,6 +14,7 @@ from app.learning.ssr import (
     build_prompt,
     check_output,
     cluster_quotas,
+    confidence_floor,
     demonstration_pairs,
     demonstration_text,
     filter_inputs,
@@ -166,6 +167,26 @@ def test_output_checks() -> None:
     assert check_output("A fine answer.", False, sure, 0.5) == "unsure"
     assert check_output("A fine answer.", False, sure, None) is None  # not measured
     assert check_output("A fine answer.", False, opts, 0.01) is None  # 0: every answer kept
+
+
+def test_the_confidence_floor_follows_the_real_sample() -> None:
+    # Calibrated: a share of the latest model's least sure answer to the domain's real inputs.
+    calibrated = SSRConfig(sample_confidence_ratio=0.9)
+    assert confidence_floor(calibrated, [0.99, 0.8, 0.95]) == pytest.approx(0.72)
+    assert confidence_floor(calibrated, []) == 0.0  # nothing to calibrate on
+    # The higher of the two thresholds applies.
+    both = SSRConfig(sample_confidence_ratio=1.0, min_output_confidence=0.9)
+    assert confidence_floor(both, [0.5, 0.7]) == 0.9
+    assert confidence_floor(both, [0.97, 0.99]) == 0.97
+    assert confidence_floor(SSRConfig(), [0.9]) == 0.0  # both off
+    # A model sure of its real answers drops a guess that an absolute 0.9 would keep, and a model
+    # unsure of the whole domain keeps answers that the same absolute threshold would drop.
+    floor = confidence_floor(SSRConfig(sample_confidence_ratio=1.0), [0.998, 0.996])
+    assert check_output("glass", False, calibrated, 0.95, floor) == "unsure"
+    assert check_output("glass", False, SSRConfig(min_output_confidence=0.9), 0.95) is None
+    floor = confidence_floor(SSRConfig(sample_confidence_ratio=1.0), [0.7, 0.8])
+    assert check_output("glass", False, calibrated, 0.75, floor) is None
+    assert check_output("glass", False, SSRConfig(min_output_confidence=0.9), 0.75) == "unsure"
 
 
 # --- k-means selection ----------------------------------------------------------------------------

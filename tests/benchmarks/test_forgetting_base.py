@@ -1,0 +1,28 @@
+"""The forgetting benchmark's base model is the same model every time its settings are."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
+from benchmarks.forgetting import QUICK, Settings, build_base_model
+
+
+def test_pre_training_is_deterministic(tmp_path: Path) -> None:
+    tokenizer_dir = ensure_tokenizer_dir(tmp_path / TOKENIZER_DIRNAME)
+    s = replace(Settings(**QUICK), pretrain_steps=12, copy_warmup_steps=4, pretrain_batch=8)
+    before = torch.are_deterministic_algorithms_enabled()
+    stats = [build_base_model(tmp_path / f"base{i}", tokenizer_dir, s) for i in range(2)]
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored for the caller
+    assert stats[0]["final_loss"] == stats[1]["final_loss"]
+    first, second = (load_file(tmp_path / f"base{i}" / "model.safetensors") for i in range(2))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # A different seed is a different model: the check above can tell models apart.
+    build_base_model(tmp_path / "other", tokenizer_dir, replace(s, seed=1))
+    other = load_file(tmp_path / "other" / "model.safetensors")
+    assert not all(torch.equal(first[k], other[k]) for k in first)
