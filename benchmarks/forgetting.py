@@ -220,65 +220,63 @@ def build_base_model(
     torch.manual_seed(s.seed)
     # The embedding table's gradient (an index_put that accumulates) is summed in a different order
     # from run to run otherwise, and 2,500 steps grow the last bits into a different model.
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    model = Qwen2ForCausalLM(config)
-    # Only the rows of the tokens the corpus uses are trained (as one small table, input and output
-    # alike: the embeddings are tied, as in Qwen2.5's small models); the others end up zero.
-    table = torch.nn.Parameter(model.model.embed_tokens.weight.data[used].clone())
-    params = [
-        p
-        for n, p in model.named_parameters()
-        if "embed_tokens" not in n and "lm_head" not in n
-    ] + [table]
-    optimizer = torch.optim.AdamW(
-        params, lr=s.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0
-    )
-    warmup = max(1, s.pretrain_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda k: (
-            min(1.0, (k + 1) / warmup)
-            * 0.5
-            * (1 + math.cos(math.pi * min(1.0, k / s.pretrain_steps)))
-        ),
-    )
-    model.train()
-    losses = []
-    for step in range(s.pretrain_steps):
-        batch = rows[step * s.pretrain_batch : (step + 1) * s.pretrain_batch]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), ENDOFTEXT_ID)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        weight = torch.zeros((len(batch), width))
-        for i, r in enumerate(batch):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-            weight[i, : len(r)] = torch.tensor(weights[step * s.pretrain_batch + i])
-        local = remap[ids]
-        hidden = model.model(
-            inputs_embeds=table[local], attention_mask=mask
-        ).last_hidden_state[:, :-1]
-        keep = mask[:, 1:].bool()
-        logits = hidden[keep] @ table.T
-        logits = torch.cat(
-            [logits, torch.full((logits.shape[0], 1), unused_logsumexp)], dim=1
+    with deterministic_algorithms():
+        model = Qwen2ForCausalLM(config)
+        # Only the rows of the tokens the corpus uses are trained (as one small table, input and output
+        # alike: the embeddings are tied, as in Qwen2.5's small models); the others end up zero.
+        table = torch.nn.Parameter(model.model.embed_tokens.weight.data[used].clone())
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if "embed_tokens" not in n and "lm_head" not in n
+        ] + [table]
+        optimizer = torch.optim.AdamW(
+            params, lr=s.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0
         )
-        per_token = F.cross_entropy(logits, local[:, 1:][keep], reduction="none")
-        w = weight[:, 1:][keep]
-        loss = (per_token * w).sum() / w.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 100 == 0 or step == s.pretrain_steps - 1:
-            print(
-                f"  pre-training step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
-                flush=True,
+        warmup = max(1, s.pretrain_steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda k: (
+                min(1.0, (k + 1) / warmup)
+                * 0.5
+                * (1 + math.cos(math.pi * min(1.0, k / s.pretrain_steps)))
+            ),
+        )
+        model.train()
+        losses = []
+        for step in range(s.pretrain_steps):
+            batch = rows[step * s.pretrain_batch : (step + 1) * s.pretrain_batch]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), ENDOFTEXT_ID)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            weight = torch.zeros((len(batch), width))
+            for i, r in enumerate(batch):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+                weight[i, : len(r)] = torch.tensor(weights[step * s.pretrain_batch + i])
+            local = remap[ids]
+            hidden = model.model(
+                inputs_embeds=table[local], attention_mask=mask
+            ).last_hidden_state[:, :-1]
+            keep = mask[:, 1:].bool()
+            logits = hidden[keep] @ table.T
+            logits = torch.cat(
+                [logits, torch.full((logits.shape[0], 1), unused_logsumexp)], dim=1
             )
-    torch.use_deterministic_algorithms(deterministic)
+            per_token = F.cross_entropy(logits, local[:, 1:][keep], reduction="none")
+            w = weight[:, 1:][keep]
+            loss = (per_token * w).sum() / w.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if step % 100 == 0 or step == s.pretrain_steps - 1:
+                print(
+                    f"  pre-training step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
         model.model.embed_tokens.weight[used] = table.data
@@ -294,6 +292,19 @@ def build_base_model(
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return stats
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic algorithms within the block, the caller's setting after it."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -353,6 +353,9 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     candidates = _run_stage(
         prompts, SynthesizeInputs, (cfg.model.base_model, cfg.model.storage_root, opts.model_dump()), opts, num_gpus
     )
+    # In prompt order, whatever order the actors finished in: which duplicate is kept and where
+    # k-means starts depend on it (stable: a prompt's samples keep their order).
+    candidates.sort(key=lambda c: c["prompt_id"])
     # 3. Filters, per domain (duplicates are a property of the whole domain).
     kept: list[dict[str, Any]] = []
     for domain, report in reports.items():
@@ -536,7 +539,8 @@ def _answer_and_check(
     to calibrate the domain's confidence floor."""
     calibrate = opts.sample_confidence_ratio > 0
     items = [{"key": i, "input": r["input"]} for i, r in enumerate(rows)]
-    real = [(d, x) for d, inputs in samples.items() for x in inputs] if calibrate and rows else []
+    present = {r["domain"] for r in rows} if calibrate else set()
+    real = [(d, x) for d, inputs in samples.items() if d in present for x in inputs]
     items += [{"key": -1 - j, "input": x} for j, (_, x) in enumerate(real)]
     answers = {a["key"]: a for a in _run_stage(items, RefineOutputs, refine_args, opts, num_gpus)}
     accepted: list[dict[str, Any]] = []
