@@ -122,7 +122,15 @@ class Settings:
     mask_fraction: float = 0.5
     fisher_rows_per_task: int = 32
     # SSR (jobs/synthesize.py)
+    ssr_demonstrations: int = 16
+    """ssr.min_demonstrations (the real sample): 1 % of a task's 160 rows is 2. Each of a task's 16
+    first words is a fact of its own, and the rehearsal rows must cover them: after stage 1, the
+    rows of ``next`` started with 9 of its 16 words with 4 demonstrations and top-p 0.6, 10 with 16
+    or 32 demonstrations, and 13 with 16 and top-p 1.0 (14 with 32)."""
+    ssr_top_p: float = 1.0
+    """ssr.top_p: the paper's 0.6 keeps this small base model to the few words it likes best."""
     ssr_prompts_per_domain: int = 120
+    """480 candidates: about a fifth pass the confidence floor, enough for the 96 instances."""
     ssr_samples_per_prompt: int = 4
     ssr_instances_per_domain: int = 96
     ssr_clusters: int = 20
@@ -455,7 +463,7 @@ def _synthesize(
     _write_rows(source / "train.parquet", task_rows(tasks[stage - 1].task, tasks[stage - 1].train))
     opts = SSRConfig(
         rehearsal_id=name, carry_over=carry, task_description=TASK_DESCRIPTION, prompts_per_domain=s.ssr_prompts_per_domain,
-        samples_per_prompt=s.ssr_samples_per_prompt, max_input_tokens=16, max_output_tokens=12, min_input_chars=8,
+        min_demonstrations=s.ssr_demonstrations, top_p=s.ssr_top_p, samples_per_prompt=s.ssr_samples_per_prompt, max_input_tokens=16, max_output_tokens=12, min_input_chars=8,
         num_clusters=s.ssr_clusters, rehearsal_instances_per_domain=s.ssr_instances_per_domain, batch_size=16,
         min_output_confidence=s.ssr_min_output_confidence, sample_confidence_ratio=s.ssr_sample_confidence_ratio,
         answer_before_selecting=s.ssr_answer_before_selecting,
