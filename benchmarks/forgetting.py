@@ -138,8 +138,8 @@ class Settings:
     ssr_sample_confidence_ratio: float = 1.0
     """ssr.sample_confidence_ratio: how sure the latest adapter is depends on the base model and the
     stage (one base's adapter answered inputs starting with its task's own words at 0.996 to 0.998,
-    and the others, which it gets wrong, at 0.63 to 0.996; another's got 0.64 to 0.85 on its own
-    training inputs), so the floor is calibrated on its answers to the real sample's inputs."""
+    and the others, which it gets wrong, at 0.63 to 0.996; another's answered its own training
+    inputs at 0.64 and up, median 0.85), so the floor is calibrated on its answers to the real sample's inputs."""
     ssr_answer_before_selecting: bool = True
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
