@@ -8,11 +8,12 @@ each stage a LoRA adapter continued from the previous stage's, with
   (a) naive    fine-tuning on the new task alone (the baseline);
   (b) ssr      Self-Synthesized Rehearsal (``jobs/synthesize.py``, Huang et al. ACL 2024): at each
                stage the base model writes inputs of the task just learned from 2-shot prompts
-               built on 4 real examples of it, k-means picks the rehearsal instances, the latest
-               adapter (the one that has just learned it, set as the registry's champion) writes
-               their outputs, the earlier tasks' rows are carried over from the previous stage's
-               set (``ssr.carry_over``), and ``jobs/finetune.py`` mixes them all into the epochs
-               (``finetune.rehearsal_ratio``);
+               built on a real sample of it, the latest adapter (the one that has just learned
+               it, set as the registry's champion) answers them, the answers less sure than its
+               answers to the real sample are dropped, k-means picks the rehearsal instances among
+               the rest, the earlier tasks' rows are carried over from the previous stage's set
+               (``ssr.carry_over``), and ``jobs/finetune.py`` mixes them all into the epochs
+               (``finetune.rehearsal_ratio``); :class:`Settings` says which options and why;
   (c) real     rehearsal of real earlier rows instead (as many per task as SSR keeps): the reference;
   (d) fggm     Fisher-guided gradient masking alone: no rehearsal; the Fisher information of the
                adapter is estimated on a small real sample of the earlier tasks
@@ -139,7 +140,8 @@ class Settings:
     """ssr.sample_confidence_ratio: how sure the latest adapter is depends on the base model and the
     stage (one base's adapter answered inputs starting with its task's own words at 0.996 to 0.998,
     and the others, which it gets wrong, at 0.63 to 0.996; another's answered its own training
-    inputs at 0.64 and up, median 0.85), so the floor is calibrated on its answers to the real sample's inputs."""
+    inputs at 0.64 and up, median 0.85), so the floor is calibrated on its answers to the real
+    sample's inputs."""
     ssr_answer_before_selecting: bool = True
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -360,17 +362,11 @@ def make_task_data(root: Path, s: Settings) -> list[TaskData]:
     return out
 
 
-def _earlier_rows(
-    tasks: list[TaskData], stage: int, per_task: int | None, seed: int
-) -> list[dict[str, Any]]:
-    """Real training rows of the tasks before ``stage`` (0-based): all, or ``per_task`` drawn from each."""
+def _earlier_rows(tasks: list[TaskData], stage: int, per_task: int, seed: int) -> list[dict[str, Any]]:
+    """``per_task`` real training rows of each task before ``stage`` (0-based), drawn at random."""
     rows = []
     for data in tasks[:stage]:
-        examples = data.train
-        if per_task is not None:
-            examples = random.Random(f"{seed}:{data.task.name}:{stage}").sample(
-                examples, min(per_task, len(examples))
-            )
+        examples = random.Random(f"{seed}:{data.task.name}:{stage}").sample(data.train, min(per_task, len(data.train)))
         rows.extend(task_rows(data.task, examples, prefix=f"s{stage}-"))
     return rows
 
@@ -462,8 +458,9 @@ def _synthesize(
     source = Path(cfg.model.storage_root) / "sources" / name
     _write_rows(source / "train.parquet", task_rows(tasks[stage - 1].task, tasks[stage - 1].train))
     opts = SSRConfig(
-        rehearsal_id=name, carry_over=carry, task_description=TASK_DESCRIPTION, prompts_per_domain=s.ssr_prompts_per_domain,
-        min_demonstrations=s.ssr_demonstrations, top_p=s.ssr_top_p, samples_per_prompt=s.ssr_samples_per_prompt, max_input_tokens=16, max_output_tokens=12, min_input_chars=8,
+        rehearsal_id=name, carry_over=carry, task_description=TASK_DESCRIPTION, min_demonstrations=s.ssr_demonstrations,
+        prompts_per_domain=s.ssr_prompts_per_domain, samples_per_prompt=s.ssr_samples_per_prompt, top_p=s.ssr_top_p,
+        max_input_tokens=16, max_output_tokens=12, min_input_chars=8,
         num_clusters=s.ssr_clusters, rehearsal_instances_per_domain=s.ssr_instances_per_domain, batch_size=16,
         min_output_confidence=s.ssr_min_output_confidence, sample_confidence_ratio=s.ssr_sample_confidence_ratio,
         answer_before_selecting=s.ssr_answer_before_selecting,
@@ -532,6 +529,8 @@ def run_method(method: str, cfg: Any, s: Settings, tasks: list[TaskData], first:
         if method.startswith("ssr"):
             rehearsal, info["ssr"] = _synthesize(cfg, s, tasks, stage, parent, name, carry)
             carry = name
+            if not info["ssr"]["rows"]:  # e.g. a --quick adapter, whose answers are empty: train without
+                rehearsal = None
         elif method == "real":
             rehearsal = root / "real" / name
             _write_rows(
