@@ -178,7 +178,8 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
     )
 
     chosen = select_diverse(embedded, opts.keep_fraction, opts.selection, opts.quality_weight, opts.seed,
-                            max_rows=opts.max_rows, confidence_weight=opts.confidence_weight)  # fmt: skip
+                            max_rows=opts.max_rows, confidence_weight=opts.confidence_weight,
+                            quality_neighbours=opts.quality_neighbours)  # fmt: skip
     chosen = assign_split(chosen, opts.validation_fraction)
     in_validation = chosen["split"] == "validation"
     train, validation = to_table(take(chosen, ~in_validation)), to_table(take(chosen, in_validation))

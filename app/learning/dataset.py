@@ -18,8 +18,8 @@ chains them, and the tests call them without Ray. In the job's order:
 6. :func:`format_chatml`: the OpenAI / ChatML ``messages`` (system, user, the tool calls as
    assistant ``tool_calls`` and ``tool`` messages, the answer), the seed's columns;
 7. :class:`EmbedBatch` (MiniLM): an embedding of each request; :func:`encode_features`;
-8. on the driver: :func:`select_diverse` (quality-weighted k-center greedy or k-means over the
-   embeddings), :func:`assign_split` (a hash of the id), :func:`to_table` and
+8. on the driver: :func:`select_diverse` (k-center greedy or k-means over the embeddings, weighted
+   by quality measured against similar requests, :func:`relative_quality`), :func:`assign_split` (a hash of the id), :func:`to_table` and
    :func:`write_dataset` (``train.parquet``, ``validation.parquet``, ``train.jsonl``,
    ``validation.jsonl``, ``manifest.json``).
 
@@ -70,6 +70,7 @@ from app.quality.thresholds import ThresholdManager
 __all__ = [
     "COMPLEXITIES",
     "DATASET_SCHEMA",
+    "NEIGHBOUR_REFERENCE_ROWS",
     "TASKS",
     "Classification",
     "DatasetConfig",
@@ -102,6 +103,7 @@ __all__ = [
     "new_dataset_id",
     "normalize_text",
     "quality_histogram",
+    "relative_quality",
     "rows_to_batch",
     "select_diverse",
     "selection_size",
@@ -201,6 +203,15 @@ class DatasetConfig(BaseModel):
         description=(
             "Exponent of the score's confidence in the selection's priority: a score backed by evidence (a user's "
             "rating, tests that ran) outranks an equal one inferred without it (0: confidence ignored)."
+        ),
+    )
+    quality_neighbours: int = Field(
+        20, ge=0,
+        description=(
+            "The selection compares a row's quality with that of the requests most like it (this many nearest "
+            "by embedding): the scorers rate some kinds of request higher than others (a one-word answer is "
+            "less 'relevant' to its question than a long one), and the selection should take the best answers "
+            "of every kind rather than more of the kinds that score high (0: raw scores)."
         ),
     )
     validation_fraction: float = Field(
@@ -977,6 +988,46 @@ def selection_size(n: int, keep_fraction: float, max_rows: int | None = None) ->
     return size if max_rows is None else min(size, max_rows)
 
 
+NEIGHBOUR_REFERENCE_ROWS = 8192
+""":func:`relative_quality` looks for a row's neighbours among at most this many rows (a seeded
+sample of a larger pool), so its cost grows linearly with the pool."""
+
+
+def relative_quality(
+    unit: np.ndarray, quality: np.ndarray, neighbours: int, seed: int = 0, chunk: int = 1024
+) -> np.ndarray:
+    """Each row's quality measured against the requests most like it: its score minus the mean
+    score of its ``neighbours`` nearest rows by cosine similarity (itself left out), plus the
+    pool's mean, clipped to [0, 1].
+
+    The scorers are not equally generous to every kind of request (a one-word answer is less
+    "relevant" to its question than a long one is), so raw scores would make a selection prefer
+    kinds over answers. Against its neighbours, a good answer to a kind of request that scores
+    low still stands out, and a poor one to a kind that scores high does not. ``unit`` holds
+    unit-length embeddings; pools over :data:`NEIGHBOUR_REFERENCE_ROWS` rows look for neighbours
+    in a seeded sample of that many."""
+    q = np.asarray(quality, dtype=np.float64)
+    n = len(q)
+    k = min(neighbours, n - 1)
+    if k <= 0:
+        return q.copy()
+    reference = np.arange(n)
+    if n > NEIGHBOUR_REFERENCE_ROWS:
+        reference = np.sort(np.random.default_rng(seed).choice(n, NEIGHBOUR_REFERENCE_ROWS, replace=False))
+    ref_unit, ref_q = unit[reference], q[reference]
+    local = np.empty(n)
+    for start in range(0, n, chunk):
+        sim = unit[start : start + chunk] @ ref_unit.T
+        rows = np.arange(start, min(start + chunk, n))
+        # A row is not its own neighbour (when it is in the reference sample).
+        own = np.searchsorted(reference, rows)
+        is_own = (own < len(reference)) & (reference[np.minimum(own, len(reference) - 1)] == rows)
+        sim[np.flatnonzero(is_own), own[is_own]] = -np.inf
+        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        local[start : start + chunk] = ref_q[nearest].mean(axis=1)
+    return np.clip(q - local + q.mean(), 0.0, 1.0)
+
+
 def diverse_indices(
     embeddings: np.ndarray,
     quality: np.ndarray,
@@ -986,15 +1037,17 @@ def diverse_indices(
     seed: int = 0,
     confidence: np.ndarray | None = None,
     confidence_weight: float = 0.0,
+    quality_neighbours: int = 0,
 ) -> np.ndarray:
     """``k`` row indices that cover the embedding space, weighted towards quality.
 
     A row's weight is ``quality ** quality_weight * confidence ** confidence_weight`` (a missing
-    or NaN confidence counts as 1). ``k_center``: farthest-first greedy; it starts from the
-    heaviest row and then takes the row whose cosine distance to the nearest chosen one, times
-    its weight, is largest. ``k_means``: k clusters; from each, the row with the largest weight
-    times its cosine similarity to the centroid (an empty cluster's place goes to the heaviest
-    row left). Ties go to the lower index. Returns the indices in the order chosen.
+    or NaN confidence counts as 1), the quality taken against its ``quality_neighbours`` nearest
+    rows when that is not 0 (:func:`relative_quality`). ``k_center``: farthest-first greedy; it
+    starts from the heaviest row and then takes the row whose cosine distance to the nearest
+    chosen one, times its weight, is largest. ``k_means``: k clusters; from each, the row with
+    the largest weight times its cosine similarity to the centroid (an empty cluster's place goes
+    to the heaviest row left). Ties go to the lower index. Returns the indices in the order chosen.
     """
     n = len(embeddings)
     k = min(k, n)
@@ -1002,7 +1055,10 @@ def diverse_indices(
         return np.empty(0, dtype=np.int64)
     x = np.asarray(embeddings, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    weight = np.clip(np.asarray(quality, dtype=np.float64), 1e-6, None) ** quality_weight
+    quality = np.asarray(quality, dtype=np.float64)
+    if quality_neighbours:
+        quality = relative_quality(x, quality, quality_neighbours, seed)
+    weight = np.clip(quality, 1e-6, None) ** quality_weight
     if confidence is not None and confidence_weight:
         sure = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=1.0)
         weight = weight * np.clip(sure, 1e-6, None) ** confidence_weight
@@ -1056,10 +1112,12 @@ def select_diverse(
     seed: int = 0,
     max_rows: int | None = None,
     confidence_weight: float = 0.0,
+    quality_neighbours: int = 0,
 ) -> Batch:
     """Stage 8: the :func:`selection_size` rows :func:`diverse_indices` picks, by ``embedding``,
-    ``quality_score`` and ``quality_confidence`` (when the batch has it). Rows are first put in
-    id order, so the result does not depend on the order they arrived in."""
+    ``quality_score`` (against its ``quality_neighbours`` nearest rows when not 0) and
+    ``quality_confidence`` (when the batch has it). Rows are first put in id order, so the result
+    does not depend on the order they arrived in."""
     n = _size(batch)
     if n == 0:
         return dict(batch)
@@ -1067,7 +1125,7 @@ def select_diverse(
     batch = take(batch, order)
     picked = diverse_indices(
         np.asarray(batch["embedding"]), np.asarray(batch["quality_score"]), selection_size(n, keep_fraction, max_rows),
-        method, quality_weight, seed, batch.get("quality_confidence"), confidence_weight,
+        method, quality_weight, seed, batch.get("quality_confidence"), confidence_weight, quality_neighbours,
     )  # fmt: skip
     return take(batch, picked)
 

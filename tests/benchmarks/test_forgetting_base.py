@@ -26,3 +26,18 @@ def test_pre_training_is_deterministic(tmp_path: Path) -> None:
     build_base_model(tmp_path / "other", tokenizer_dir, replace(s, seed=1))
     other = load_file(tmp_path / "other" / "model.safetensors")
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_words_bare_and_spaced_tokens_are_paired(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from benchmarks.forgetting import spelling_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tokenizer_dir(tmp_path / TOKENIZER_DIRNAME), local_files_only=True)
+    (apple,) = tokenizer("apple", add_special_tokens=False)["input_ids"]
+    (spaced_apple,) = tokenizer(" apple", add_special_tokens=False)["input_ids"]
+    (river,) = tokenizer("river", add_special_tokens=False)["input_ids"]
+    remap = torch.full((151936,), -1, dtype=torch.long)
+    remap[torch.tensor([apple, spaced_apple, river])] = torch.arange(3)
+    # Rows of the pre-training table; "river" has no spaced token in the corpus, so no pair.
+    assert spelling_pairs(tokenizer, remap) == [(int(remap[apple]), int(remap[spaced_apple]))]

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import app.learning.dataset as dataset_module
+
 from app.config import ConfigError, section_options
 from app.learning.dataset import (
     DATASET_SCHEMA,
@@ -29,6 +31,7 @@ from app.learning.dataset import (
     count_rows,
     decode_features,
     diverse_indices,
+    relative_quality,
     drop_exact_duplicates,
     drop_near_duplicates,
     encode_features,
@@ -301,6 +304,52 @@ def test_selection_prefers_scores_backed_by_evidence(method: str) -> None:
     assert sorted(diverse_indices(x, quality, 3, method=method, seed=0).tolist()) == [0, 10, 15]
     picked = diverse_indices(x, quality, 3, method=method, seed=0, confidence=confidence, confidence_weight=4)
     assert sorted(picked.tolist()) == [1, 12, 18]
+
+
+def _two_kinds(clusters: int = 8, per_kind: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Requests of two kinds in each of ``clusters`` topics, each kind a little apart from the
+    other; half of each kind's answers good. The scorer is stingier with kind B: its good answers
+    score below kind A's poor ones."""
+    rng = np.random.default_rng(seed)
+    dim = clusters + 2
+    points, kind_b, good = [], [], []
+    for c in range(clusters):
+        for b in (False, True):
+            offset = np.eye(dim)[clusters + int(b)] * 0.15
+            for i in range(per_kind):
+                points.append(np.eye(dim)[c] + offset + 0.01 * rng.standard_normal(dim))
+                kind_b.append(b)
+                good.append(i % 2 == 0)
+    kind_b, good = np.array(kind_b), np.array(good)
+    quality = np.where(kind_b, np.where(good, 0.80, 0.67), np.where(good, 0.95, 0.82))
+    x = np.array(points)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), quality, kind_b, good
+
+
+def test_relative_quality_compares_a_row_with_the_requests_most_like_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, quality, kind_b, good = _two_kinds()
+    assert quality[kind_b & good].max() < quality[~kind_b & ~good].min()  # raw: kind beats answer
+    relative = relative_quality(x, quality, 5)
+    assert relative[good].min() > relative[~good].max()  # against its neighbours, the answer counts
+    # A row is not its own neighbour: identical requests, each against the other two.
+    same = np.ones((3, 4)) / 2.0
+    assert np.allclose(relative_quality(same, np.array([0.6, 0.5, 0.4]), 2), [0.65, 0.5, 0.35])
+    assert np.array_equal(relative_quality(same, np.array([0.6, 0.5, 0.4]), 0), [0.6, 0.5, 0.4])
+    # A large pool looks for neighbours in a seeded sample of it.
+    monkeypatch.setattr(dataset_module, "NEIGHBOUR_REFERENCE_ROWS", 40)
+    sampled = relative_quality(x, quality, 3, seed=1)
+    assert np.array_equal(sampled, relative_quality(x, quality, 3, seed=1))
+    assert sampled[good].mean() - sampled[~good].mean() > 0.1
+    assert sampled[kind_b & good].mean() > sampled[~kind_b & ~good].mean()
+
+
+@pytest.mark.parametrize("method", ["k_center", "k_means"])
+def test_selection_takes_the_best_answers_of_every_kind(method: str) -> None:
+    x, quality, kind_b, good = _two_kinds()
+    raw = diverse_indices(x, quality, 8, method=method, quality_weight=4, seed=0)
+    assert not kind_b[raw].any()  # raw scores: kind A only, its poor answers included
+    picked = diverse_indices(x, quality, 8, method=method, quality_weight=4, seed=0, quality_neighbours=5)
+    assert good[picked].all() and 0 < kind_b[picked].sum() < 8
 
 
 def test_selection_keeps_the_fraction_and_weighs_quality() -> None:
