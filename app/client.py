@@ -30,7 +30,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ _RETRYABLE_STATUS = {404, 408, 425, 429, 500, 502, 503, 504}
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def wait_until_ready(base_url: str, timeout_s: float = 120.0) -> bool:

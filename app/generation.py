@@ -50,7 +50,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -1115,7 +1115,7 @@ def interaction_event(
     return {
         "id": event_id or generation.completion.id,
         "type": "interaction",
-        "timestamp": (timestamp or datetime.now(timezone.utc)).isoformat(),
+        "timestamp": (timestamp or datetime.now(UTC)).isoformat(),
         "body": body,
     }
 

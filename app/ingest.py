@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -65,7 +65,7 @@ class IngestPipeline:
     # --- the batch -----------------------------------------------------------------------------
 
     def prepare(self, raw_events: Sequence[Any], now: datetime | None = None) -> Prepared:
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         out = Prepared(results=[], to_commit=[], positions=[])
         for i, raw in enumerate(raw_events):
             try:

@@ -14,7 +14,7 @@ that two processes moving one alias at once still leave a complete, ordered chai
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from app.store.base import InteractionStore
@@ -146,7 +146,7 @@ class AdapterRegistry:
         """
         alias = _check_alias(alias)
         actor, reason = _check_text("actor", actor), _check_text("reason", reason)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with self.store._transaction() as cur:
             if self.store.engine == "postgres":
                 # Row locks cannot cover an alias that has no row yet (never set, or cleared), so
@@ -233,7 +233,7 @@ class AdapterRegistry:
         self._execute(
             cur,
             "INSERT INTO audit_log (timestamp, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-            [datetime.now(timezone.utc), actor, action, target, details],
+            [datetime.now(UTC), actor, action, target, details],
         )
 
     def _require(self, adapter_id: str) -> dict[str, Any]:

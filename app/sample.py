@@ -18,7 +18,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 __all__ = ["SampleInteraction", "sample_events", "sample_interactions", "send_samples", "stdlib_functions"]
@@ -128,7 +128,7 @@ def sample_interactions(
     if not functions:
         raise RuntimeError("no standard-library sources found; is this Python built without them?")
     # Gaps are at most 40 s, so the last interaction is never in the future.
-    start = start or datetime.now(timezone.utc) - timedelta(seconds=40 * count + 60)
+    start = start or datetime.now(UTC) - timedelta(seconds=40 * count + 60)
     users = ("alice", "bob", "carol", "dmitri", "eun-ji", "farid")
     sessions = [f"session-{rng.randrange(16**8):08x}" for _ in range(max(1, count // 8))]
     for i in range(count):

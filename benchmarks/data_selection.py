@@ -94,6 +94,9 @@ class Options:
     """dataset.selection: k-center's farthest-first favours sparse regions, and one task's requests
     embed closer together than the others' (it got 13 to 21 of 213 rows against 55 with k-means)."""
     quality_weight: float = 4.0
+    quality_neighbours: int = 20
+    """dataset.quality_neighbours (its default): quality measured against the 20 most similar
+    requests; with 0 (raw scores) the selection gave ``head`` far fewer rows (see README)."""
     confidence_weight: float = 1.0
     """dataset.confidence_weight (its default): a score the user's rating backs outranks an equal
     one inferred without it; with 0 the selection was 17% poor, with 1 about 5%."""
@@ -206,6 +209,26 @@ def _rows(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
 SETS = ("all", "random", "kaizen")
 
 
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``OPTION=VALUE`` strings as :class:`Options` fields, each value of its field's type.
+
+    Raises:
+        ValueError: naming the item, when it is not ``OPTION=VALUE``, names no field, or its
+            value is not of the field's type."""
+    defaults = asdict(Options())
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--set {item!r}: expected OPTION=VALUE with OPTION one of {', '.join(defaults)}")
+        kind = type(defaults[name])
+        try:
+            out[name] = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            raise ValueError(f"--set {item!r}: {name} must be {kind.__name__}, got {text!r}") from None
+    return out
+
+
 def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> dict[str, Any]:
     """One repetition with seed ``o.seed``: the pool, its scores in a real store, Kaizen's
     selection, and an adapter trained on each of ``sets`` and scored on the held-out inputs.
@@ -255,6 +278,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
                                                      max_rows=int(o.keep_fraction * len(pool)),
                                                      quality_weight=o.quality_weight, selection=o.selection,
                                                      confidence_weight=o.confidence_weight, min_examples=8,
+                                                     quality_neighbours=o.quality_neighbours,
                                                      validation_fraction=0.1, seed=o.seed))  # fmt: skip
     result["selection"] = {"seconds": round(time.perf_counter() - t0, 1), "funnel": manifest.funnel.model_dump(),
                            "rows": manifest.rows, "share_of_pool": manifest.rows / len(pool)}  # fmt: skip
@@ -339,11 +363,16 @@ def main() -> None:
     add_common_arguments(parser, "data_selection")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions, with seeds 0, 1, ... (default 3)")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="change one of the benchmark's Options (e.g. quality_neighbours=0); repeatable")
     args = parser.parse_args()
     sets = tuple(n for n in SETS if n in args.sets.split(","))
     if not sets or args.seeds < 1:
         parser.error("--sets needs at least one of all,random,kaizen and --seeds at least 1")
-    o = Options(**(QUICK if args.quick else {}))
+    try:
+        o = replace(Options(**(QUICK if args.quick else {})), **parse_options(args.set))
+    except ValueError as exc:
+        parser.error(str(exc))
     s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     started = time.perf_counter()

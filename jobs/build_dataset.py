@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
 
     opts = opts or DatasetConfig()
     started = time.perf_counter()
-    created_at = datetime.now(timezone.utc)
+    created_at = datetime.now(UTC)
     dataset_id = opts.dataset_id or new_dataset_id(created_at)
     base = opts.threshold if opts.threshold is not None else cfg.quality.threshold
     thresholds = threshold_manager(base, opts.domain_adjustments)

@@ -54,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1256,7 +1256,7 @@ def code_version() -> str | None:
 
 
 def _new_run_name(now: datetime | None = None) -> str:
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"finetune-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 

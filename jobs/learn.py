@@ -35,7 +35,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,8 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     dataset_opts, ssr_opts = job_options(cfg, "dataset"), job_options(cfg, "ssr")
     ft_opts = job_options(cfg, "finetune")
     sweep_opts = job_options(cfg, "sweep") if learn.train_with == "sweep" else None
-    cycle_id = f"cycle-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-    record: dict[str, Any] = {"cycle_id": cycle_id, "started_at": datetime.now(timezone.utc).isoformat(),
+    cycle_id = f"cycle-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    record: dict[str, Any] = {"cycle_id": cycle_id, "started_at": datetime.now(UTC).isoformat(),
                               "options": learn.model_dump(mode="json"), "stages": {}}  # fmt: skip
     start_ray(cfg)
     _quiet_ray_data()
@@ -243,7 +243,7 @@ def submit(
         raise ConfigError(relative_paths)
     entrypoint = " ".join(["python", "-m", "jobs.learn", "--config", str(relative), *map(shlex.quote, overrides)])
     client = JobSubmissionClient(address)
-    submission_id = f"kaizen-learn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    submission_id = f"kaizen-learn-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -49,7 +49,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +384,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     counts = Counter(out.column("source_domain").to_pylist())
     manifest_fields = {
         "rehearsal_id": rehearsal_id,
-        "created_at": datetime.now(timezone.utc),
+        "created_at": datetime.now(UTC),
         "synthesized_by": cfg.model.base_model,
         "refined_by": refined_by,
         "source": str(Path(source).resolve()),
@@ -568,7 +568,7 @@ def _rehearsal_table(
 ) -> pa.Table:
     """The rehearsal rows: every column of the source (its types; unknown ones null), the
     training columns it lacks, then the provenance columns."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     types = {**TRAINING_COLUMNS, **{f.name: f.type for f in source_schema}}
     names = [*source_schema.names, *(c for c in TRAINING_COLUMNS if c not in source_schema.names)]
     values: dict[str, list[Any]] = {

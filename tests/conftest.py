@@ -11,7 +11,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -161,7 +161,7 @@ def ingest_samples(store, n: int) -> list[str]:
 
     pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "k"}}))
     events = sample_events(n, seed=5)
-    events.append({"id": "empty", "type": "interaction", "timestamp": datetime.now(timezone.utc).isoformat(),
+    events.append({"id": "empty", "type": "interaction", "timestamp": datetime.now(UTC).isoformat(),
                    "body": {"session_id": "s", "input": {"raw": "hi"}, "output": {"content": ""}}})  # fmt: skip
     prepared = pipeline.prepare(events)
     assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))

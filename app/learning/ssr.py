@@ -26,7 +26,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -198,7 +198,7 @@ class SSRConfig(BaseModel):
 
 def new_rehearsal_id(now: datetime | None = None) -> str:
     """A fresh id, ``ssr-YYYYMMDD-HHMMSS-<6 hex>``: sortable by time, apart within a second."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"ssr-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 

@@ -26,7 +26,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,13 +121,13 @@ class AdapterManifest(BaseModel):
     def _utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("created_at must carry a time zone (UTC), e.g. 2025-01-31T12:00:00Z")
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
 
 def new_adapter_id(now: datetime | None = None) -> str:
     """A fresh id, ``adp-YYYYMMDD-HHMMSS-<6 hex>``: sortable by time; the random
     suffix keeps ids from processes saving in the same second apart."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"adp-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
@@ -202,7 +202,7 @@ class AdapterStore:
             ValueError: a bad ``adapter_id``, lineage field, or an adapter that is not LoRA.
             TypeError: ``peft_model_or_dir`` is neither a ``PeftModel`` nor a path.
         """
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         adapter_id = check_adapter_id(adapter_id) if adapter_id is not None else new_adapter_id(now)
         lineage = AdapterLineage.model_validate(
             dict(lineage) if isinstance(lineage, Mapping) else lineage or {}

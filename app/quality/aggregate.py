@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from app.quality.base import DIMENSIONS, DimensionScore, clamp
@@ -32,9 +32,9 @@ def time_decay(timestamp: datetime | None, now: datetime | None = None) -> float
     model now in production)."""
     if timestamp is None:
         return 1.0
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if timestamp.tzinfo is None:
-        timestamp = timestamp.replace(tzinfo=timezone.utc)
+        timestamp = timestamp.replace(tzinfo=UTC)
     age_days = max(0.0, (now - timestamp).total_seconds() / 86400.0)
     return math.pow(0.5, age_days / TIME_DECAY_HALF_LIFE_DAYS)
 

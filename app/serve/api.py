@@ -16,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
@@ -284,7 +284,7 @@ def create_api(service: CollectorService) -> FastAPI:
         event = {
             "id": body.pop("id", None) or uuid.uuid4().hex,
             "type": event_type,
-            "timestamp": body.pop("timestamp", None) or datetime.now(timezone.utc).isoformat(),
+            "timestamp": body.pop("timestamp", None) or datetime.now(UTC).isoformat(),
             "body": body,
         }
         try:

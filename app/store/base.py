@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["MIGRATIONS", "InteractionStore", "StoredEvent", "WRITABLE_TABLES"]
@@ -29,7 +29,7 @@ class StoredEvent:
     type: str
     timestamp: datetime
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     interaction_id: str | None = None  # the interaction it is, or attaches to
 
 
@@ -232,8 +232,8 @@ _ROWS_PER_STATEMENT = 200  # rows per multi-row INSERT: well under both engines'
 def _iso(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc).isoformat()
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat()
     return value
 
 
@@ -324,7 +324,7 @@ class InteractionStore(ABC):
                         self._sql(
                             "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)"
                         ),
-                        [version, description, _iso(datetime.now(timezone.utc))],
+                        [version, description, _iso(datetime.now(UTC))],
                     )
                     applied.append(version)
             return applied
@@ -416,7 +416,7 @@ class InteractionStore(ABC):
         """Store quality scores (``(interaction_id, QualityScore)``) in one transaction: a row per
         assessor version in ``quality_scores`` (replaced when re-scored) and the current score on
         the interaction. Returns how many interactions existed and were updated."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         updated = 0
         with self._transaction() as cur:
             for interaction_id, score in scores:
@@ -476,7 +476,7 @@ class InteractionStore(ABC):
                     "VALUES (?, ?, ?, ?, ?, ?, ?)"
                 ),
                 [self._encode(v) for v in (rating_id, interaction_id, float(rating), rater, comment,
-                                           dimensions, datetime.now(timezone.utc))],
+                                           dimensions, datetime.now(UTC))],
             )  # fmt: skip
         return rating_id
 
@@ -516,7 +516,7 @@ class InteractionStore(ABC):
                     "INSERT INTO calibrations (version, created_at, method, params, metrics, active) "
                     "VALUES (?, ?, ?, ?, ?, ?)"
                 ),
-                [self._encode(v) for v in (version, datetime.now(timezone.utc), method, params, metrics, activate)],
+                [self._encode(v) for v in (version, datetime.now(UTC), method, params, metrics, activate)],
             )
 
     def active_calibration(self) -> dict[str, Any] | None:

@@ -102,7 +102,7 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
 
 def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import random
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     from app.quality.service import QualityService
     from app.registry import AdapterRegistry
@@ -128,7 +128,7 @@ def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert store.active_calibration() is None  # --dry-run stores nothing
 
     registry = AdapterRegistry(store)
-    manifest = {"adapter_id": "adp-cli-1", "base_model": "tiny", "created_at": datetime.now(timezone.utc).isoformat(),
+    manifest = {"adapter_id": "adp-cli-1", "base_model": "tiny", "created_at": datetime.now(UTC).isoformat(),
                 "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_dropout": 0.0},
                 "files": {"adapter_model.safetensors": "0" * 64}}  # fmt: skip
     registry.register(manifest, "file:///tmp/adp-cli-1", actor="test")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ def _manifest(adapter_id: str, day: int = 1) -> AdapterManifest:
     return AdapterManifest(
         adapter_id=adapter_id,
         base_model="tiny",
-        created_at=datetime(2025, 1, day, 12, tzinfo=timezone.utc),
+        created_at=datetime(2025, 1, day, 12, tzinfo=UTC),
         peft={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0},
         lineage={"dataset_manifest_hash": f"hash-{adapter_id}", "metrics": {"loss": 1.5}},
         files={"adapter_config.json": "0" * 64, "adapter_model.safetensors": "1" * 64},
@@ -63,7 +63,7 @@ def test_register_get_and_list(registry: AdapterRegistry) -> None:
     assert row["id"] == "adp-a" and row["base_model"] == "tiny" and row["status"] == "candidate"
     assert row["uri"] == "s3://bucket/adapters/adp-a"
     assert row["manifest"] == _manifest("adp-a").model_dump(mode="json")
-    assert datetime.fromisoformat(row["created_at"]) == datetime(2025, 1, 1, 12, tzinfo=timezone.utc)
+    assert datetime.fromisoformat(row["created_at"]) == datetime(2025, 1, 1, 12, tzinfo=UTC)
     registry.register(_manifest("adp-b", 2).model_dump(mode="json"), "/data/adapters/adp-b", "validated",
                       actor="import")  # fmt: skip
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import ast
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from app.sample import sample_interactions, stdlib_functions
 
@@ -30,7 +30,7 @@ def test_samples_are_deterministic_and_never_in_the_future() -> None:
     a = [s.interaction for s in sample_interactions(300, seed=11)]
     b = [s.interaction for s in sample_interactions(300, seed=11)]
     assert [x["id"] for x in a] == [x["id"] for x in b] and [x["prompt"] for x in a] == [x["prompt"] for x in b]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert all(datetime.fromisoformat(x["timestamp"]) <= now for x in a)
 
 

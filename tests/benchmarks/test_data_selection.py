@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from benchmarks.data_selection import Options, hard_words, make_pool
 from benchmarks.tasks import SELECTION_MISTAKES, SELECTION_TASKS, make_examples, words_of
 
@@ -34,3 +36,37 @@ def test_the_pool_is_poor_where_the_assistant_errs_and_noisy_elsewhere() -> None
     assert 0.7 < len(rated) / len(pool) < 0.8
     agree = sum((p["rating"] >= 4) == (p["kind"] == "good") for p in rated) / len(rated)
     assert 0.85 < agree < 0.95
+
+
+def test_options_are_set_by_name_and_type() -> None:
+    from benchmarks.data_selection import parse_options
+
+    assert parse_options(["quality_neighbours=0", "keep_fraction=0.1", "selection=k_center"]) == {
+        "quality_neighbours": 0, "keep_fraction": 0.1, "selection": "k_center"}  # fmt: skip
+    for bad, says in (("nope=1", "nope=1"), ("epochs=x", "epochs must be int"), ("seed", "OPTION=VALUE")):
+        with pytest.raises(ValueError, match=says):
+            parse_options([bad])
+
+
+def _seed_run(seed: int, scores: dict[str, float], times: dict[str, float]) -> dict:
+    return {"seed": seed, "runs": {n: {"score": s, "score_on_hard_words": s, "train_time_s": times[n], "rows": 10}
+                                   for n, s in scores.items()}}  # fmt: skip
+
+
+def test_the_goals_are_judged_on_the_means_over_seeds() -> None:
+    from benchmarks.data_selection import summarize
+
+    seeds = [_seed_run(0, {"all": 0.9, "random": 0.5, "kaizen": 0.95}, {"all": 300.0, "random": 20.0, "kaizen": 25.0}),
+             _seed_run(1, {"all": 0.9, "random": 0.7, "kaizen": 0.80}, {"all": 320.0, "random": 22.0, "kaizen": 35.0})]  # fmt: skip
+    summary, goals = summarize(seeds)
+    assert summary["kaizen"]["score"]["mean"] == pytest.approx(0.875)
+    assert summary["kaizen"]["score"]["sd"] == pytest.approx(0.10607, abs=1e-4)  # sample standard deviation
+    assert (summary["random"]["score"]["min"], summary["random"]["score"]["max"]) == (0.5, 0.7)
+    score, time = goals
+    assert not score["passed"] and score["seeds_at_least_as_good"] == 1
+    assert score["per_seed_difference"] == pytest.approx([0.05, -0.1])
+    assert time["passed"] and time["measured"] == pytest.approx(30.0)  # 30 <= 310 / 10
+    # Without the baseline there is nothing to judge; with nothing learned, no goal is met.
+    assert summarize([_seed_run(0, {"random": 0.5, "kaizen": 0.6}, {"random": 1.0, "kaizen": 1.0})])[1] == []
+    _, unlearned = summarize([_seed_run(0, {"all": 0.05, "kaizen": 0.06}, {"all": 100.0, "kaizen": 5.0})])
+    assert all(g["passed"] is None and g["not_measured"] for g in unlearned)

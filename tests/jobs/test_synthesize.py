@@ -33,7 +33,7 @@ ANSWER = "Use a context manager."
 
 def _write_source(directory: Path, domains: dict[str, int]) -> Path:
     """A dataset folder as jobs/build_dataset.py writes it: train.parquet and manifest.json."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     rows = []
     for domain, n in domains.items():
@@ -41,7 +41,7 @@ def _write_source(directory: Path, domains: dict[str, int]) -> Path:
             instruction = f"In {domain}, how do I handle case {i} of reading a file safely?"
             output = f"Open it in a with-block ({i})."
             rows.append({
-                "interaction_id": f"{domain}-{i}", "timestamp": datetime(2025, 1, 1, tzinfo=timezone.utc),
+                "interaction_id": f"{domain}-{i}", "timestamp": datetime(2025, 1, 1, tzinfo=UTC),
                 "instruction": instruction, "input": "", "output": output, "quality_score": 0.9,
                 "domain": [domain, "files"], "complexity": "simple", "learning_type": "new_knowledge",
                 "project_context": "{}", "features": "{}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -90,7 +90,7 @@ def test_save_writes_peft_files_and_manifest(trained: Trained, tmp_path: Path) -
     assert set(written) == {"adapter_id", "base_model", "created_at", "peft", "lineage", "files"}
     assert written["adapter_id"] == manifest.adapter_id and written["base_model"] == "tiny"
     created = datetime.fromisoformat(written["created_at"])
-    assert created.utcoffset() == timedelta(0) and datetime.now(timezone.utc) - created < timedelta(minutes=5)
+    assert created.utcoffset() == timedelta(0) and datetime.now(UTC) - created < timedelta(minutes=5)
     assert manifest.adapter_id[4:19] == created.strftime("%Y%m%d-%H%M%S")
     assert written["peft"] == {
         "r": 4,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -87,7 +87,7 @@ def test_aggregation_renormalises_over_known_dimensions() -> None:
 
 
 def test_confidence_is_the_mean_of_the_seed_factors() -> None:
-    now = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 1, tzinfo=UTC)
     explicit = {"user_satisfaction": DimensionScore("user_satisfaction", 1, evidence={"has_explicit": True}),
                 "functional_correctness": DimensionScore("functional_correctness", 1, evidence={"source": "outcomes"})}
     ctx = {"project_type": "lib", "technologies": ["python"], "architecture": "x", "git": {"branch": "m"},

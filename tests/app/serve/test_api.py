@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def event(i: int | str, type: str = "interaction", body: dict | None = None, ts: datetime | None = None) -> dict:
