@@ -19,9 +19,9 @@ chains them, and the tests call them without Ray. In the job's order:
    assistant ``tool_calls`` and ``tool`` messages, the answer), the seed's columns;
 7. :class:`EmbedBatch` (MiniLM): an embedding of each request; :func:`encode_features`;
 8. on the driver: :func:`select_diverse` (k-center greedy or k-means over the embeddings, weighted
-   by quality measured against similar requests, :func:`relative_quality`), :func:`assign_split` (a hash of the id), :func:`to_table` and
-   :func:`write_dataset` (``train.parquet``, ``validation.parquet``, ``train.jsonl``,
-   ``validation.jsonl``, ``manifest.json``).
+   by quality measured against similar requests, :func:`relative_quality`), :func:`assign_split`
+   (a hash of the id), :func:`to_table` and :func:`write_dataset` (``train.parquet``,
+   ``validation.parquet``, ``train.jsonl``, ``validation.jsonl``, ``manifest.json``).
 
 Columns (:data:`DATASET_SCHEMA`) are the seed's training-dataset schema plus ``messages``:
 ``instruction`` is the user's request and ``input`` Alpaca's optional extra context (empty: the
