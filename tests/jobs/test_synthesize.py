@@ -247,8 +247,10 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     passed = report.inputs_kept - report.outputs_dropped.get("unsure", 0)
     assert report.outputs_dropped.get("unsure", 0) >= 1
     assert report.selected == report.rows == min(3, passed) == early.counts["python"]
-    # The first run's order, with this threshold, would have kept fewer.
-    assert report.rows > sum(r["output_confidence"] >= threshold for r in rows if r["source_domain"] == "python")
+    # Never fewer than the first run's order keeps with this threshold: its rows that pass are
+    # among the candidates that pass here. (Whether strictly more depends on the tiny model's
+    # sampled inputs, which differ between CPUs: on one machine 3 against 2, on another 2 and 2.)
+    assert report.rows >= sum(r["output_confidence"] >= threshold for r in rows if r["source_domain"] == "python")
     early_rows = pq.read_table(model_root / "rehearsal" / "ssr-early" / "rehearsal.parquet").to_pylist()
     assert all(r["output_confidence"] >= threshold and r["cluster"] >= 0 for r in early_rows)
 
