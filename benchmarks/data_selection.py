@@ -59,8 +59,8 @@ from benchmarks.forgetting import (
     add_common_arguments,
     ensure_base_model,
     kaizen_config,
-    local_setup,
     quiet_process,
+    start_local_ray,
     work_folder,
 )
 from benchmarks.tasks import (
@@ -380,7 +380,7 @@ def main() -> None:
     with work_folder(args.keep, "kaizen-data-selection-") as work:
         base_dir, result["base_model"] = ensure_base_model(work, args.base_cache, s, require_abilities=not args.quick)
         result["base_model"]["path"] = str(base_dir)
-        local_setup(base_dir, work)
+        start_local_ray()
         result["seeds"] = [
             run_seed(replace(o, seed=o.seed + i), base_dir, work / f"seed-{o.seed + i}", sets) for i in range(args.seeds)
         ]

@@ -732,12 +732,17 @@ def kaizen_config(base_dir: Path, work: Path) -> Any:
     })  # fmt: skip
 
 
-def local_setup(base_dir: Path, work: Path) -> Any:
-    """:func:`kaizen_config`, with a local 2-CPU Ray started for the jobs."""
+def start_local_ray() -> None:
+    """A local 2-CPU Ray for the jobs."""
     import ray
 
-    cfg = kaizen_config(base_dir, work)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+
+def local_setup(base_dir: Path, work: Path) -> Any:
+    """:func:`kaizen_config`, with :func:`start_local_ray`."""
+    cfg = kaizen_config(base_dir, work)
+    start_local_ray()
     return cfg
 
 
