@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -362,6 +363,11 @@ def _check_data(opts: FinetuneConfig, data: TrainingData) -> list[str]:
                 f"finetune.num_workers: {opts.num_workers} workers need at least as many {name} rows "
                 f"(each gets an equal shard), got {rows}"
             )
+    if opts.trials > 1 and "validation" not in data.datasets:
+        raise ValueError(
+            f"finetune.trials: {opts.trials} trials are chosen between by their validation loss; give validation "
+            "rows (--validation, or a dataset folder with a validation split) or set trials=1"
+        )
     warnings = []
     if opts.rehearsal_ratio > 0 and "rehearsal" not in data.datasets:
         warnings.append(
@@ -602,6 +608,10 @@ class _State:
     """The evaluation figures of ``best_params``: val_loss, heldout_loss, forgetting, objective."""
     restarts: int = 0
     resumed_from_step: int | None = None
+    seed: int = 0
+    """The seed of the data order, and of the LoRA initialisation of a fresh adapter (see ``finetune.trials``)."""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """With ``finetune.trials`` > 1: each seed's steps and evaluation at the choice."""
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -626,13 +636,15 @@ def train_loop(config: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     autocast = _autocast(opts, device)
 
-    state, forgetting, saved = _State(), None, None
+    state, forgetting, saved = _State(seed=opts.seed), None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state, forgetting, saved = _load_checkpoint(checkpoint, peft_model)
+        if "seed" not in saved:  # a checkpoint from before finetune.trials
+            state.seed = opts.seed
     if forgetting is None and opts.masking != "none":
-        source = data[_fisher_source(opts, data)]
-        forgetting = _setup_forgetting(opts, peft_model, loss_module, source, pad_id, device, autocast)
+        forgetting = _setup_forgetting(opts, peft_model, loss_module, data[_fisher_source(opts, data)], pad_id, device,
+                                       autocast)  # fmt: skip
     if opts.masking == "fggm" and opts.strategy == "deepspeed":
         register_mask_hooks(peft_model, forgetting["masks"])
 
@@ -664,70 +676,125 @@ def train_loop(config: dict[str, Any]) -> None:
         # The starting point is a candidate too: an adapter that only gets worse is not kept.
         state.initial_val_loss = evaluate()["val_loss"]
 
-    spe = steps_per_epoch(len(_epoch_rows(data, opts, 0)), opts.batch_size, opts.grad_accumulation)
+    spe = steps_per_epoch(len(_epoch_rows(data, opts, 0, state.seed)), opts.batch_size, opts.grad_accumulation)
     total = min(opts.epochs * spe, opts.max_steps or math.inf)
-    stop_reason = "completed"
     resumed_at = time.perf_counter() - state.elapsed_s
-    # Nothing left (a checkpoint of the last step): straight to the final report.
-    done = state.step >= total
     step_metrics: list[dict[str, float]] = []  # the steps since the last report
     last_report = time.perf_counter()
-    while not done and state.epoch < opts.epochs:
-        epoch = state.epoch
-        rows = _epoch_rows(data, opts, epoch)
-        micro = [rows[i : i + opts.batch_size] for i in range(0, len(rows), opts.batch_size)]
-        windows = [micro[i : i + opts.grad_accumulation] for i in range(0, len(micro), opts.grad_accumulation)]
-        for w in range(state.window, len(windows)):
-            t0 = time.perf_counter()
-            loss_sum, labels, tokens = _train_window(
-                opts, model, peft_model, optimizer, scheduler, engine, windows[w], forgetting, pad_id, device, autocast
-            )
-            state.step += 1
-            end_of_epoch = w == len(windows) - 1
-            state.epoch, state.window = (epoch + 1, 0) if end_of_epoch else (epoch, w + 1)
-            state.elapsed_s = time.perf_counter() - resumed_at
-            over_time = state.elapsed_s > config["max_seconds"]
-            report_due = time.perf_counter() - last_report >= opts.report_every_s
-            # Summed over the ranks, so that every rank takes the same decisions (a report is a barrier).
-            loss_sum, labels, tokens, over_time, report_due = _all_reduce(
-                [loss_sum, labels, tokens, float(over_time), float(report_due)], device
-            )
-            state.tokens += int(tokens)
-            state.epoch_loss += loss_sum
-            state.epoch_label_tokens += int(labels)
-            step_metrics.append({"step": state.step, "loss": loss_sum / max(labels, 1.0), "lr": _current_lr(optimizer, engine),
-                          "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})  # fmt: skip
-            metrics: dict[str, Any] = {
-                **step_metrics[-1],
-                "epoch": epoch + (w + 1) / len(windows),
-                "tokens": state.tokens,
-                "elapsed_s": state.elapsed_s,
-            }
-            if state.first_loss is None:
-                state.first_loss = metrics["loss"]
-            if end_of_epoch:
-                metrics["epoch_loss"] = step_metrics[-1]["epoch_loss"] = state.epoch_loss / max(state.epoch_label_tokens, 1)
-            due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
-            if validation is not None and (due or (opts.eval_every_steps is None and end_of_epoch)):
-                metrics.update(evaluate(), best_objective=stopper.best)
-                if stopper.should_stop:
-                    stop_reason = "early_stopping"
-            if end_of_epoch and state.epoch < opts.epochs:
-                state.epoch_loss, state.epoch_label_tokens = 0.0, 0
-            if state.step >= total and stop_reason == "completed" and state.step < opts.epochs * spe:
-                stop_reason = "max_steps"
-            if over_time and stop_reason == "completed":
-                stop_reason = "time_limit"
-            done = stop_reason != "completed" or state.step >= total
-            save = state.step % opts.checkpoint_every_steps == 0 and not done
-            if save or done or report_due or "val_loss" in metrics:
-                metrics["step_metrics"] = step_metrics
-                _report(metrics, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
-                        name=f"checkpoint-step{state.step:06d}" if save else None)  # fmt: skip
-                step_metrics, last_report = [], time.perf_counter()
-            _maybe_fail(config.get("fault"), state.step, rank)
-            if done:
+
+    def train_until(limit: float, trial: bool = False) -> str:
+        """Train from ``state``'s position to step ``limit`` (or an earlier stop); the stop reason.
+        A ``trial`` neither evaluates, reports nor checkpoints: its steps travel in the next report."""
+        nonlocal last_report
+        stop_reason = "completed"
+        # Nothing left (a checkpoint of the last step): straight to the final report.
+        done = state.step >= limit
+        while not done and state.epoch < opts.epochs:
+            epoch = state.epoch
+            rows = _epoch_rows(data, opts, epoch, state.seed)
+            micro = [rows[i : i + opts.batch_size] for i in range(0, len(rows), opts.batch_size)]
+            windows = [micro[i : i + opts.grad_accumulation] for i in range(0, len(micro), opts.grad_accumulation)]
+            for w in range(state.window, len(windows)):
+                t0 = time.perf_counter()
+                loss_sum, labels, tokens = _train_window(opts, model, peft_model, optimizer, scheduler, engine,
+                                                         windows[w], forgetting, pad_id, device, autocast)  # fmt: skip
+                state.step += 1
+                end_of_epoch = w == len(windows) - 1
+                state.epoch, state.window = (epoch + 1, 0) if end_of_epoch else (epoch, w + 1)
+                state.elapsed_s = time.perf_counter() - resumed_at
+                over_time = state.elapsed_s > config["max_seconds"]
+                report_due = not trial and time.perf_counter() - last_report >= opts.report_every_s
+                # Summed over the ranks, so that every rank takes the same decisions (a report is a barrier).
+                loss_sum, labels, tokens, over_time, report_due = _all_reduce(
+                    [loss_sum, labels, tokens, float(over_time), float(report_due)], device
+                )
+                state.tokens += int(tokens)
+                state.epoch_loss += loss_sum
+                state.epoch_label_tokens += int(labels)
+                step_metrics.append({"step": state.step, "loss": loss_sum / max(labels, 1.0),
+                                     "lr": _current_lr(optimizer, engine),
+                                     "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})  # fmt: skip
+                metrics: dict[str, Any] = {
+                    **step_metrics[-1],
+                    "epoch": epoch + (w + 1) / len(windows),
+                    "tokens": state.tokens,
+                    "elapsed_s": state.elapsed_s,
+                }
+                if state.first_loss is None:
+                    state.first_loss = metrics["loss"]
+                if end_of_epoch:
+                    metrics["epoch_loss"] = step_metrics[-1]["epoch_loss"] = (
+                        state.epoch_loss / max(state.epoch_label_tokens, 1)
+                    )
+                due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
+                if not trial and validation is not None and (due or (opts.eval_every_steps is None and end_of_epoch)):
+                    metrics.update(evaluate(), best_objective=stopper.best)
+                    if stopper.should_stop:
+                        stop_reason = "early_stopping"
+                if end_of_epoch and state.epoch < opts.epochs:
+                    state.epoch_loss, state.epoch_label_tokens = 0.0, 0
+                if state.step >= total and stop_reason == "completed" and state.step < opts.epochs * spe:
+                    stop_reason = "max_steps"
+                if over_time and stop_reason == "completed":
+                    stop_reason = "time_limit"
+                done = stop_reason != "completed" or state.step >= limit
+                save = not trial and state.step % opts.checkpoint_every_steps == 0 and not done
+                if not trial and (save or done or report_due or "val_loss" in metrics):
+                    metrics["step_metrics"] = step_metrics.copy()
+                    _report(metrics, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
+                            name=f"checkpoint-step{state.step:06d}" if save else None)  # fmt: skip
+                    step_metrics.clear()
+                    last_report = time.perf_counter()
+                _maybe_fail(config.get("fault"), state.step, rank)
+                if done:
+                    break
+        return stop_reason
+
+    stop_reason = "completed"
+    if opts.trials > 1 and checkpoint is None:
+        # Restarts from other seeds: each trains the first trial_fraction of the steps from the same
+        # starting point, and the one with the lowest validation objective goes on as if alone.
+        start = (copy.deepcopy(state), _trainable_state(peft_model, opts), copy.deepcopy(optimizer.state_dict()),
+                 scheduler.state_dict())  # fmt: skip
+        limit = max(1, round(opts.trial_fraction * total))
+        trials, best, spent_tokens = [], None, 0
+        for i in range(opts.trials):
+            state = copy.deepcopy(start[0])
+            state.seed = opts.seed + i
+            if i > 0:
+                _restart_adapter(peft_model, start[1], state.seed, fresh=config["parent_adapter_id"] is None)
+                optimizer.load_state_dict(copy.deepcopy(start[2]))
+                scheduler.load_state_dict(start[3])
+                if opts.masking != "none":  # the Fisher information of this seed's starting adapter
+                    forgetting = _setup_forgetting(opts, peft_model, loss_module, data[_fisher_source(opts, data)],
+                                                   pad_id, device, autocast)  # fmt: skip
+            stopper.load_state_dict(state.early_stopping)
+            stop_reason = train_until(limit, trial=True)
+            figures = evaluate()
+            trials.append({"seed": state.seed, "steps": state.step, **figures})
+            spent_tokens += state.tokens
+            if best is None or figures["objective"] < best[0]["objective"]:
+                best = (figures, state, _trainable_state(peft_model, opts), copy.deepcopy(optimizer.state_dict()),
+                        scheduler.state_dict(), forgetting, step_metrics.copy(), _rng_state(device))  # fmt: skip
+            step_metrics.clear()
+            if stop_reason != "completed":  # out of time: the trials so far decide
                 break
+        figures, state, params, optimizer_state, scheduler_state, forgetting, step_metrics, rng = best
+        _set_rng_state(device, rng)  # its dropout goes on as in a run of its own
+        _load_trainable_state(peft_model, params)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        stopper.load_state_dict(state.early_stopping)
+        state.tokens, state.trials = spent_tokens, trials  # tokens: every trial's, as the time is
+        log.info("trials: seed %d goes on (objectives %s)", state.seed,
+                 ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials))  # fmt: skip
+        if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
+            _report({**step_metrics[-1], "epoch": state.step / spe, "tokens": state.tokens, "elapsed_s": state.elapsed_s,
+                     **figures, "best_objective": stopper.best, "trials": trials, "step_metrics": step_metrics},
+                    state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank, name=None)  # fmt: skip
+            step_metrics, last_report = [], time.perf_counter()
+    if stop_reason == "completed":
+        stop_reason = train_until(total)
 
     if state.best_params is not None:
         with _full_parameters(opts, peft_model, modify=True):
@@ -744,6 +811,8 @@ def train_loop(config: dict[str, Any]) -> None:
         "tokens": state.tokens,
         "train_time_s": state.elapsed_s,
         "stop_reason": stop_reason,
+        "seed": state.seed,
+        "trials": state.trials,
         "restarts": state.restarts,
         "resumed_from_step": state.resumed_from_step,
         "world_size": world,
@@ -812,6 +881,7 @@ def _setup_model(config: Mapping[str, Any], opts: FinetuneConfig, device: torch.
         lora = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                           target_modules=list(opts.target_modules), task_type="CAUSAL_LM")  # fmt: skip
         peft_model = get_peft_model(model, lora)
+        _init_lora(peft_model, opts.seed)
     peft_model.train()
     return peft_model, tokenizer
 
@@ -842,8 +912,42 @@ def _setup_data(
     return data
 
 
-def _epoch_rows(data: Mapping[str, list[dict[str, Any]]], opts: FinetuneConfig, epoch: int) -> list[dict[str, Any]]:
-    return mix_rehearsal(data["train"], data.get("rehearsal", []), opts.rehearsal_ratio, seed=opts.seed, epoch=epoch)
+def _epoch_rows(
+    data: Mapping[str, list[dict[str, Any]]], opts: FinetuneConfig, epoch: int, seed: int
+) -> list[dict[str, Any]]:
+    return mix_rehearsal(data["train"], data.get("rehearsal", []), opts.rehearsal_ratio, seed=seed, epoch=epoch)
+
+
+@torch.no_grad()
+def _init_lora(peft_model: nn.Module, seed: int) -> None:
+    """A fresh adapter's initialisation drawn from ``seed`` alone (LoRA's A random, B zero), so that
+    a run's seed decides it whatever else used the random generator before (the same on every rank)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.reset_lora_parameters(name, True)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _restart_adapter(peft_model: nn.Module, start: Mapping[str, torch.Tensor], seed: int, *, fresh: bool) -> None:
+    """The adapter back at the run's starting point for another trial: the parent's weights, or a
+    fresh adapter's initialisation from ``seed``."""
+    if fresh:
+        _init_lora(peft_model, seed)
+    else:
+        _load_trainable_state(peft_model, start)
 
 
 def _autocast(opts: FinetuneConfig, device: torch.device) -> Any:
@@ -894,7 +998,7 @@ def _setup_optimizer(
     """DDP (``ray.train.torch.prepare_model``) with AdamW, or a DeepSpeed engine."""
     import ray.train.torch
 
-    spe = steps_per_epoch(len(_epoch_rows(data, opts, 0)), opts.batch_size, opts.grad_accumulation)
+    spe = steps_per_epoch(len(_epoch_rows(data, opts, 0, opts.seed)), opts.batch_size, opts.grad_accumulation)
     total = min(opts.epochs * spe, opts.max_steps or math.inf)
     trainable = list(trainable_parameters(peft_model).values())
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -1175,7 +1279,7 @@ def publish_adapter(
         raise ValueError(f"the run at {result.path} has no final checkpoint to publish")
     metrics = {k: final.get(k) for k in ("first_loss", "train_loss", "val_loss", "last_val_loss", "initial_val_loss",
                                          "heldout_loss", "initial_heldout_loss", "forgetting", "objective", "step",
-                                         "epochs", "tokens", "train_time_s", "stop_reason", "restarts", "mask",
+                                         "epochs", "tokens", "train_time_s", "stop_reason", "seed", "trials", "restarts", "mask",
                                          "peak_rss_mb", "peak_vram_gb")}  # fmt: skip
     metrics["steps"] = metrics.pop("step")
     if started is not None:

@@ -158,9 +158,46 @@ def test_fisher_masking_keeps_the_protected_entries_of_the_champion(
     assert moved == len(masks)  # and every tensor's free half did train
 
 
+@pytest.mark.slow
+def test_trials_go_on_with_the_best_seed_exactly_as_its_own_run(
+    cfg: KaizenConfig, data: dict[str, Path], ray_session
+) -> None:
+    from safetensors.torch import load_file
+
+    from app.model.adapters import AdapterStore
+
+    # 20 rows / batch 4 = 5 steps an epoch, 3 epochs; each of 3 seeds trains the first epoch.
+    base = {"num_workers": 1, "batch_size": 4, "epochs": 3, "lr": 1e-2, "max_length": 64, "rehearsal_ratio": 0.0,
+            "continue_from": None, "early_stopping_patience": 0, "checkpoint_every_steps": 100}  # fmt: skip
+    reports: list[dict[str, Any]] = []
+    tried = finetune.main(cfg, FinetuneConfig(**base, trials=3, trial_fraction=1 / 3), data["dataset"],
+                          run_name="trials", progress=reports.append)  # fmt: skip
+    trials = tried["metrics"]["trials"]
+    assert [(t["seed"], t["steps"]) for t in trials] == [(0, 5), (1, 5), (2, 5)]
+    assert len({t["val_loss"] for t in trials}) == 3  # three different starts and data orders
+    winner = min(trials, key=lambda t: t["objective"])
+    assert tried["metrics"]["seed"] == winner["seed"] and tried["metrics"]["steps"] == 15
+    # Only the winner's steps are reported, each once; the choice is reported with the trials.
+    steps = [m["step"] for r in reports if not r.get("final") for m in r["step_metrics"]]
+    assert steps == list(range(1, 16))
+    (choice,) = [r for r in reports if "trials" in r and not r.get("final")]
+    assert choice["step"] == 5 and choice["val_loss"] == winner["val_loss"]
+
+    # The winner's run alone, from its seed: the same adapter, to the last bit.
+    alone = finetune.main(cfg, FinetuneConfig(**base, seed=winner["seed"]), data["dataset"], run_name="alone")
+    assert alone["metrics"]["trials"] == [] and alone["metrics"]["seed"] == winner["seed"]
+    assert alone["metrics"]["val_loss"] == tried["metrics"]["val_loss"]
+    assert tried["metrics"]["tokens"] * 3 == alone["metrics"]["tokens"] * 5  # 3 first epochs, then 2 more
+    store = AdapterStore(cfg.model.storage_root)
+    a, b = (load_file(store.local_path(r["adapter_id"]) / "adapter_model.safetensors") for r in (tried, alone))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dict[str, Path], capsys) -> None:
     with pytest.raises(ValueError, match="needs their rows for the Fisher information"):
         finetune.build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
+    with pytest.raises(ValueError, match="finetune.trials: 2 trials are chosen between by their validation loss"):
+        finetune._check_data(FinetuneConfig(trials=2), finetune.TrainingData({"train": object()}, {"train": 20}))
     with pytest.raises(ValueError, match="max_cpu_cores=2"):
         finetune.check_requirements(cfg, FinetuneConfig(num_workers=3))
     cfg_file = Path(cfg.model.storage_root) / "c.yaml"

@@ -174,5 +174,9 @@ def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
     with pytest.raises(ConfigError, match=r"finetune\.masking: fggm needs whole parameters"):
         section_options("finetune", ["finetune.masking=fggm", "finetune.use_gpu=true", "finetune.strategy=deepspeed",
                               "finetune.zero_stage=3"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"finetune\.trials: restarts from other seeds reset the optimizer"):
+        section_options("finetune", ["finetune.trials=3", "finetune.use_gpu=true", "finetune.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match=r"finetune\.trial_fraction:"):
+        section_options("finetune", ["finetune.trials=3", "finetune.trial_fraction=1.0"])
     with pytest.raises(ConfigError, match="unknown section"):
         section_options("finetune", ["model.base_model=x"])
