@@ -785,12 +785,14 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
         stopper.load_state_dict(state.early_stopping)
-        state.tokens, state.trials = spent_tokens, trials  # tokens: every trial's, as the time is
+        # Tokens and time: every trial's, as they were spent.
+        state.tokens, state.trials, state.elapsed_s = spent_tokens, trials, time.perf_counter() - resumed_at
         log.info("trials: seed %d goes on (objectives %s)", state.seed,
                  ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials))  # fmt: skip
         if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
             _report({**step_metrics[-1], "epoch": state.step / spe, "tokens": state.tokens, "elapsed_s": state.elapsed_s,
-                     **figures, "best_objective": stopper.best, "trials": trials, "step_metrics": step_metrics},
+                     **figures, "best_objective": stopper.best, "seed": state.seed, "trials": trials,
+                     "step_metrics": step_metrics},
                     state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank, name=None)  # fmt: skip
             step_metrics, last_report = [], time.perf_counter()
     if stop_reason == "completed":
@@ -1328,7 +1330,11 @@ def describe_report(metrics: Mapping[str, Any]) -> str:
     for key in ("val_loss", "forgetting", "objective"):
         if metrics.get(key) is not None:
             line += f", {key} {format_metric(metrics[key])}"
-    return line + f", {metrics.get('tokens_per_s', 0):,.0f} tokens/s"
+    line += f", {metrics.get('tokens_per_s', 0):,.0f} tokens/s"
+    if metrics.get("trials"):
+        tried = ", ".join(f"{t['seed']}: {format_metric(t.get('objective'))}" for t in metrics["trials"])
+        line += f"; seed {metrics.get('seed')} goes on (objectives {tried})"
+    return line
 
 
 def format_metric(value: Any) -> str:
