@@ -21,7 +21,8 @@ on the command line or a ``finetune:`` section in the config file):
    (``finetune.rehearsal_ratio``); Fisher-guided gradient masking or EWC, with the Fisher
    information estimated on the rehearsal rows (or ``--fisher-data``), keeps the adapter entries
    that matter to earlier domains in place. Validation loss drives early stopping and the best
-   adapter is the one kept. Every step's loss, learning rate and tokens/s reach Ray Train in
+   adapter is the one kept. With ``finetune.trials`` > 1 the run first trains that many seeds
+   for ``finetune.trial_fraction`` of its steps each and goes on with the best by validation. Every step's loss, learning rate and tokens/s reach Ray Train in
    the ``step_metrics`` of the next report (an epoch's last step with the epoch's loss), sent at
    evaluations, checkpoints, the end and at most every ``finetune.report_every_s`` in between (a
    report waits until the controller has collected the one before, and it polls every 2 s: a
