@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 from benchmarks.common import print_table
 from benchmarks.forgetting import (
+    REQUIRED_ABILITIES,
     Evaluator,
     Settings,
     TaskData,
@@ -391,7 +392,9 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "data_selection", "quick": args.quick, "options": asdict(o), "sets": sets}
     with work_folder(args.keep, "kaizen-data-selection-") as work:
-        base_dir, result["base_model"] = ensure_base_model(work, args.base_cache, s, require_abilities=not args.quick)
+        base_dir, result["base_model"] = ensure_base_model(
+            work, args.base_cache, s, require_abilities=not args.quick, required=REQUIRED_ABILITIES
+        )
         result["base_model"]["path"] = str(base_dir)
         start_local_ray()
         result["seeds"] = [

@@ -3,7 +3,12 @@ import random
 import pytest
 
 from benchmarks.data_selection import Options, hard_words, make_pool
-from benchmarks.tasks import SELECTION_MISTAKES, SELECTION_TASKS, make_examples, words_of
+from benchmarks.tasks import (
+    SELECTION_MISTAKES,
+    SELECTION_TASKS,
+    make_examples,
+    words_of,
+)
 
 TASKS = {t.name: t for t in SELECTION_TASKS}
 

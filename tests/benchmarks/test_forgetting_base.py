@@ -5,11 +5,18 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
-from benchmarks.forgetting import QUICK, Settings, build_base_model
+from benchmarks.forgetting import (
+    QUICK,
+    REQUIRED_ABILITIES,
+    Settings,
+    build_base_model,
+    ensure_base_model,
+)
 
 
 def test_pre_training_is_deterministic(tmp_path: Path) -> None:
@@ -41,3 +48,21 @@ def test_a_words_bare_and_spaced_tokens_are_paired(tmp_path: Path) -> None:
     remap[torch.tensor([apple, spaced_apple, river])] = torch.arange(3)
     # Rows of the pre-training table; "river" has no spaced token in the corpus, so no pair.
     assert spelling_pairs(tokenizer, remap) == [(int(remap[apple]), int(remap[spaced_apple]))]
+
+
+def test_a_base_short_of_the_required_abilities_is_pre_trained_again_from_the_next_seed(tmp_path: Path) -> None:
+    # 12 steps teach nothing, so every base falls short and each attempt is a seed of its own.
+    s = replace(Settings(**QUICK), pretrain_steps=12, copy_warmup_steps=4, pretrain_batch=8, seed=5)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError) as caught:
+        ensure_base_model(tmp_path / "work", cache, s, attempts=2)
+    message = str(caught.value)
+    assert "seeds 5 to 6" in message and "seed 5: " in message and "seed 6: " in message
+    assert all(name in message for name in REQUIRED_ABILITIES)
+    bases = sorted(cache.iterdir())
+    assert [b.name for b in bases] == sorted(f"forgetting-base-{replace(s, seed=k).base_key()}" for k in (5, 6))
+    # Without the requirement the first seed's base is taken, from the cache, as it was.
+    base_dir, base = ensure_base_model(tmp_path / "work", cache, s, require_abilities=False, attempts=2)
+    assert base_dir == cache / f"forgetting-base-{s.base_key()}"
+    assert base["pretrain_seed"] == 5 and base["set_aside"] == [] and base["reused"] == str(base_dir)
+    assert set(base["abilities"]) == {"copy", "last", "first", "first-two", "drop-last"}
