@@ -193,6 +193,24 @@ def test_trials_go_on_with_the_best_seed_exactly_as_its_own_run(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_time_limit_stops_a_run_in_its_trials_and_keeps_what_it_has(
+    cfg: KaizenConfig, data: dict[str, Path], ray_session
+) -> None:
+    from app.model.adapters import AdapterStore
+
+    # training.max_hours of 3.6 ms: every step is over it, so the first trial stops after its first
+    # step, the second never starts, and the run goes no further.
+    short = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_hours": 1e-6})})
+    opts = FinetuneConfig(num_workers=1, batch_size=4, epochs=3, lr=1e-2, max_length=64, rehearsal_ratio=0.0,
+                          continue_from=None, early_stopping_patience=0, trials=2, trial_fraction=1 / 3)  # fmt: skip
+    result = finetune.main(short, opts, data["dataset"], run_name="time-limit")
+    metrics = result["metrics"]
+    assert metrics["stop_reason"] == "time_limit" and metrics["steps"] == 1
+    assert [(t["seed"], t["steps"]) for t in metrics["trials"]] == [(0, 1)] and metrics["seed"] == 0
+    assert metrics["train_time_s"] > short.training.max_hours * 3600
+    assert (AdapterStore(cfg.model.storage_root).local_path(result["adapter_id"]) / "adapter_model.safetensors").is_file()
+
+
 def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dict[str, Path], capsys) -> None:
     with pytest.raises(ValueError, match="needs their rows for the Fisher information"):
         finetune.build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
