@@ -99,11 +99,11 @@ __all__ = [
     "FAIL_MARKER_ENV",
     "CausalLMLoss",
     "TrainingData",
+    "add_data_arguments",
     "build_trainer",
     "check_requirements",
     "code_version",
     "data_hash",
-    "add_data_arguments",
     "describe_report",
     "format_metric",
     "main",
@@ -763,7 +763,10 @@ def train_loop(config: dict[str, Any]) -> None:
             state = copy.deepcopy(start[0])
             state.seed = opts.seed + i
             if i > 0:
-                _restart_adapter(peft_model, start[1], state.seed, fresh=config["parent_adapter_id"] is None)
+                if config["parent_adapter_id"] is None:  # a fresh adapter: this seed's initialisation
+                    _init_lora(peft_model, state.seed)
+                else:  # the parent's weights
+                    _load_trainable_state(peft_model, start[1])
                 optimizer.load_state_dict(copy.deepcopy(start[2]))
                 scheduler.load_state_dict(start[3])
                 if opts.masking != "none":  # the Fisher information of this seed's starting adapter
@@ -942,15 +945,6 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
-
-
-def _restart_adapter(peft_model: nn.Module, start: Mapping[str, torch.Tensor], seed: int, *, fresh: bool) -> None:
-    """The adapter back at the run's starting point for another trial: the parent's weights, or a
-    fresh adapter's initialisation from ``seed``."""
-    if fresh:
-        _init_lora(peft_model, seed)
-    else:
-        _load_trainable_state(peft_model, start)
 
 
 def _autocast(opts: FinetuneConfig, device: torch.device) -> Any:
