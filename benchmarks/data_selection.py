@@ -393,7 +393,7 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "data_selection", "quick": args.quick, "options": asdict(o), "sets": sets}
     with work_folder(args.keep, "kaizen-data-selection-") as work:
         base_dir, result["base_model"] = ensure_base_model(
-            work, args.base_cache, s, require_abilities=not args.quick, required=REQUIRED_ABILITIES
+            work, args.base_cache, s, required=() if args.quick else REQUIRED_ABILITIES
         )
         result["base_model"]["path"] = str(base_dir)
         start_local_ray()

@@ -55,14 +55,14 @@ def test_a_base_short_of_the_required_abilities_is_pre_trained_again_from_the_ne
     s = replace(Settings(**QUICK), pretrain_steps=12, copy_warmup_steps=4, pretrain_batch=8, seed=5)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError) as caught:
-        ensure_base_model(tmp_path / "work", cache, s, attempts=2)
+        ensure_base_model(tmp_path / "work", cache, s, required=REQUIRED_ABILITIES, attempts=2)
     message = str(caught.value)
     assert "seeds 5 to 6" in message and "seed 5: " in message and "seed 6: " in message
     assert all(name in message for name in REQUIRED_ABILITIES)
     bases = sorted(cache.iterdir())
     assert [b.name for b in bases] == sorted(f"forgetting-base-{replace(s, seed=k).base_key()}" for k in (5, 6))
     # Without the requirement the first seed's base is taken, from the cache, as it was.
-    base_dir, base = ensure_base_model(tmp_path / "work", cache, s, require_abilities=False, attempts=2)
+    base_dir, base = ensure_base_model(tmp_path / "work", cache, s, required=(), attempts=2)
     assert base_dir == cache / f"forgetting-base-{s.base_key()}"
     assert base["pretrain_seed"] == 5 and base["set_aside"] == [] and base["reused"] == str(base_dir)
     assert set(base["abilities"]) == {"copy", "last", "first", "first-two", "drop-last"}
