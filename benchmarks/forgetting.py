@@ -564,8 +564,9 @@ def run_method(method: str, cfg: Any, s: Settings, tasks: list[TaskData], first:
         if method.startswith("ssr"):
             rehearsal, info["ssr"] = _synthesize(cfg, s, tasks, stage, parent, name, carry)
             carry = name
-            if not info["ssr"]["rows"]:  # e.g. a --quick adapter, whose answers are empty: train without
-                rehearsal = None
+            if not info["ssr"]["rows"]:  # e.g. a --quick adapter, whose answers are empty: train without,
+                rehearsal = None  # and without masking, whose Fisher information comes from these rows
+                masking = info["masking"] = "none"
         elif method == "real":
             rehearsal = root / "real" / name
             _write_rows(
