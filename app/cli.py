@@ -1,12 +1,12 @@
 """The ``kaizen`` command for operators.
 
-    kaizen up [--config FILE] [--address ADDR] [--seed-if-empty] [key=value ...]
-    kaizen status [--config FILE] [--url URL]
-    kaizen config check FILE [key=value ...]
-    kaizen seed [--count N] [--url URL] [--seed S]
-    kaizen calibrate [--config FILE] [--min-ratings N] [--test-fraction F] [--dry-run] [--json]
-    kaizen adapters list [--status S] [--json]
-    kaizen adapters alias NAME ADAPTER|--clear [--actor WHO] [--reason WHY]
+kaizen up [--config FILE] [--address ADDR] [--seed-if-empty] [key=value ...]
+kaizen status [--config FILE] [--url URL]
+kaizen config check FILE [key=value ...]
+kaizen seed [--count N] [--url URL] [--seed S]
+kaizen calibrate [--config FILE] [--min-ratings N] [--test-fraction F] [--dry-run] [--json]
+kaizen adapters list [--status S] [--json]
+kaizen adapters alias NAME ADAPTER|--clear [--actor WHO] [--reason WHY]
 """
 
 from __future__ import annotations
@@ -89,11 +89,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  events      POST {url}/v1/events")
     print(f"  interaction POST {url}/v1/interactions   GET {url}/v1/interactions/{{id}}")
     if cfg.serve.scorer.enabled:
-        print(f"  quality     POST {url}/v1/quality/assess   WS {url.replace('http', 'ws', 1)}/v1/quality/stream"
-              f"   GET {url}/v1/review")  # fmt: skip
+        print(
+            f"  quality     POST {url}/v1/quality/assess   WS {url.replace('http', 'ws', 1)}/v1/quality/stream"
+            f"   GET {url}/v1/review"
+        )
     if cfg.serve.generator.enabled:
-        print(f"  chat        POST {url}/v1/chat/completions   GET {url}/v1/models   "
-              f"(OpenAI-compatible; model {cfg.model.base_model!r}, an adapter id, champion, challenger)")
+        print(
+            f"  chat        POST {url}/v1/chat/completions   GET {url}/v1/models   "
+            f"(OpenAI-compatible; model {cfg.model.base_model!r}, an adapter id, champion, challenger)"
+        )
     print(f"  health      GET  {url}/healthz  {url}/readyz")
     print(f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)")
 
@@ -104,8 +108,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if empty:
             print(f"The store is empty: seeding {args.seed_count} sample interactions through the client ...")
             sent = _seed(url, args.seed_count, 0, None)
-            print(f"  sent {sent['interactions']} interactions ({sent['poor']} poor answers), "
-                  f"{sent['tool_usage']} tool calls, {sent['feedback']} feedback, {sent['outcomes']} outcomes")
+            print(
+                f"  sent {sent['interactions']} interactions ({sent['poor']} poor answers), "
+                f"{sent['tool_usage']} tool calls, {sent['feedback']} feedback, {sent['outcomes']} outcomes"
+            )
 
     print("Press Ctrl-C to stop.")
     stop = threading.Event()
@@ -136,9 +142,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"store": stats, "serve": serve_status}, indent=2, default=str))
         return 0
     if stats:
-        print(f"store: {stats['engine']} (schema v{stats['schema_version']})  "
-              f"interactions {stats['interactions']}, feedback {stats['feedback']}, "
-              f"tool calls {stats['tool_usage']}, outcomes {stats['outcomes']}")
+        print(
+            f"store: {stats['engine']} (schema v{stats['schema_version']})  "
+            f"interactions {stats['interactions']}, feedback {stats['feedback']}, "
+            f"tool calls {stats['tool_usage']}, outcomes {stats['outcomes']}"
+        )
         print("interactions per day:")
         for row in stats["per_day"] or [{"day": "(none)", "interactions": 0}]:
             print(f"  {row['day']}  {row['interactions']:>8}")
@@ -257,8 +265,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{report.calibration.version}: not stored (--dry-run)")
     else:
-        print(f"{report.calibration.version}: active; scorers use it from their next sweep. "
-              "Re-score stored interactions with: python -m jobs.score --all")
+        print(
+            f"{report.calibration.version}: active; scorers use it from their next sweep. "
+            "Re-score stored interactions with: python -m jobs.score --all"
+        )
     return 0
 
 
@@ -281,8 +291,10 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         by_adapter.setdefault(adapter_id, []).append(alias)
     print(f"{'adapter':<32}{'status':<12}{'aliases':<22}{'base model':<28}created")
     for row in adapters:
-        print(f"{row['id']:<32}{row['status']:<12}{','.join(by_adapter.get(row['id'], [])) or '-':<22}"
-              f"{row['base_model']:<28}{row['created_at']}")
+        print(
+            f"{row['id']:<32}{row['status']:<12}{','.join(by_adapter.get(row['id'], [])) or '-':<22}"
+            f"{row['base_model']:<28}{row['created_at']}"
+        )
     if not adapters:
         print("(no adapters registered)")
     return 0
@@ -347,15 +359,18 @@ def _parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="fit how the quality dimensions combine to the human ratings")
     with_config(calibrate)
-    calibrate.add_argument("--min-ratings", type=int, default=None,
-                           help="ratings needed (default: quality.calibration_min_ratings)")
+    calibrate.add_argument(
+        "--min-ratings", type=int, default=None, help="ratings needed (default: quality.calibration_min_ratings)"
+    )
     calibrate.add_argument("--test-fraction", type=float, default=0.25, help="share held out for evaluation")
     calibrate.add_argument("--seed", type=int, default=0, help="random seed of the split")
     calibrate.add_argument("--dry-run", action="store_true", help="report, but do not store or activate")
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
 
-    learn = sub.add_parser("learn", help="one learning cycle: dataset, rehearsal, fine-tuning (or a sweep), a candidate")
+    learn = sub.add_parser(
+        "learn", help="one learning cycle: dataset, rehearsal, fine-tuning (or a sweep), a candidate"
+    )
     learn_job.add_arguments(learn)
     learn.set_defaults(func=learn_job.run)
 

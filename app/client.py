@@ -64,7 +64,7 @@ def _never_raises(method: Callable[..., str | None]) -> Callable[..., str | None
     """Recording must never break the agent: an error is counted in ``stats`` and None returned."""
 
     @functools.wraps(method)
-    def wrapper(self: "KaizenClient", *args: Any, **kwargs: Any) -> str | None:
+    def wrapper(self: KaizenClient, *args: Any, **kwargs: Any) -> str | None:
         try:
             return method(self, *args, **kwargs)
         except Exception:
@@ -147,9 +147,17 @@ class KaizenClient:
         self._current: list[dict[str, Any]] | None = None
         self._down_until = 0.0  # while the server is down: next time a send is tried
         self.stats: dict[str, int] = {
-            "recorded": 0, "sent": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "excluded": 0,
-            "spooled": 0, "replayed": 0, "retries": 0, "errors": 0,
-        }  # fmt: skip
+            "recorded": 0,
+            "sent": 0,
+            "accepted": 0,
+            "duplicate": 0,
+            "rejected": 0,
+            "excluded": 0,
+            "spooled": 0,
+            "replayed": 0,
+            "retries": 0,
+            "errors": 0,
+        }
         self._reclaim_orphans()
         self._thread = threading.Thread(target=self._run, name="kaizen-client-sender", daemon=True)
         self._thread.start()
@@ -165,9 +173,7 @@ class KaizenClient:
     ) -> str | None:
         """Enqueue one event envelope; returns its id (None only if recording itself failed)."""
         event_id = id or uuid.uuid4().hex
-        self._queue.append(
-            {"id": event_id, "type": type, "timestamp": timestamp or _now_iso(), "body": body}
-        )
+        self._queue.append({"id": event_id, "type": type, "timestamp": timestamp or _now_iso(), "body": body})
         self.stats["recorded"] += 1
         if len(self._queue) >= self.batch_size:
             self._wake.set()
@@ -207,18 +213,29 @@ class KaizenClient:
             "session_id": session_id,
             "sequence_number": sequence_number,
             "input": _drop_none(
-                {"raw": prompt, "processed": processed_prompt, "type": input_type,
-                 "intent": intent, "complexity": complexity}  # fmt: skip
+                {
+                    "raw": prompt,
+                    "processed": processed_prompt,
+                    "type": input_type,
+                    "intent": intent,
+                    "complexity": complexity,
+                }
             ),
             "output": _drop_none(
-                {"content": response, "format": output_format, "generation_time_ms": generation_time_ms,
-                 "token_count": token_count, "streaming": streaming}  # fmt: skip
+                {
+                    "content": response,
+                    "format": output_format,
+                    "generation_time_ms": generation_time_ms,
+                    "token_count": token_count,
+                    "streaming": streaming,
+                }
             ),
         }
         if user_id is not None:
             body["user_id"] = user_id
-        _put_nonempty(body, metadata=metadata, context=context, tool_calls=tool_calls, feedback=feedback,
-                      outcome=outcome)  # fmt: skip
+        _put_nonempty(
+            body, metadata=metadata, context=context, tool_calls=tool_calls, feedback=feedback, outcome=outcome
+        )
         return self.record_event("interaction", body, id=id, timestamp=timestamp)
 
     @_never_raises
@@ -245,12 +262,20 @@ class KaizenClient:
         body: dict[str, Any] = {"interaction_id": interaction_id}
         explicit = _drop_none({"rating": rating, "thumbs": thumbs, "comment": comment, "correction": correction})
         implicit = _drop_none(
-            {"accepted": accepted, "modified": modified, "abandoned": abandoned,
-             "time_to_acceptance_s": time_to_acceptance_s}  # fmt: skip
+            {
+                "accepted": accepted,
+                "modified": modified,
+                "abandoned": abandoned,
+                "time_to_acceptance_s": time_to_acceptance_s,
+            }
         )
         temporal = _drop_none(
-            {"time_to_first_use_s": time_to_first_use_s, "usage_time_s": usage_time_s,
-             "return_visits": return_visits, "copy_events": copy_events}  # fmt: skip
+            {
+                "time_to_first_use_s": time_to_first_use_s,
+                "usage_time_s": usage_time_s,
+                "return_visits": return_visits,
+                "copy_events": copy_events,
+            }
         )
         _put_nonempty(body, explicit=explicit, implicit=implicit, temporal=temporal)
         return self.record_event("feedback", body, id=id, timestamp=timestamp)
@@ -282,9 +307,7 @@ class KaizenClient:
     def record_outcome(self, interaction_id: str, *, id: str | None = None, **metrics: bool | None) -> str | None:
         """Record outcome metrics (code_compiles, tests_pass, lint_passes, type_check_passes,
         deployment_success, no_runtime_errors)."""
-        return self.record_event(
-            "outcome", {"interaction_id": interaction_id, **_drop_none(metrics)}, id=id
-        )
+        return self.record_event("outcome", {"interaction_id": interaction_id, **_drop_none(metrics)}, id=id)
 
     # --- flushing ------------------------------------------------------------------------------
 
@@ -347,7 +370,7 @@ class KaizenClient:
             pass
         return ok and not leftover
 
-    def __enter__(self) -> "KaizenClient":
+    def __enter__(self) -> KaizenClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -375,9 +398,8 @@ class KaizenClient:
                 self._in_flight = len(batch)
                 self._current = batch
             try:
-                if time.monotonic() < self._down_until or len(self._queue) > self.max_queue:
-                    self._spool(batch)
-                elif not self._send_with_retries(batch):
+                down = time.monotonic() < self._down_until or len(self._queue) > self.max_queue
+                if down or not self._send_with_retries(batch):
                     self._spool(batch)
             finally:
                 self._current = None
@@ -412,7 +434,9 @@ class KaizenClient:
     def _send(self, batch: list[dict[str, Any]]) -> str:
         """One POST; 'ok' (answered per event), 'retry', or 'fatal' (spool and wait)."""
         try:
-            resp = self._http.post("/v1/events", content=json.dumps({"events": batch}, separators=(",", ":"), default=str))
+            resp = self._http.post(
+                "/v1/events", content=json.dumps({"events": batch}, separators=(",", ":"), default=str)
+            )
         except httpx.HTTPError as exc:
             log.debug("kaizen server unreachable: %s", exc)
             return "retry"
@@ -444,8 +468,11 @@ class KaizenClient:
         if rejected:
             log.warning(
                 "kaizen rejected %d event(s), e.g. %s: %s (kept in %s)",
-                len(rejected), rejected[0]["field"], rejected[0]["reason"], self.spool_dir / "rejected.jsonl",
-            )  # fmt: skip
+                len(rejected),
+                rejected[0]["field"],
+                rejected[0]["reason"],
+                self.spool_dir / "rejected.jsonl",
+            )
             self._append_lines(self.spool_dir / "rejected.jsonl", rejected)
         if self.on_delivered is not None:
             try:

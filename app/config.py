@@ -31,8 +31,8 @@ __all__ = [
     "job_options",
     "load_config",
     "load_job_config",
-    "section_options",
     "resolve_paths",
+    "section_options",
     "validate_config",
 ]
 
@@ -68,9 +68,7 @@ class CollectionConfig(_Section):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body, in bytes (413 above)."
     )
-    max_events_per_batch: int = Field(
-        5000, gt=0, description="Most events one POST /v1/events may carry (413 above)."
-    )
+    max_events_per_batch: int = Field(5000, gt=0, description="Most events one POST /v1/events may carry (413 above).")
     max_future_skew_s: float = Field(
         300.0, ge=0, description="How far in the future an event timestamp may be before it is rejected."
     )
@@ -105,9 +103,7 @@ class ResourceLimitsConfig(_Section):
 
 class TrainingConfig(_Section):
     auto_training: bool = Field(True, description="Let the scheduler start learning cycles by itself.")
-    min_interactions: int = Field(
-        100, ge=0, description="Training-eligible interactions needed before a cycle starts."
-    )
+    min_interactions: int = Field(100, ge=0, description="Training-eligible interactions needed before a cycle starts.")
     interval_hours: float = Field(24.0, gt=0, description="Least time between two learning cycles.")
     max_hours: float = Field(4.0, gt=0, description="Longest a learning cycle may run.")
     resource_limits: ResourceLimitsConfig = Field(
@@ -116,9 +112,7 @@ class TrainingConfig(_Section):
 
 
 class ModelConfig(_Section):
-    base_model: str = Field(
-        "tiny", description="Base model: 'tiny' (embedded), a Hugging Face id, or a local path."
-    )
+    base_model: str = Field("tiny", description="Base model: 'tiny' (embedded), a Hugging Face id, or a local path.")
     checkpoint_dir: str = Field("data/checkpoints", description="Where fine-tuned adapters are kept.")
     max_checkpoints: int = Field(5, gt=0, description="Adapters kept per lineage before pruning.")
     deployment_strategy: Literal["immediate", "staged", "manual"] = Field(
@@ -178,9 +172,7 @@ class CollectorServeConfig(_Section):
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Serve autoscaling of the collector."
     )
-    max_batch_size: int = Field(
-        64, gt=0, description="Requests group-committed in one transaction (@serve.batch)."
-    )
+    max_batch_size: int = Field(64, gt=0, description="Requests group-committed in one transaction (@serve.batch).")
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="Longest a request waits for others to share its commit."
     )
@@ -214,7 +206,9 @@ class GeneratorServeConfig(_Section):
         default_factory=lambda: AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=8),
         description="Serve autoscaling of the generator.",
     )
-    max_adapters: int = Field(4, ge=1, description="LoRA adapters kept loaded per replica (least recently used evicted).")
+    max_adapters: int = Field(
+        4, ge=1, description="LoRA adapters kept loaded per replica (least recently used evicted)."
+    )
     max_batch_size: int = Field(8, ge=1, description="Requests for one adapter generated together (@serve.batch).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Longest a request waits for others to batch with.")
     default_max_tokens: int = Field(256, ge=1, description="Completion limit of requests that set no max_tokens.")
@@ -392,7 +386,9 @@ def section_options(section: str, overrides: list[str] | None = None, base: dict
         ConfigError: every problem as ``section.key: reason``; an override of another section.
     """
     data = apply_overrides({section: dict(base or {})}, list(overrides or []))
-    errors = [f"{key}: unknown section ({section} options are {section}.<key>=<value>)" for key in data if key != section]
+    errors = [
+        f"{key}: unknown section ({section} options are {section}.<key>=<value>)" for key in data if key != section
+    ]
     if errors:
         raise ConfigError(errors)
     model = job_options_class(section)
@@ -434,9 +430,7 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
 
     c = cfg.collection
     if not 0.0 <= c.capture_rate <= 1.0:
-        report.errors.append(
-            f"collection.capture_rate: must be between 0.0 and 1.0 (got {c.capture_rate})"
-        )
+        report.errors.append(f"collection.capture_rate: must be between 0.0 and 1.0 (got {c.capture_rate})")
     if c.retention_days < 1:
         report.errors.append(f"collection.retention_days: must be at least 1 (got {c.retention_days})")
     if not 0.0 <= cfg.quality.threshold <= 1.0:
@@ -481,8 +475,7 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
         )
     if not cfg.privacy.hmac_key and not os.environ.get(cfg.privacy.hmac_key_env):
         report.warnings.append(
-            f"privacy.hmac_key: unset and ${cfg.privacy.hmac_key_env} is empty; ids are hashed with a "
-            "development key"
+            f"privacy.hmac_key: unset and ${cfg.privacy.hmac_key_env} is empty; ids are hashed with a development key"
         )
     if report.valid:
         report.config = cfg
@@ -571,9 +564,7 @@ def resolve_paths(cfg: KaizenConfig) -> KaizenConfig:
     return cfg
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
-) -> KaizenConfig:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> KaizenConfig:
     """Load and validate a config file (default ``configs/default.yaml``) with dotted overrides.
 
     Raises:

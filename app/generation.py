@@ -58,8 +58,14 @@ import torch
 from jinja2 import TemplateError
 from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
-from transformers import StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from app.model import load_model
@@ -105,8 +111,9 @@ class GenerationRequestError(ValueError):
 
     def to_openai(self) -> dict[str, Any]:
         """``{"error": {"message", "type", "param", "code"}}``, as OpenAI's API answers."""
-        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.field,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {"message": str(self), "type": "invalid_request_error", "param": self.field, "code": self.code}
+        }
 
 
 class UnknownModelError(GenerationRequestError):
@@ -148,9 +155,10 @@ class ChatMessage(_Strict):
 
     role: Literal["system", "user", "assistant", "tool"] = Field(description="Who wrote it.")
     content: str | list[TextContentPart] | None = Field(
-        None, validate_default=True,
+        None,
+        validate_default=True,
         description="Text, or a list of text parts (joined with newlines); null only for an assistant.",
-    )  # fmt: skip
+    )
     name: str | None = Field(None, description="The author's name; passed to the chat template.")
     tool_calls: list[ToolCall] | None = Field(None, description="Tool calls of an assistant message.")
     tool_call_id: str | None = Field(
@@ -209,10 +217,13 @@ class ChatMessage(_Strict):
             message["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": call.id, "type": call.type,
-                 "function": {"name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    "function": {"name": call.function.name, "arguments": _json_or_text(call.function.arguments)},
+                }
                 for call in self.tool_calls
-            ]  # fmt: skip
+            ]
         return message
 
 
@@ -666,9 +677,13 @@ class GeneratorService:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
             if self._sanitize:
                 encoded = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                    sanitize_control_tokens=True, **kwargs,
-                )  # fmt: skip
+                    messages,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    sanitize_control_tokens=True,
+                    **kwargs,
+                )
                 prompt_ids = list(encoded["input_ids"])
             else:
                 prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -758,8 +773,7 @@ class GeneratorService:
         def run() -> None:
             try:
                 with self._lock, self._weights(adapter_id):
-                    result["rows"] = self._generate([prepared], streamer=streamer, cancel=cancel,
-                                                    seed=request.seed)
+                    result["rows"] = self._generate([prepared], streamer=streamer, cancel=cancel, seed=request.seed)
                 result["done_at"] = time.perf_counter()
             except BaseException as exc:  # raised again in the consumer's thread
                 result["error"] = exc
@@ -785,8 +799,12 @@ class GeneratorService:
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(delta: ChoiceDelta, finish: FinishReason | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=completion_id, created=created, model=request.model,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])  # fmt: skip
+            return ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=request.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            )
 
         stops = request.stop_sequences
         sent = ""
@@ -808,7 +826,7 @@ class GeneratorService:
                         # Hold back a tail that may be the start of a stop string.
                         visible = received[: len(received) - _stop_prefix_length(received, stops)]
                 if len(visible) > len(sent):
-                    yield chunk(ChoiceDelta(content=visible[len(sent):]))
+                    yield chunk(ChoiceDelta(content=visible[len(sent) :]))
                     sent = visible
             worker.join()
             if "error" in result:
@@ -817,17 +835,28 @@ class GeneratorService:
             # The final text is decoded from all the tokens, as complete() does; what was sent is
             # its prefix, and whatever was held back follows now.
             if len(outcome.text) > len(sent) and outcome.text.startswith(sent):
-                yield chunk(ChoiceDelta(content=outcome.text[len(sent):]))
+                yield chunk(ChoiceDelta(content=outcome.text[len(sent) :]))
             yield chunk(ChoiceDelta(), outcome.finish_reason)
             elapsed = _ms(result["done_at"] - start)  # not counting how slowly the chunks were read
             ttft = _ms(streamer.first_token_at - start) if streamer.first_token_at else None
             generation = self._generation(
-                prepared, outcome, adapter_id, elapsed, ttft, completion_id=completion_id, created=created,
+                prepared,
+                outcome,
+                adapter_id,
+                elapsed,
+                ttft,
+                completion_id=completion_id,
+                created=created,
                 streaming=True,
-            )  # fmt: skip
+            )
             if request.stream_options is not None and request.stream_options.include_usage:
-                yield ChatCompletionChunk(id=completion_id, created=created, model=request.model, choices=[],
-                                          usage=generation.completion.usage)  # fmt: skip
+                yield ChatCompletionChunk(
+                    id=completion_id,
+                    created=created,
+                    model=request.model,
+                    choices=[],
+                    usage=generation.completion.usage,
+                )
             return generation
         finally:
             cancel.set()  # a consumer that stops reading stops the generation
@@ -847,8 +876,8 @@ class GeneratorService:
         input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, p in enumerate(batch):  # left padding: every row's next token is at the same column
-            input_ids[row, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
-            attention_mask[row, width - len(p.prompt_ids):] = 1
+            input_ids[row, width - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
+            attention_mask[row, width - len(p.prompt_ids) :] = 1
 
         requests = [p.request for p in batch]
         processors = LogitsProcessorList()
@@ -927,11 +956,17 @@ class GeneratorService:
             id=completion_id or _completion_id(),
             created=created if created is not None else int(time.time()),
             model=prepared.request.model,
-            choices=[Choice(index=0, message=ChatCompletionMessage(content=outcome.text),
-                            finish_reason=outcome.finish_reason)],
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=outcome.completion_tokens,
-                        total_tokens=prompt_tokens + outcome.completion_tokens),
-        )  # fmt: skip
+            choices=[
+                Choice(
+                    index=0, message=ChatCompletionMessage(content=outcome.text), finish_reason=outcome.finish_reason
+                )
+            ],
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                total_tokens=prompt_tokens + outcome.completion_tokens,
+            ),
+        )
         return Generation(
             completion=completion,
             generation_time_ms=elapsed_ms,
@@ -970,7 +1005,7 @@ class _Penalties(LogitsProcessor):
         self.frequency = torch.tensor([[r.frequency_penalty] for r in requests], device=device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_width:]
+        generated = input_ids[:, self.prompt_width :]
         if generated.shape[1] == 0:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
@@ -1035,7 +1070,7 @@ class _RowStop(StoppingCriteria):
         done = [generated >= limit for limit in self.max_new]
         for row, stops in enumerate(self.stops):
             if stops and not done[row]:
-                tail = input_ids[row, -min(self.windows[row], generated):].tolist()
+                tail = input_ids[row, -min(self.windows[row], generated) :].tolist()
                 done[row] = _first_stop(self.tokenizer.decode(tail, skip_special_tokens=True), stops) is not None
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

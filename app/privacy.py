@@ -56,11 +56,33 @@ from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString,
 __all__ = ["KINDS", "PrivacyFilter", "Redaction", "redact"]
 
 KINDS = (
-    "email", "ipv4", "ipv6", "phone", "ssn", "card", "aws_key", "gcp_key", "azure_key",
-    "github_token", "gitlab_token", "slack_token", "openai_key", "stripe_key", "jwt", "private_key",
-    "url_password", "password_assignment", "secret_assignment", "home_path", "custom",
-    "sendgrid_key", "pypi_token", "mailchimp_key", "square_secret", "twilio_key",
-)  # fmt: skip
+    "email",
+    "ipv4",
+    "ipv6",
+    "phone",
+    "ssn",
+    "card",
+    "aws_key",
+    "gcp_key",
+    "azure_key",
+    "github_token",
+    "gitlab_token",
+    "slack_token",
+    "openai_key",
+    "stripe_key",
+    "jwt",
+    "private_key",
+    "url_password",
+    "password_assignment",
+    "secret_assignment",
+    "home_path",
+    "custom",
+    "sendgrid_key",
+    "pypi_token",
+    "mailchimp_key",
+    "square_secret",
+    "twilio_key",
+)
 
 # Overlapping matches are resolved by priority: a private key block swallows whatever its base64
 # happens to look like, a shaped token beats the assignment around it (the kind is more precise),
@@ -102,10 +124,28 @@ _FILLER = re.compile(
 _CODE_LITERALS = frozenset({"none", "null", "nil", "true", "false", "undefined", "self", "this", "pass"})
 _TYPE_NAMES = frozenset(
     {
-        "str", "bytes", "int", "float", "bool", "none", "any", "object", "string", "number", "dict",
-        "list", "tuple", "optional", "union", "callable", "type", "secretstr", "secretbytes", "char",
+        "str",
+        "bytes",
+        "int",
+        "float",
+        "bool",
+        "none",
+        "any",
+        "object",
+        "string",
+        "number",
+        "dict",
+        "list",
+        "tuple",
+        "optional",
+        "union",
+        "callable",
+        "type",
+        "secretstr",
+        "secretbytes",
+        "char",
     }
-)  # fmt: skip
+)
 
 _B64 = Base64HighEntropyString()  # detect-secrets' entropy over the base64 alphabet (limit 4.5)
 _HEX = HexHighEntropyString()  # ... and over hex digits, with its penalty for all-digit strings
@@ -556,7 +596,9 @@ def _is_expression(text: str, m: re.Match[bytes], value: str) -> bool:
         return True  # getpass(), os.environ["X"]
     if not _IDENTIFIER_RE.fullmatch(value):
         return False
-    if text[m.start("op")] == ":" and (low in _TYPE_NAMES or (value[0].isupper() and not any(c.isdigit() for c in value))):
+    if text[m.start("op")] == ":" and (
+        low in _TYPE_NAMES or (value[0].isupper() and not any(c.isdigit() for c in value))
+    ):
         return True  # ``password: str``, ``token: SecretStr``
     return value.isupper() and "_" in value  # a constant: ``API_KEY = DEFAULT_API_KEY``
 
@@ -629,8 +671,12 @@ def _assignment(text: str, m: re.Match[bytes], out: list[_Candidate]) -> None:
 # Each scan gets the text and its ASCII view (``encode("ascii", "replace")``: one byte per
 # character, so offsets match, and fast ``bytes`` operations apply even to non-ASCII text).
 _SCANS: tuple[Callable[[str, bytes, list[_Candidate]], None], ...] = (
-    _scan_tokens, _scan_numbers, _scan_ipv6, _scan_home_paths, _scan_assignments,
-)  # fmt: skip
+    _scan_tokens,
+    _scan_numbers,
+    _scan_ipv6,
+    _scan_home_paths,
+    _scan_assignments,
+)
 
 
 def _compile_all(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
@@ -704,7 +750,9 @@ class PrivacyFilter:
             if "://" in text:
                 _scan_url_passwords(text, found)
         for pattern in self._custom:
-            found.extend((m.start(), m.end(), _P_TOKEN, "custom") for m in pattern.finditer(text) if m.end() > m.start())
+            found.extend(
+                (m.start(), m.end(), _P_TOKEN, "custom") for m in pattern.finditer(text) if m.end() > m.start()
+            )
         if not found:
             return Redaction(text)
         return _apply(text, found)

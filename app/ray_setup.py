@@ -33,5 +33,11 @@ def start_ray(
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     joining = ray_address(cfg, address)
-    ray.init(address=joining or "local", num_cpus=None if joining else cfg.ray.num_cpus, namespace=cfg.ray.namespace,
-             include_dashboard=False, logging_level=logging_level, log_to_driver=log_to_driver)  # fmt: skip
+    ray.init(
+        address=joining or "local",
+        num_cpus=None if joining else cfg.ray.num_cpus,
+        namespace=cfg.ray.namespace,
+        include_dashboard=False,
+        logging_level=logging_level,
+        log_to_driver=log_to_driver,
+    )

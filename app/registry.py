@@ -84,11 +84,14 @@ class AdapterRegistry:
                 ],
             )
             if not inserted:
-                raise ValueError(
-                    f"adapter_id {adapter_id!r} is already registered; an adapter is registered once"
-                )
-            self._audit(cur, actor, "adapter.register", adapter_id,
-                        {"uri": uri, "status": status, "base_model": manifest.base_model})  # fmt: skip
+                raise ValueError(f"adapter_id {adapter_id!r} is already registered; an adapter is registered once")
+            self._audit(
+                cur,
+                actor,
+                "adapter.register",
+                adapter_id,
+                {"uri": uri, "status": status, "base_model": manifest.base_model},
+            )
         return self._require(adapter_id)
 
     def get(self, adapter_id: str) -> dict[str, Any] | None:
@@ -115,16 +118,12 @@ class AdapterRegistry:
         actor, reason = _check_text("actor", actor), _check_text("reason", reason)
         with self.store._transaction() as cur:
             # FOR UPDATE: a concurrent change waits, so the audited "from" is the status replaced.
-            rows = self._execute(
-                cur, f"SELECT status FROM adapters WHERE id = ?{self._for_update}", [adapter_id]
-            )
+            rows = self._execute(cur, f"SELECT status FROM adapters WHERE id = ?{self._for_update}", [adapter_id])
             if not rows:
                 raise self._unknown(adapter_id)
             previous = rows[0]["status"]
             self._execute(cur, "UPDATE adapters SET status = ? WHERE id = ?", [status, adapter_id])
-            self._audit(
-                cur, actor, "adapter.status", adapter_id, {"from": previous, "to": status, "reason": reason}
-            )
+            self._audit(cur, actor, "adapter.status", adapter_id, {"from": previous, "to": status, "reason": reason})
         return self._require(adapter_id)
 
     # --- aliases -------------------------------------------------------------------------------
@@ -153,9 +152,7 @@ class AdapterRegistry:
                 # lock the table: this mode conflicts with itself but not with plain reads.
                 cur.execute("LOCK TABLE adapter_aliases IN SHARE ROW EXCLUSIVE MODE")
             # SQLite needs nothing more: the store's BEGIN IMMEDIATE already holds the write lock.
-            if adapter_id is not None and not self._execute(
-                cur, "SELECT id FROM adapters WHERE id = ?", [adapter_id]
-            ):
+            if adapter_id is not None and not self._execute(cur, "SELECT id FROM adapters WHERE id = ?", [adapter_id]):
                 raise self._unknown(adapter_id)
             rows = self._execute(cur, "SELECT adapter_id FROM adapter_aliases WHERE alias = ?", [alias])
             previous = rows[0]["adapter_id"] if rows else None
@@ -181,18 +178,13 @@ class AdapterRegistry:
 
     def aliases(self) -> dict[str, str]:
         """The aliases that are set, with their adapter ids."""
-        return {
-            r["alias"]: r["adapter_id"]
-            for r in self.store._fetch("SELECT alias, adapter_id FROM adapter_aliases")
-        }
+        return {r["alias"]: r["adapter_id"] for r in self.store._fetch("SELECT alias, adapter_id FROM adapter_aliases")}
 
     def alias_history(self, alias: str | None = None) -> list[dict[str, Any]]:
         """Every alias move, oldest first (of one alias, or both)."""
         if alias is None:
             return self.store._fetch("SELECT * FROM alias_history ORDER BY id")
-        return self.store._fetch(
-            "SELECT * FROM alias_history WHERE alias = ? ORDER BY id", [_check_alias(alias)]
-        )
+        return self.store._fetch("SELECT * FROM alias_history WHERE alias = ? ORDER BY id", [_check_alias(alias)])
 
     def resolve(self, name: str) -> str | None:
         """The adapter id that ``name`` stands for: an alias gives its adapter (None while unset),

@@ -40,9 +40,7 @@ MAX_TEXT = 1_000_000  # characters in one text field; larger is rejected, not tr
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False
-    )
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -105,9 +103,7 @@ class TestingState(_Model):
     framework: str | None = None
     last_test_run: datetime | None = None
     test_coverage: float | None = Field(None, ge=0, le=100)
-    test_results: dict[str, int] = Field(
-        default_factory=dict, description="Counts such as passed, failed, skipped."
-    )
+    test_results: dict[str, int] = Field(default_factory=dict, description="Counts such as passed, failed, skipped.")
 
 
 class ContextSnapshot(_Model):
@@ -126,9 +122,7 @@ class ContextSnapshot(_Model):
 class ToolUsage(_Model):
     """One tool invocation (the seed's ``ToolUsageRecord``)."""
 
-    interaction_id: Id | None = Field(
-        None, description="The interaction it belongs to (implied when nested in one)."
-    )
+    interaction_id: Id | None = Field(None, description="The interaction it belongs to (implied when nested in one).")
     tool_name: str = Field(min_length=1, max_length=200)
     invocation_order: int = Field(0, ge=0)
     parameters_raw: dict[str, Any] = Field(default_factory=dict)
@@ -141,9 +135,7 @@ class ToolUsage(_Model):
     output: Text | None = None
     error: Text | None = None
     exit_code: int | None = None
-    resource_usage: dict[str, float] = Field(
-        default_factory=dict, description="e.g. cpu_ms, memory_mb, io_bytes."
-    )
+    resource_usage: dict[str, float] = Field(default_factory=dict, description="e.g. cpu_ms, memory_mb, io_bytes.")
 
     _utc_times = field_validator("start_time", "end_time")(_utc)
 
@@ -216,7 +208,8 @@ class QualityScore(_Model):
     interval: tuple[float, float] | None = None
     assessor_version: str = "unversioned"
     cap: float | None = Field(
-        None, description="The most the overall could be: failing its own examples, unparseable code, an injection risk."
+        None,
+        description="The most the overall could be: failing its own examples, unparseable code, an injection risk.",
     )
 
 

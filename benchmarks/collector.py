@@ -104,9 +104,16 @@ def bench_blocking_post(url: str, payloads: list[tuple[str, str]], n: int) -> di
 
 
 def _agent_process(
-    proc: int, run: str, url: str, sessions: int, rate: float, duration: float, spool: str,
-    start_at: float, out: Any,
-) -> None:  # fmt: skip
+    proc: int,
+    run: str,
+    url: str,
+    sessions: int,
+    rate: float,
+    duration: float,
+    spool: str,
+    start_at: float,
+    out: Any,
+) -> None:
     """N simulated sessions in one process sharing one client, paced to ``rate`` interactions/s."""
     from app.client import KaizenClient
 
@@ -122,9 +129,17 @@ def _agent_process(
                 latencies.append(t - t0)
 
     client = KaizenClient(
-        url, spool_dir=spool, batch_size=250, flush_interval_s=0.02, max_retries=6, backoff_base_s=0.1,
-        backoff_max_s=2.0, probe_interval_s=0.5, timeout_s=30, on_delivered=delivered,
-    )  # fmt: skip
+        url,
+        spool_dir=spool,
+        batch_size=250,
+        flush_interval_s=0.02,
+        max_retries=6,
+        backoff_base_s=0.1,
+        backoff_max_s=2.0,
+        probe_interval_s=0.5,
+        timeout_s=30,
+        on_delivered=delivered,
+    )
     seq = [0] * sessions
     while time.time() < start_at:
         time.sleep(0.005)
@@ -151,16 +166,30 @@ def _agent_process(
     ok = client.flush(timeout=180)
     drained = time.perf_counter()
     client.close(timeout=5)
-    out.put({
-        "proc": proc, "recorded": k, "load_s": load_end - t_start, "drain_s": drained - load_end,
-        "flushed": ok, "latencies": latencies, "stats": dict(client.stats),
-    })  # fmt: skip
+    out.put(
+        {
+            "proc": proc,
+            "recorded": k,
+            "load_s": load_end - t_start,
+            "drain_s": drained - load_end,
+            "flushed": ok,
+            "latencies": latencies,
+            "stats": dict(client.stats),
+        }
+    )
 
 
 def run_load(
-    url: str, store_path: str, run: str, sessions: int, rate: float, duration: float, procs: int, spool: Path,
+    url: str,
+    store_path: str,
+    run: str,
+    sessions: int,
+    rate: float,
+    duration: float,
+    procs: int,
+    spool: Path,
     fault: Any = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Drive the load from ``procs`` processes; ``fault(t)`` is called in a thread mid-load."""
     from app.store.sqlite import SQLiteStore
 
@@ -296,23 +325,35 @@ def deploy(cfg: Any, name: str) -> None:
 def make_config(db: Path, port: int, replicas: int) -> Any:
     from app.config import KaizenConfig
 
-    return KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(db)},
-        "privacy": {"hmac_key": "bench"},
-        # Collection alone, as the committed run measured it; scoring under this load is measured
-        # by benchmarks/quality.py.
-        "serve": {"port": port, "scorer": {"enabled": False}, "generator": {"enabled": False},
-                  "collector": {"num_cpus": 0.5, "max_batch_size": 64,
-                                "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}},
-    })  # fmt: skip
+    return KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(db)},
+            "privacy": {"hmac_key": "bench"},
+            # Collection alone, as the committed run measured it; scoring under this load is measured
+            # by benchmarks/quality.py.
+            "serve": {
+                "port": port,
+                "scorer": {"enabled": False},
+                "generator": {"enabled": False},
+                "collector": {
+                    "num_cpus": 0.5,
+                    "max_batch_size": 64,
+                    "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
+                },
+            },
+        }
+    )
 
 
 def kill_replica() -> dict[str, Any]:
     import ray
 
     time.sleep(4.0)
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-             if "SERVE_REPLICA" in a["name"] and "Collector" in a["name"]]  # fmt: skip
+    names = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "Collector" in a["name"]
+    ]
     if not names:
         return {"killed": 0}
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
@@ -355,13 +396,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kaizen-bench-"))
     payloads = build_payloads()
     avg_bytes = statistics.fmean(len(p) + len(r) for p, r in payloads)
-    result: dict[str, Any] = {"name": "collector", "machine": f"{os.cpu_count()} cores",
-                              "payload_bytes_mean": avg_bytes, "args": vars(args)}  # fmt: skip
+    result: dict[str, Any] = {
+        "name": "collector",
+        "machine": f"{os.cpu_count()} cores",
+        "payload_bytes_mean": avg_bytes,
+        "args": vars(args),
+    }
 
     print("direct-store baseline and the privacy filter's cost ...", flush=True)
     result["direct"] = bench_direct(payloads, 20_000, work)
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -374,11 +421,13 @@ def main() -> None:
         result["record_cost"] = bench_record_cost(url, payloads, args.record_calls, work)
         result["blocking_post_baseline"] = bench_blocking_post(url, payloads, 300)
         print(f"load: {args.sessions} sessions, {args.rate:.0f}/s offered, {args.duration:.0f} s ...", flush=True)
-        result["load"] = run_load(url, str(work / "load.db"), "load", args.sessions, args.rate, args.duration,
-                                  args.procs, work / "spool")  # fmt: skip
+        result["load"] = run_load(
+            url, str(work / "load.db"), "load", args.sessions, args.rate, args.duration, args.procs, work / "spool"
+        )
         print(f"saturation: {args.sessions} sessions, {args.max_rate:.0f}/s offered ...", flush=True)
-        result["saturation"] = run_load(url, str(work / "load.db"), "sat", args.sessions, args.max_rate,
-                                        args.duration, args.procs, work / "spool")  # fmt: skip
+        result["saturation"] = run_load(
+            url, str(work / "load.db"), "sat", args.sessions, args.max_rate, args.duration, args.procs, work / "spool"
+        )
         if not args.skip_faults:
             # One replica, so that killing "the collector replica" is an outage the client sees.
             fault_cfg = make_config(work / "load.db", port, 1)
@@ -386,12 +435,29 @@ def main() -> None:
             time.sleep(5)  # the old replicas drain
             fault_rate = min(args.rate, 3000.0)
             print("fault run: collector replica killed mid-load ...", flush=True)
-            result["fault_kill_replica"] = run_load(url, str(work / "load.db"), "kill", args.sessions, fault_rate,
-                                                    args.duration, args.procs, work / "spool", kill_replica)  # fmt: skip
+            result["fault_kill_replica"] = run_load(
+                url,
+                str(work / "load.db"),
+                "kill",
+                args.sessions,
+                fault_rate,
+                args.duration,
+                args.procs,
+                work / "spool",
+                kill_replica,
+            )
             print("fault run: whole app stopped mid-load ...", flush=True)
-            result["fault_stop_app"] = run_load(url, str(work / "load.db"), "stop", args.sessions, fault_rate,
-                                                args.duration, args.procs, work / "spool",
-                                                stop_app(fault_cfg, "kaizen-bench"))  # fmt: skip
+            result["fault_stop_app"] = run_load(
+                url,
+                str(work / "load.db"),
+                "stop",
+                args.sessions,
+                fault_rate,
+                args.duration,
+                args.procs,
+                work / "spool",
+                stop_app(fault_cfg, "kaizen-bench"),
+            )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -408,26 +474,43 @@ def report(r: dict[str, Any]) -> None:
     on = direct["with_privacy"]
     rows = [
         ("record_* cost p50 (µs)", f"{rc['p50_us']:.1f}", f"blocking POST {base['p50_us']:.0f}", "-"),
-        ("record_* cost p99 (µs)", f"{rc['p99_us']:.1f}", f"blocking POST {base['p99_us']:.0f}",
-         "<= 50 (seed: 5000)"),
+        ("record_* cost p99 (µs)", f"{rc['p99_us']:.1f}", f"blocking POST {base['p99_us']:.0f}", "<= 50 (seed: 5000)"),
         (f"ingest via Serve at {load['offered_rate']:.0f}/s offered (/s)", f"{load['sustained_per_s']:.0f}", "", ""),
-        ("  record -> committed p50 / p99 (ms)", f"{load['latency_p50_ms']:.0f} / {load['latency_p99_ms']:.0f}", "", ""),
+        (
+            "  record -> committed p50 / p99 (ms)",
+            f"{load['latency_p50_ms']:.0f} / {load['latency_p99_ms']:.0f}",
+            "",
+            "",
+        ),
         ("  lost / duplicated", f"{load['lost']} / {load['duplicated_rows']}", "", "0 / 0"),
-        (f"ingest via Serve, saturated ({sat['offered_rate']:.0f}/s offered)", f"{sat['sustained_per_s']:.0f}",
-         f"direct store {on['per_s']:.0f}", ">= 5000"),
+        (
+            f"ingest via Serve, saturated ({sat['offered_rate']:.0f}/s offered)",
+            f"{sat['sustained_per_s']:.0f}",
+            f"direct store {on['per_s']:.0f}",
+            ">= 5000",
+        ),
         ("  Serve / direct-store ratio", f"{sat['sustained_per_s'] / on['per_s']:.2f}", "", ""),
         ("  record -> committed p50 / p99 (ms)", f"{sat['latency_p50_ms']:.0f} / {sat['latency_p99_ms']:.0f}", "", ""),
         ("  lost / duplicated", f"{sat['lost']} / {sat['duplicated_rows']}", "", "0 / 0"),
-        ("privacy filter per interaction (µs)", f"{direct['privacy_us_per_interaction']:.0f}",
-         f"direct ingestion without it {direct['without_privacy']['total_us']:.0f}", ""),
+        (
+            "privacy filter per interaction (µs)",
+            f"{direct['privacy_us_per_interaction']:.0f}",
+            f"direct ingestion without it {direct['without_privacy']['total_us']:.0f}",
+            "",
+        ),
         ("privacy share of direct ingestion", f"{direct['privacy_share_of_direct']:.0%}", "", ""),
-    ]  # fmt: skip
+    ]
     for key, label in (("fault_kill_replica", "fault: replica killed"), ("fault_stop_app", "fault: app stopped")):
         if key in r:
             f = r[key]
-            rows.append((f"{label}: recorded / stored", f"{f['recorded']} / {f['stored_unique']}",
-                         f"spooled {f['client'].get('spooled', 0)}, retries {f['client'].get('retries', 0)}",
-                         "all, once"))  # fmt: skip
+            rows.append(
+                (
+                    f"{label}: recorded / stored",
+                    f"{f['recorded']} / {f['stored_unique']}",
+                    f"spooled {f['client'].get('spooled', 0)}, retries {f['client'].get('retries', 0)}",
+                    "all, once",
+                )
+            )
             rows.append(("  lost / duplicated", f"{f['lost']} / {f['duplicated_rows']}", "", "0 / 0"))
     print_table(("metric", "measured", "baseline (same run)", "goal"), rows)
 

@@ -148,9 +148,7 @@ def _poor_answer(task: Task, words: list[str], rng: random.Random) -> tuple[str,
     return " ".join(right).upper() + ".", kind
 
 
-def make_pool(
-    o: Options, rng: random.Random, held: dict[str, set[tuple[str, ...]]]
-) -> list[dict[str, Any]]:
+def make_pool(o: Options, rng: random.Random, held: dict[str, set[tuple[str, ...]]]) -> list[dict[str, Any]]:
     """The pool: interactions with their answers, quality kind and the user's rating (or None).
 
     Where the first word is one of :func:`hard_words`, the assistant answers with the task's
@@ -159,9 +157,7 @@ def make_pool(
     hard = hard_words(o)
     pool = []
     for task in SELECTION_TASKS:
-        for text, answer in make_examples(
-            task, o.pool_per_task, rng, exclude=held[task.name]
-        ):
+        for text, answer in make_examples(task, o.pool_per_task, rng, exclude=held[task.name]):
             words = list(words_of(task, text))
             kind = "good"
             if words[0] in hard:
@@ -201,8 +197,14 @@ def _events(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if item["rating"] is not None:
             body["feedback"] = {"explicit": {"rating": item["rating"]}}
         item["id"] = str(uuid.UUID(int=random.Random(i).getrandbits(128)))
-        events.append({"id": item["id"], "type": "interaction",
-                       "timestamp": (start + timedelta(seconds=i)).isoformat(), "body": body})  # fmt: skip
+        events.append(
+            {
+                "id": item["id"],
+                "type": "interaction",
+                "timestamp": (start + timedelta(seconds=i)).isoformat(),
+                "body": body,
+            }
+        )
     return events
 
 
@@ -265,9 +267,13 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
             part = [(x, y) for x, y in test if (words_of(task, x)[0] in hard) == on_hard]
             tests.append(TaskData(task, [], [], part, work))
     pool = make_pool(o, rng, held)
-    result["pool"] = {"interactions": len(pool), "poor": sum(p["kind"] != "good" for p in pool),
-                      "hard_words": sorted(hard), "on_hard_words": sum(p["hard"] for p in pool),
-                      "kinds": {k: sum(p["kind"] == k for p in pool) for k in sorted({p["kind"] for p in pool})}}  # fmt: skip
+    result["pool"] = {
+        "interactions": len(pool),
+        "poor": sum(p["kind"] != "good" for p in pool),
+        "hard_words": sorted(hard),
+        "on_hard_words": sum(p["hard"] for p in pool),
+        "kinds": {k: sum(p["kind"] == k for p in pool) for k in sorted({p["kind"] for p in pool})},
+    }
 
     cfg = kaizen_config(base_dir, work)
     # The real path into a real store, then the quality scores.
@@ -284,14 +290,27 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
     t0 = time.perf_counter()
     # At most keep_fraction of the pool: all that passes the threshold, duplicates and balance
     # when that is less, else the diverse, quality-weighted subset of that size.
-    manifest = build_dataset.main(cfg, DatasetConfig(dataset_id="kaizen-selection", keep_fraction=1.0,
-                                                     max_rows=int(o.keep_fraction * len(pool)),
-                                                     quality_weight=o.quality_weight, selection=o.selection,
-                                                     confidence_weight=o.confidence_weight, min_examples=8,
-                                                     quality_neighbours=o.quality_neighbours,
-                                                     validation_fraction=0.1, seed=o.seed))  # fmt: skip
-    result["selection"] = {"seconds": round(time.perf_counter() - t0, 1), "funnel": manifest.funnel.model_dump(),
-                           "rows": manifest.rows, "share_of_pool": manifest.rows / len(pool)}  # fmt: skip
+    manifest = build_dataset.main(
+        cfg,
+        DatasetConfig(
+            dataset_id="kaizen-selection",
+            keep_fraction=1.0,
+            max_rows=int(o.keep_fraction * len(pool)),
+            quality_weight=o.quality_weight,
+            selection=o.selection,
+            confidence_weight=o.confidence_weight,
+            min_examples=8,
+            quality_neighbours=o.quality_neighbours,
+            validation_fraction=0.1,
+            seed=o.seed,
+        ),
+    )
+    result["selection"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "funnel": manifest.funnel.model_dump(),
+        "rows": manifest.rows,
+        "share_of_pool": manifest.rows / len(pool),
+    }
     by_id = {p["id"]: p for p in pool}
     picked = [
         by_id[i]
@@ -304,34 +323,60 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
     folders = {"all": work / "sets" / "all", "random": work / "sets" / "random", "kaizen": Path(manifest.uri)}
     _write_rows(folders["all"] / "train.parquet", _rows(pool))
     # As many rows as Kaizen's selection trains on (its validation rows only validate).
-    _write_rows(folders["random"] / "train.parquet",
-                _rows(random.Random(o.seed + 1).sample(pool, manifest.funnel.train)))  # fmt: skip
+    _write_rows(
+        folders["random"] / "train.parquet", _rows(random.Random(o.seed + 1).sample(pool, manifest.funnel.train))
+    )
     evaluator = Evaluator(base_dir, work)
     result["runs"] = {}
     for name in sets:
-        opts = FinetuneConfig(lora_rank=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=0.0, lr=o.lr, epochs=o.epochs,
-                              batch_size=o.batch_size, max_length=96, rehearsal_ratio=0.0, continue_from=None,
-                              num_workers=1, cpus_per_worker=2, checkpoint_every_steps=100_000,
-                              early_stopping_patience=0, trials=o.trials, trial_fraction=o.trial_fraction,
-                              seed=o.seed)  # fmt: skip
+        opts = FinetuneConfig(
+            lora_rank=o.lora_rank,
+            lora_alpha=o.lora_alpha,
+            lora_dropout=0.0,
+            lr=o.lr,
+            epochs=o.epochs,
+            batch_size=o.batch_size,
+            max_length=96,
+            rehearsal_ratio=0.0,
+            continue_from=None,
+            num_workers=1,
+            cpus_per_worker=2,
+            checkpoint_every_steps=100_000,
+            early_stopping_patience=0,
+            trials=o.trials,
+            trial_fraction=o.trial_fraction,
+            seed=o.seed,
+        )
         t0 = time.perf_counter()
         # Every set validates on the selection's validation rows, which finetune.trials chooses by (for
         # (a) and (b) a validation set cleaner than their own would be: it can only help them).
-        out = finetune.main(cfg, opts, folders[name], validation=Path(manifest.uri) / "validation.parquet",
-                            run_name=f"select-{name}")  # fmt: skip
+        out = finetune.main(
+            cfg, opts, folders[name], validation=Path(manifest.uri) / "validation.parquet", run_name=f"select-{name}"
+        )
         wall = time.perf_counter() - t0
         parts = evaluator.scores(out["adapter_id"], tests)
         sizes = [len(t.test) for t in tests]
         # Per task, over all its held-out inputs; and over the inputs where the assistant errs.
-        scores = [sum(parts[j] * sizes[j] for j in (i, i + 1) if sizes[j]) / (sizes[i] + sizes[i + 1])
-                  for i in range(0, len(tests), 2)]  # fmt: skip
+        scores = [
+            sum(parts[j] * sizes[j] for j in (i, i + 1) if sizes[j]) / (sizes[i] + sizes[i + 1])
+            for i in range(0, len(tests), 2)
+        ]
         on_hard = sum(parts[i] * sizes[i] for i in range(0, len(tests), 2) if sizes[i]) / max(1, sum(sizes[0::2]))
         m = out["metrics"]
-        result["runs"][name] = {"rows": m["rows"]["train"], "steps": m["steps"], "train_time_s": m["train_time_s"],
-                                "wall_s": round(wall, 1), "scores": scores, "score": sum(scores) / len(scores),
-                                "score_on_hard_words": on_hard}  # fmt: skip
-        print(f"  seed {o.seed} {name}: {m['rows']['train']} rows, score {sum(scores) / len(scores):.3f} "
-              f"({' '.join(f'{x:.2f}' for x in scores)}), train {m['train_time_s']:.0f} s", flush=True)  # fmt: skip
+        result["runs"][name] = {
+            "rows": m["rows"]["train"],
+            "steps": m["steps"],
+            "train_time_s": m["train_time_s"],
+            "wall_s": round(wall, 1),
+            "scores": scores,
+            "score": sum(scores) / len(scores),
+            "score_on_hard_words": on_hard,
+        }
+        print(
+            f"  seed {o.seed} {name}: {m['rows']['train']} rows, score {sum(scores) / len(scores):.3f} "
+            f"({' '.join(f'{x:.2f}' for x in scores)}), train {m['train_time_s']:.0f} s",
+            flush=True,
+        )
     return result
 
 
@@ -359,13 +404,21 @@ def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
     a, c = summary["all"], summary["kaizen"]
     diffs = [r["runs"]["kaizen"]["score"] - r["runs"]["all"]["score"] for r in seeds]
     goals = [
-        {"goal": "Kaizen's selection scores at least as well as all (mean over seeds)", "measured": c["score"]["mean"],
-         "target": f">= {a['score']['mean']:.3f}", "passed": c["score"]["mean"] >= a["score"]["mean"],
-         "per_seed_difference": diffs, "seeds_at_least_as_good": sum(d >= 0 for d in diffs)},
-        {"goal": "in at most a tenth of the training time (mean over seeds)", "measured": c["train_time_s"]["mean"],
-         "target": f"<= {a['train_time_s']['mean'] / 10:.1f} s (all {a['train_time_s']['mean']:.1f} s / 10)",
-         "passed": c["train_time_s"]["mean"] <= a["train_time_s"]["mean"] / 10},
-    ]  # fmt: skip
+        {
+            "goal": "Kaizen's selection scores at least as well as all (mean over seeds)",
+            "measured": c["score"]["mean"],
+            "target": f">= {a['score']['mean']:.3f}",
+            "passed": c["score"]["mean"] >= a["score"]["mean"],
+            "per_seed_difference": diffs,
+            "seeds_at_least_as_good": sum(d >= 0 for d in diffs),
+        },
+        {
+            "goal": "in at most a tenth of the training time (mean over seeds)",
+            "measured": c["train_time_s"]["mean"],
+            "target": f"<= {a['train_time_s']['mean'] / 10:.1f} s (all {a['train_time_s']['mean']:.1f} s / 10)",
+            "passed": c["train_time_s"]["mean"] <= a["train_time_s"]["mean"] / 10,
+        },
+    ]
     if max(s["score"]["max"] for s in summary.values()) < 0.1:  # nothing learned: a "pass" would mean nothing
         for g in goals:
             g["passed"], g["not_measured"] = None, "no training set taught the tasks (every held-out score < 0.1)"
@@ -377,8 +430,13 @@ def main() -> None:
     add_common_arguments(parser, "data_selection")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions, with seeds 0, 1, ... (default 3)")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
-    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="change one of the benchmark's Options (e.g. quality_neighbours=0); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="change one of the benchmark's Options (e.g. quality_neighbours=0); repeatable",
+    )
     args = parser.parse_args()
     sets = tuple(n for n in SETS if n in args.sets.split(","))
     if not sets or args.seeds < 1:
@@ -398,23 +456,55 @@ def main() -> None:
         result["base_model"]["path"] = str(base_dir)
         start_local_ray()
         result["seeds"] = [
-            run_seed(replace(o, seed=o.seed + i), base_dir, work / f"seed-{o.seed + i}", sets) for i in range(args.seeds)
+            run_seed(replace(o, seed=o.seed + i), base_dir, work / f"seed-{o.seed + i}", sets)
+            for i in range(args.seeds)
         ]
     result["summary"], result["goals"] = summarize(result["seeds"])
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    print_table(("seed", "training set", "rows", "held-out score", "per task", "where the assistant errs", "train s"),
-                [(r["seed"], n, x["rows"], f"{x['score']:.3f}", " ".join(f"{v:.2f}" for v in x["scores"]),
-                  f"{x['score_on_hard_words']:.3f}", f"{x['train_time_s']:.1f}")
-                 for r in result["seeds"] for n, x in r["runs"].items()])  # fmt: skip
-    print_table(("training set", "rows", "score mean", "sd", "min-max", "where it errs", "train s mean"),
-                [(n, f"{x['rows']['mean']:.0f}", f"{x['score']['mean']:.3f}", f"{x['score']['sd']:.3f}",
-                  f"{x['score']['min']:.3f}-{x['score']['max']:.3f}", f"{x['score_on_hard_words']['mean']:.3f}",
-                  f"{x['train_time_s']['mean']:.1f}") for n, x in result["summary"].items()])  # fmt: skip
+    print_table(
+        ("seed", "training set", "rows", "held-out score", "per task", "where the assistant errs", "train s"),
+        [
+            (
+                r["seed"],
+                n,
+                x["rows"],
+                f"{x['score']:.3f}",
+                " ".join(f"{v:.2f}" for v in x["scores"]),
+                f"{x['score_on_hard_words']:.3f}",
+                f"{x['train_time_s']:.1f}",
+            )
+            for r in result["seeds"]
+            for n, x in r["runs"].items()
+        ],
+    )
+    print_table(
+        ("training set", "rows", "score mean", "sd", "min-max", "where it errs", "train s mean"),
+        [
+            (
+                n,
+                f"{x['rows']['mean']:.0f}",
+                f"{x['score']['mean']:.3f}",
+                f"{x['score']['sd']:.3f}",
+                f"{x['score']['min']:.3f}-{x['score']['max']:.3f}",
+                f"{x['score_on_hard_words']['mean']:.3f}",
+                f"{x['train_time_s']['mean']:.1f}",
+            )
+            for n, x in result["summary"].items()
+        ],
+    )
     if result["goals"]:
-        print_table(("goal ((c) vs (a), same seeds)", "measured", "target", "result"),
-                    [(g["goal"], f"{g['measured']:.3f}", g["target"],
-                      "NOT MEASURED" if g["passed"] is None else "PASS" if g["passed"] else "FAIL")
-                     for g in result["goals"]])  # fmt: skip
+        print_table(
+            ("goal ((c) vs (a), same seeds)", "measured", "target", "result"),
+            [
+                (
+                    g["goal"],
+                    f"{g['measured']:.3f}",
+                    g["target"],
+                    "NOT MEASURED" if g["passed"] is None else "PASS" if g["passed"] else "FAIL",
+                )
+                for g in result["goals"]
+            ],
+        )
     output = args.output or RESULTS / "data_selection.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2, default=str))

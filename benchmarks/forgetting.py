@@ -167,9 +167,19 @@ class Settings:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-QUICK = {"pretrain_steps": 60, "copy_warmup_steps": 20, "train_rows": 48, "validation_rows": 8, "test_rows": 24, "epochs": 1,
-         "ssr_prompts_per_domain": 4, "ssr_samples_per_prompt": 2, "ssr_instances_per_domain": 6, "ssr_clusters": 3,
-         "fisher_rows_per_task": 8}  # fmt: skip
+QUICK = {
+    "pretrain_steps": 60,
+    "copy_warmup_steps": 20,
+    "train_rows": 48,
+    "validation_rows": 8,
+    "test_rows": 24,
+    "epochs": 1,
+    "ssr_prompts_per_domain": 4,
+    "ssr_samples_per_prompt": 2,
+    "ssr_instances_per_domain": 6,
+    "ssr_clusters": 3,
+    "fisher_rows_per_task": 8,
+}
 
 
 # --- the base model ------------------------------------------------------------------------------
@@ -194,9 +204,7 @@ def spelling_pairs(tokenizer: Any, remap: Any) -> list[tuple[int, int]]:
     return pairs
 
 
-def build_base_model(
-    directory: Path, tokenizer_dir: Path, s: Settings
-) -> dict[str, Any]:
+def build_base_model(directory: Path, tokenizer_dir: Path, s: Settings) -> dict[str, Any]:
     """Pre-train a small Qwen2 model on the general corpus and save it (with the tokenizer) as a
     Hugging Face directory; returns the pre-training statistics."""
     import torch
@@ -224,9 +232,7 @@ def build_base_model(
     warm = min(s.copy_warmup_steps, s.pretrain_steps)
     copy = [t for t in PRETRAIN_TASKS if t.name == "copy"]
     docs = pretraining_texts(warm * s.pretrain_batch, rng, chat, describe, tasks=copy)
-    docs += pretraining_texts(
-        (s.pretrain_steps - warm) * s.pretrain_batch, rng, chat, describe
-    )
+    docs += pretraining_texts((s.pretrain_steps - warm) * s.pretrain_batch, rng, chat, describe)
     rows, weights = [], []
     for doc in docs:
         ids: list[int] = []
@@ -242,16 +248,23 @@ def build_base_model(
     used = torch.tensor(sorted({t for r in rows for t in r}))
     remap = torch.full((vocab,), -1, dtype=torch.long)
     remap[used] = torch.arange(len(used))
-    unused_logsumexp = math.log(
-        vocab - len(used)
-    )  # the unused rows stay 0: logit 0 each
+    unused_logsumexp = math.log(vocab - len(used))  # the unused rows stay 0: logit 0 each
 
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=s.hidden, intermediate_size=2 * s.hidden, num_hidden_layers=s.layers,
-        num_attention_heads=max(2, s.hidden // 32), num_key_value_heads=max(1, s.hidden // 64),
-        max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        use_sliding_window=False, bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=s.hidden,
+        intermediate_size=2 * s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=max(2, s.hidden // 32),
+        num_key_value_heads=max(1, s.hidden // 64),
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=IM_END_ID,
+    )
     torch.manual_seed(s.seed)
     # The embedding table's gradient (an index_put that accumulates) is summed in a different order
     # from run to run otherwise, and 2,500 steps grow the last bits into a different model.
@@ -269,22 +282,15 @@ def build_base_model(
         def embeddings() -> torch.Tensor:
             return table.index_copy(0, bare_rows, table[spaced_rows] + bare_offset) if pairs else table
 
-        params = [
-            p
-            for n, p in model.named_parameters()
-            if "embed_tokens" not in n and "lm_head" not in n
-        ] + [table, bare_offset]
-        optimizer = torch.optim.AdamW(
-            params, lr=s.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0
-        )
+        params = [p for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n] + [
+            table,
+            bare_offset,
+        ]
+        optimizer = torch.optim.AdamW(params, lr=s.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0)
         warmup = max(1, s.pretrain_steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda k: (
-                min(1.0, (k + 1) / warmup)
-                * 0.5
-                * (1 + math.cos(math.pi * min(1.0, k / s.pretrain_steps)))
-            ),
+            lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.pretrain_steps))),
         )
         model.train()
         losses = []
@@ -300,14 +306,10 @@ def build_base_model(
                 weight[i, : len(r)] = torch.tensor(weights[step * s.pretrain_batch + i])
             local = remap[ids]
             full = embeddings()
-            hidden = model.model(
-                inputs_embeds=full[local], attention_mask=mask
-            ).last_hidden_state[:, :-1]
+            hidden = model.model(inputs_embeds=full[local], attention_mask=mask).last_hidden_state[:, :-1]
             keep = mask[:, 1:].bool()
             logits = hidden[keep] @ full.T
-            logits = torch.cat(
-                [logits, torch.full((logits.shape[0], 1), unused_logsumexp)], dim=1
-            )
+            logits = torch.cat([logits, torch.full((logits.shape[0], 1), unused_logsumexp)], dim=1)
             per_token = F.cross_entropy(logits, local[:, 1:][keep], reduction="none")
             w = weight[:, 1:][keep]
             loss = (per_token * w).sum() / w.sum()
@@ -330,9 +332,14 @@ def build_base_model(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    stats = {"parameters": sum(p.numel() for p in model.parameters()), "used_tokens": len(used),
-             "documents": len(docs), "first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    stats = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "used_tokens": len(used),
+        "documents": len(docs),
+        "first_loss": losses[0],
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     (tmp / "pretraining.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -388,11 +395,12 @@ def make_task_data(root: Path, s: Settings) -> list[TaskData]:
         train, validation = rest[: s.train_rows], rest[s.train_rows :]
         folder = root / "datasets" / f"task{k + 1}-{task.name}"
         _write_rows(folder / "train.parquet", task_rows(task, train))
-        _write_rows(
-            folder / "validation.parquet", task_rows(task, validation, prefix="val-")
+        _write_rows(folder / "validation.parquet", task_rows(task, validation, prefix="val-"))
+        (folder / "manifest.json").write_text(
+            json.dumps(
+                {"dataset_id": folder.name, "task": task.name, "train": len(train), "validation": len(validation)}
+            )
         )
-        (folder / "manifest.json").write_text(json.dumps({"dataset_id": folder.name, "task": task.name,
-                                                          "train": len(train), "validation": len(validation)}))  # fmt: skip
         out.append(TaskData(task, train, validation, test, folder))
     return out
 
@@ -427,20 +435,26 @@ class Evaluator:
             model = AdapterStore(self.storage_root).attach(model, adapter_id)
         out = []
         for data in tasks:
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True,
-                                                     tokenize=False) for x, _ in data.test]  # fmt: skip
-            rows = [
-                tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
+                )
+                for x, _ in data.test
             ]
+            rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             width = max(map(len, rows))
             ids = torch.tensor([[ENDOFTEXT_ID] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             with torch.inference_mode():
-                generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                           eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID)  # fmt: skip
-            answers = tokenizer.batch_decode(
-                generated[:, width:], skip_special_tokens=True
-            )
+                generated = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=10,
+                    do_sample=False,
+                    eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
+                    pad_token_id=ENDOFTEXT_ID,
+                )
+            answers = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             out.append(exact_match(answers, [y for _, y in data.test]))
         return out
 
@@ -448,22 +462,41 @@ class Evaluator:
 # --- the stages ----------------------------------------------------------------------------------
 
 
-def _finetune(cfg: Any, s: Settings, data: TaskData, parent: str | None, name: str, *,
-              rehearsal: Path | None = None, fisher: Path | None = None, masking: str = "none") -> dict[str, Any]:  # fmt: skip
+def _finetune(
+    cfg: Any,
+    s: Settings,
+    data: TaskData,
+    parent: str | None,
+    name: str,
+    *,
+    rehearsal: Path | None = None,
+    fisher: Path | None = None,
+    masking: str = "none",
+) -> dict[str, Any]:
     from app.learning.training import FinetuneConfig
     from jobs import finetune
 
     opts = FinetuneConfig(
-        lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, lr=s.lr, epochs=s.epochs,
-        batch_size=s.batch_size, max_length=64, rehearsal_ratio=s.rehearsal_ratio if rehearsal else 0.0,
-        masking=masking, mask_fraction=s.mask_fraction, continue_from=parent, num_workers=1, cpus_per_worker=2,
-        checkpoint_every_steps=10_000, early_stopping_patience=0, seed=s.seed,
+        lora_rank=s.lora_rank,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=0.0,
+        lr=s.lr,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        max_length=64,
+        rehearsal_ratio=s.rehearsal_ratio if rehearsal else 0.0,
+        masking=masking,
+        mask_fraction=s.mask_fraction,
+        continue_from=parent,
+        num_workers=1,
+        cpus_per_worker=2,
+        checkpoint_every_steps=10_000,
+        early_stopping_patience=0,
+        seed=s.seed,
         fisher_samples=64,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    result = finetune.main(
-        cfg, opts, data.folder, rehearsal=rehearsal, fisher_data=fisher, run_name=name
     )
+    t0 = time.perf_counter()
+    result = finetune.main(cfg, opts, data.folder, rehearsal=rehearsal, fisher_data=fisher, run_name=name)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -493,23 +526,38 @@ def _synthesize(
     source = Path(cfg.model.storage_root) / "sources" / name
     _write_rows(source / "train.parquet", task_rows(tasks[stage - 1].task, tasks[stage - 1].train))
     opts = SSRConfig(
-        rehearsal_id=name, carry_over=carry, task_description=TASK_DESCRIPTION, min_demonstrations=s.ssr_demonstrations,
-        prompts_per_domain=s.ssr_prompts_per_domain, samples_per_prompt=s.ssr_samples_per_prompt, top_p=s.ssr_top_p,
-        max_input_tokens=16, max_output_tokens=12, min_input_chars=8,
-        num_clusters=s.ssr_clusters, rehearsal_instances_per_domain=s.ssr_instances_per_domain, batch_size=16,
-        min_output_confidence=s.ssr_min_output_confidence, sample_confidence_ratio=s.ssr_sample_confidence_ratio,
+        rehearsal_id=name,
+        carry_over=carry,
+        task_description=TASK_DESCRIPTION,
+        min_demonstrations=s.ssr_demonstrations,
+        prompts_per_domain=s.ssr_prompts_per_domain,
+        samples_per_prompt=s.ssr_samples_per_prompt,
+        top_p=s.ssr_top_p,
+        max_input_tokens=16,
+        max_output_tokens=12,
+        min_input_chars=8,
+        num_clusters=s.ssr_clusters,
+        rehearsal_instances_per_domain=s.ssr_instances_per_domain,
+        batch_size=16,
+        min_output_confidence=s.ssr_min_output_confidence,
+        sample_confidence_ratio=s.ssr_sample_confidence_ratio,
         answer_before_selecting=s.ssr_answer_before_selecting,
-        num_cpus=2, num_gpus=0, seed=s.seed,
-    )  # fmt: skip
+        num_cpus=2,
+        num_gpus=0,
+        seed=s.seed,
+    )
     t0 = time.perf_counter()
     manifest = synthesize.main(cfg, opts, source)
     seconds = time.perf_counter() - t0
-    folder = Path(
-        synthesize.rehearsal_uri(cfg.model.storage_root, manifest.rehearsal_id)
-    )
+    folder = Path(synthesize.rehearsal_uri(cfg.model.storage_root, manifest.rehearsal_id))
     stats = _rehearsal_stats(folder, tasks[:stage])
-    stats.update(seconds=round(seconds, 1), rows=manifest.rows, counts=manifest.counts, carried=manifest.carried,
-                 domains={d: r.model_dump() for d, r in manifest.domains.items()})  # fmt: skip
+    stats.update(
+        seconds=round(seconds, 1),
+        rows=manifest.rows,
+        counts=manifest.counts,
+        carried=manifest.carried,
+        domains={d: r.model_dump() for d, r in manifest.domains.items()},
+    )
     return folder, stats
 
 
@@ -537,13 +585,23 @@ def _rehearsal_stats(folder: Path, tasks: list[TaskData]) -> dict[str, Any]:
         if len(examples) < 3:
             examples.append({"input": r["instruction"], "output": r["output"]})
     n = len(rows)
-    return {"well_formed_inputs": well_formed / n if n else float("nan"),
-            "correct_outputs": correct / well_formed if well_formed else float("nan"),
-            "own_first_words": own_first / well_formed if well_formed else float("nan"), "examples": examples}  # fmt: skip
+    return {
+        "well_formed_inputs": well_formed / n if n else float("nan"),
+        "correct_outputs": correct / well_formed if well_formed else float("nan"),
+        "own_first_words": own_first / well_formed if well_formed else float("nan"),
+        "examples": examples,
+    }
 
 
-def run_method(method: str, cfg: Any, s: Settings, tasks: list[TaskData], first: dict[str, Any],
-               evaluator: Evaluator, first_scores: list[float]) -> dict[str, Any]:  # fmt: skip
+def run_method(
+    method: str,
+    cfg: Any,
+    s: Settings,
+    tasks: list[TaskData],
+    first: dict[str, Any],
+    evaluator: Evaluator,
+    first_scores: list[float],
+) -> dict[str, Any]:
     """Stages 2..T of one method from the shared first adapter; the score matrix and what each stage did."""
     root = Path(cfg.model.storage_root)
     matrix = [first_scores]
@@ -593,11 +651,21 @@ def run_method(method: str, cfg: Any, s: Settings, tasks: list[TaskData], first:
         scores = evaluator.scores(parent, tasks)
         matrix.append(scores)
         m = result["metrics"]
-        info.update(adapter_id=parent, train_seconds=result["seconds"], steps=m.get("steps"),
-                    train_loss=m.get("train_loss"), val_loss=m.get("val_loss"), rows=m.get("rows"), mask=m.get("mask"))  # fmt: skip
+        info.update(
+            adapter_id=parent,
+            train_seconds=result["seconds"],
+            steps=m.get("steps"),
+            train_loss=m.get("train_loss"),
+            val_loss=m.get("val_loss"),
+            rows=m.get("rows"),
+            mask=m.get("mask"),
+        )
         stages.append(info)
-        print(f"  {method} stage {stage + 1} ({tasks[stage].task.name}): scores "
-              + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, scores)), flush=True)  # fmt: skip
+        print(
+            f"  {method} stage {stage + 1} ({tasks[stage].task.name}): scores "
+            + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, scores)),
+            flush=True,
+        )
     return {"scores": matrix, "stages": stages, "summary": summarize(matrix)}
 
 
@@ -608,9 +676,7 @@ LEARNED = 0.5
 """A task counts as learned when its score right after its own stage reaches this."""
 
 
-def goals(
-    summary: dict[str, dict[str, float]], naive_scores: list[list[float]] | None = None
-) -> list[dict[str, Any]]:
+def goals(summary: dict[str, dict[str, float]], naive_scores: list[list[float]] | None = None) -> list[dict[str, Any]]:
     """The issue's three goals for SSR, each against naive fine-tuning measured in the same run.
 
     They say something only when naive fine-tuning learned every task and then forgot: otherwise
@@ -619,23 +685,34 @@ def goals(
     if "ssr" not in summary or "naive" not in summary:
         return []
     ssr, naive = summary["ssr"], summary["naive"]
-    learned = naive_scores is not None and all(
-        naive_scores[i][i] >= LEARNED for i in range(len(naive_scores))
-    )
+    learned = naive_scores is not None and all(naive_scores[i][i] >= LEARNED for i in range(len(naive_scores)))
     informative = learned and naive["forgetting"] > 0
     out = [
-        {"goal": "SSR forgets at most half as much as naive", "measured": ssr["forgetting"],
-         "target": f"<= {0.5 * naive['forgetting']:.3f} (naive {naive['forgetting']:.3f} / 2)",
-         "passed": ssr["forgetting"] <= 0.5 * naive["forgetting"]},
-        {"goal": "SSR forgetting rate under 0.3", "measured": ssr["forgetting_rate"], "target": "< 0.3",
-         "passed": ssr["forgetting_rate"] < 0.3},
-        {"goal": "SSR last-task score within 5% of naive", "measured": ssr["last_task"],
-         "target": f">= {0.95 * naive['last_task']:.3f} (naive {naive['last_task']:.3f} x 0.95)",
-         "passed": ssr["last_task"] >= 0.95 * naive["last_task"]},
-    ]  # fmt: skip
+        {
+            "goal": "SSR forgets at most half as much as naive",
+            "measured": ssr["forgetting"],
+            "target": f"<= {0.5 * naive['forgetting']:.3f} (naive {naive['forgetting']:.3f} / 2)",
+            "passed": ssr["forgetting"] <= 0.5 * naive["forgetting"],
+        },
+        {
+            "goal": "SSR forgetting rate under 0.3",
+            "measured": ssr["forgetting_rate"],
+            "target": "< 0.3",
+            "passed": ssr["forgetting_rate"] < 0.3,
+        },
+        {
+            "goal": "SSR last-task score within 5% of naive",
+            "measured": ssr["last_task"],
+            "target": f">= {0.95 * naive['last_task']:.3f} (naive {naive['last_task']:.3f} x 0.95)",
+            "passed": ssr["last_task"] >= 0.95 * naive["last_task"],
+        },
+    ]
     if not informative:
-        why = (f"naive fine-tuning did not learn every task (score >= {LEARNED} after its stage)" if not learned
-               else "naive fine-tuning forgot nothing")  # fmt: skip
+        why = (
+            f"naive fine-tuning did not learn every task (score >= {LEARNED} after its stage)"
+            if not learned
+            else "naive fine-tuning forgot nothing"
+        )
         for g in out:
             g["passed"], g["not_measured"] = None, why
     return out
@@ -644,10 +721,18 @@ def goals(
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The options both learning benchmarks take."""
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers mean little)")
-    parser.add_argument("--base-cache", type=Path, default=None,
-                        help="keep the pre-trained base model in this folder and reuse it (keyed by its settings)")
-    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp folder)")
-    parser.add_argument("--output", type=Path, default=None, help=f"results file (default benchmarks/results/{name}.json)")
+    parser.add_argument(
+        "--base-cache",
+        type=Path,
+        default=None,
+        help="keep the pre-trained base model in this folder and reuse it (keyed by its settings)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"results file (default benchmarks/results/{name}.json)"
+    )
 
 
 def quiet_process() -> None:
@@ -696,28 +781,39 @@ def ensure_base_model(
             base = {**json.loads((base_dir / "pretraining.json").read_text()), "reused": str(base_dir)}
             print(f"base model: reused {base_dir}", flush=True)
         else:
-            print(f"base model: pre-training {s.hidden} wide, {s.layers} layers, {s.pretrain_steps} steps, "
-                  f"seed {sa.seed} ...", flush=True)  # fmt: skip
+            print(
+                f"base model: pre-training {s.hidden} wide, {s.layers} layers, {s.pretrain_steps} steps, "
+                f"seed {sa.seed} ...",
+                flush=True,
+            )
             base_dir.parent.mkdir(parents=True, exist_ok=True)
             base = build_base_model(base_dir, tokenizer_dir, sa)
         base["wall_seconds"] = round(time.perf_counter() - t0, 1)
         base["pretrain_seed"] = sa.seed
         base["abilities"] = base_abilities(base_dir)
-        print(f"base model (seed {sa.seed}) abilities: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in base["abilities"].items()), flush=True)  # fmt: skip
+        print(
+            f"base model (seed {sa.seed}) abilities: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in base["abilities"].items()),
+            flush=True,
+        )
         weak = {k: v for k, v in base["abilities"].items() if k in required and v < 0.5}
         if not weak:
             base["set_aside"] = set_aside
             return base_dir, base
-        print(f"base model (seed {sa.seed}) set aside: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in weak.items()) + " right", flush=True)  # fmt: skip
+        print(
+            f"base model (seed {sa.seed}) set aside: " + ", ".join(f"{k} {v:.0%}" for k, v in weak.items()) + " right",
+            flush=True,
+        )
         set_aside.append({"pretrain_seed": sa.seed, "path": str(base_dir), "abilities": base["abilities"]})
     raise RuntimeError(
         f"{len(set_aside)} pre-trained base models (seeds {s.seed} to {s.seed + len(set_aside) - 1}) fall short of "
-        + ", ".join(required) + " (each at least 50 %), which the benchmark's tasks build on, so a run "
+        + ", ".join(required)
+        + " (each at least 50 %), which the benchmark's tasks build on, so a run "
         "would measure nothing; pre-train with other Settings (more pretrain_steps); abilities: "
-        + ", ".join(f"seed {a['pretrain_seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in a["abilities"].items())
-                    for a in set_aside)
+        + ", ".join(
+            f"seed {a['pretrain_seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in a["abilities"].items())
+            for a in set_aside
+        )
     )
 
 
@@ -766,11 +862,18 @@ def kaizen_config(base_dir: Path, work: Path) -> Any:
     """A Kaizen config whose base model is ``base_dir`` and whose store and storage live in ``work``."""
     from app.config import KaizenConfig
 
-    return KaizenConfig.model_validate({
-        "model": {"base_model": str(base_dir), "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
-        "store": {"sqlite_path": str(work / "kaizen.db")}, "privacy": {"hmac_key": "benchmark"},
-        "ray": {"num_cpus": 2},
-    })  # fmt: skip
+    return KaizenConfig.model_validate(
+        {
+            "model": {
+                "base_model": str(base_dir),
+                "storage_root": str(work),
+                "checkpoint_dir": str(work / "checkpoints"),
+            },
+            "store": {"sqlite_path": str(work / "kaizen.db")},
+            "privacy": {"hmac_key": "benchmark"},
+            "ray": {"num_cpus": 2},
+        }
+    )
 
 
 def start_local_ray() -> None:
@@ -806,11 +909,17 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     quiet_process()
     started = time.perf_counter()
-    result: dict[str, Any] = {"benchmark": "forgetting", "quick": args.quick, "settings": asdict(s),
-                              "tasks": [t.name for t in BENCHMARK_TASKS]}  # fmt: skip
+    result: dict[str, Any] = {
+        "benchmark": "forgetting",
+        "quick": args.quick,
+        "settings": asdict(s),
+        "tasks": [t.name for t in BENCHMARK_TASKS],
+    }
     with work_folder(args.keep, "kaizen-forgetting-") as work:
         # 1. The base model.
-        base_dir, base = ensure_base_model(work, args.base_cache, s, required=() if args.quick else FORGETTING_ABILITIES)
+        base_dir, base = ensure_base_model(
+            work, args.base_cache, s, required=() if args.quick else FORGETTING_ABILITIES
+        )
         result["base_model"] = base
 
         # 2. Data, config, Ray.
@@ -823,8 +932,11 @@ def main() -> None:
         # 3. Stage 1, shared; then every method's later stages.
         first = _finetune(cfg, s, tasks[0], None, "stage1")
         first_scores = evaluator.scores(first["adapter_id"], tasks)
-        print(f"stage 1 ({tasks[0].task.name}, shared, {first['seconds']:.0f} s): scores "
-              + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, first_scores)), flush=True)  # fmt: skip
+        print(
+            f"stage 1 ({tasks[0].task.name}, shared, {first['seconds']:.0f} s): scores "
+            + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, first_scores)),
+            flush=True,
+        )
         result["methods"] = {}
         for method in s.methods:
             t0 = time.perf_counter()
@@ -848,33 +960,51 @@ def report(r: dict[str, Any]) -> None:
         sm = m["summary"]
         train = sum(st["train_seconds"] for st in m["stages"][1:])
         synth = sum(st.get("ssr", {}).get("seconds", 0.0) for st in m["stages"][1:])
-        rows.append((method, f"{sm['average']:.3f}", f"{sm['last_task']:.3f}", f"{sm['backward_transfer']:+.3f}",
-                     f"{sm['forgetting']:.3f}", f"{sm['forgetting_rate']:.3f}",
-                     " ".join(f"{x:.2f}" for x in m["scores"][-1]), f"{train:.0f}" + (f" + {synth:.0f}" if synth else "")))  # fmt: skip
+        rows.append(
+            (
+                method,
+                f"{sm['average']:.3f}",
+                f"{sm['last_task']:.3f}",
+                f"{sm['backward_transfer']:+.3f}",
+                f"{sm['forgetting']:.3f}",
+                f"{sm['forgetting_rate']:.3f}",
+                " ".join(f"{x:.2f}" for x in m["scores"][-1]),
+                f"{train:.0f}" + (f" + {synth:.0f}" if synth else ""),
+            )
+        )
     base = r["base_model"]
-    print(f"\nbase model: {base['parameters'] / 1e6:.1f}M parameters, pre-training loss {base['first_loss']:.2f} -> "
-          f"{base['final_loss']:.2f}, {base['wall_seconds']:.0f} s" + (" (reused)" if "reused" in base else ""))  # fmt: skip
+    print(
+        f"\nbase model: {base['parameters'] / 1e6:.1f}M parameters, pre-training loss {base['first_loss']:.2f} -> "
+        f"{base['final_loss']:.2f}, {base['wall_seconds']:.0f} s" + (" (reused)" if "reused" in base else "")
+    )
     print(
         f"tasks in order: {', '.join(tasks)}; scores: exact match on {r['settings']['test_rows']} held-out inputs each"
     )
-    print_table(("method", "avg after last", "last task", "BWT", "forgetting", "forgetting rate",
-                 f"final ({' / '.join(tasks)})", "train s (+ SSR s)"), rows)  # fmt: skip
+    print_table(
+        (
+            "method",
+            "avg after last",
+            "last task",
+            "BWT",
+            "forgetting",
+            "forgetting rate",
+            f"final ({' / '.join(tasks)})",
+            "train s (+ SSR s)",
+        ),
+        rows,
+    )
     if r["goals"]:
-        print_table(("goal (SSR vs naive, same run)", "measured", "target", "result"),
-                    [(g["goal"], f"{g['measured']:.3f}", g["target"], _verdict(g)) for g in r["goals"]])  # fmt: skip
+        print_table(
+            ("goal (SSR vs naive, same run)", "measured", "target", "result"),
+            [(g["goal"], f"{g['measured']:.3f}", g["target"], _verdict(g)) for g in r["goals"]],
+        )
         if r["goals"][0].get("not_measured"):
             print(f"goals not measured: {r['goals'][0]['not_measured']}")
     print(f"\ntotal {r['total_seconds'] / 60:.1f} min")
 
 
 def _verdict(goal: dict[str, Any]) -> str:
-    return (
-        "NOT MEASURED"
-        if goal["passed"] is None
-        else "PASS"
-        if goal["passed"]
-        else "FAIL"
-    )
+    return "NOT MEASURED" if goal["passed"] is None else "PASS" if goal["passed"] else "FAIL"
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def make_adapters(root: Path, model_name: str, ids: list[str], rank: int = 16) -
     for i, adapter_id in enumerate(ids):
         torch.manual_seed(i)
         base, _ = load_model(model_name, root=root, device="cpu")
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False,
-                            task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM"
+        )
         store.save(get_peft_model(base, config), base_model=model_name, adapter_id=adapter_id)
 
 
@@ -57,10 +58,15 @@ def _request(max_tokens: int) -> Any:
     from app.generation import ChatCompletionRequest
 
     # Greedy with a presence penalty: the random model would otherwise repeat one token and stop early.
-    return ChatCompletionRequest.model_validate({
-        "model": "x", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
-        "presence_penalty": 2.0, "max_tokens": max_tokens,
-    })  # fmt: skip
+    return ChatCompletionRequest.model_validate(
+        {
+            "model": "x",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "temperature": 0,
+            "presence_penalty": 2.0,
+            "max_tokens": max_tokens,
+        }
+    )
 
 
 def bench_in_process(root: Path, model_name: str, tokens: int, repeats: int) -> dict[str, Any]:
@@ -90,8 +96,11 @@ def bench_in_process(root: Path, model_name: str, tokens: int, repeats: int) -> 
             ttft.append(g.ttft_ms)
             decode_s = (g.generation_time_ms - g.ttft_ms) / 1000
             rate.append((g.completion_tokens - 1) / decode_s if decode_s > 0 else float("nan"))
-        out[label] = {"ttft_ms_p50": statistics.median(ttft), "tokens_per_s": statistics.median(rate),
-                      "completion_tokens": g.completion_tokens}  # fmt: skip
+        out[label] = {
+            "ttft_ms_p50": statistics.median(ttft),
+            "tokens_per_s": statistics.median(rate),
+            "completion_tokens": g.completion_tokens,
+        }
     out["lora_overhead_ratio"] = out["base"]["tokens_per_s"] / out["adapter"]["tokens_per_s"]
     return out
 
@@ -106,14 +115,19 @@ def _serve(root: Path, db: Path, model_name: str, adapters: int) -> tuple[str, A
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(db)}, "privacy": {"hmac_key": "bench"},
-        "model": {"base_model": model_name, "storage_root": str(root)},
-        "serve": {"port": port, "scorer": {"enabled": False},
-                  "collector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                  "generator": {"num_cpus": 1, "max_adapters": adapters, "max_batch_size": 8,
-                                "max_ongoing_requests": 64}},
-    })  # fmt: skip
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(db)},
+            "privacy": {"hmac_key": "bench"},
+            "model": {"base_model": model_name, "storage_root": str(root)},
+            "serve": {
+                "port": port,
+                "scorer": {"enabled": False},
+                "collector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "generator": {"num_cpus": 1, "max_adapters": adapters, "max_batch_size": 8, "max_ongoing_requests": 64},
+            },
+        }
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-gen-bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -122,8 +136,9 @@ def _serve(root: Path, db: Path, model_name: str, adapters: int) -> tuple[str, A
     return url, cfg
 
 
-def _load(url: str, concurrency: int, duration: float, models: list[str], tokens: int,
-          during: Any = None) -> dict[str, Any]:  # fmt: skip
+def _load(
+    url: str, concurrency: int, duration: float, models: list[str], tokens: int, during: Any = None
+) -> dict[str, Any]:
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -139,8 +154,13 @@ def _load(url: str, concurrency: int, duration: float, models: list[str], tokens
             n += 1
             t0 = time.perf_counter()
             try:
-                client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
-                                               temperature=0, presence_penalty=2.0, max_tokens=tokens)  # fmt: skip
+                client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": PROMPT}],
+                    temperature=0,
+                    presence_penalty=2.0,
+                    max_tokens=tokens,
+                )
                 with lock:
                     latencies.append(time.perf_counter() - t0)
             except Exception as exc:  # every failure is counted, whatever it is
@@ -155,9 +175,16 @@ def _load(url: str, concurrency: int, duration: float, models: list[str], tokens
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": len(latencies), "failed": len(failures),
-            "failures": failures[:5], "requests_per_s": len(latencies) / elapsed,
-            "latency_p50_s": pct(latencies, 50), "latency_p99_s": pct(latencies, 99), "during": during_info}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "requests_per_s": len(latencies) / elapsed,
+        "latency_p50_s": pct(latencies, 50),
+        "latency_p99_s": pct(latencies, 99),
+        "during": during_info,
+    }
 
 
 def main() -> None:
@@ -175,8 +202,12 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="kaizen-gen-bench-"))
-    result: dict[str, Any] = {"name": "generation", "model": args.model, "machine": f"{os.cpu_count()} cores",
-                              "args": vars(args)}  # fmt: skip
+    result: dict[str, Any] = {
+        "name": "generation",
+        "model": args.model,
+        "machine": f"{os.cpu_count()} cores",
+        "args": vars(args),
+    }
     try:
         print("adapters ...", flush=True)
         ids = [f"bench-a{i}" for i in range(5)]
@@ -195,7 +226,13 @@ def main() -> None:
             adapter_store = AdapterStore(work)
             for adapter_id in ids[:4]:
                 registry.register(adapter_store.manifest(adapter_id), adapter_store.uri(adapter_id), actor="bench")
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+            )
             url, _ = _serve(work, db, args.model, adapters=5)
             _load(url, 4, 5.0, ids[:4], args.tokens)  # warm-up: every adapter loaded once
             result["serve"] = {}
@@ -230,22 +267,44 @@ def main() -> None:
 def report(r: dict[str, Any]) -> None:
     p = r["in_process"]
     rows = [
-        ("time to first token p50, base / adapter (ms)",
-         f"{p['base']['ttft_ms_p50']:.1f} / {p['adapter']['ttft_ms_p50']:.1f}", "", "-"),
+        (
+            "time to first token p50, base / adapter (ms)",
+            f"{p['base']['ttft_ms_p50']:.1f} / {p['adapter']['ttft_ms_p50']:.1f}",
+            "",
+            "-",
+        ),
         ("tokens/s, adapter", f"{p['adapter']['tokens_per_s']:.1f}", f"base {p['base']['tokens_per_s']:.1f}", "-"),
         ("LoRA overhead (base tokens/s / adapter tokens/s)", f"{p['lora_overhead_ratio']:.2f}", "", "-"),
         ("adapter cold load p50 (ms)", f"{p['adapter_cold_load_ms']['p50']:.0f}", "", "-"),
-    ]  # fmt: skip
+    ]
     if "serve" in r:
         one = r["serve"]["1"]["requests_per_s"]
         for c, s in r["serve"].items():
-            rows.append((f"requests/s at {c} concurrent, 4 adapters (HTTP)", f"{s['requests_per_s']:.2f}",
-                         f"1 concurrent {one:.2f}" if c != "1" else "", "-"))  # fmt: skip
-            rows.append((f"  latency p50 / p99 at {c} (s); failed", f"{s['latency_p50_s']:.2f} / {s['latency_p99_s']:.2f}; "
-                         f"{s['failed']}", "", "0 failed"))  # fmt: skip
+            rows.append(
+                (
+                    f"requests/s at {c} concurrent, 4 adapters (HTTP)",
+                    f"{s['requests_per_s']:.2f}",
+                    f"1 concurrent {one:.2f}" if c != "1" else "",
+                    "-",
+                )
+            )
+            rows.append(
+                (
+                    f"  latency p50 / p99 at {c} (s); failed",
+                    f"{s['latency_p50_s']:.2f} / {s['latency_p99_s']:.2f}; {s['failed']}",
+                    "",
+                    "0 failed",
+                )
+            )
         n = r["new_adapter_under_load"]
-        rows.append(("failed requests while a new adapter is registered and loaded", f"{n['failed']} of "
-                     f"{n['requests'] + n['failed']}", "", "0"))  # fmt: skip
+        rows.append(
+            (
+                "failed requests while a new adapter is registered and loaded",
+                f"{n['failed']} of {n['requests'] + n['failed']}",
+                "",
+                "0",
+            )
+        )
     print_table(("metric", "measured", "baseline (same run)", "goal"), rows)
 
 

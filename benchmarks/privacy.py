@@ -42,7 +42,11 @@ _PLANTED = (
     ("phone", "Call me on +1 415 555 0134 if it is unclear.", "415 555 0134"),
     ("aws_key", "The CI uses AWS_ACCESS_KEY_ID=AKIAQ3EGRTK7N2XWLP4M for uploads.", "AKIAQ3EGRTK7N2XWLP4M"),
     ("password_assignment", 'config = {"user": "{user}", "password": "hunter2-{user}"}', "hunter2-{user}"),
-    ("github_token", "export GITHUB_TOKEN=ghp_R8x2Lq9Vt4Zk7Wm3Yn6Bh1Pc5Jd0Gf2Ks8Ta", "ghp_R8x2Lq9Vt4Zk7Wm3Yn6Bh1Pc5Jd0Gf2Ks8Ta"),
+    (
+        "github_token",
+        "export GITHUB_TOKEN=ghp_R8x2Lq9Vt4Zk7Wm3Yn6Bh1Pc5Jd0Gf2Ks8Ta",
+        "ghp_R8x2Lq9Vt4Zk7Wm3Yn6Bh1Pc5Jd0Gf2Ks8Ta",
+    ),
     ("ipv4", "The staging box is 81.2.69.160, port 8443.", "81.2.69.160"),
 )
 _USERS = ("alice", "bob", "carol", "dmitri", "eunji", "farid")
@@ -154,13 +158,23 @@ def report(result: dict[str, Any]) -> None:
     header = ("filter", "calls", "p50 µs", "p99 µs", "mean µs", "x faster than baseline", "FP/clean", "planted caught")
     base = result["baseline_mean_us"]
     rows = [
-        (r["filter"], r["calls"], f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['mean_us']:.1f}",
-         f"{base / r['mean_us']:.0f}", f"{r['non_email_findings_per_clean_interaction']:.2f}", r["planted_caught"])
+        (
+            r["filter"],
+            r["calls"],
+            f"{r['p50_us']:.1f}",
+            f"{r['p99_us']:.1f}",
+            f"{r['mean_us']:.1f}",
+            f"{base / r['mean_us']:.0f}",
+            f"{r['non_email_findings_per_clean_interaction']:.2f}",
+            r["planted_caught"],
+        )
         for r in result["rows"]
-    ]  # fmt: skip
+    ]
     print_table(header, rows)
-    print(f"\n{result['interactions']} interactions, mean {result['payload_bytes_mean']:.0f} bytes; "
-          f"FP/clean: non-e-mail findings (detect-secrets: flagged lines) per interaction without planted data")  # fmt: skip
+    print(
+        f"\n{result['interactions']} interactions, mean {result['payload_bytes_mean']:.0f} bytes; "
+        f"FP/clean: non-e-mail findings (detect-secrets: flagged lines) per interaction without planted data"
+    )
 
 
 def main() -> None:

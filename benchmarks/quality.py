@@ -44,7 +44,14 @@ class _Flip(ast.NodeTransformer):
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
-        swap = {ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
+        swap = {
+            ast.Lt: ast.GtE,
+            ast.GtE: ast.Lt,
+            ast.Gt: ast.LtE,
+            ast.LtE: ast.Gt,
+            ast.Eq: ast.NotEq,
+            ast.NotEq: ast.Eq,
+        }
         if self.kind == "flipped_comparison" and not self.done and type(node.ops[0]) in swap:
             node.ops[0] = swap[type(node.ops[0])]()
             self.done = True
@@ -77,7 +84,9 @@ def mutate(solution: str, entry_point: str, kind: str) -> str | None:
     """A wrong version of a full solution, or None when the mutation does not apply."""
     if kind == "syntax_error":
         lines = solution.splitlines()
-        body = [i for i, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("def ")]
+        body = [
+            i for i, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("def ")
+        ]
         i = body[0] if body else next((i for i, line in enumerate(lines) if line.rstrip().endswith(":")), None)
         if i is None:
             return None
@@ -120,8 +129,9 @@ def _stream(samples: list[dict[str, Any]], chunk: int, chars_per_s: float | None
     times, degraded = [], 0
     for s in samples:
         response = f"Here is the implementation:\n\n```python\n{s['code']}\n```\n"
-        assessor = StreamingAssessor(s["prompt"], {"technologies": ["python"]}, window_chars=256, budget_ms=20,
-                                     breaker=breaker)  # fmt: skip
+        assessor = StreamingAssessor(
+            s["prompt"], {"technologies": ["python"]}, window_chars=256, budget_ms=20, breaker=breaker
+        )
         windows = []
         for i in range(0, len(response), chunk):
             if chars_per_s:
@@ -130,17 +140,25 @@ def _stream(samples: list[dict[str, Any]], chunk: int, chars_per_s: float | None
         windows.append(assessor.finish())
         times += [w.elapsed_ms for w in windows]
         degraded += sum(w.degraded for w in windows)
-    return {"responses": len(samples), "windows": len(times), "chars_per_s": chars_per_s,
-            "window_ms": {"p50": pct(times, 50), "p99": pct(times, 99), "max": max(times)},
-            "degraded_share": degraded / len(times)}  # fmt: skip
+    return {
+        "responses": len(samples),
+        "windows": len(times),
+        "chars_per_s": chars_per_s,
+        "window_ms": {"p50": pct(times, 50), "p99": pct(times, 99), "max": max(times)},
+        "degraded_share": degraded / len(times),
+    }
 
 
 def bench_streaming(samples: list[dict[str, Any]], chunk: int = 8, paced: int = 60) -> dict[str, Any]:
     """Each response fed to a streaming assessor in ``chunk``-character pieces; time per window.
     Unpaced (every chunk at once: the worst case for the breaker) over all responses, and paced at
     400 characters/s (~100 tokens/s, a fast GPU generator) over ``paced`` of them."""
-    return {"window_chars": 256, "chunk_chars": chunk, "unpaced": _stream(samples, chunk, None),
-            "paced": _stream(samples[:paced], chunk, 400.0)}  # fmt: skip
+    return {
+        "window_chars": 256,
+        "chunk_chars": chunk,
+        "unpaced": _stream(samples, chunk, None),
+        "paced": _stream(samples[:paced], chunk, 400.0),
+    }
 
 
 def bench_calibration(samples: list[dict[str, Any]], seed: int) -> dict[str, Any]:
@@ -160,15 +178,21 @@ def bench_calibration(samples: list[dict[str, Any]], seed: int) -> dict[str, Any
     truth = [float(s["label"]) for s in test]
     seed_scores = [weighted_overall(s["components"], DIMENSIONS, s["cap"]) for s in test]
     cal = report.calibration
-    cal_scores = seed_scores if cal is None else [
-        cal.transform(weighted_overall(s["components"], cal.weights, s["cap"])) for s in test
-    ]  # fmt: skip
+    cal_scores = (
+        seed_scores
+        if cal is None
+        else [cal.transform(weighted_overall(s["components"], cal.weights, s["cap"])) for s in test]
+    )
     return {
-        "train_samples": len(train), "test_samples": len(test), "fitted": cal is not None,
+        "train_samples": len(train),
+        "test_samples": len(test),
+        "fitted": cal is not None,
         "weights": cal.weights if cal else dict(DIMENSIONS),
-        "seed": correlations(seed_scores, truth), "calibrated": correlations(cal_scores, truth),
-        "auroc_seed": roc_auc_score(truth, seed_scores), "auroc_calibrated": roc_auc_score(truth, cal_scores),
-    }  # fmt: skip
+        "seed": correlations(seed_scores, truth),
+        "calibrated": correlations(cal_scores, truth),
+        "auroc_seed": roc_auc_score(truth, seed_scores),
+        "auroc_calibrated": roc_auc_score(truth, cal_scores),
+    }
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -254,29 +278,62 @@ def main() -> None:
     rows = [
         ("AUROC, correct vs wrong (with execution)", f"{auroc:.3f}", f"syntax check {auroc_syntax:.3f}", ">= 0.90"),
         ("AUROC without execution", f"{auroc_static:.3f}", "", ""),
-        ("latency p50 / p99, no execution (ms)",
-         f"{result['latency_ms']['without_execution']['p50']:.0f} / {result['latency_ms']['without_execution']['p99']:.0f}", "", "p99 <= 100"),
-        ("latency p50 / p99, with execution (ms)",
-         f"{result['latency_ms']['with_execution']['p50']:.0f} / {result['latency_ms']['with_execution']['p99']:.0f}", "", "p99 <= 500"),
-    ]  # fmt: skip
+        (
+            "latency p50 / p99, no execution (ms)",
+            "{p50:.0f} / {p99:.0f}".format(**result["latency_ms"]["without_execution"]),
+            "",
+            "p99 <= 100",
+        ),
+        (
+            "latency p50 / p99, with execution (ms)",
+            "{p50:.0f} / {p99:.0f}".format(**result["latency_ms"]["with_execution"]),
+            "",
+            "p99 <= 500",
+        ),
+    ]
     rows += [
-        ("streaming window p50 / p99, unpaced (ms)",
-         f"{streaming['unpaced']['window_ms']['p50']:.1f} / {streaming['unpaced']['window_ms']['p99']:.1f}",
-         f"full assessment p50 {result['latency_ms']['without_execution']['p50']:.0f}", "p99 <= 20"),
-        ("  windows degraded (breaker), unpaced", f"{streaming['unpaced']['degraded_share']:.1%} of "
-         f"{streaming['unpaced']['windows']}", "", ""),
-        ("streaming window p50 / p99 at 400 chars/s (ms)",
-         f"{streaming['paced']['window_ms']['p50']:.1f} / {streaming['paced']['window_ms']['p99']:.1f}", "", "p99 <= 20"),
-        ("  windows degraded (breaker), paced", f"{streaming['paced']['degraded_share']:.1%} of "
-         f"{streaming['paced']['windows']}", "", ""),
-        ("held-out Spearman / Pearson, calibrated",
-         f"{calibration['calibrated']['spearman']:.3f} / {calibration['calibrated']['pearson']:.3f}",
-         f"seed weights {calibration['seed']['spearman']:.3f} / {calibration['seed']['pearson']:.3f}", ""),
-        ("held-out AUROC, calibrated", f"{calibration['auroc_calibrated']:.3f}",
-         f"seed weights {calibration['auroc_seed']:.3f}", ""),
-    ]  # fmt: skip
+        (
+            "streaming window p50 / p99, unpaced (ms)",
+            f"{streaming['unpaced']['window_ms']['p50']:.1f} / {streaming['unpaced']['window_ms']['p99']:.1f}",
+            f"full assessment p50 {result['latency_ms']['without_execution']['p50']:.0f}",
+            "p99 <= 20",
+        ),
+        (
+            "  windows degraded (breaker), unpaced",
+            f"{streaming['unpaced']['degraded_share']:.1%} of {streaming['unpaced']['windows']}",
+            "",
+            "",
+        ),
+        (
+            "streaming window p50 / p99 at 400 chars/s (ms)",
+            f"{streaming['paced']['window_ms']['p50']:.1f} / {streaming['paced']['window_ms']['p99']:.1f}",
+            "",
+            "p99 <= 20",
+        ),
+        (
+            "  windows degraded (breaker), paced",
+            f"{streaming['paced']['degraded_share']:.1%} of {streaming['paced']['windows']}",
+            "",
+            "",
+        ),
+        (
+            "held-out Spearman / Pearson, calibrated",
+            f"{calibration['calibrated']['spearman']:.3f} / {calibration['calibrated']['pearson']:.3f}",
+            f"seed weights {calibration['seed']['spearman']:.3f} / {calibration['seed']['pearson']:.3f}",
+            "",
+        ),
+        (
+            "held-out AUROC, calibrated",
+            f"{calibration['auroc_calibrated']:.3f}",
+            f"seed weights {calibration['auroc_seed']:.3f}",
+            "",
+        ),
+    ]
     rows += [(f"mean score: {k}", f"{v:.2f}", "", "") for k, v in result["mean_score_by_kind"].items()]
-    print(f"\n{len(samples)} responses ({sum(labels)} correct, {len(labels) - sum(labels)} wrong) from {len(problems)} problems")
+    print(
+        f"\n{len(samples)} responses ({sum(labels)} correct, {len(labels) - sum(labels)} wrong)"
+        f" from {len(problems)} problems"
+    )
     print_table(("metric", "measured", "baseline (same run)", "goal"), rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2))

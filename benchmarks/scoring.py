@@ -35,13 +35,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _config(db: Path, port: int = 8000, scorer: bool = True) -> Any:
     from app.config import KaizenConfig
 
-    return KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(db)},
-        "privacy": {"hmac_key": "bench"},
-        "serve": {"port": port, "generator": {"enabled": False}, "scorer": {"enabled": scorer, "num_cpus": 1, "sweep_interval_s": 2.0,
-                                           "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                  "collector": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}},
-    })  # fmt: skip
+    return KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(db)},
+            "privacy": {"hmac_key": "bench"},
+            "serve": {
+                "port": port,
+                "generator": {"enabled": False},
+                "scorer": {
+                    "enabled": scorer,
+                    "num_cpus": 1,
+                    "sweep_interval_s": 2.0,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                },
+                "collector": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+            },
+        }
+    )
 
 
 def _seed_store(db: Path, n: int) -> list[str]:
@@ -81,8 +91,12 @@ def bench_job(work: Path, n: int) -> dict[str, Any]:
         db = work / f"job-{actors}.db"
         _seed_store(db, n)
         result = score.main(_config(db), status="pending", actors=actors, batch_size=16, progress=False)
-        out[f"actors_{actors}"] = {"selected": result.selected, "scored": result.scored,
-                                   "seconds": result.seconds, "per_s": result.per_second}  # fmt: skip
+        out[f"actors_{actors}"] = {
+            "selected": result.selected,
+            "scored": result.scored,
+            "seconds": result.seconds,
+            "per_s": result.per_second,
+        }
     return out
 
 
@@ -92,16 +106,21 @@ def _commit_to_score(db: Path, prefix: str) -> dict[str, Any]:
     store = SQLiteStore(db)
     rows = store._fetch(
         "SELECT i.received_at AS r, q.created_at AS c FROM interactions i JOIN quality_scores q "
-        "ON q.interaction_id = i.id WHERE i.id LIKE ?", [f"{prefix}-%"],
-    )  # fmt: skip
+        "ON q.interaction_id = i.id WHERE i.id LIKE ?",
+        [f"{prefix}-%"],
+    )
     total = store._fetch("SELECT COUNT(*) AS n FROM interactions WHERE id LIKE ?", [f"{prefix}-%"])[0]["n"]
     pending = store._fetch(
         "SELECT COUNT(*) AS n FROM interactions WHERE id LIKE ? AND quality_status = 'pending'", [f"{prefix}-%"]
     )[0]["n"]
     store.close()
     lags = [(datetime.fromisoformat(r["c"]) - datetime.fromisoformat(r["r"])).total_seconds() * 1000 for r in rows]
-    return {"interactions": int(total), "scored": len(rows), "pending": int(pending),
-            "commit_to_score_ms": {"p50": pct(lags, 50), "p99": pct(lags, 99)}}  # fmt: skip
+    return {
+        "interactions": int(total),
+        "scored": len(rows),
+        "pending": int(pending),
+        "commit_to_score_ms": {"p50": pct(lags, 50), "p99": pct(lags, 99)},
+    }
 
 
 def bench_live(work: Path, duration: float, rate: float, slow_rate: float, procs: int) -> dict[str, Any]:
@@ -121,20 +140,32 @@ def bench_live(work: Path, duration: float, rate: float, slow_rate: float, procs
         print(f"followable rate: {slow_rate:.0f}/s offered ...", flush=True)
         slow = run_load(url, str(db), "slow", 20, slow_rate, duration, 1, work / "spool")
         time.sleep(3)
-        out["followable"] = {"offered_per_s": slow_rate, "sustained_per_s": slow["sustained_per_s"],
-                             "lost": slow["lost"], **_commit_to_score(db, "slow")}  # fmt: skip
+        out["followable"] = {
+            "offered_per_s": slow_rate,
+            "sustained_per_s": slow["sustained_per_s"],
+            "lost": slow["lost"],
+            **_commit_to_score(db, "slow"),
+        }
         print(f"collector load with the scorer on: {rate:.0f}/s offered ...", flush=True)
         load = run_load(url, str(db), "load", 1000, rate, duration, procs, work / "spool")
-        out["load_scorer_on"] = {"offered_per_s": rate, "sustained_per_s": load["sustained_per_s"],
-                                 "record_to_committed_p99_ms": load["latency_p99_ms"], "lost": load["lost"],
-                                 **_commit_to_score(db, "load")}  # fmt: skip
+        out["load_scorer_on"] = {
+            "offered_per_s": rate,
+            "sustained_per_s": load["sustained_per_s"],
+            "record_to_committed_p99_ms": load["latency_p99_ms"],
+            "lost": load["lost"],
+            **_commit_to_score(db, "load"),
+        }
         serve.delete("kaizen-scoring")
         db_off = work / "off.db"
         deploy(_config(db_off, port, scorer=False), "kaizen-scoring")
         print(f"collector load with the scorer off: {rate:.0f}/s offered ...", flush=True)
         off = run_load(url, str(db_off), "off", 1000, rate, duration, procs, work / "spool")
-        out["load_scorer_off"] = {"offered_per_s": rate, "sustained_per_s": off["sustained_per_s"],
-                                  "record_to_committed_p99_ms": off["latency_p99_ms"], "lost": off["lost"]}  # fmt: skip
+        out["load_scorer_off"] = {
+            "offered_per_s": rate,
+            "sustained_per_s": off["sustained_per_s"],
+            "record_to_committed_p99_ms": off["latency_p99_ms"],
+            "lost": off["lost"],
+        }
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -156,7 +187,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kaizen-scoring-"))
     result: dict[str, Any] = {"name": "scoring", "machine": f"{os.cpu_count()} cores", "args": vars(args)}
     try:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
         print(f"score job over {args.interactions} stored interactions ...", flush=True)
         result["job"] = bench_job(work, args.interactions)
         result["live"] = bench_live(work, args.duration, args.rate, args.slow_rate, args.procs)
@@ -174,23 +211,50 @@ def report(r: dict[str, Any]) -> None:
     job, live = r["job"], r["live"]
     slow, on, off = live["followable"], live["load_scorer_on"], live["load_scorer_off"]
     rows = [
-        ("jobs/score.py, 1 actor (interactions/s)", f"{job['actors_1']['per_s']:.1f}",
-         f"one process in a loop {job['baseline_loop_per_s']:.1f}", "-"),
-        ("jobs/score.py, 2 actors (interactions/s)", f"{job['actors_2']['per_s']:.1f}",
-         f"ratio to the loop {job['actors_2']['per_s'] / job['baseline_loop_per_s']:.2f}", "-"),
-        (f"commit to score p50 / p99 at {slow['offered_per_s']:.0f}/s (ms)",
-         f"{slow['commit_to_score_ms']['p50']:.0f} / {slow['commit_to_score_ms']['p99']:.0f}",
-         f"{slow['scored']} of {slow['interactions']} scored", "<= 500"),
-        (f"ingestion at {on['offered_per_s']:.0f}/s offered, scorer on (/s)", f"{on['sustained_per_s']:.0f}",
-         f"scorer off {off['sustained_per_s']:.0f}", ">= 5000, not slowed"),
-        ("record to committed p99, scorer on (ms)", f"{on['record_to_committed_p99_ms']:.0f}",
-         f"scorer off {off['record_to_committed_p99_ms']:.0f}", "-"),
-        ("under that load: scored / left pending", f"{on['scored']} / {on['pending']}",
-         f"of {on['interactions']}", "-"),
-        ("under that load: commit to score p50 / p99 (ms)",
-         f"{on['commit_to_score_ms']['p50']:.0f} / {on['commit_to_score_ms']['p99']:.0f}", "", "-"),
+        (
+            "jobs/score.py, 1 actor (interactions/s)",
+            f"{job['actors_1']['per_s']:.1f}",
+            f"one process in a loop {job['baseline_loop_per_s']:.1f}",
+            "-",
+        ),
+        (
+            "jobs/score.py, 2 actors (interactions/s)",
+            f"{job['actors_2']['per_s']:.1f}",
+            f"ratio to the loop {job['actors_2']['per_s'] / job['baseline_loop_per_s']:.2f}",
+            "-",
+        ),
+        (
+            f"commit to score p50 / p99 at {slow['offered_per_s']:.0f}/s (ms)",
+            f"{slow['commit_to_score_ms']['p50']:.0f} / {slow['commit_to_score_ms']['p99']:.0f}",
+            f"{slow['scored']} of {slow['interactions']} scored",
+            "<= 500",
+        ),
+        (
+            f"ingestion at {on['offered_per_s']:.0f}/s offered, scorer on (/s)",
+            f"{on['sustained_per_s']:.0f}",
+            f"scorer off {off['sustained_per_s']:.0f}",
+            ">= 5000, not slowed",
+        ),
+        (
+            "record to committed p99, scorer on (ms)",
+            f"{on['record_to_committed_p99_ms']:.0f}",
+            f"scorer off {off['record_to_committed_p99_ms']:.0f}",
+            "-",
+        ),
+        (
+            "under that load: scored / left pending",
+            f"{on['scored']} / {on['pending']}",
+            f"of {on['interactions']}",
+            "-",
+        ),
+        (
+            "under that load: commit to score p50 / p99 (ms)",
+            f"{on['commit_to_score_ms']['p50']:.0f} / {on['commit_to_score_ms']['p99']:.0f}",
+            "",
+            "-",
+        ),
         ("lost (all runs)", f"{slow['lost'] + on['lost'] + off['lost']}", "", "0"),
-    ]  # fmt: skip
+    ]
     print_table(("metric", "measured", "baseline (same run)", "goal"), rows)
 
 

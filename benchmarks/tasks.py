@@ -198,9 +198,7 @@ def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
     if not targets:
         return float("nan")
-    return sum(
-        normalize_answer(p) == normalize_answer(t) for p, t in zip(predictions, targets)
-    ) / len(targets)
+    return sum(normalize_answer(p) == normalize_answer(t) for p, t in zip(predictions, targets)) / len(targets)
 
 
 def make_examples(
@@ -241,14 +239,22 @@ def words_of(task: Task, text: str) -> tuple[str, ...]:
 
 
 TRAINING_SCHEMA_COLUMNS = (
-    "interaction_id", "timestamp", "instruction", "input", "output", "quality_score", "domain", "complexity",
-    "learning_type", "project_context", "features", "messages",
-)  # fmt: skip
+    "interaction_id",
+    "timestamp",
+    "instruction",
+    "input",
+    "output",
+    "quality_score",
+    "domain",
+    "complexity",
+    "learning_type",
+    "project_context",
+    "features",
+    "messages",
+)
 
 
-def task_rows(
-    task: Task, examples: Sequence[tuple[str, str]], *, prefix: str = ""
-) -> list[dict[str, Any]]:
+def task_rows(task: Task, examples: Sequence[tuple[str, str]], *, prefix: str = "") -> list[dict[str, Any]]:
     """Training rows of ``task`` with the columns ``jobs/build_dataset.py`` writes (the seed's
     training-dataset schema plus ``messages``): the input is the user's turn, the answer the
     assistant's, the task's name the domain."""
@@ -259,21 +265,29 @@ def task_rows(
             {"role": "user", "content": text},
             {"role": "assistant", "content": answer},
         ]
-        rows.append({
-            "interaction_id": f"{prefix}{task.name}-{i}", "timestamp": now, "instruction": text, "input": "",
-            "output": answer, "quality_score": 1.0, "domain": [task.name], "complexity": "simple",
-            "learning_type": "new_knowledge", "project_context": "{}", "features": "{}",
-            "messages": json.dumps(messages),
-        })  # fmt: skip
+        rows.append(
+            {
+                "interaction_id": f"{prefix}{task.name}-{i}",
+                "timestamp": now,
+                "instruction": text,
+                "input": "",
+                "output": answer,
+                "quality_score": 1.0,
+                "domain": [task.name],
+                "complexity": "simple",
+                "learning_type": "new_knowledge",
+                "project_context": "{}",
+                "features": "{}",
+                "messages": json.dumps(messages),
+            }
+        )
     return rows
 
 
 def fewshot_block(description: str, examples: Sequence[tuple[str, str]]) -> str:
     """A task description and ``Input: ... / Output: ...`` paragraphs: the layout of SSR's 2-shot
     prompts (``app.learning.ssr.build_prompt``) with every answer filled in."""
-    parts = [description.strip()] + [
-        f"Input: {inp}\nOutput: {out}" for inp, out in examples
-    ]
+    parts = [description.strip()] + [f"Input: {inp}\nOutput: {out}" for inp, out in examples]
     return "\n\n".join(parts)
 
 
@@ -319,9 +333,7 @@ def pretraining_texts(
     return docs
 
 
-def _mark_inputs(
-    text: str, task: Task, inputs: Sequence[str]
-) -> list[tuple[str, bool]]:
+def _mark_inputs(text: str, task: Task, inputs: Sequence[str]) -> list[tuple[str, bool]]:
     """``text`` cut into segments, the words of each input (after its instruction) marked."""
     segments: list[tuple[str, bool]] = []
     at = 0
@@ -342,9 +354,7 @@ def _mark_inputs(
 def _check(scores: Sequence[Sequence[float]]) -> int:
     t = len(scores)
     if t == 0 or any(len(row) != t for row in scores):
-        raise ValueError(
-            "scores must be a square matrix: one row per stage, one column per task"
-        )
+        raise ValueError("scores must be a square matrix: one row per stage, one column per task")
     return t
 
 
@@ -369,9 +379,7 @@ def forgetting(scores: Sequence[Sequence[float]]) -> float:
     t = _check(scores)
     if t < 2:
         return 0.0
-    return sum(
-        max(scores[j][i] for j in range(i, t)) - scores[-1][i] for i in range(t - 1)
-    ) / (t - 1)
+    return sum(max(scores[j][i] for j in range(i, t)) - scores[-1][i] for i in range(t - 1)) / (t - 1)
 
 
 def relative_forgetting_rate(scores: Sequence[Sequence[float]]) -> float:

@@ -63,13 +63,24 @@ def run(name: str, work: Path, base_model: str, rows: int, options: dict[str, An
     data = work / f"data-{name}"
     data.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(chat_rows(rows)), data / "train.parquet")
-    cfg = KaizenConfig.model_validate({
-        "model": {"base_model": base_model, "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
-        "store": {"sqlite_path": str(work / "kaizen.db")}, "privacy": {"hmac_key": "bench"},
-        "training": {"resource_limits": {"max_cpu_cores": os.cpu_count(), "max_vram_gb": 80}},
-    })  # fmt: skip
-    opts = FinetuneConfig(**{"epochs": 1, "continue_from": None, "rehearsal_ratio": 0.0, "early_stopping_patience": 0,
-                             "checkpoint_every_steps": 10_000, **options})  # fmt: skip
+    cfg = KaizenConfig.model_validate(
+        {
+            "model": {"base_model": base_model, "storage_root": str(work), "checkpoint_dir": str(work / "checkpoints")},
+            "store": {"sqlite_path": str(work / "kaizen.db")},
+            "privacy": {"hmac_key": "bench"},
+            "training": {"resource_limits": {"max_cpu_cores": os.cpu_count(), "max_vram_gb": 80}},
+        }
+    )
+    opts = FinetuneConfig(
+        **{
+            "epochs": 1,
+            "continue_from": None,
+            "rehearsal_ratio": 0.0,
+            "early_stopping_patience": 0,
+            "checkpoint_every_steps": 10_000,
+            **options,
+        }
+    )
     t0 = time.perf_counter()
     result = finetune.main(cfg, opts, data, run_name=f"bench-{name}")
     wall = time.perf_counter() - t0
@@ -106,12 +117,22 @@ def cpu_runs(work: Path, rows: int, max_length: int) -> list[dict[str, Any]]:
 def gpu_runs(work: Path, rows: int, max_length: int) -> list[dict[str, Any]]:
     import torch
 
-    common = {"batch_size": 2, "grad_accumulation": 1, "max_length": max_length, "use_gpu": True,
-              "mixed_precision": "bf16", "gradient_checkpointing": True, "lora_rank": 16, "lora_alpha": 32}  # fmt: skip
+    common = {
+        "batch_size": 2,
+        "grad_accumulation": 1,
+        "max_length": max_length,
+        "use_gpu": True,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "lora_rank": 16,
+        "lora_alpha": 32,
+    }
     out = []
     for name, options in (("LoRA bf16", {}), ("QLoRA 4-bit", {"quantize_4bit": True})):
         print(f"{name} ...", flush=True)
-        out.append({**run(name.split()[0].lower(), work, "qwen2.5-7b-shape", rows, {**common, **options}), "name": name})
+        out.append(
+            {**run(name.split()[0].lower(), work, "qwen2.5-7b-shape", rows, {**common, **options}), "name": name}
+        )
     from app.model.profiles import profile_config
 
     config = profile_config("qwen2.5-7b-shape")
@@ -147,7 +168,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kaizen-train-bench-"))
     rows = args.rows or (256 if args.gpu else 96)
     max_length = args.max_length or (2048 if args.gpu else 512)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     try:
         if args.gpu:
             runs = gpu_runs(work, rows, max_length)
@@ -159,8 +182,15 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    result = {"name": "training", "machine": f"{os.cpu_count()} cores", "gpu": args.gpu, "rows": rows,
-              "max_length": max_length, "runs": runs, "goals": GOALS if args.gpu else None}  # fmt: skip
+    result = {
+        "name": "training",
+        "machine": f"{os.cpu_count()} cores",
+        "gpu": args.gpu,
+        "rows": rows,
+        "max_length": max_length,
+        "runs": runs,
+        "goals": GOALS if args.gpu else None,
+    }
     report(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / ("training_gpu.json" if args.gpu else "training.json")
@@ -172,16 +202,27 @@ def report(r: dict[str, Any]) -> None:
     base = r["runs"][0]["tokens_per_s"]
     rows = []
     for run_ in r["runs"]:
-        memory = f"{run_['peak_rss_mb']:.0f} MB" + (f", {run_['peak_vram_gb']:.1f} GB VRAM" if run_.get("peak_vram_gb") else "")
+        memory = f"{run_['peak_rss_mb']:.0f} MB" + (
+            f", {run_['peak_vram_gb']:.1f} GB VRAM" if run_.get("peak_vram_gb") else ""
+        )
         extra = f", MFU {run_['mfu']:.1%}" if run_.get("mfu") is not None else ""
-        rows.append((run_["name"], run_["steps"], f"{run_['tokens_per_s']:,.0f}{extra}",
-                     f"{run_['tokens_per_s'] / base:.2f}x", memory,
-                     f"{run_['first_loss']:.3f} -> {run_['final_loss']:.3f}"))  # fmt: skip
+        rows.append(
+            (
+                run_["name"],
+                run_["steps"],
+                f"{run_['tokens_per_s']:,.0f}{extra}",
+                f"{run_['tokens_per_s'] / base:.2f}x",
+                memory,
+                f"{run_['first_loss']:.3f} -> {run_['final_loss']:.3f}",
+            )
+        )
     print(f"\njobs/finetune.py, {r['rows']} rows of up to {r['max_length']} tokens, one epoch ({r['machine']})")
     print_table(("configuration", "steps", "tokens/s", "vs first", "peak memory", "loss"), rows)
     if r.get("goals"):
-        print(f"goals: LoRA bf16 >= {GOALS['lora_bf16_tokens_per_s']:,} tokens/s; QLoRA peak VRAM <= "
-              f"{GOALS['qlora_peak_vram_gb']} GB")  # fmt: skip
+        print(
+            f"goals: LoRA bf16 >= {GOALS['lora_bf16_tokens_per_s']:,} tokens/s; QLoRA peak VRAM <= "
+            f"{GOALS['qlora_peak_vram_gb']} GB"
+        )
 
 
 if __name__ == "__main__":

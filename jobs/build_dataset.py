@@ -131,13 +131,20 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
     # Read, classify, filter and fingerprint in parallel; the readers wait on the database, not a CPU.
     candidates = _collect(
         ray.data.from_items([{"id": i} for i in ids])
-        .map_batches(ReadInteractions, fn_constructor_args=(cfg.store.model_dump(mode="json"),),
-                     compute=ray.data.ActorPoolStrategy(size=opts.read_actors), num_cpus=0.25,
-                     batch_size=opts.batch_size)  # fmt: skip
+        .map_batches(
+            ReadInteractions,
+            fn_constructor_args=(cfg.store.model_dump(mode="json"),),
+            compute=ray.data.ActorPoolStrategy(size=opts.read_actors),
+            num_cpus=0.25,
+            batch_size=opts.batch_size,
+        )
         .map_batches(classify, batch_size=opts.batch_size)
         .map_batches(filter_quality, fn_kwargs={"thresholds": thresholds}, batch_size=opts.batch_size)
-        .map_batches(fingerprint, fn_kwargs={"num_perm": opts.num_perm, "shingle_size": opts.shingle_size,
-                                             "seed": opts.seed}, batch_size=opts.batch_size)  # fmt: skip
+        .map_batches(
+            fingerprint,
+            fn_kwargs={"num_perm": opts.num_perm, "shingle_size": opts.shingle_size, "seed": opts.seed},
+            batch_size=opts.batch_size,
+        )
     )
     above = _size(candidates)
     languages = sorted({str(x) for x in candidates.get("language", [])})
@@ -169,17 +176,33 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
     # Format and embed what is left; the embedding actors load MiniLM once each.
     embedded = _collect(
         ray.data.from_items(batch_to_rows(pool))
-        .map_batches(format_chatml, fn_kwargs={"include_tool_calls": opts.include_tool_calls,
-                                               "max_tool_output_chars": opts.max_tool_output_chars},
-                     batch_size=opts.batch_size)  # fmt: skip
-        .map_batches(EmbedBatch, compute=ray.data.ActorPoolStrategy(size=opts.embed_actors),
-                     num_cpus=opts.embed_num_cpus, batch_size=opts.batch_size)  # fmt: skip
+        .map_batches(
+            format_chatml,
+            fn_kwargs={
+                "include_tool_calls": opts.include_tool_calls,
+                "max_tool_output_chars": opts.max_tool_output_chars,
+            },
+            batch_size=opts.batch_size,
+        )
+        .map_batches(
+            EmbedBatch,
+            compute=ray.data.ActorPoolStrategy(size=opts.embed_actors),
+            num_cpus=opts.embed_num_cpus,
+            batch_size=opts.batch_size,
+        )
         .map_batches(encode_features, batch_size=opts.batch_size)
     )
 
-    chosen = select_diverse(embedded, opts.keep_fraction, opts.selection, opts.quality_weight, opts.seed,
-                            max_rows=opts.max_rows, confidence_weight=opts.confidence_weight,
-                            quality_neighbours=opts.quality_neighbours)  # fmt: skip
+    chosen = select_diverse(
+        embedded,
+        opts.keep_fraction,
+        opts.selection,
+        opts.quality_weight,
+        opts.seed,
+        max_rows=opts.max_rows,
+        confidence_weight=opts.confidence_weight,
+        quality_neighbours=opts.quality_neighbours,
+    )
     chosen = assign_split(chosen, opts.validation_fraction)
     in_validation = chosen["split"] == "validation"
     train, validation = to_table(take(chosen, ~in_validation)), to_table(take(chosen, in_validation))
@@ -194,17 +217,28 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
         files={},
         columns={},
         funnel=Funnel(
-            scored=len(ids), above_threshold=above, exact_duplicates=exact, near_duplicates=near,
-            over_group_cap=capped, not_selected=_size(pool) - _size(chosen), selected=_size(chosen),
-            train=train.num_rows, validation=validation.num_rows,
-        ),  # fmt: skip
+            scored=len(ids),
+            above_threshold=above,
+            exact_duplicates=exact,
+            near_duplicates=near,
+            over_group_cap=capped,
+            not_selected=_size(pool) - _size(chosen),
+            selected=_size(chosen),
+            train=train.num_rows,
+            validation=validation.num_rows,
+        ),
         counts=counts,
         balance=balance_info,
         quality_histogram=quality_histogram(chosen["quality_score"]),
         query=QueryInfo(
-            engine=engine, quality_status=QUALITY_STATUS, since=opts.since, until=opts.until, threshold=base,
-            domain_adjustments=opts.domain_adjustments, thresholds=applied,
-        ),  # fmt: skip
+            engine=engine,
+            quality_status=QUALITY_STATUS,
+            since=opts.since,
+            until=opts.until,
+            threshold=base,
+            domain_adjustments=opts.domain_adjustments,
+            thresholds=applied,
+        ),
         options=opts.model_dump(mode="json"),
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -226,15 +260,17 @@ def summary(manifest: DatasetManifest) -> str:
         f"  scored {f.scored} -> at or above threshold {f.above_threshold} -> exact duplicates -{f.exact_duplicates}"
         f" -> near duplicates -{f.near_duplicates} -> group cap -{f.over_group_cap} -> not selected -{f.not_selected}"
     )
-    return "\n".join([
-        head,
-        funnel,
-        f"  domains: {mix('domain')}",
-        f"  tasks: {mix('task')}",
-        f"  complexity: {mix('complexity')}",
-        f"  quality: mean {manifest.quality_histogram.mean}, min {manifest.quality_histogram.min}",
-        f"  written to {manifest.uri}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            head,
+            funnel,
+            f"  domains: {mix('domain')}",
+            f"  tasks: {mix('task')}",
+            f"  complexity: {mix('complexity')}",
+            f"  quality: mean {manifest.quality_histogram.mean}, min {manifest.quality_histogram.min}",
+            f"  written to {manifest.uri}",
+        ]
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -22,7 +22,8 @@ on the command line or a ``finetune:`` section in the config file):
    information estimated on the rehearsal rows (or ``--fisher-data``), keeps the adapter entries
    that matter to earlier domains in place. Validation loss drives early stopping and the best
    adapter is the one kept. With ``finetune.trials`` > 1 the run first trains that many seeds
-   for ``finetune.trial_fraction`` of its steps each and goes on with the best by validation. Every step's loss, learning rate and tokens/s reach Ray Train in
+   for ``finetune.trial_fraction`` of its steps each and goes on with the best by validation.
+   Every step's loss, learning rate and tokens/s reach Ray Train in
    the ``step_metrics`` of the next report (an epoch's last step with the epoch's loss), sent at
    evaluations, checkpoints, the end and at most every ``finetune.report_every_s`` in between (a
    report waits until the controller has collected the one before, and it polls every 2 s: a
@@ -183,11 +184,21 @@ def main(
         log.warning(warning)
 
     with _forwarded_reports(progress) as callbacks:
-        trainer = build_trainer(cfg, opts, data.datasets, run_name or _new_run_name(),
-                                storage_path or _default_storage_path(cfg), callbacks=callbacks)  # fmt: skip
+        trainer = build_trainer(
+            cfg,
+            opts,
+            data.datasets,
+            run_name or _new_run_name(),
+            storage_path or _default_storage_path(cfg),
+            callbacks=callbacks,
+        )
         parent = trainer.train_loop_config["parent_adapter_id"]
-        log.info("training %s adapter on %s rows (%s)", f"from {parent}" if parent else "a fresh",
-                 data.rows["train"], ", ".join(f"{k}: {v}" for k, v in data.rows.items()))  # fmt: skip
+        log.info(
+            "training %s adapter on %s rows (%s)",
+            f"from {parent}" if parent else "a fresh",
+            data.rows["train"],
+            ", ".join(f"{k}: {v}" for k, v in data.rows.items()),
+        )
         result = trainer.fit()
 
     published = publish_adapter(cfg, opts, result, data=data, parent_adapter_id=parent, started=started)
@@ -257,10 +268,8 @@ class TrainingData:
 
 def _parquet_files(root: Path) -> list[Path]:
     return sorted(
-        p for p in root.rglob("*.parquet")
-        if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
-    )  # fmt: skip
-
+        p for p in root.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
+    )
 
 
 def data_hash(files: Sequence[Path], manifest: Path | None) -> str:
@@ -299,7 +308,9 @@ def read_rows(path: Path, split: str | None = None) -> tuple[pa.Table, str]:
         files = [root] if root.is_file() else _parquet_files(root)
         if root == path and split == "train":
             # A dataset folder without a train split: its other splits are still not training rows.
-            files = [f for f in files if f.relative_to(path).parts[0].removesuffix(".parquet") not in ("validation", "test")]
+            files = [
+                f for f in files if f.relative_to(path).parts[0].removesuffix(".parquet") not in ("validation", "test")
+            ]
     else:
         files, manifest = [], path / MANIFEST_FILE
     if not files:
@@ -339,9 +350,13 @@ def read_datasets(
     found = None
     if validation is None and train.is_dir():
         found = validation = next((p for p in (train / "validation.parquet", train / "validation") if p.exists()), None)
-    sources = {"train": (train, "train"), "validation": (validation, "validation"),
-               "rehearsal": (rehearsal, "rehearsal"), "fisher": (fisher_data, None),
-               "heldout": (heldout, "validation")}  # fmt: skip
+    sources = {
+        "train": (train, "train"),
+        "validation": (validation, "validation"),
+        "rehearsal": (rehearsal, "rehearsal"),
+        "fisher": (fisher_data, None),
+        "heldout": (heldout, "validation"),
+    }
     for name, (path, split) in sources.items():
         if path is None:
             continue
@@ -444,7 +459,9 @@ def build_trainer(
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=opts.num_workers, use_gpu=opts.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=os.fspath(storage_path),
@@ -533,8 +550,11 @@ def resolve_parent_adapter(cfg: KaizenConfig, opts: FinetuneConfig) -> str | Non
             f"{where}: trained on base model {manifest.base_model!r}, not model.base_model={cfg.model.base_model!r}"
         )
     targets = manifest.peft.target_modules
-    shape = {"lora_rank": (manifest.peft.r, opts.lora_rank), "lora_alpha": (float(manifest.peft.lora_alpha), opts.lora_alpha),
-             "target_modules": (sorted(targets) if isinstance(targets, list) else targets, sorted(opts.target_modules))}  # fmt: skip
+    shape = {
+        "lora_rank": (manifest.peft.r, opts.lora_rank),
+        "lora_alpha": (float(manifest.peft.lora_alpha), opts.lora_alpha),
+        "target_modules": (sorted(targets) if isinstance(targets, list) else targets, sorted(opts.target_modules)),
+    }
     for key, (theirs, ours) in shape.items():
         if theirs != ours:
             raise ValueError(
@@ -644,8 +664,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if "seed" not in saved:  # a checkpoint from before finetune.trials
             state.seed = opts.seed
     if forgetting is None and opts.masking != "none":
-        forgetting = _setup_forgetting(opts, peft_model, loss_module, data[_fisher_source(opts, data)], pad_id, device,
-                                       autocast)  # fmt: skip
+        forgetting = _setup_forgetting(
+            opts, peft_model, loss_module, data[_fisher_source(opts, data)], pad_id, device, autocast
+        )
     if opts.masking == "fggm" and opts.strategy == "deepspeed":
         register_mask_hooks(peft_model, forgetting["masks"])
 
@@ -697,8 +718,19 @@ def train_loop(config: dict[str, Any]) -> None:
             windows = [micro[i : i + opts.grad_accumulation] for i in range(0, len(micro), opts.grad_accumulation)]
             for w in range(state.window, len(windows)):
                 t0 = time.perf_counter()
-                loss_sum, labels, tokens = _train_window(opts, model, peft_model, optimizer, scheduler, engine,
-                                                         windows[w], forgetting, pad_id, device, autocast)  # fmt: skip
+                loss_sum, labels, tokens = _train_window(
+                    opts,
+                    model,
+                    peft_model,
+                    optimizer,
+                    scheduler,
+                    engine,
+                    windows[w],
+                    forgetting,
+                    pad_id,
+                    device,
+                    autocast,
+                )
                 state.step += 1
                 end_of_epoch = w == len(windows) - 1
                 state.epoch, state.window = (epoch + 1, 0) if end_of_epoch else (epoch, w + 1)
@@ -712,9 +744,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 state.tokens += int(tokens)
                 state.epoch_loss += loss_sum
                 state.epoch_label_tokens += int(labels)
-                step_metrics.append({"step": state.step, "loss": loss_sum / max(labels, 1.0),
-                                     "lr": _current_lr(optimizer, engine),
-                                     "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})  # fmt: skip
+                step_metrics.append(
+                    {
+                        "step": state.step,
+                        "loss": loss_sum / max(labels, 1.0),
+                        "lr": _current_lr(optimizer, engine),
+                        "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+                    }
+                )
                 metrics: dict[str, Any] = {
                     **step_metrics[-1],
                     "epoch": epoch + (w + 1) / len(windows),
@@ -724,8 +761,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 if state.first_loss is None:
                     state.first_loss = metrics["loss"]
                 if end_of_epoch:
-                    metrics["epoch_loss"] = step_metrics[-1]["epoch_loss"] = (
-                        state.epoch_loss / max(state.epoch_label_tokens, 1)
+                    metrics["epoch_loss"] = step_metrics[-1]["epoch_loss"] = state.epoch_loss / max(
+                        state.epoch_label_tokens, 1
                     )
                 due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
                 if not trial and validation is not None and (due or (opts.eval_every_steps is None and end_of_epoch)):
@@ -742,8 +779,18 @@ def train_loop(config: dict[str, Any]) -> None:
                 save = not trial and state.step % opts.checkpoint_every_steps == 0 and not done
                 if not trial and (save or done or report_due or "val_loss" in metrics):
                     metrics["step_metrics"] = step_metrics.copy()
-                    _report(metrics, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
-                            name=f"checkpoint-step{state.step:06d}" if save else None)  # fmt: skip
+                    _report(
+                        metrics,
+                        state,
+                        opts,
+                        peft_model,
+                        engine,
+                        forgetting,
+                        optimizer,
+                        scheduler,
+                        rank,
+                        name=f"checkpoint-step{state.step:06d}" if save else None,
+                    )
                     step_metrics.clear()
                     last_report = time.perf_counter()
                 _maybe_fail(config.get("fault"), state.step, rank)
@@ -755,8 +802,12 @@ def train_loop(config: dict[str, Any]) -> None:
     if opts.trials > 1 and checkpoint is None:
         # Restarts from other seeds: each trains the first trial_fraction of the steps from the same
         # starting point, and the one with the lowest validation objective goes on as if alone.
-        start = (copy.deepcopy(state), _trainable_state(peft_model, opts), copy.deepcopy(optimizer.state_dict()),
-                 scheduler.state_dict())  # fmt: skip
+        start = (
+            copy.deepcopy(state),
+            _trainable_state(peft_model, opts),
+            copy.deepcopy(optimizer.state_dict()),
+            scheduler.state_dict(),
+        )
         limit = max(1, round(opts.trial_fraction * total))
         trials, best, spent_tokens = [], None, 0
         for i in range(opts.trials):
@@ -770,16 +821,25 @@ def train_loop(config: dict[str, Any]) -> None:
                 optimizer.load_state_dict(copy.deepcopy(start[2]))
                 scheduler.load_state_dict(start[3])
                 if opts.masking != "none":  # the Fisher information of this seed's starting adapter
-                    forgetting = _setup_forgetting(opts, peft_model, loss_module, data[_fisher_source(opts, data)],
-                                                   pad_id, device, autocast)  # fmt: skip
+                    forgetting = _setup_forgetting(
+                        opts, peft_model, loss_module, data[_fisher_source(opts, data)], pad_id, device, autocast
+                    )
             stopper.load_state_dict(state.early_stopping)
             stop_reason = train_until(limit, trial=True)
             figures = evaluate()
             trials.append({"seed": state.seed, "steps": state.step, **figures})
             spent_tokens += state.tokens
             if best is None or figures["objective"] < best[0]["objective"]:
-                best = (figures, state, _trainable_state(peft_model, opts), copy.deepcopy(optimizer.state_dict()),
-                        scheduler.state_dict(), forgetting, step_metrics.copy(), _rng_state(device))  # fmt: skip
+                best = (
+                    figures,
+                    state,
+                    _trainable_state(peft_model, opts),
+                    copy.deepcopy(optimizer.state_dict()),
+                    scheduler.state_dict(),
+                    forgetting,
+                    step_metrics.copy(),
+                    _rng_state(device),
+                )
             step_metrics.clear()
             if stop_reason != "completed":  # out of time: the trials so far decide
                 break
@@ -791,13 +851,34 @@ def train_loop(config: dict[str, Any]) -> None:
         stopper.load_state_dict(state.early_stopping)
         # Tokens and time: every trial's, as they were spent.
         state.tokens, state.trials, state.elapsed_s = spent_tokens, trials, time.perf_counter() - resumed_at
-        log.info("trials: seed %d goes on (objectives %s)", state.seed,
-                 ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials))  # fmt: skip
+        log.info(
+            "trials: seed %d goes on (objectives %s)",
+            state.seed,
+            ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials),
+        )
         if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
-            _report({**step_metrics[-1], "epoch": state.step / spe, "tokens": state.tokens, "elapsed_s": state.elapsed_s,
-                     **figures, "best_objective": stopper.best, "seed": state.seed, "trials": trials,
-                     "step_metrics": step_metrics},
-                    state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank, name=None)  # fmt: skip
+            _report(
+                {
+                    **step_metrics[-1],
+                    "epoch": state.step / spe,
+                    "tokens": state.tokens,
+                    "elapsed_s": state.elapsed_s,
+                    **figures,
+                    "best_objective": stopper.best,
+                    "seed": state.seed,
+                    "trials": trials,
+                    "step_metrics": step_metrics,
+                },
+                state,
+                opts,
+                peft_model,
+                engine,
+                forgetting,
+                optimizer,
+                scheduler,
+                rank,
+                name=None,
+            )
             step_metrics, last_report = [], time.perf_counter()
     if stop_reason == "completed":
         stop_reason = train_until(total)
@@ -826,8 +907,18 @@ def train_loop(config: dict[str, Any]) -> None:
         "final": True,
         **({"mask": mask_summary(forgetting["masks"])} if forgetting and "masks" in forgetting else {}),
     }
-    _report(final, state, opts, peft_model, engine, forgetting, optimizer, scheduler, rank,
-            name=f"checkpoint-final-step{state.step:06d}")  # fmt: skip
+    _report(
+        final,
+        state,
+        opts,
+        peft_model,
+        engine,
+        forgetting,
+        optimizer,
+        scheduler,
+        rank,
+        name=f"checkpoint-final-step{state.step:06d}",
+    )
 
 
 def objective(val_loss: float, forgetting: float | None, weight: float) -> float:
@@ -839,8 +930,7 @@ def objective(val_loss: float, forgetting: float | None, weight: float) -> float
 def _kept(state: _State, opts: FinetuneConfig) -> dict[str, Any]:
     """The kept adapter's figures: the best objective's (else the last evaluation's)."""
     if state.best_params is None:
-        forgetting = (None if state.last_heldout_loss is None
-                      else state.last_heldout_loss - state.initial_heldout_loss)  # fmt: skip
+        forgetting = None if state.last_heldout_loss is None else state.last_heldout_loss - state.initial_heldout_loss
         kept = {"val_loss": state.last_val_loss, "heldout_loss": state.last_heldout_loss, "forgetting": forgetting}
         if state.last_val_loss is not None:
             kept["objective"] = objective(state.last_val_loss, forgetting, opts.forgetting_weight)
@@ -867,15 +957,17 @@ def _setup_model(config: Mapping[str, Any], opts: FinetuneConfig, device: torch.
     if opts.quantize_4bit:
         _require("bitsandbytes", "finetune.quantize_4bit")
     dtype = torch.bfloat16 if opts.precision == "bf16" and device.type == "cuda" else torch.float32
-    model, tokenizer = load_model(config["base_model"], root=config["storage_root"], device=device, dtype=dtype,
-                                  quantize_4bit=opts.quantize_4bit)  # fmt: skip
+    model, tokenizer = load_model(
+        config["base_model"], root=config["storage_root"], device=device, dtype=dtype, quantize_4bit=opts.quantize_4bit
+    )
     model.config.use_cache = False  # no KV cache in training (and none with checkpointing)
     checkpointing = {"use_reentrant": False}  # works with DDP and frozen inputs
     if opts.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)  # fmt: skip
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=opts.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
     elif opts.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     parent = config["parent_adapter_id"]
@@ -884,8 +976,13 @@ def _setup_model(config: Mapping[str, Any], opts: FinetuneConfig, device: torch.
 
         peft_model = AdapterStore(config["storage_root"]).attach(model, parent, is_trainable=True)
     else:
-        lora = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                          target_modules=list(opts.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+        lora = LoraConfig(
+            r=opts.lora_rank,
+            lora_alpha=opts.lora_alpha,
+            lora_dropout=opts.lora_dropout,
+            target_modules=list(opts.target_modules),
+            task_type="CAUSAL_LM",
+        )
         peft_model = get_peft_model(model, lora)
         _init_lora(peft_model, opts.seed)
     peft_model.train()
@@ -984,7 +1081,9 @@ def _setup_forgetting(
             value.div_(world)
     forgetting: dict[str, Any] = {"fisher": fisher, "samples": min(len(rows), opts.fisher_samples)}
     if opts.masking == "fggm":
-        forgetting["masks"] = fisher_masks(fisher, opts.mask_fraction, opts.mask_mode, granularity=opts.mask_granularity)
+        forgetting["masks"] = fisher_masks(
+            fisher, opts.mask_fraction, opts.mask_mode, granularity=opts.mask_granularity
+        )
     forgetting["anchor"] = snapshot_parameters(peft_model)
     return forgetting
 
@@ -999,8 +1098,10 @@ def _setup_optimizer(
     total = min(opts.epochs * spe, opts.max_steps or math.inf)
     trainable = list(trainable_parameters(peft_model).values())
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
-    schedule = lambda step: lr_factor(step, total_steps=int(total), warmup_steps=opts.warmup_steps,
-                                      schedule=opts.lr_schedule)  # fmt: skip
+
+    def schedule(step: int) -> float:
+        return lr_factor(step, total_steps=int(total), warmup_steps=opts.warmup_steps, schedule=opts.lr_schedule)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if opts.strategy == "deepspeed":
         deepspeed = _require("deepspeed", "finetune.strategy=deepspeed")
@@ -1008,11 +1109,15 @@ def _setup_optimizer(
             "train_micro_batch_size_per_gpu": opts.batch_size,
             "gradient_accumulation_steps": opts.grad_accumulation,
             "gradient_clipping": opts.max_grad_norm or 0.0,
-            "zero_optimization": {"stage": opts.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                                  **({"stage3_gather_16bit_weights_on_model_save": True} if opts.zero_stage == 3 else {})},
+            "zero_optimization": {
+                "stage": opts.zero_stage,
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                **({"stage3_gather_16bit_weights_on_model_save": True} if opts.zero_stage == 3 else {}),
+            },
             "bf16": {"enabled": opts.precision == "bf16"},
             "steps_per_print": 2**31 - 1,
-        }  # fmt: skip
+        }
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -1075,9 +1180,13 @@ def _train_window(
 
 @torch.no_grad()
 def _evaluate(
-    loss_module: CausalLMLoss, rows: list[dict[str, Any]], opts: FinetuneConfig, pad_id: int,
-    device: torch.device, autocast: Any,
-) -> float:  # fmt: skip
+    loss_module: CausalLMLoss,
+    rows: list[dict[str, Any]],
+    opts: FinetuneConfig,
+    pad_id: int,
+    device: torch.device,
+    autocast: Any,
+) -> float:
     """Token-weighted validation loss over every rank's shard. Runs the unwrapped module: DDP's
     forward would broadcast buffers, a collective that nothing here needs."""
     was_training = loss_module.training
@@ -1199,9 +1308,7 @@ def _report(
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if keep else None, checkpoint_dir_name=name)
 
 
-def _load_checkpoint(
-    checkpoint: Any, peft_model: nn.Module
-) -> tuple[_State, dict[str, Any] | None, dict[str, Any]]:
+def _load_checkpoint(checkpoint: Any, peft_model: nn.Module) -> tuple[_State, dict[str, Any] | None, dict[str, Any]]:
     """The position, the Fisher masks or anchor and the adapter weights of a checkpoint; the
     adapter is loaded into ``peft_model`` here, the optimizer later (it does not exist yet)."""
     with checkpoint.as_directory() as directory:
@@ -1215,8 +1322,9 @@ def _load_checkpoint(
     state.resumed_from_step = state.step
     if forgetting is not None:
         device = next(iter(trainable_parameters(peft_model).values())).device
-        forgetting = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v)
-                      for k, v in forgetting.items()}  # fmt: skip
+        forgetting = {
+            k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v) for k, v in forgetting.items()
+        }
     log.info("resuming at step %d (epoch %d, window %d)", state.step, state.epoch, state.window)
     return state, forgetting, saved
 
@@ -1274,10 +1382,31 @@ def publish_adapter(
     checkpoint, final = result.checkpoint, dict(result.metrics or {})
     if checkpoint is None or not final.get("final"):
         raise ValueError(f"the run at {result.path} has no final checkpoint to publish")
-    metrics = {k: final.get(k) for k in ("first_loss", "train_loss", "val_loss", "last_val_loss", "initial_val_loss",
-                                         "heldout_loss", "initial_heldout_loss", "forgetting", "objective", "step",
-                                         "epochs", "tokens", "train_time_s", "stop_reason", "seed", "trials", "restarts", "mask",
-                                         "peak_rss_mb", "peak_vram_gb")}  # fmt: skip
+    metrics = {
+        k: final.get(k)
+        for k in (
+            "first_loss",
+            "train_loss",
+            "val_loss",
+            "last_val_loss",
+            "initial_val_loss",
+            "heldout_loss",
+            "initial_heldout_loss",
+            "forgetting",
+            "objective",
+            "step",
+            "epochs",
+            "tokens",
+            "train_time_s",
+            "stop_reason",
+            "seed",
+            "trials",
+            "restarts",
+            "mask",
+            "peak_rss_mb",
+            "peak_vram_gb",
+        )
+    }
     metrics["steps"] = metrics.pop("step")
     if started is not None:
         metrics["wall_time_s"] = round(time.time() - started, 3)
@@ -1319,9 +1448,13 @@ def publish_adapter(
 def describe_report(metrics: Mapping[str, Any]) -> str:
     """One line for a training report: step, loss, validation figures, speed."""
     if metrics.get("final"):
-        return (f"done: {metrics.get('step')} steps, val_loss {format_metric(metrics.get('val_loss'))}, "
-                f"forgetting {format_metric(metrics.get('forgetting'))}, {metrics.get('stop_reason')}")  # fmt: skip
-    line = f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {format_metric(metrics.get('loss'))}"
+        return (
+            f"done: {metrics.get('step')} steps, val_loss {format_metric(metrics.get('val_loss'))}, "
+            f"forgetting {format_metric(metrics.get('forgetting'))}, {metrics.get('stop_reason')}"
+        )
+    line = (
+        f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {format_metric(metrics.get('loss'))}"
+    )
     for key in ("val_loss", "forgetting", "objective"):
         if metrics.get(key) is not None:
             line += f", {key} {format_metric(metrics[key])}"
@@ -1342,10 +1475,18 @@ def code_version() -> str | None:
     installed package's version, else None."""
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True, timeout=10
+        )
         if head.returncode == 0 and head.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=root,
-                                   capture_output=True, text=True, timeout=10)  # fmt: skip
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                check=False,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -1375,7 +1516,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, type=Path, help="training rows: a dataset folder or a .parquet file")
     parser.add_argument("--validation", type=Path, help="validation rows (default: the dataset's validation split)")
     parser.add_argument("--rehearsal", type=Path, help="rehearsal rows of earlier domains (SSR output)")
-    parser.add_argument("--fisher-data", type=Path, help="earlier-task rows for the Fisher information (default: rehearsal)")
+    parser.add_argument(
+        "--fisher-data", type=Path, help="earlier-task rows for the Fisher information (default: rehearsal)"
+    )
     parser.add_argument("--heldout", type=Path, help="held-out rows of earlier domains: their loss measures forgetting")
 
 
@@ -1398,8 +1541,17 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = main(cfg, opts, args.train, args.validation, args.rehearsal, fisher_data=args.fisher_data,
-                      heldout=args.heldout, run_name=args.name, progress=lambda m: print(describe_report(m)))  # fmt: skip
+        result = main(
+            cfg,
+            opts,
+            args.train,
+            args.validation,
+            args.rehearsal,
+            fisher_data=args.fisher_data,
+            heldout=args.heldout,
+            run_name=args.name,
+            progress=lambda m: print(describe_report(m)),
+        )
     except (ValueError, ImportError, FileNotFoundError) as exc:
         print(f"python -m jobs.finetune: {exc}", file=sys.stderr)
         return 2

@@ -85,8 +85,12 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     ft_opts = job_options(cfg, "finetune")
     sweep_opts = job_options(cfg, "sweep") if learn.train_with == "sweep" else None
     cycle_id = f"cycle-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-    record: dict[str, Any] = {"cycle_id": cycle_id, "started_at": datetime.now(UTC).isoformat(),
-                              "options": learn.model_dump(mode="json"), "stages": {}}  # fmt: skip
+    record: dict[str, Any] = {
+        "cycle_id": cycle_id,
+        "started_at": datetime.now(UTC).isoformat(),
+        "options": learn.model_dump(mode="json"),
+        "stages": {},
+    }
     start_ray(cfg)
     _quiet_ray_data()
 
@@ -108,7 +112,10 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         raise NotEnoughData(str(exc)) from exc
     dataset = Path(manifest.uri)
     record["dataset"] = {"dataset_id": manifest.dataset_id, "uri": manifest.uri, "rows": manifest.rows}
-    done(f"{manifest.dataset_id}: {manifest.rows} rows (train {manifest.funnel.train}) of {manifest.funnel.scored} scored interactions -> {dataset}")
+    done(
+        f"{manifest.dataset_id}: {manifest.rows} rows (train {manifest.funnel.train}) of {manifest.funnel.scored}"
+        f" scored interactions -> {dataset}"
+    )
 
     done = stage(2, "rehearsal")
     earlier, why = earlier_dataset(cfg)
@@ -127,8 +134,14 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
             ssr_opts = ssr_opts.model_copy(update={"carry_over": carried})
         made = synthesize.main(cfg, ssr_opts, earlier)
         uri = synthesize.rehearsal_uri(cfg.model.storage_root, made.rehearsal_id)
-        record["ssr"] = {"rehearsal_id": made.rehearsal_id, "uri": uri, "rows": made.rows,
-                         "refined_by": made.refined_by, "carried_from": made.carried_from, "carried": made.carried}  # fmt: skip
+        record["ssr"] = {
+            "rehearsal_id": made.rehearsal_id,
+            "uri": uri,
+            "rows": made.rows,
+            "refined_by": made.refined_by,
+            "carried_from": made.carried_from,
+            "carried": made.carried,
+        }
         if made.rows:
             rehearsal = Path(uri)
             counts = ", ".join(f"{d}: {n}" for d, n in made.counts.items())
@@ -143,27 +156,44 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
 
     done = stage(3, f"training ({learn.train_with})")
     if sweep_opts is not None:
-        result = sweep_job.main(cfg, sweep_opts, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout,
-                                progress=lambda line: progress(f"      {line}"))  # fmt: skip
+        result = sweep_job.main(
+            cfg,
+            sweep_opts,
+            ft_opts,
+            dataset,
+            rehearsal=rehearsal,
+            heldout=heldout,
+            progress=lambda line: progress(f"      {line}"),
+        )
         adapter = result["adapter"]
-        record["training"] = {"sweep_id": result["sweep_id"], "path": result["path"], "best": result["best"]["trial"],
-                              "trials": [{k: t.get(k) for k in ("trial", "params", "status", "objective")}
-                                         for t in result["trials"]]}  # fmt: skip
-        done(f"{len(result['trials'])} trials, best {result['best']['trial']} (objective "
-             f"{result['best']['objective']:.4f}); results in {result['path']}")  # fmt: skip
+        record["training"] = {
+            "sweep_id": result["sweep_id"],
+            "path": result["path"],
+            "best": result["best"]["trial"],
+            "trials": [{k: t.get(k) for k in ("trial", "params", "status", "objective")} for t in result["trials"]],
+        }
+        done(
+            f"{len(result['trials'])} trials, best {result['best']['trial']} (objective "
+            f"{result['best']['objective']:.4f}); results in {result['path']}"
+        )
     else:
-        adapter = finetune.main(cfg, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout,
-                                progress=_Throttled(progress))  # fmt: skip
+        adapter = finetune.main(
+            cfg, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout, progress=_Throttled(progress)
+        )
         record["training"] = {"run_path": adapter["run_path"], "warnings": adapter.get("warnings", [])}
         m, fmt = adapter["metrics"], finetune.format_metric
-        done(f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
-             f"validation {fmt(m.get('initial_val_loss'))} -> {fmt(m.get('val_loss'))}, "
-             f"forgetting {fmt(m.get('forgetting'))}")  # fmt: skip
+        done(
+            f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
+            f"validation {fmt(m.get('initial_val_loss'))} -> {fmt(m.get('val_loss'))}, "
+            f"forgetting {fmt(m.get('forgetting'))}"
+        )
 
     done = stage(4, "candidate")
     record["adapter"] = {k: adapter.get(k) for k in ("adapter_id", "uri", "status", "parent_adapter_id", "metrics")}
-    done(f"adapter {adapter['adapter_id']} registered as {adapter['status']}"
-         f"{' (from ' + adapter['parent_adapter_id'] + ')' if adapter.get('parent_adapter_id') else ''}")  # fmt: skip
+    done(
+        f"adapter {adapter['adapter_id']} registered as {adapter['status']}"
+        f"{' (from ' + adapter['parent_adapter_id'] + ')' if adapter.get('parent_adapter_id') else ''}"
+    )
 
     record["seconds"] = round(time.time() - started, 2)
     record["record"] = _write_record(cfg, cycle_id, record)
@@ -215,9 +245,13 @@ def earlier_dataset(cfg: KaizenConfig) -> tuple[Path | None, str]:
 
 
 def submit(
-    address: str, config: str | None, overrides: Sequence[str], *, wait: bool = True,
+    address: str,
+    config: str | None,
+    overrides: Sequence[str],
+    *,
+    wait: bool = True,
     output: Callable[[str], None] = lambda text: print(text, end="", flush=True),
-) -> tuple[str, str]:  # fmt: skip
+) -> tuple[str, str]:
     """Submit a cycle to a Ray cluster as a Ray job (``ray job submit``) and, with ``wait``,
     follow its output until it ends; returns the job id and its final status.
 
@@ -236,9 +270,12 @@ def submit(
     paths = {"model.storage_root": cfg.model.storage_root, "model.checkpoint_dir": cfg.model.checkpoint_dir}
     if cfg.store.engine == "sqlite":
         paths["store.sqlite_path"] = cfg.store.sqlite_path
-    relative_paths = [f"{key}: {value!r} is relative; on the cluster it would name a folder inside the job's "
-                      "temporary working directory: give an absolute or shared path (or a URI)"
-                      for key, value in paths.items() if "://" not in value and not Path(value).is_absolute()]  # fmt: skip
+    relative_paths = [
+        f"{key}: {value!r} is relative; on the cluster it would name a folder inside the job's "
+        "temporary working directory: give an absolute or shared path (or a URI)"
+        for key, value in paths.items()
+        if "://" not in value and not Path(value).is_absolute()
+    ]
     if relative_paths:
         raise ConfigError(relative_paths)
     entrypoint = " ".join(["python", "-m", "jobs.learn", "--config", str(relative), *map(shlex.quote, overrides)])
@@ -249,11 +286,14 @@ def submit(
         try:
             job_id = client.submit_job(
                 entrypoint=entrypoint,
-                runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES,
-                             "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
+                runtime_env={
+                    "working_dir": str(PROJECT_ROOT),
+                    "excludes": SUBMIT_EXCLUDES,
+                    "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                },
                 submission_id=submission_id,
                 metadata={"kaizen": "learn"},
-            )  # fmt: skip
+            )
             break
         except RuntimeError as exc:
             # A head that has just started answers "No available agent ... try again later".
@@ -320,12 +360,16 @@ def _write_record(cfg: KaizenConfig, cycle_id: str, record: dict[str, Any]) -> s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of a cycle (shared by ``python -m jobs.learn`` and ``kaizen learn``)."""
     parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
-    parser.add_argument("--address", default=None,
-                        help="submit to this Ray cluster's job server (http://HEAD:8265) instead of running here")  # fmt: skip
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="submit to this Ray cluster's job server (http://HEAD:8265) instead of running here",
+    )
     parser.add_argument("--no-wait", action="store_true", help="with --address: return once the job is submitted")
     parser.add_argument("--json", action="store_true", help="print the cycle's record as JSON at the end")
-    parser.add_argument("overrides", nargs="*",
-                        help="learn.key=value, dataset.*, ssr.*, finetune.*, sweep.* and section.key=value")  # fmt: skip
+    parser.add_argument(
+        "overrides", nargs="*", help="learn.key=value, dataset.*, ssr.*, finetune.*, sweep.* and section.key=value"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -344,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"kaizen learn: {exc}", file=sys.stderr)
             return 2
-        except Exception as exc:  # noqa: BLE001 - the job server's errors (connection, authentication)
+        except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             print(f"kaizen learn: cannot submit to {args.address}: {type(exc).__name__}: {first}", file=sys.stderr)
             return 2

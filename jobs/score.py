@@ -86,8 +86,12 @@ class ScoreBatch:
                 status.append("scored")
                 overall.append(result.overall)
                 version.append(result.assessor_version)
-        return {"id": np.array(ids), "status": np.array(status), "overall": np.array(overall),
-                "assessor_version": np.array(version)}  # fmt: skip
+        return {
+            "id": np.array(ids),
+            "status": np.array(status),
+            "overall": np.array(overall),
+            "assessor_version": np.array(version),
+        }
 
 
 def main(
@@ -132,17 +136,26 @@ def main(
         print(file=sys.stderr)
     seconds = time.perf_counter() - started
     return ScoreJobResult(
-        len(ids), counts["scored"], counts["no_evidence"], counts["missing"], round(seconds, 2),
-        round(len(ids) / seconds, 2), versions,
-    )  # fmt: skip
+        len(ids),
+        counts["scored"],
+        counts["no_evidence"],
+        counts["missing"],
+        round(seconds, 2),
+        round(len(ids) / seconds, 2),
+        versions,
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--status", default="pending", choices=["pending", "scored", "no_evidence"],
-                       help="score the interactions with this quality status (default: pending)")
+    which.add_argument(
+        "--status",
+        default="pending",
+        choices=["pending", "scored", "no_evidence"],
+        help="score the interactions with this quality status (default: pending)",
+    )
     which.add_argument("--all", action="store_true", help="re-score every interaction")
     parser.add_argument("--since", type=datetime.fromisoformat, default=None, help="inclusive, ISO 8601")
     parser.add_argument("--until", type=datetime.fromisoformat, default=None, help="exclusive, ISO 8601")

@@ -58,8 +58,15 @@ METRIC = "objective"
 TRIAL_CPUS = 0.01
 RESULTS_JSON = "results.json"
 RESULTS_TABLE = "results.md"
-_PARAM_FORMAT = {"lr": "{:.2e}", "lora_alpha": "{:g}", "rehearsal_ratio": "{:.2f}", "mask_fraction": "{:.2f}",
-                 "lora_dropout": "{:.2f}", "ewc_lambda": "{:g}", "weight_decay": "{:g}"}  # fmt: skip
+_PARAM_FORMAT = {
+    "lr": "{:.2e}",
+    "lora_alpha": "{:g}",
+    "rehearsal_ratio": "{:.2f}",
+    "mask_fraction": "{:.2f}",
+    "lora_dropout": "{:.2f}",
+    "ewc_lambda": "{:g}",
+    "weight_decay": "{:g}",
+}
 
 
 def main(
@@ -97,7 +104,9 @@ def main(
     start_ray(cfg)
     data = finetune.read_datasets(train, validation, rehearsal, fisher_data, heldout)
     if "validation" not in data.datasets:
-        raise ValueError("a sweep ranks trials by validation loss: give --validation rows (or a dataset folder with them)")
+        raise ValueError(
+            "a sweep ranks trials by validation loss: give --validation rows (or a dataset folder with them)"
+        )
     warnings = finetune._check_data(opts, data)
     search, notes = relevant_search(sweep.search, opts.model_dump(), has_rehearsal="rehearsal" in data.datasets)
     if not search:
@@ -119,15 +128,22 @@ def main(
     total = _total_steps(base, data.rows)
     scheduler = (
         # max_t past the last step: ASHA stops a trial that reaches max_t, before its final report.
-        ASHAScheduler(time_attr="step", max_t=max(total, sweep.grace_period_steps) + 1, grace_period=sweep.grace_period_steps,
-                      reduction_factor=sweep.reduction_factor)  # fmt: skip
+        ASHAScheduler(
+            time_attr="step",
+            max_t=max(total, sweep.grace_period_steps) + 1,
+            grace_period=sweep.grace_period_steps,
+            reduction_factor=sweep.reduction_factor,
+        )
         if sweep.scheduler == "asha"
         else FIFOScheduler()
     )
     trainable = tune.with_parameters(
-        run_trial, cfg=cfg.model_dump(mode="json"), base=base.model_dump(mode="json"),
-        datasets=data.datasets, runs=str(path / "runs"),
-    )  # fmt: skip
+        run_trial,
+        cfg=cfg.model_dump(mode="json"),
+        base=base.model_dump(mode="json"),
+        datasets=data.datasets,
+        runs=str(path / "runs"),
+    )
     reporter = _progress_callback(progress or (lambda line: None), list(search))
     tuner = tune.Tuner(
         # The trial function only waits on its trainer, whose workers hold the CPUs (Tune refuses
@@ -135,33 +151,50 @@ def main(
         tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         param_space=tune_space(search, grid=sweep.method == "grid"),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="min", num_samples=sweep.num_samples, scheduler=scheduler,
+            metric=METRIC,
+            mode="min",
+            num_samples=sweep.num_samples,
+            scheduler=scheduler,
             search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials),
-        ),  # fmt: skip
+        ),
         run_config=tune.RunConfig(
-            name=sweep_id, storage_path=root, callbacks=[reporter], verbose=0,
+            name=sweep_id,
+            storage_path=root,
+            callbacks=[reporter],
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-        ),  # fmt: skip
+        ),
     )
     grid = tuner.fit()
     rows = _trial_rows(grid, list(search))
     finished = [r for r in rows if r["status"] == "completed" and math.isfinite(r.get(METRIC) or math.nan)]
     _save(path, rows, search, sweep, base, None)
     if not finished:
-        raise ValueError(f"no trial of sweep {sweep_id} finished (see {path}): " + "; ".join(
-            f"{r['trial']}: {r['status']}{' ' + r['error'] if r.get('error') else ''}" for r in rows))  # fmt: skip
+        raise ValueError(
+            f"no trial of sweep {sweep_id} finished (see {path}): "
+            + "; ".join(f"{r['trial']}: {r['status']}{' ' + r['error'] if r.get('error') else ''}" for r in rows)
+        )
     best = min(finished, key=lambda r: r[METRIC])
     best_opts = base.model_copy(update=best["params"])
     result = ray.train.Result(
-        metrics=best["final"], checkpoint=ray.train.Checkpoint(best["checkpoint_path"]), error=None,
+        metrics=best["final"],
+        checkpoint=ray.train.Checkpoint(best["checkpoint_path"]),
+        error=None,
         path=best["run_path"],
-    )  # fmt: skip
+    )
     adapter = finetune.publish_adapter(cfg, best_opts, result, data=data, parent_adapter_id=parent, started=started)
     for row in rows:
         row["best"] = row is best
     _save(path, rows, search, sweep, base, adapter)
-    return {"sweep_id": sweep_id, "path": str(path), "trials": rows, "best": best, "adapter": adapter,
-            "notes": notes, "warnings": warnings}  # fmt: skip
+    return {
+        "sweep_id": sweep_id,
+        "path": str(path),
+        "trials": rows,
+        "best": best,
+        "adapter": adapter,
+        "notes": notes,
+        "warnings": warnings,
+    }
 
 
 def run_trial(
@@ -182,8 +215,9 @@ def run_trial(
 
     opts = FinetuneConfig.model_validate({**base, **config})
     trial = ray.tune.get_context().get_trial_id()
-    trainer = finetune.build_trainer(KaizenConfig.model_validate(cfg), opts, datasets, f"trial-{trial}", runs,
-                                     callbacks=[EvaluationsToTune()])  # fmt: skip
+    trainer = finetune.build_trainer(
+        KaizenConfig.model_validate(cfg), opts, datasets, f"trial-{trial}", runs, callbacks=[EvaluationsToTune()]
+    )
     trainer.fit()
 
 
@@ -220,8 +254,10 @@ def _progress_callback(emit: Callable[[str], None], params: list[str]) -> Any:
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             if METRIC in result and not result.get("final"):
                 extra = f", forgetting {result['forgetting']:.4f}" if result.get("forgetting") is not None else ""
-                self.emit(f"trial {trial.trial_id} step {result.get('step')}: val_loss {result['val_loss']:.4f}"
-                          f"{extra}, objective {result[METRIC]:.4f}")  # fmt: skip
+                self.emit(
+                    f"trial {trial.trial_id} step {result.get('step')}: val_loss {result['val_loss']:.4f}"
+                    f"{extra}, objective {result[METRIC]:.4f}"
+                )
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             last = trial.last_result or {}
@@ -253,28 +289,34 @@ def _trial_rows(grid: Any, params: list[str]) -> list[dict[str, Any]]:
             status = "completed"
         else:
             status = "stopped"
-        rows.append({
-            "trial": trial,
-            "params": config,
-            "status": status,
-            "error": None if result.error is None else str(result.error).splitlines()[0][:300],
-            "steps": metrics.get("step"),
-            "val_loss": metrics.get("val_loss"),
-            "heldout_loss": metrics.get("heldout_loss"),
-            "forgetting": metrics.get("forgetting"),
-            METRIC: metrics.get(METRIC),
-            "train_time_s": metrics.get("train_time_s") or metrics.get("elapsed_s"),
-            "checkpoint_path": metrics.get("checkpoint_path"),
-            "run_path": str(Path(metrics["checkpoint_path"]).parent) if metrics.get("checkpoint_path") else None,
-            "final": {k: v for k, v in metrics.items() if k != "config"} if status == "completed" else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": trial,
+                "params": config,
+                "status": status,
+                "error": None if result.error is None else str(result.error).splitlines()[0][:300],
+                "steps": metrics.get("step"),
+                "val_loss": metrics.get("val_loss"),
+                "heldout_loss": metrics.get("heldout_loss"),
+                "forgetting": metrics.get("forgetting"),
+                METRIC: metrics.get(METRIC),
+                "train_time_s": metrics.get("train_time_s") or metrics.get("elapsed_s"),
+                "checkpoint_path": metrics.get("checkpoint_path"),
+                "run_path": str(Path(metrics["checkpoint_path"]).parent) if metrics.get("checkpoint_path") else None,
+                "final": {k: v for k, v in metrics.items() if k != "config"} if status == "completed" else None,
+            }
+        )
     return rows
 
 
 def _save(
-    path: Path, rows: list[dict[str, Any]], search: Mapping[str, Any], sweep: SweepConfig, base: FinetuneConfig,
+    path: Path,
+    rows: list[dict[str, Any]],
+    search: Mapping[str, Any],
+    sweep: SweepConfig,
+    base: FinetuneConfig,
     adapter: Mapping[str, Any] | None,
-) -> None:  # fmt: skip
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     document = {
         "sweep": sweep.model_dump(mode="json"),
@@ -307,14 +349,25 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = main(cfg, sweep, opts, args.train, args.validation, args.rehearsal, heldout=args.heldout,
-                      fisher_data=args.fisher_data, progress=print)  # fmt: skip
+        result = main(
+            cfg,
+            sweep,
+            opts,
+            args.train,
+            args.validation,
+            args.rehearsal,
+            heldout=args.heldout,
+            fisher_data=args.fisher_data,
+            progress=print,
+        )
     except (ValueError, ImportError, FileNotFoundError) as exc:
         print(f"python -m jobs.sweep: {exc}", file=sys.stderr)
         return 2
     print(results_table(result["trials"], list(result["best"]["params"])))
-    print(f"\nbest trial {result['best']['trial']}: adapter {result['adapter']['adapter_id']} registered as "
-          f"{result['adapter']['status']}; results in {result['path']}")  # fmt: skip
+    print(
+        f"\nbest trial {result['best']['trial']}: adapter {result['adapter']['adapter_id']} registered as "
+        f"{result['adapter']['status']}; results in {result['path']}"
+    )
     return 0
 
 

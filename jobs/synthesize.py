@@ -158,8 +158,12 @@ class _Generator:
         self.device = next(self.model.parameters()).device
 
     def generate(
-        self, prompts: list[str], processors: list[Any] | None = None, stop: str | None = None,
-        confidence: bool = False, **config: Any,
+        self,
+        prompts: list[str],
+        processors: list[Any] | None = None,
+        stop: str | None = None,
+        confidence: bool = False,
+        **config: Any,
     ) -> list[tuple[str, bool, float | None]]:
         """``(text, truncated, confidence)`` per returned sequence (``num_return_sequences`` per
         prompt, in order); ``truncated``: no end-of-sequence token before the token limit. A row
@@ -179,11 +183,14 @@ class _Generator:
         generation = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id, **config)
         with self.torch.inference_mode():
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, generation_config=generation,
+                input_ids=input_ids,
+                attention_mask=attention,
+                generation_config=generation,
                 logits_processor=LogitsProcessorList(processors or []),
                 stopping_criteria=StoppingCriteriaList([_StopAt(stop, width, self.tokenizer)] if stop else []),
-                output_logits=confidence, return_dict_in_generate=True,
-            )  # fmt: skip
+                output_logits=confidence,
+                return_dict_in_generate=True,
+            )
             chosen = None
             if confidence:  # log-probability of each chosen token: [rows, steps]
                 logits = self.torch.stack(output.logits, dim=1).float()
@@ -219,10 +226,15 @@ class SynthesizeInputs(_Generator):
             # generate's own top-k and top-p sort the whole vocabulary at every step, which costs
             # more than a small model's forward pass: _TopKTopP does both on the top k alone.
             processors=[_TopKTopP(opts.top_k, opts.top_p)],
-            do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
-            repetition_penalty=opts.repetition_penalty, num_return_sequences=opts.samples_per_prompt,
-            max_new_tokens=opts.max_input_tokens, stop="Output:",
-        )  # fmt: skip
+            do_sample=True,
+            temperature=opts.temperature,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=opts.repetition_penalty,
+            num_return_sequences=opts.samples_per_prompt,
+            max_new_tokens=opts.max_input_tokens,
+            stop="Output:",
+        )
         out: dict[str, list[Any]] = {"prompt_id": [], "domain": [], "demonstration_ids": [], "raw": [], "input": []}
         for k, (text, _, _) in enumerate(texts):
             row = rows[k // opts.samples_per_prompt]
@@ -234,10 +246,15 @@ class SynthesizeInputs(_Generator):
         return pa.table(out, schema=_CANDIDATE_SCHEMA)
 
 
-_CANDIDATE_SCHEMA = pa.schema([
-    ("prompt_id", pa.int64()), ("domain", pa.string()), ("demonstration_ids", pa.list_(pa.string())),
-    ("raw", pa.string()), ("input", pa.string()),
-])  # fmt: skip
+_CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("domain", pa.string()),
+        ("demonstration_ids", pa.list_(pa.string())),
+        ("raw", pa.string()),
+        ("input", pa.string()),
+    ]
+)
 
 
 class _TopKTopP:
@@ -299,9 +316,11 @@ class RefineOutputs(_Generator):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = [
-            self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
             for text in batch.column("input").to_pylist()
-        ]  # fmt: skip
+        ]
         answers = self.generate(prompts, do_sample=False, max_new_tokens=self.opts.max_output_tokens, confidence=True)
         batch = batch.append_column("output", pa.array([text.strip() for text, _, _ in answers], pa.string()))
         batch = batch.append_column("truncated", pa.array([truncated for _, truncated, _ in answers], pa.bool_()))
@@ -342,8 +361,11 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         samples[domain] = [demonstration_text(r)[0] for r in sample]
         planned = plan_prompts(domain, sample, opts, rng)
         prompts.extend(planned)
-        reports[domain] = {"source_rows": len(rows), "demonstrations": [str(r["interaction_id"]) for r in sample],
-                           "prompts": len(planned)}  # fmt: skip
+        reports[domain] = {
+            "source_rows": len(rows),
+            "demonstrations": [str(r["interaction_id"]) for r in sample],
+            "prompts": len(planned),
+        }
     for i, prompt in enumerate(prompts):
         prompt["prompt_id"] = i
 
@@ -376,8 +398,10 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     carried = Counter()
     if carried_table is not None:
         # 8. The earlier set's rows of the domains not synthesized now, as they were written.
-        keep = [d not in reports and (opts.domains is None or d in opts.domains)
-                for d in carried_table.column("source_domain").to_pylist()]  # fmt: skip
+        keep = [
+            d not in reports and (opts.domains is None or d in opts.domains)
+            for d in carried_table.column("source_domain").to_pylist()
+        ]
         kept_rows = _conform(carried_table.filter(pa.array(keep, type=pa.bool_())), out.schema, carry_uri)
         carried = Counter(kept_rows.column("source_domain").to_pylist())
         out = pa.concat_tables([out, kept_rows])
@@ -421,9 +445,15 @@ def read_source(source: Path) -> tuple[pa.Table, str | None]:
     elif source.is_dir():
         manifest = source / MANIFEST_FILE
         root = next((p for p in (source / "train.parquet", source / "train") if p.exists()), source)
-        files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
-        )  # fmt: skip
+        files = (
+            [root]
+            if root.is_file()
+            else sorted(
+                p
+                for p in root.rglob("*.parquet")
+                if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
+            )
+        )
     else:
         files, manifest = [], source / MANIFEST_FILE
     if not files:
@@ -491,7 +521,9 @@ def _gpus_per_actor(opts: SSRConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _run_stage(rows: list[dict[str, Any]], stage: type, args: tuple, opts: SSRConfig, num_gpus: float) -> list[dict[str, Any]]:
+def _run_stage(
+    rows: list[dict[str, Any]], stage: type, args: tuple, opts: SSRConfig, num_gpus: float
+) -> list[dict[str, Any]]:
     """One model stage on an actor pool over ``rows``; its output rows. The stages run one after
     the other, so that one pool's actors never wait for CPUs that another pool holds."""
     import ray
@@ -530,7 +562,11 @@ def _select(rows: list[dict[str, Any]], opts: SSRConfig, reports: dict[str, dict
 
 
 def _answer_and_check(
-    rows: list[dict[str, Any]], samples: dict[str, list[str]], refine_args: tuple, opts: SSRConfig, num_gpus: float,
+    rows: list[dict[str, Any]],
+    samples: dict[str, list[str]],
+    refine_args: tuple,
+    opts: SSRConfig,
+    num_gpus: float,
     reports: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The latest model's greedy answer to each row's input, and the rows whose answers pass
@@ -552,8 +588,12 @@ def _answer_and_check(
             if row["domain"] != domain:
                 continue
             answer = answers[i]
-            row = {**row, "output": answer["output"], "truncated": answer["truncated"],
-                   "output_confidence": answer["output_confidence"]}  # fmt: skip
+            row = {
+                **row,
+                "output": answer["output"],
+                "truncated": answer["truncated"],
+                "output_confidence": answer["output_confidence"],
+            }
             reason = check_output(row["output"], row["truncated"], opts, row["output_confidence"], floor)
             if reason is None:
                 accepted.append(row)
@@ -594,7 +634,9 @@ def _rehearsal_table(
         try:
             columns.append(pa.array(values.get(name, [None] * len(rows)), type=dtype))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ValueError(f"rehearsal column {name!r} cannot hold its values as the source's {dtype}: {exc}") from exc
+            raise ValueError(
+                f"rehearsal column {name!r} cannot hold its values as the source's {dtype}: {exc}"
+            ) from exc
         fields.append(pa.field(name, dtype))
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
@@ -625,12 +667,16 @@ def _conform(table: pa.Table, schema: pa.Schema, origin: str) -> pa.Table:
         try:
             columns.append(table.column(field.name).cast(field.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise ValueError(f"ssr.carry_over: column {field.name!r} of {origin} cannot be read as {field.type}: {exc}") from exc
+            raise ValueError(
+                f"ssr.carry_over: column {field.name!r} of {origin} cannot be read as {field.type}: {exc}"
+            ) from exc
     return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _messages(user: str, assistant: str) -> str:
-    return json.dumps([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], ensure_ascii=False)
+    return json.dumps(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], ensure_ascii=False
+    )
 
 
 def _row_id(rehearsal_id: str, domain: str, text: str) -> str:
@@ -643,7 +689,6 @@ def _content_hash(table: pa.Table) -> str:
     for row in table.select(["interaction_id", "source_domain", "instruction", "output"]).to_pylist():
         digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
-
 
 
 def _refuse_existing(uri: str) -> None:
@@ -668,8 +713,12 @@ def _write(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalManife
             fs, path = pafs.FileSystem.from_uri(uri)
             fs.create_dir(path, recursive=True)
             for name in (DATA_FILE, MANIFEST_FILE):
-                pafs.copy_files((staging / name).as_posix(), f"{path}/{name}",
-                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)  # fmt: skip
+                pafs.copy_files(
+                    (staging / name).as_posix(),
+                    f"{path}/{name}",
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs,
+                )
         else:
             os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the set from other users of a cluster
             try:

@@ -10,9 +10,9 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,7 +116,7 @@ class LocalServer:
         self._thread = None
         self.service = None
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         import threading
 
         import uvicorn
@@ -161,8 +161,14 @@ def ingest_samples(store, n: int) -> list[str]:
 
     pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "k"}}))
     events = sample_events(n, seed=5)
-    events.append({"id": "empty", "type": "interaction", "timestamp": datetime.now(UTC).isoformat(),
-                   "body": {"session_id": "s", "input": {"raw": "hi"}, "output": {"content": ""}}})  # fmt: skip
+    events.append(
+        {
+            "id": "empty",
+            "type": "interaction",
+            "timestamp": datetime.now(UTC).isoformat(),
+            "body": {"session_id": "s", "input": {"raw": "hi"}, "output": {"content": ""}},
+        }
+    )
     prepared = pipeline.prepare(events)
     assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
     return [e["id"] for e in events]
@@ -184,13 +190,15 @@ def train_answer_adapter(model_root, store, adapter_id: str, answer: str, prompt
     # Prompts followed by the answer and <|im_end|>, left-padded; the loss is on the answer only,
     # so the vocabulary-wide head is computed for those few positions alone (it is most of the cost).
     answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              tokenize=False) for p in prompts]  # fmt: skip
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + answer_ids for p in rendered]
     width = max(map(len, rows))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    labels = input_ids[:, -len(answer_ids):]
+    labels = input_ids[:, -len(answer_ids) :]
     inner = model.get_base_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

@@ -146,7 +146,6 @@ DATASET_SCHEMA = pa.schema(
 OpenAI / ChatML chat messages."""
 
 
-
 # --- options -------------------------------------------------------------------------------------
 
 
@@ -159,9 +158,11 @@ class DatasetConfig(BaseModel):
         None, description="Name of the output folder <storage_root>/datasets/<id>; default a fresh ds-<time>-<hex>."
     )
     threshold: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="Base inclusion threshold before the domain and complexity adjustments; None: quality.threshold.",
-    )  # fmt: skip
+    )
     domain_adjustments: dict[str, float] = Field(
         default_factory=dict,
         description="Added to the threshold per domain (language), as ThresholdManager learns them: {python: 0.02}.",
@@ -172,7 +173,9 @@ class DatasetConfig(BaseModel):
         16, ge=1, description="Fewest rows a dataset may have; fewer left after selection stops the job."
     )
     near_duplicate_threshold: float = Field(
-        0.8, gt=0, le=1,
+        0.8,
+        gt=0,
+        le=1,
         description="Estimated Jaccard similarity of word shingles at or above which two are near duplicates.",
     )
     shingle_size: int = Field(5, ge=1, description="Words per shingle of the near-duplicate check.")
@@ -182,9 +185,11 @@ class DatasetConfig(BaseModel):
         description="What makes a group for balancing; empty: no balancing.",
     )
     max_group_share: float = Field(
-        0.4, gt=0, le=1,
+        0.4,
+        gt=0,
+        le=1,
         description="Largest share of the rows one group may keep (its best rows by quality); 1.0: no cap.",
-    )  # fmt: skip
+    )
     keep_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of the balanced rows the diverse selection keeps (rounded up)."
     )
@@ -199,14 +204,16 @@ class DatasetConfig(BaseModel):
         1.0, ge=0, description="Exponent of the quality score in the selection's priority (0: diversity alone)."
     )
     confidence_weight: float = Field(
-        1.0, ge=0,
+        1.0,
+        ge=0,
         description=(
             "Exponent of the score's confidence in the selection's priority: a score backed by evidence (a user's "
             "rating, tests that ran) outranks an equal one inferred without it (0: confidence ignored)."
         ),
     )
     quality_neighbours: int = Field(
-        20, ge=0,
+        20,
+        ge=0,
         description=(
             "The selection compares a row's quality with that of the requests most like it (this many nearest "
             "by embedding): the scorers rate some kinds of request higher than others (a one-word answer is "
@@ -254,7 +261,6 @@ class DatasetConfig(BaseModel):
         if self.since and self.until and self.until <= self.since:
             raise ValueError(f"until ({self.until.isoformat()}) must be after since ({self.since.isoformat()})")
         return self
-
 
 
 def threshold_manager(base: float, adjustments: Mapping[str, float] | None = None) -> ThresholdManager:
@@ -340,9 +346,16 @@ def batch_to_rows(batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
 # --- stage 1: read -----------------------------------------------------------------------------
 
 READ_COLUMNS = (
-    "interaction_id", "timestamp", "input", "output", "system_prompt", "quality_score",
-    "quality_confidence", "context_json", "tool_usage_json",
-)  # fmt: skip
+    "interaction_id",
+    "timestamp",
+    "input",
+    "output",
+    "system_prompt",
+    "quality_score",
+    "quality_confidence",
+    "context_json",
+    "tool_usage_json",
+)
 
 
 def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -354,8 +367,10 @@ def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
     if score is None or not output.strip():
         return None
     tools = [
-        {key: tool.get(key) for key in ("tool_name", "invocation_order", "parameters_raw", "success", "output",
-                                        "error", "exit_code")}  # fmt: skip
+        {
+            key: tool.get(key)
+            for key in ("tool_name", "invocation_order", "parameters_raw", "success", "output", "error", "exit_code")
+        }
         for tool in record.get("tool_usage") or []
     ]
     return {
@@ -398,32 +413,101 @@ class ReadInteractions:
 # --- stage 2: classify ---------------------------------------------------------------------------
 
 _LANGUAGE_WORDS = {
-    "python": "python", "py": "python", "python3": "python", "typescript": "typescript", "ts": "typescript",
-    "tsx": "typescript", "javascript": "javascript", "js": "javascript", "jsx": "javascript", "node": "javascript",
-    "nodejs": "javascript", "node.js": "javascript", "go": "go", "golang": "go", "rust": "rust", "java": "java",
-    "kotlin": "kotlin", "c#": "csharp", "csharp": "csharp", "c++": "cpp", "cpp": "cpp", "c": "c", "ruby": "ruby",
-    "php": "php", "swift": "swift", "scala": "scala", "bash": "bash", "shell": "bash", "sh": "bash", "sql": "sql",
-    "html": "html", "css": "css", "r": "r", "dart": "dart", "lua": "lua", "haskell": "haskell", "elixir": "elixir",
-}  # fmt: skip
+    "python": "python",
+    "py": "python",
+    "python3": "python",
+    "typescript": "typescript",
+    "ts": "typescript",
+    "tsx": "typescript",
+    "javascript": "javascript",
+    "js": "javascript",
+    "jsx": "javascript",
+    "node": "javascript",
+    "nodejs": "javascript",
+    "node.js": "javascript",
+    "go": "go",
+    "golang": "go",
+    "rust": "rust",
+    "java": "java",
+    "kotlin": "kotlin",
+    "c#": "csharp",
+    "csharp": "csharp",
+    "c++": "cpp",
+    "cpp": "cpp",
+    "c": "c",
+    "ruby": "ruby",
+    "php": "php",
+    "swift": "swift",
+    "scala": "scala",
+    "bash": "bash",
+    "shell": "bash",
+    "sh": "bash",
+    "sql": "sql",
+    "html": "html",
+    "css": "css",
+    "r": "r",
+    "dart": "dart",
+    "lua": "lua",
+    "haskell": "haskell",
+    "elixir": "elixir",
+}
 # Languages a prompt may name in prose ("in TypeScript"); short or common words ("go", "c", "r",
 # "sh") are left to code fences and the project's technologies.
 _PROSE_LANGUAGES = re.compile(
     r"(?<![\w.])(python|typescript|javascript|node\.?js|golang|rust|java|kotlin|c\+\+|c#|ruby|php|swift|scala|"
-    r"bash|sql|haskell|elixir|dart)(?![\w+#])", re.IGNORECASE,
-)  # fmt: skip
+    r"bash|sql|haskell|elixir|dart)(?![\w+#])",
+    re.IGNORECASE,
+)
 # Libraries and frameworks by import name (Python modules, npm packages, Go and Rust crates).
 _FRAMEWORK_IMPORTS = {
-    "django": "django", "flask": "flask", "fastapi": "fastapi", "starlette": "starlette", "pytest": "pytest",
-    "numpy": "numpy", "pandas": "pandas", "sqlalchemy": "sqlalchemy", "click": "click", "typer": "typer",
-    "torch": "pytorch", "tensorflow": "tensorflow", "keras": "keras", "sklearn": "scikit-learn",
-    "pydantic": "pydantic", "requests": "requests", "httpx": "httpx", "aiohttp": "aiohttp", "celery": "celery",
-    "ray": "ray", "transformers": "transformers", "scipy": "scipy", "matplotlib": "matplotlib",
-    "react": "react", "react-dom": "react", "vue": "vue", "@angular/core": "angular", "express": "express",
-    "@nestjs/core": "nestjs", "@nestjs/common": "nestjs", "next": "nextjs", "jest": "jest", "@jest/globals": "jest",
-    "vitest": "vitest", "mocha": "mocha", "svelte": "svelte", "@prisma/client": "prisma", "typeorm": "typeorm",
-    "zod": "zod", "axios": "axios", "redux": "redux", "@reduxjs/toolkit": "redux", "rxjs": "rxjs",
-    "github.com/gin-gonic/gin": "gin", "tokio": "tokio", "actix_web": "actix-web", "serde": "serde",
-}  # fmt: skip
+    "django": "django",
+    "flask": "flask",
+    "fastapi": "fastapi",
+    "starlette": "starlette",
+    "pytest": "pytest",
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "sqlalchemy": "sqlalchemy",
+    "click": "click",
+    "typer": "typer",
+    "torch": "pytorch",
+    "tensorflow": "tensorflow",
+    "keras": "keras",
+    "sklearn": "scikit-learn",
+    "pydantic": "pydantic",
+    "requests": "requests",
+    "httpx": "httpx",
+    "aiohttp": "aiohttp",
+    "celery": "celery",
+    "ray": "ray",
+    "transformers": "transformers",
+    "scipy": "scipy",
+    "matplotlib": "matplotlib",
+    "react": "react",
+    "react-dom": "react",
+    "vue": "vue",
+    "@angular/core": "angular",
+    "express": "express",
+    "@nestjs/core": "nestjs",
+    "@nestjs/common": "nestjs",
+    "next": "nextjs",
+    "jest": "jest",
+    "@jest/globals": "jest",
+    "vitest": "vitest",
+    "mocha": "mocha",
+    "svelte": "svelte",
+    "@prisma/client": "prisma",
+    "typeorm": "typeorm",
+    "zod": "zod",
+    "axios": "axios",
+    "redux": "redux",
+    "@reduxjs/toolkit": "redux",
+    "rxjs": "rxjs",
+    "github.com/gin-gonic/gin": "gin",
+    "tokio": "tokio",
+    "actix_web": "actix-web",
+    "serde": "serde",
+}
 _JS_IMPORT = re.compile(r"""(?:\bfrom\s*|\bimport\s*\(?\s*|\brequire\(\s*)['"]([^'"]+)['"]""")
 _GO_IMPORT = re.compile(r'^\s*(?:import\s+)?"([\w./-]+)"', re.MULTILINE)
 _RUST_USE = re.compile(r"^\s*(?:use|extern crate)\s+([a-z_][a-z0-9_]*)", re.MULTILINE)
@@ -858,8 +942,13 @@ def interaction_messages(
             call += 1
             arguments = tool.get("parameters_raw") or {}
             arguments_json = json.dumps(arguments, sort_keys=True, ensure_ascii=False)
-            calls.append({"id": call_id, "type": "function",
-                          "function": {"name": str(tool["tool_name"]), "arguments": arguments_json}})  # fmt: skip
+            calls.append(
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": str(tool["tool_name"]), "arguments": arguments_json},
+                }
+            )
             if tool.get("success") is False or (not tool.get("output") and tool.get("error")):
                 content = f"error: {_text(tool.get('error')) or 'failed'}"
                 if tool.get("exit_code") not in (None, 0):
@@ -960,8 +1049,12 @@ def encode_features(batch: Mapping[str, np.ndarray]) -> Batch:
             "output_chars": len(_text(batch["output"][i])),
             "quality_confidence": None if math.isnan(confidence) else round(confidence, 4),
             "threshold": float(batch["threshold"][i]),
-            "embedding": {"model": EMBEDDING_MODEL, "dtype": "float16", "dim": int(vector.size),
-                          "b64": base64.b64encode(vector.tobytes()).decode()},  # fmt: skip
+            "embedding": {
+                "model": EMBEDDING_MODEL,
+                "dtype": "float16",
+                "dim": int(vector.size),
+                "b64": base64.b64encode(vector.tobytes()).decode(),
+            },
         }
         features.append(json.dumps(item, separators=(",", ":"), sort_keys=True))
     out = dict(batch)
@@ -1124,9 +1217,16 @@ def select_diverse(
     order = np.asarray(sorted(range(n), key=lambda i: _text(batch["interaction_id"][i])), dtype=np.int64)
     batch = take(batch, order)
     picked = diverse_indices(
-        np.asarray(batch["embedding"]), np.asarray(batch["quality_score"]), selection_size(n, keep_fraction, max_rows),
-        method, quality_weight, seed, batch.get("quality_confidence"), confidence_weight, quality_neighbours,
-    )  # fmt: skip
+        np.asarray(batch["embedding"]),
+        np.asarray(batch["quality_score"]),
+        selection_size(n, keep_fraction, max_rows),
+        method,
+        quality_weight,
+        seed,
+        batch.get("quality_confidence"),
+        confidence_weight,
+        quality_neighbours,
+    )
     return take(batch, picked)
 
 
@@ -1170,10 +1270,13 @@ def to_table(batch: Mapping[str, np.ndarray]) -> pa.Table:
         return [_text(v) for v in rows[name]] if n else []
 
     domains = (
-        [[_text(lang), _text(task), *[f for f in _text(fw).split(",") if f]]
-         for lang, task, fw in zip(rows["language"], rows["task"], rows["frameworks"])]
-        if n else []
-    )  # fmt: skip
+        [
+            [_text(lang), _text(task), *[f for f in _text(fw).split(",") if f]]
+            for lang, task, fw in zip(rows["language"], rows["task"], rows["frameworks"])
+        ]
+        if n
+        else []
+    )
     arrays = {
         "interaction_id": col("interaction_id"),
         "timestamp": [_timestamp(t) for t in col("timestamp")],
@@ -1294,10 +1397,12 @@ def count_rows(table: pa.Table) -> dict[str, dict[str, int]]:
     }
 
 
-
 def _write_jsonl(table: pa.Table, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"messages": json.loads(messages)}, ensure_ascii=False) + "\n" for messages in table.column("messages").to_pylist())
+        f.writelines(
+            json.dumps({"messages": json.loads(messages)}, ensure_ascii=False) + "\n"
+            for messages in table.column("messages").to_pylist()
+        )
 
 
 def dataset_uri(storage_root: str, dataset_id: str) -> str:
@@ -1357,8 +1462,9 @@ def write_dataset(
             fs.create_dir(target, recursive=True)
             local = pafs.LocalFileSystem()
             for name in (*DATA_FILES, MANIFEST_FILE):
-                pafs.copy_files((staging / name).as_posix(), f"{target}/{name}",
-                                source_filesystem=local, destination_filesystem=fs)  # fmt: skip
+                pafs.copy_files(
+                    (staging / name).as_posix(), f"{target}/{name}", source_filesystem=local, destination_filesystem=fs
+                )
         else:
             os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide it from a cluster's other users
             try:

@@ -224,9 +224,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             grad.mul_(mask.to(device=grad.device, dtype=grad.dtype))
 
 
-def register_mask_hooks(
-    model: nn.Module, masks: Mapping[str, torch.Tensor]
-) -> list[torch.utils.hooks.RemovableHandle]:
+def register_mask_hooks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
     """Mask gradients as they are computed, through tensor hooks: for engines that own the
     gradients after backward (DeepSpeed ZeRO-2 reduces them into its own partitioned buffers),
     where :func:`apply_masks` cannot reach them. Remove the returned handles to stop masking.

@@ -77,7 +77,6 @@ DEFAULT_TASK_DESCRIPTION = (
 )
 
 
-
 class SSRConfig(BaseModel):
     """Options of ``jobs/synthesize.py``; on its command line each is ``ssr.<key>=<value>``.
 
@@ -106,15 +105,20 @@ class SSRConfig(BaseModel):
         0.01, gt=0, le=1, description="Share of a domain's real rows drawn as demonstrations."
     )
     min_demonstrations: int = Field(
-        4, ge=2, description="Fewest demonstrations per domain, whatever the fraction gives (a domain with fewer rows uses all)."
+        4,
+        ge=2,
+        description=(
+            "Fewest demonstrations per domain, whatever the fraction gives (a domain with fewer rows uses all)."
+        ),
     )
     max_demonstration_chars: int = Field(
         2000, gt=0, description="A demonstration's input and output are each cut to this many characters in a prompt."
     )
     task_description: str = Field(
-        DEFAULT_TASK_DESCRIPTION, min_length=1,
+        DEFAULT_TASK_DESCRIPTION,
+        min_length=1,
         description="First paragraph of every synthesis prompt; '{domain}' is replaced by the domain.",
-    )  # fmt: skip
+    )
     prompts_per_domain: int = Field(
         96, ge=1, description="2-shot prompts per domain (distinct ordered demonstration pairs, cycled when fewer)."
     )
@@ -123,12 +127,12 @@ class SSRConfig(BaseModel):
     temperature: float = Field(0.9, gt=0, description="Sampling temperature of input synthesis.")
     top_p: float = Field(0.6, gt=0, le=1, description="Nucleus (top-p) mass of input synthesis.")
     top_k: int = Field(
-        50, ge=0, description="Only the k likeliest tokens are sampled from (0: all); the paper's code had "
+        50,
+        ge=0,
+        description="Only the k likeliest tokens are sampled from (0: all); the paper's code had "
         "Hugging Face's default, 50.",
-    )  # fmt: skip
-    repetition_penalty: float = Field(
-        1.2, gt=0, description="Repetition penalty of input synthesis (1.0: none)."
     )
+    repetition_penalty: float = Field(1.2, gt=0, description="Repetition penalty of input synthesis (1.0: none).")
     min_input_chars: int = Field(16, ge=1, description="Shorter synthetic inputs are dropped.")
     max_input_chars: int = Field(4000, ge=1, description="Longer synthetic inputs are dropped.")
     check_code: bool = Field(
@@ -149,14 +153,18 @@ class SSRConfig(BaseModel):
         ),
     )
     min_output_confidence: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description=(
             "Answers the latest model gives with a lower geometric-mean token probability are dropped: an input "
             "outside what the earlier domain taught gets a guess, and rehearsing guesses teaches them (0: keep all)."
         ),
     )
     sample_confidence_ratio: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description=(
             "A threshold calibrated per domain and model: the latest model also answers the real sample's inputs (in "
             "the domain by construction), and an answer less sure than this share of its least sure answer to them is "
@@ -193,7 +201,6 @@ class SSRConfig(BaseModel):
                 f"max_output_chars ({self.max_output_chars}) is below min_output_chars ({self.min_output_chars})"
             )
         return self
-
 
 
 def new_rehearsal_id(now: datetime | None = None) -> str:
@@ -233,7 +240,9 @@ def sample_size(n: int, fraction: float, minimum: int) -> int:
     return min(n, max(minimum, round(n * fraction)))
 
 
-def sample_demonstrations(rows: Sequence[Mapping[str, Any]], opts: SSRConfig, rng: random.Random) -> list[Mapping[str, Any]]:
+def sample_demonstrations(
+    rows: Sequence[Mapping[str, Any]], opts: SSRConfig, rng: random.Random
+) -> list[Mapping[str, Any]]:
     """The real sample of one domain that demonstrations are drawn from (in the rows' order)."""
     k = sample_size(len(rows), opts.sample_fraction, opts.min_demonstrations)
     return [rows[i] for i in sorted(rng.sample(range(len(rows)), k))]
@@ -280,11 +289,13 @@ def plan_prompts(
     prompts = []
     for i, j in demonstration_pairs(len(sample), opts.prompts_per_domain, rng):
         demos = [(texts[k][0][:cut], texts[k][1][:cut]) for k in (i, j)]
-        prompts.append({
-            "domain": domain,
-            "prompt": build_prompt(description, demos),
-            "demonstration_ids": [str(sample[i]["interaction_id"]), str(sample[j]["interaction_id"])],
-        })  # fmt: skip
+        prompts.append(
+            {
+                "domain": domain,
+                "prompt": build_prompt(description, demos),
+                "demonstration_ids": [str(sample[i]["interaction_id"]), str(sample[j]["interaction_id"])],
+            }
+        )
     return prompts
 
 
@@ -344,9 +355,7 @@ def check_input(text: str, opts: SSRConfig) -> str | None:
     return None
 
 
-def filter_inputs(
-    texts: Sequence[str], real_inputs: Iterable[str], opts: SSRConfig
-) -> tuple[list[int], Counter[str]]:
+def filter_inputs(texts: Sequence[str], real_inputs: Iterable[str], opts: SSRConfig) -> tuple[list[int], Counter[str]]:
     """Which synthetic inputs of one domain to keep: those that pass :func:`check_input`, are
     not a duplicate of an earlier one (``duplicate``) and do not repeat a real input of the
     domain (``duplicate_of_real``), duplicates compared by :func:`normalize`.
@@ -510,8 +519,9 @@ class DomainReport(BaseModel):
         "answered rows that passed the checks."
     )
     confidence_floor: float | None = Field(
-        None, description="The confidence below which answers were dropped (the higher of min_output_confidence and "
-        "the sample-calibrated threshold); None: no threshold."
+        None,
+        description="The confidence below which answers were dropped (the higher of min_output_confidence and "
+        "the sample-calibrated threshold); None: no threshold.",
     )
     outputs_dropped: dict[str, int] = Field(description="Answers dropped, by reason.")
     rows: int = Field(description="Rehearsal rows written.")
@@ -535,12 +545,16 @@ class RehearsalManifest(BaseModel):
     counts: dict[str, int] = Field(description="Rehearsal rows per source domain.")
     domains: dict[str, DomainReport] = Field(description="Per domain, what each stage did.")
     skipped_domains: dict[str, str] = Field(description="Domains not rehearsed, with the reason.")
-    carried_from: str | None = Field(None, description="The earlier rehearsal set rows were kept from (ssr.carry_over).")
+    carried_from: str | None = Field(
+        None, description="The earlier rehearsal set rows were kept from (ssr.carry_over)."
+    )
     carried: dict[str, int] = Field(
         default_factory=dict, description="Rows kept from it, per domain (part of counts); their provenance is theirs."
     )
     options: dict[str, Any] = Field(description="The SSRConfig used.")
     files: dict[str, str] = Field(description="SHA-256 of each data file, by name.")
     content_hash: str = Field(
-        description="SHA-256 of the rows' ids, domains, inputs and outputs in order (independent of the Parquet encoding)."
+        description=(
+            "SHA-256 of the rows' ids, domains, inputs and outputs in order (independent of the Parquet encoding)."
+        )
     )

@@ -75,7 +75,9 @@ class FinetuneConfig(BaseModel):
     # optimisation
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(
-        0.0, ge=0, description="AdamW's decoupled weight decay; must be 0 with masking=fggm (it would move frozen entries)."
+        0.0,
+        ge=0,
+        description="AdamW's decoupled weight decay; must be 0 with masking=fggm (it would move frozen entries).",
     )
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warm-up, to 0 at the last step (constant: none)."
@@ -92,9 +94,11 @@ class FinetuneConfig(BaseModel):
 
     # data
     rehearsal_ratio: float = Field(
-        0.2, ge=0.0, lt=1.0,
+        0.2,
+        ge=0.0,
+        lt=1.0,
         description="Share of each epoch's rows drawn from the rehearsal set (earlier domains); 0: none.",
-    )  # fmt: skip
+    )
 
     # validation and early stopping
     eval_every_steps: int | None = Field(
@@ -109,7 +113,8 @@ class FinetuneConfig(BaseModel):
 
     # restarts from other seeds
     trials: int = Field(
-        1, ge=1,
+        1,
+        ge=1,
         description=(
             "Start from this many seeds (seed, seed + 1, ...: the LoRA initialisation and the data order), train "
             "each for trial_fraction of the steps, and go on with the one whose validation objective is lowest; "
@@ -118,7 +123,7 @@ class FinetuneConfig(BaseModel):
             "Language Models: Weight Initializations, Data Orders, and Early Stopping'). Costs "
             "(trials - 1) * trial_fraction more steps; needs validation rows."
         ),
-    )  # fmt: skip
+    )
     trial_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="trials > 1: the share of the run's steps each seed trains before the choice."
     )
@@ -143,16 +148,19 @@ class FinetuneConfig(BaseModel):
         "entry", description="fggm: mask single entries, or whole output rows scored by their mean Fisher."
     )
     forgetting_weight: float = Field(
-        1.0, ge=0,
+        1.0,
+        ge=0,
         description=(
             "Weight of forgetting in the objective that early stopping, the kept adapter and a sweep follow: "
             "val_loss + weight * max(0, rise of the held-out earlier domains' loss); without held-out rows "
             "the objective is the validation loss."
         ),
-    )  # fmt: skip
+    )
     ewc_lambda: float = Field(1000.0, gt=0, description="ewc: strength of the penalty lambda/2 * F * (w - w0)^2.")
     fisher_samples: int = Field(
-        64, ge=1, description="fggm/ewc: rows (one per backward pass) the Fisher information is estimated on, per worker."
+        64,
+        ge=1,
+        description="fggm/ewc: rows (one per backward pass) the Fisher information is estimated on, per worker.",
     )
 
     # lineage
@@ -182,7 +190,8 @@ class FinetuneConfig(BaseModel):
 
     # reports
     report_every_s: float = Field(
-        10.0, ge=0.0,
+        10.0,
+        ge=0.0,
         description=(
             "Report to Ray Train at most this often, besides every evaluation, checkpoint and the end; the "
             "steps in between travel in the next report's 'step_metrics' list (an epoch's last step with "
@@ -190,7 +199,7 @@ class FinetuneConfig(BaseModel):
             "every 2 s), so a report per step, or per epoch of a small set, would cap a run at one per poll. "
             "0: a report per step."
         ),
-    )  # fmt: skip
+    )
 
     # checkpoints and fault tolerance
     checkpoint_every_steps: int = Field(
@@ -243,7 +252,6 @@ class FinetuneConfig(BaseModel):
         if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and self.use_gpu):
             return "bf16"
         return "fp32"
-
 
 
 # --- tokenization ----------------------------------------------------------------------------------
@@ -318,9 +326,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) 
     return spans
 
 
-def tokenize_messages(
-    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], max_length: int
-) -> dict[str, Any]:
+def tokenize_messages(tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], max_length: int) -> dict[str, Any]:
     """Token ids and labels of one conversation for supervised fine-tuning.
 
     The conversation is rendered with the tokenizer's chat template (for Qwen2.5, ChatML with its
@@ -394,9 +400,7 @@ def rehearsal_count(n_train: int, ratio: float) -> int:
     return round(n_train * ratio / (1.0 - ratio))
 
 
-def mix_rehearsal(
-    train: Sequence[T], rehearsal: Sequence[T], ratio: float, *, seed: int, epoch: int
-) -> list[T]:
+def mix_rehearsal(train: Sequence[T], rehearsal: Sequence[T], ratio: float, *, seed: int, epoch: int) -> list[T]:
     """One epoch's rows: every training row once, plus rehearsal rows making up ``ratio`` of the
     epoch, shuffled together.
 

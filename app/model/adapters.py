@@ -92,9 +92,7 @@ class AdapterLineage(BaseModel):
     parent_adapter_id: str | None = Field(None, description="The adapter this one was trained from, if any.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description="Training hyper-parameters.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Training and validation metrics.")
-    code_version: str | None = Field(
-        None, description="The code that trained it (a git commit or a version)."
-    )
+    code_version: str | None = Field(None, description="The code that trained it (a git commit or a version).")
 
 
 class AdapterManifest(BaseModel):
@@ -103,9 +101,7 @@ class AdapterManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter_id: str = Field(description="The adapter's id, also its directory name.")
-    base_model: str = Field(
-        min_length=1, description="The base model it was trained on (profile, path or hub id)."
-    )
+    base_model: str = Field(min_length=1, description="The base model it was trained on (profile, path or hub id).")
     created_at: datetime = Field(description="When it was saved, in UTC.")
     peft: LoraSummary = Field(description="The LoRA settings.")
     lineage: AdapterLineage = Field(default_factory=AdapterLineage, description="How it was made.")
@@ -204,9 +200,7 @@ class AdapterStore:
         """
         now = datetime.now(UTC)
         adapter_id = check_adapter_id(adapter_id) if adapter_id is not None else new_adapter_id(now)
-        lineage = AdapterLineage.model_validate(
-            dict(lineage) if isinstance(lineage, Mapping) else lineage or {}
-        )
+        lineage = AdapterLineage.model_validate(dict(lineage) if isinstance(lineage, Mapping) else lineage or {})
         if self.exists(adapter_id):
             raise FileExistsError(f"adapter_id {adapter_id!r} is already stored at {self.uri(adapter_id)}")
 
@@ -247,9 +241,7 @@ class AdapterStore:
             os.rename(staging, self._dir / adapter_id)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise FileExistsError(
-                    f"adapter_id {adapter_id!r} is already stored at {self.uri(adapter_id)}"
-                ) from exc
+                raise FileExistsError(f"adapter_id {adapter_id!r} is already stored at {self.uri(adapter_id)}") from exc
             raise
 
     def _publish_remote(self, staging: Path, adapter_id: str) -> None:
@@ -264,9 +256,11 @@ class AdapterStore:
         try:
             for name in (*ADAPTER_FILES, MANIFEST_FILE):
                 pafs.copy_files(
-                    (staging / name).as_posix(), f"{target}/{name}",
-                    source_filesystem=local, destination_filesystem=self._fs,
-                )  # fmt: skip
+                    (staging / name).as_posix(),
+                    f"{target}/{name}",
+                    source_filesystem=local,
+                    destination_filesystem=self._fs,
+                )
             if renames:
                 self._fs.move(target, final)
         except BaseException:
@@ -342,9 +336,11 @@ class AdapterStore:
         local = pafs.LocalFileSystem()
         for name in ADAPTER_FILES:
             pafs.copy_files(
-                f"{self._remote_dir(adapter_id)}/{name}", (directory / name).as_posix(),
-                source_filesystem=self._fs, destination_filesystem=local,
-            )  # fmt: skip
+                f"{self._remote_dir(adapter_id)}/{name}",
+                (directory / name).as_posix(),
+                source_filesystem=self._fs,
+                destination_filesystem=local,
+            )
             if file_sha256(directory / name) != manifest.files.get(name):
                 raise ValueError(
                     f"adapter {adapter_id!r}: {name} from {self.uri(adapter_id)} does not match the "
@@ -412,9 +408,7 @@ def _write_peft_files(source: Any, directory: Path) -> None:
         source_dir = Path(source)
         exported = None
     else:
-        raise TypeError(
-            f"peft_model_or_dir must be a PeftModel or an adapter directory, not {type(source).__name__}"
-        )
+        raise TypeError(f"peft_model_or_dir must be a PeftModel or an adapter directory, not {type(source).__name__}")
     for name in ADAPTER_FILES:
         if not (source_dir / name).is_file():
             raise FileNotFoundError(
@@ -453,4 +447,3 @@ def _lora_summary(config: dict[str, Any], path: Path) -> LoraSummary:
         target_modules=targets,
         lora_dropout=config.get("lora_dropout", 0.0),
     )
-

@@ -211,9 +211,7 @@ def model_path(
     if name in PROFILES:
         profile = PROFILES[name]
         if not profile.saved:
-            raise ValueError(
-                f"profile {name!r} is never saved: load_model builds it in memory on the GPU"
-            )
+            raise ValueError(f"profile {name!r} is never saved: load_model builds it in memory on the GPU")
         return ensure_profile_dir(name, root=root)
 
     local = Path(name).expanduser()

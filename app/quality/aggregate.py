@@ -54,8 +54,10 @@ def confidence(
     else:
         feedback = 0.3
     fc = components.get("functional_correctness")
-    objective = 1.0 if fc is not None and fc.evidence.get("source") == "outcomes" else (
-        0.75 if fc is not None and fc.evidence.get("has_compilation_result") else 0.5
+    objective = (
+        1.0
+        if fc is not None and fc.evidence.get("source") == "outcomes"
+        else (0.75 if fc is not None and fc.evidence.get("has_compilation_result") else 0.5)
     )  # a static compile is evidence, but less than the agent's own build
     return (feedback + objective + context_completeness(context) + time_decay(timestamp, now)) / 4.0
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from app.quality.base import DIMENSIONS, DimensionScore, clamp
 
-__all__ = ["Calibration", "CalibrationReport", "correlations", "overall_cap", "fit_calibration", "weighted_overall"]
+__all__ = ["Calibration", "CalibrationReport", "correlations", "fit_calibration", "overall_cap", "weighted_overall"]
 
 NAMES = tuple(DIMENSIONS)
 
@@ -75,7 +75,9 @@ class CalibrationReport:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["calibration"] = self.calibration.params() | {"version": self.calibration.version} if self.calibration else None
+        out["calibration"] = (
+            self.calibration.params() | {"version": self.calibration.version} if self.calibration else None
+        )
         return out
 
 

@@ -14,11 +14,27 @@ __all__ = ["CodeBlock", "PythonCheck", "SyntaxCheck", "check_python", "check_syn
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _ALIASES = {
-    "py": "python", "python3": "python", "py3": "python", "ts": "typescript",
-    "js": "javascript", "jsx": "javascript", "node": "javascript", "sh": "bash", "shell": "bash",
-    "zsh": "bash", "console": "bash", "rs": "rust", "golang": "go", "c++": "cpp", "cc": "cpp",
-    "cs": "csharp", "c#": "csharp", "yml": "yaml", "rb": "ruby", "kt": "kotlin",
-}  # fmt: skip
+    "py": "python",
+    "python3": "python",
+    "py3": "python",
+    "ts": "typescript",
+    "js": "javascript",
+    "jsx": "javascript",
+    "node": "javascript",
+    "sh": "bash",
+    "shell": "bash",
+    "zsh": "bash",
+    "console": "bash",
+    "rs": "rust",
+    "golang": "go",
+    "c++": "cpp",
+    "cc": "cpp",
+    "cs": "csharp",
+    "c#": "csharp",
+    "yml": "yaml",
+    "rb": "ruby",
+    "kt": "kotlin",
+}
 
 
 @dataclass(frozen=True)

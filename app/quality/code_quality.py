@@ -12,10 +12,9 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import shutil
 import logging
+import shutil
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -49,8 +48,17 @@ def _ruff(files: list[Path], root: Path) -> dict[str, int]:
     """Violations per file, from one ruff run over them all."""
     if not files:
         return {}
-    cmd = [_ruff_binary(), "check", "--isolated", "--no-cache", "--exit-zero",
-           "--output-format=json", f"--select={RUFF_RULES}", "--line-length=120", str(root)]  # fmt: skip
+    cmd = [
+        _ruff_binary(),
+        "check",
+        "--isolated",
+        "--no-cache",
+        "--exit-zero",
+        "--output-format=json",
+        f"--select={RUFF_RULES}",
+        "--line-length=120",
+        str(root),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     counts: Counter[str] = Counter(Path(item["filename"]).name for item in json.loads(out or "[]"))
     return {f.name: counts.get(f.name, 0) for f in files}
@@ -99,10 +107,18 @@ def _performance(tree: ast.Module) -> tuple[float, list[str]]:
         smells.append("loops nested three deep")
     for loop in (n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))):
         for node in ast.walk(loop):
-            if (isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add)
-                    and isinstance(node.value, (ast.JoinedStr, ast.Constant)) and isinstance(getattr(node.value, "value", ""), str)):  # fmt: skip
+            if (
+                isinstance(node, ast.AugAssign)
+                and isinstance(node.op, ast.Add)
+                and isinstance(node.value, (ast.JoinedStr, ast.Constant))
+                and isinstance(getattr(node.value, "value", ""), str)
+            ):
                 smells.append("string built with += in a loop")
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("index", "count", "remove"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("index", "count", "remove")
+            ):
                 smells.append(f"linear .{node.func.attr}() inside a loop")
     unique = sorted(set(smells))
     return clamp(1.0 - 0.3 * len(unique)), unique
@@ -134,17 +150,28 @@ def assess_code_quality_batch(responses: Sequence[str]) -> list[DimensionScore |
             security = clamp(1.0 - sum(_SEVERITY_COST.get(s, 0.1) for s in severities))
             perf = [_performance(tree) for _, _, tree in items]
             performance = min(score for score, _ in perf)
-            result = weighted({"style": (0.30, style), "maintainability": (0.30, maintainability),
-                               "security": (0.25, security), "performance": (0.15, performance)})  # fmt: skip
+            result = weighted(
+                {
+                    "style": (0.30, style),
+                    "maintainability": (0.30, maintainability),
+                    "security": (0.25, security),
+                    "performance": (0.15, performance),
+                }
+            )
             assert result is not None
             score, subscores = result
             results[i] = DimensionScore(
                 "code_quality",
                 score,
                 subscores,
-                {"ruff_violations": v, "lines": lines, "bandit": dict(Counter(severities)),
-                 "injection": sorted({t for _, t in findings if t in INJECTION_TESTS}),
-                 "maintainability": maint_parts, "smells": sorted({s for _, found in perf for s in found})},  # fmt: skip
+                {
+                    "ruff_violations": v,
+                    "lines": lines,
+                    "bandit": dict(Counter(severities)),
+                    "injection": sorted({t for _, t in findings if t in INJECTION_TESTS}),
+                    "maintainability": maint_parts,
+                    "smells": sorted({s for _, found in perf for s in found}),
+                },
             )
     return results
 

@@ -76,17 +76,24 @@ def assess_correctness(
     resolvable = [c.imports_resolvable for c in py_checks if c.imports_resolvable is not None]
     run = None
     if execute and py_checks and all(c.parses and c.compiles for c in py_checks):
-        defined = {n.name for c in py_checks if c.tree for n in c.tree.body
-                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}  # fmt: skip
+        defined = {
+            n.name
+            for c in py_checks
+            if c.tree
+            for n in c.tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        }
         tests = extract_tests(prompt, response, defined)
         if tests:
             run = run_sandboxed("\n\n".join(b.code for b in py_blocks), tests, timeout_s=timeout_s)
-    result = weighted({
-        "syntax": (0.6 if run is None else 0.25, syntax),
-        "complete": (0.15 if run is None else 0.10, complete),
-        "imports": (0.25 if run is None else 0.15, sum(resolvable) / len(resolvable) if resolvable else None),
-        "tests": (0.5, None if run is None else run.pass_rate),
-    })
+    result = weighted(
+        {
+            "syntax": (0.6 if run is None else 0.25, syntax),
+            "complete": (0.15 if run is None else 0.10, complete),
+            "imports": (0.25 if run is None else 0.15, sum(resolvable) / len(resolvable) if resolvable else None),
+            "tests": (0.5, None if run is None else run.pass_rate),
+        }
+    )
     assert result is not None
     score, subscores = result
     if syntax < 1.0:
@@ -105,8 +112,14 @@ def assess_correctness(
             "languages": sorted({b.language or "unknown" for b in blocks}),
             "errors": [f"{c.language}: {c.error}" for _, c in checked if c.error],
             "unresolved_imports": sorted({m for c in py_checks for m in c.unresolved}),
-            "tests": None if run is None else {"passed": run.passed, "failed": run.failed,
-                                               "timed_out": run.timed_out, "errors": run.errors[:5],
-                                               "setup_error": run.setup_error},  # fmt: skip
+            "tests": None
+            if run is None
+            else {
+                "passed": run.passed,
+                "failed": run.failed,
+                "timed_out": run.timed_out,
+                "errors": run.errors[:5],
+                "setup_error": run.setup_error,
+            },
         },
     )

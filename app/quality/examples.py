@@ -20,8 +20,9 @@ _ARROW = re.compile(
 # "Input: arr = [1, 2], k = 1" then "Output: [2]" (arguments by name or by position).
 _INPUT_OUTPUT = re.compile(r"^\s*Input\s*:\s*(.+?)\s*\n(?:\s*\n)*\s*Output\s*:\s*(.+?)\s*$", re.M | re.I)
 # "For s = "abc", c = "a" the result should be ('bc', False)" / "... the output should be 3."
-_FOR_SHOULD = re.compile(r"\bFor\s+(.+?)\s*,?\s+the\s+(?:output|result)\s+(?:should|will)\s+be\s+(.+?)\s*\.?\s*$",
-                         re.M | re.I)  # fmt: skip
+_FOR_SHOULD = re.compile(
+    r"\bFor\s+(.+?)\s*,?\s+the\s+(?:output|result)\s+(?:should|will)\s+be\s+(.+?)\s*\.?\s*$", re.M | re.I
+)
 _JSON_WORDS = {"true": "True", "false": "False", "null": "None"}
 
 
@@ -64,7 +65,8 @@ for __e in __t.examples:
                 __e.want = 'True\\n'
         except SyntaxError:
             pass
-__r = doctest.DocTestRunner(_Checker(), verbose=False, optionflags=doctest.NORMALIZE_WHITESPACE).run(__t, out=lambda s: None)
+__r = doctest.DocTestRunner(_Checker(), verbose=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+__r = __r.run(__t, out=lambda s: None)
 assert __r.failed == 0, f'{{__r.failed}} of {{__r.attempted}} examples failed'
 """
 
@@ -134,8 +136,11 @@ def _target_function(prompt_blocks: list[str], code_blocks: list[str]) -> str | 
                 tree = ast.parse(code)
             except SyntaxError:
                 continue
-            names += [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                      and not n.name.startswith("_")]  # fmt: skip
+            names += [
+                n.name
+                for n in tree.body
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and not n.name.startswith("_")
+            ]
         if names and (not only_one or len(set(names)) == 1):
             return names[-1]
     return None

@@ -30,9 +30,14 @@ _LANGUAGE_NAMES = {
     "go": {"go", "golang"},
     "rust": {"rust", "cargo"},
     "java": {"java", "spring", "maven", "gradle"},
-}  # fmt: skip
-_IMPORT_ALIASES = {"sklearn": "scikit-learn", "cv2": "opencv-python", "yaml": "pyyaml", "PIL": "pillow",
-                   "bs4": "beautifulsoup4"}  # fmt: skip
+}
+_IMPORT_ALIASES = {
+    "sklearn": "scikit-learn",
+    "cv2": "opencv-python",
+    "yaml": "pyyaml",
+    "PIL": "pillow",
+    "bs4": "beautifulsoup4",
+}
 
 
 MAX_TOKENS = 64
@@ -111,7 +116,9 @@ def assess_relevance(
     embedder = embedder or get_embedder()
     context = context or {}
     description = " ".join(
-        str(x) for x in [context.get("project_type"), context.get("architecture"), *(context.get("technologies") or [])] if x
+        str(x)
+        for x in [context.get("project_type"), context.get("architecture"), *(context.get("technologies") or [])]
+        if x
     )
     texts = [prompt, response] + ([description] if description else [])
     vectors = embedder.embed(texts)
@@ -122,11 +129,13 @@ def assess_relevance(
     language = _language_fit({b.language for b in blocks}, project)
     libraries, missing = _library_fit([b.code for b in blocks if b.language == "python"], project)
     project_fit = weighted({"language": (0.6, language), "libraries": (0.4, libraries)})
-    result = weighted({
-        "project": (0.40, project_fit[0] if project_fit else None),
-        "pattern": (0.35, None if context_sim is None else _similarity_score(context_sim)),
-        "domain": (0.25, None if request_sim is None else _similarity_score(request_sim)),
-    })
+    result = weighted(
+        {
+            "project": (0.40, project_fit[0] if project_fit else None),
+            "pattern": (0.35, None if context_sim is None else _similarity_score(context_sim)),
+            "domain": (0.25, None if request_sim is None else _similarity_score(request_sim)),
+        }
+    )
     if result is None:
         return None
     score, subscores = result
@@ -136,6 +145,10 @@ def assess_relevance(
         "context_relevance",
         score,
         subscores,
-        {"request_similarity": request_sim, "context_similarity": context_sim, "language_fit": language,
-         "missing_libraries": missing},  # fmt: skip
+        {
+            "request_similarity": request_sim,
+            "context_similarity": context_sim,
+            "language_fit": language,
+            "missing_libraries": missing,
+        },
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 __all__ = ["SandboxResult", "run_sandboxed"]
 
 # The child's harness: install the guard, exec the solution, run each test, print one JSON line.
-_HARNESS = r'''
+_HARNESS = r"""
 import json, os, sys, time
 ROOT = os.path.realpath(os.getcwd())
 _WRITE_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
@@ -93,7 +93,7 @@ else:
             result["errors"].append(f"test {i}: {type(exc).__name__}: {exc}"[:300])
 sys.stdout.write("\nKAIZEN-RESULT " + json.dumps(result) + "\n")
 sys.stdout.flush()
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,13 @@ def run_sandboxed(
     """
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kaizen-sandbox-") as tmp:
-        spec = {"code": code, "tests": list(tests), "memory_mb": memory_mb, "cpu_s": max(1, int(timeout_s) + 1),
-                "isolate_network": isolate_network}  # fmt: skip
+        spec = {
+            "code": code,
+            "tests": list(tests),
+            "memory_mb": memory_mb,
+            "cpu_s": max(1, int(timeout_s) + 1),
+            "isolate_network": isolate_network,
+        }
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         Path(tmp, "harness.py").write_text(_HARNESS)
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
@@ -155,5 +160,6 @@ def run_sandboxed(
         return SandboxResult(0, len(tests), timed_out, reason, [], duration, False)
     data = json.loads(marker)
     failed = data["failed"] if data["setup_error"] is None else len(tests)
-    return SandboxResult(data["passed"], failed, False, data["setup_error"], data["errors"], duration,
-                         bool(data.get("netns")))  # fmt: skip
+    return SandboxResult(
+        data["passed"], failed, False, data["setup_error"], data["errors"], duration, bool(data.get("netns"))
+    )

@@ -14,9 +14,17 @@ from app.quality.base import DimensionScore, weighted
 __all__ = ["assess_satisfaction", "merge_feedback"]
 
 _FIELDS = (
-    "rating", "thumbs", "accepted", "modified", "abandoned", "time_to_acceptance_s",
-    "time_to_first_use_s", "usage_time_s", "return_visits", "copy_events",
-)  # fmt: skip
+    "rating",
+    "thumbs",
+    "accepted",
+    "modified",
+    "abandoned",
+    "time_to_acceptance_s",
+    "time_to_first_use_s",
+    "usage_time_s",
+    "return_visits",
+    "copy_events",
+)
 
 
 def merge_feedback(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

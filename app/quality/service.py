@@ -104,8 +104,11 @@ class QualityService:
         for interaction_id, rating in sorted(self.store.mean_ratings().items()):
             # Dimension scores do not depend on the calibration: reuse any stored under this
             # assessor version, and assess (and store) only the rated interactions never scored.
-            rows = [r for r in self.store.quality_scores(interaction_id)
-                    if r["assessor_version"].split("+")[0] == ASSESSOR_VERSION]  # fmt: skip
+            rows = [
+                r
+                for r in self.store.quality_scores(interaction_id)
+                if r["assessor_version"].split("+")[0] == ASSESSOR_VERSION
+            ]
             if rows:
                 samples.append((rows[0]["components"], rows[0].get("cap"), rating))
                 continue
@@ -118,10 +121,15 @@ class QualityService:
                 report.calibration.version,
                 "positive-linear+linear-map",
                 report.calibration.params(),
-                {"ratings": report.ratings, "train": report.train, "test": report.test,
-                 "seed_weights": report.seed, "calibrated": report.calibrated},
+                {
+                    "ratings": report.ratings,
+                    "train": report.train,
+                    "test": report.test,
+                    "seed_weights": report.seed,
+                    "calibrated": report.calibrated,
+                },
                 activate=activate,
-            )  # fmt: skip
+            )
             if activate:
                 self.refresh_calibration()
         return report

@@ -30,8 +30,11 @@ __all__ = ["CircuitBreaker", "StreamingAssessor", "WindowScore"]
 
 # Kinds of finding that are secrets or personal data in an answer (a home path is only redacted).
 _SENSITIVE = frozenset(KINDS) - {"home_path", "ipv4", "ipv6"}
-_MENTION = {lang: re.compile(r"\b(" + "|".join(map(re.escape, sorted(words))) + r")\b", re.I)
-            for lang, words in _LANGUAGE_NAMES.items() if lang != "tsx"}  # fmt: skip
+_MENTION = {
+    lang: re.compile(r"\b(" + "|".join(map(re.escape, sorted(words))) + r")\b", re.I)
+    for lang, words in _LANGUAGE_NAMES.items()
+    if lang != "tsx"
+}
 STREAM_EMBED_CHARS = 400
 _SECRET_OVERLAP = 200  # characters of the previous window scanned again: a secret may straddle two
 
@@ -91,8 +94,10 @@ def _python_so_far(code: str, closed: bool) -> tuple[bool, str | None]:
         return True, None
     except SyntaxError as exc:
         last = len(code.rstrip("\n").split("\n"))
-        incomplete = "was never closed" in (exc.msg or "") or "unexpected EOF" in (exc.msg or "") or (
-            exc.lineno is not None and exc.lineno >= last
+        incomplete = (
+            "was never closed" in (exc.msg or "")
+            or "unexpected EOF" in (exc.msg or "")
+            or (exc.lineno is not None and exc.lineno >= last)
         )
         if incomplete and not closed:
             return True, None

@@ -19,7 +19,9 @@ class ThresholdManager:
         self.base = dict(BASE_THRESHOLDS, **(base or {}))
         self.adjustments: dict[str, float] = dict(adjustments or {})
 
-    def threshold(self, domain: str | None = None, complexity: str | None = None, level: str = "training_inclusion") -> float:
+    def threshold(
+        self, domain: str | None = None, complexity: str | None = None, level: str = "training_inclusion"
+    ) -> float:
         if level not in self.base:
             raise ValueError(f"level: unknown threshold {level!r} (allowed: {', '.join(self.base)})")
         value = self.base[level]

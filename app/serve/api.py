@@ -14,8 +14,8 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -28,8 +28,8 @@ from app.config import KaizenConfig
 from app.ingest import IngestPipeline
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
-from app.serve.openai_api import GenerationBackend, add_openai_routes
 from app.schemas import EventResult
+from app.serve.openai_api import GenerationBackend, add_openai_routes
 from app.store import InteractionStore, StoredEvent, open_store
 
 __all__ = ["CollectorService", "create_api"]
@@ -180,10 +180,13 @@ class ReviewRequest(BaseModel):
     rating: int = Field(ge=1, le=5, description="1 (useless) to 5 (exemplary).")
     rater: str = Field("operator", min_length=1, max_length=200, description="Who rated it.")
     comment: str | None = Field(None, max_length=10_000)
-    dimensions: dict[Literal["user_satisfaction", "functional_correctness", "code_quality",
-                             "context_relevance", "efficiency"], Annotated[int, Field(ge=1, le=5)]] | None = Field(
-        None, description="Optional 1-5 ratings per dimension."
-    )  # fmt: skip
+    dimensions: (
+        dict[
+            Literal["user_satisfaction", "functional_correctness", "code_quality", "context_relevance", "efficiency"],
+            Annotated[int, Field(ge=1, le=5)],
+        ]
+        | None
+    ) = Field(None, description="Optional 1-5 ratings per dimension.")
 
 
 def _error(status: int, field: str | None, reason: str) -> JSONResponse:
@@ -272,7 +275,9 @@ def create_api(service: CollectorService) -> FastAPI:
             results = await service.ingest(events)
         except Exception as exc:  # the store failed: nothing was committed, the client retries
             log.exception("commit failed")
-            raise HTTPException(503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}) from None
+            raise HTTPException(
+                503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}
+            ) from None
         status = 207 if any(r.status == "rejected" for r in results) else 200
         return JSONResponse(status_code=status, content=_summary(results))
 
@@ -291,7 +296,9 @@ def create_api(service: CollectorService) -> FastAPI:
             (result,) = await service.ingest([event])
         except Exception as exc:
             log.exception("commit failed")
-            raise HTTPException(503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}) from None
+            raise HTTPException(
+                503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}
+            ) from None
         if result.status == "rejected":
             field = result.field or ""
             field = field[5:] if field.startswith("body.") else field
@@ -324,8 +331,11 @@ def create_api(service: CollectorService) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(422, {"field": "response", "reason": str(exc)}) from None
 
-    @api.post("/v1/quality/stream", summary="Provisional scores of a response, window by window",
-              dependencies=[require("agent")])  # fmt: skip
+    @api.post(
+        "/v1/quality/stream",
+        summary="Provisional scores of a response, window by window",
+        dependencies=[require("agent")],
+    )
     async def stream_quality_post(body: StreamRequest) -> dict[str, Any]:
         """The windows a streaming assessment emits for these chunks, the last one marked final
         (the same as the WebSocket at this path, for a response already generated)."""
@@ -405,7 +415,9 @@ def create_api(service: CollectorService) -> FastAPI:
                 service.store.add_rating, interaction_id, scale, body.rater, body.comment, dims
             )
         except KeyError:
-            raise HTTPException(404, {"field": "interaction_id", "reason": f"no interaction {interaction_id!r}"}) from None
+            raise HTTPException(
+                404, {"field": "interaction_id", "reason": f"no interaction {interaction_id!r}"}
+            ) from None
         return {"id": rating_id, "interaction_id": interaction_id, "rating": scale}
 
     @api.get("/v1/interactions/{interaction_id}", dependencies=[require("agent")])

@@ -91,14 +91,18 @@ class GeneratorDeployment:
             for i, adapter_id in enumerate(adapter_ids):
                 by_adapter.setdefault(adapter_id, []).append(i)
             for adapter_id, indices in by_adapter.items():
-                for i, merged in zip(indices, self._batch_items([payloads[i] for i in indices], adapter_id,
-                                                                [sessions[i] for i in indices])):  # fmt: skip
+                for i, merged in zip(
+                    indices,
+                    self._batch_items([payloads[i] for i in indices], adapter_id, [sessions[i] for i in indices]),
+                ):
                     results[i] = merged
             return results
 
         return await asyncio.to_thread(run)
 
-    def _batch_items(self, payloads: list[dict[str, Any]], adapter_id: str | None, sessions: list[str]) -> list[dict[str, Any]]:
+    def _batch_items(
+        self, payloads: list[dict[str, Any]], adapter_id: str | None, sessions: list[str]
+    ) -> list[dict[str, Any]]:
         from app.generation import GenerationRequestError, interaction_event, parse_request
         from app.serve.openai_api import _error_item
 
@@ -124,8 +128,10 @@ class GeneratorDeployment:
                         generations.append(None)
             for i, request, generation in zip(positions, requests, generations):
                 if generation is not None:
-                    out[i] = {"completion": generation.completion.model_dump(mode="json", exclude_none=True),
-                              "event": interaction_event(request, generation, session_id=sessions[i])}  # fmt: skip
+                    out[i] = {
+                        "completion": generation.completion.model_dump(mode="json", exclude_none=True),
+                        "event": interaction_event(request, generation, session_id=sessions[i]),
+                    }
         return out
 
     async def stream(self, payload: dict[str, Any], session: str) -> AsyncIterator[dict[str, Any]]:

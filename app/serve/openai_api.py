@@ -37,14 +37,15 @@ class GenerationBackend(Protocol):
 
     async def complete(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> dict[str, Any]: ...
 
-    def stream(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(
+        self, payload: dict[str, Any], adapter_id: str | None, session: str
+    ) -> AsyncIterator[dict[str, Any]]: ...
 
     async def loaded_adapters(self) -> list[str]: ...
 
 
 def _error_item(exc: GenerationRequestError) -> dict[str, Any]:
-    return {"error": {**exc.to_openai()["error"], "field": exc.field, "reason": exc.reason},
-            "status": exc.status_code}  # fmt: skip
+    return {"error": {**exc.to_openai()["error"], "field": exc.field, "reason": exc.reason}, "status": exc.status_code}
 
 
 def generate_items(
@@ -55,8 +56,10 @@ def generate_items(
         request = parse_request(payload)
         if not stream:
             generation = service.complete(request, adapter_id)
-            yield {"completion": generation.completion.model_dump(mode="json", exclude_none=True),
-                   "event": interaction_event(request, generation, session_id=session)}  # fmt: skip
+            yield {
+                "completion": generation.completion.model_dump(mode="json", exclude_none=True),
+                "event": interaction_event(request, generation, session_id=session),
+            }
             return
         chunks = service.stream(request, adapter_id)
     except GenerationRequestError as exc:
@@ -136,7 +139,9 @@ class HandleBackend:
     async def complete(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> dict[str, Any]:
         return await self._for(adapter_id).complete.remote(payload, session)
 
-    async def stream(self, payload: dict[str, Any], adapter_id: str | None, session: str) -> AsyncIterator[dict[str, Any]]:
+    async def stream(
+        self, payload: dict[str, Any], adapter_id: str | None, session: str
+    ) -> AsyncIterator[dict[str, Any]]:
         async for item in self._for(adapter_id, stream=True).stream.remote(payload, session):
             yield item
 
@@ -146,9 +151,19 @@ class HandleBackend:
 
 def _error_response(status: int, field: str | None, reason: str, code: str | None = None) -> JSONResponse:
     # Both conventions: OpenAI's clients read message/type/param/code, Kaizen's read field/reason.
-    return JSONResponse(status_code=status, content={"error": {
-        "message": f"{field}: {reason}" if field else reason, "type": "invalid_request_error", "param": field,
-        "code": code, "field": field, "reason": reason}})  # fmt: skip
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": {
+                "message": f"{field}: {reason}" if field else reason,
+                "type": "invalid_request_error",
+                "param": field,
+                "code": code,
+                "field": field,
+                "reason": reason,
+            }
+        },
+    )
 
 
 def add_openai_routes(
@@ -192,9 +207,11 @@ def add_openai_routes(
         adapter_id = await asyncio.to_thread(resolve, model)
         if adapter_id is None:
             raise GenerationRequestError(
-                "model", f"no model {model!r}: not the base model {base_model!r}, an adapter id, or an alias",
-                status_code=404, code="model_not_found",
-            )  # fmt: skip
+                "model",
+                f"no model {model!r}: not the base model {base_model!r}, an adapter id, or an alias",
+                status_code=404,
+                code="model_not_found",
+            )
         return adapter_id
 
     @api.post("/v1/chat/completions", summary="OpenAI-compatible chat completion", dependencies=dependencies)
@@ -243,12 +260,29 @@ def add_openai_routes(
         loaded = set(await backend.loaded_adapters())
         data = [{"id": base_model, "object": "model", "created": 0, "owned_by": "kaizen", "root": base_model}]
         for row in adapters:
-            data.append({"id": row["id"], "object": "model", "created": _epoch(row.get("created_at")),
-                         "owned_by": "kaizen", "root": base_model, "parent": base_model,
-                         "status": row.get("status"), "loaded": row["id"] in loaded})  # fmt: skip
+            data.append(
+                {
+                    "id": row["id"],
+                    "object": "model",
+                    "created": _epoch(row.get("created_at")),
+                    "owned_by": "kaizen",
+                    "root": base_model,
+                    "parent": base_model,
+                    "status": row.get("status"),
+                    "loaded": row["id"] in loaded,
+                }
+            )
         for alias, adapter_id in aliases.items():
-            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "kaizen", "root": adapter_id,
-                         "parent": base_model})  # fmt: skip
+            data.append(
+                {
+                    "id": alias,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "kaizen",
+                    "root": adapter_id,
+                    "parent": base_model,
+                }
+            )
         return {"object": "list", "data": data}
 
 

@@ -47,9 +47,10 @@ class QualityScorerDeployment:
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._work, name="kaizen-score", daemon=True),
-            threading.Thread(target=self._sweep, args=(cfg.serve.scorer.sweep_interval_s,), name="kaizen-score-sweep",
-                             daemon=True),
-        ]  # fmt: skip
+            threading.Thread(
+                target=self._sweep, args=(cfg.serve.scorer.sweep_interval_s,), name="kaizen-score-sweep", daemon=True
+            ),
+        ]
         for thread in self._threads:
             thread.start()
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 __all__ = ["InteractionStore", "StoredEvent", "open_store"]
 
 
-def open_store(cfg: "StoreConfig", migrate: bool = True) -> InteractionStore:
+def open_store(cfg: StoreConfig, migrate: bool = True) -> InteractionStore:
     """Open the configured engine and bring its schema up to date."""
     if cfg.engine == "sqlite":
         from app.store.sqlite import SQLiteStore

@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
-__all__ = ["MIGRATIONS", "InteractionStore", "StoredEvent", "WRITABLE_TABLES"]
+__all__ = ["MIGRATIONS", "WRITABLE_TABLES", "InteractionStore", "StoredEvent"]
 
 
 @dataclass
@@ -211,13 +211,33 @@ WRITABLE_TABLES = (
     "redactions",
 )
 JSON_COLUMNS = {
-    "stop_sequences", "project_context", "parameters_raw", "parameters_processed",
-    "resource_usage", "components", "manifest", "config", "metrics", "details", "dimensions", "params",
-}  # fmt: skip
+    "stop_sequences",
+    "project_context",
+    "parameters_raw",
+    "parameters_processed",
+    "resource_usage",
+    "components",
+    "manifest",
+    "config",
+    "metrics",
+    "details",
+    "dimensions",
+    "params",
+}
 BOOL_COLUMNS = {
-    "streaming", "success", "accepted", "modified", "abandoned", "code_compiles", "tests_pass",
-    "lint_passes", "type_check_passes", "deployment_success", "no_runtime_errors", "active",
-}  # fmt: skip
+    "streaming",
+    "success",
+    "accepted",
+    "modified",
+    "abandoned",
+    "code_compiles",
+    "tests_pass",
+    "lint_passes",
+    "type_check_passes",
+    "deployment_success",
+    "no_runtime_errors",
+    "active",
+}
 OUTCOME_FIELDS = (
     "code_compiles",
     "tests_pass",
@@ -242,7 +262,7 @@ class InteractionStore(ABC):
 
     engine: str = "abstract"
     placeholder = "?"
-    types: dict[str, str] = {}
+    types: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         self._migrate_lock = threading.Lock()
@@ -321,15 +341,13 @@ class InteractionStore(ABC):
                     for statement in statements:
                         cur.execute(statement.format(**self.types))
                     cur.execute(
-                        self._sql(
-                            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)"
-                        ),
+                        self._sql("INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)"),
                         [version, description, _iso(datetime.now(UTC))],
                     )
                     applied.append(version)
             return applied
 
-    def _lock_migrations(self, cur: Any) -> None:
+    def _lock_migrations(self, cur: Any) -> None:  # noqa: B027 (SQLite needs no lock: the base is a no-op)
         """Serialise concurrent migrators (several replicas starting at once); engine-specific."""
 
     def schema_version(self) -> int:
@@ -405,8 +423,7 @@ class InteractionStore(ABC):
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
-                    "UPDATE interactions SET quality_score = ?, quality_confidence = ?, quality_status = ? "
-                    "WHERE id = ?"
+                    "UPDATE interactions SET quality_score = ?, quality_confidence = ?, quality_status = ? WHERE id = ?"
                 ),
                 [overall, confidence, status, interaction_id],
             )
@@ -430,10 +447,21 @@ class InteractionStore(ABC):
                         "INSERT INTO quality_scores (interaction_id, assessor_version, overall, components, "
                         "confidence, interval_low, interval_high, cap, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
-                    [self._encode(v) for v in (interaction_id, score.assessor_version, score.overall,
-                                                dict(score.components), score.confidence, low, high,
-                                                score.cap, now)],
-                )  # fmt: skip
+                    [
+                        self._encode(v)
+                        for v in (
+                            interaction_id,
+                            score.assessor_version,
+                            score.overall,
+                            dict(score.components),
+                            score.confidence,
+                            low,
+                            high,
+                            score.cap,
+                            now,
+                        )
+                    ],
+                )
                 cur.execute(
                     self._sql(
                         "UPDATE interactions SET quality_score = ?, quality_confidence = ?, quality_status = ? "
@@ -475,9 +503,11 @@ class InteractionStore(ABC):
                     "INSERT INTO human_ratings (id, interaction_id, rating, rater, comment, dimensions, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)"
                 ),
-                [self._encode(v) for v in (rating_id, interaction_id, float(rating), rater, comment,
-                                           dimensions, datetime.now(UTC))],
-            )  # fmt: skip
+                [
+                    self._encode(v)
+                    for v in (rating_id, interaction_id, float(rating), rater, comment, dimensions, datetime.now(UTC))
+                ],
+            )
         return rating_id
 
     def ratings(self, interaction_id: str | None = None) -> list[dict[str, Any]]:
@@ -509,8 +539,10 @@ class InteractionStore(ABC):
         """Store a fitted calibration; when ``activate``, it becomes the one scorers use."""
         with self._transaction() as cur:
             if activate:
-                cur.execute(self._sql("UPDATE calibrations SET active = ? WHERE active = ?"),
-                            [self._encode(False), self._encode(True)])  # fmt: skip
+                cur.execute(
+                    self._sql("UPDATE calibrations SET active = ? WHERE active = ?"),
+                    [self._encode(False), self._encode(True)],
+                )
             cur.execute(
                 self._sql(
                     "INSERT INTO calibrations (version, created_at, method, params, metrics, active) "
@@ -536,9 +568,7 @@ class InteractionStore(ABC):
         if not rows:
             return None
         record = rows[0]
-        ctx = self._fetch(
-            "SELECT project_context FROM context_snapshots WHERE interaction_id = ?", [interaction_id]
-        )
+        ctx = self._fetch("SELECT project_context FROM context_snapshots WHERE interaction_id = ?", [interaction_id])
         record["context"] = ctx[0]["project_context"] if ctx else None
         record["tool_usage"] = self._fetch(
             "SELECT * FROM tool_usage WHERE interaction_id = ? ORDER BY invocation_order, timestamp",
@@ -547,9 +577,7 @@ class InteractionStore(ABC):
         record["feedback"] = self._fetch(
             "SELECT * FROM feedback WHERE interaction_id = ? ORDER BY timestamp", [interaction_id]
         )
-        outcomes = self._fetch(
-            "SELECT * FROM outcomes WHERE interaction_id = ? ORDER BY timestamp", [interaction_id]
-        )
+        outcomes = self._fetch("SELECT * FROM outcomes WHERE interaction_id = ? ORDER BY timestamp", [interaction_id])
         record["outcome"] = _merge_outcomes(outcomes)
         record["redactions"] = {
             r["kind"]: r["count"]
@@ -574,13 +602,9 @@ class InteractionStore(ABC):
         ``since`` is inclusive and ``until`` exclusive; quality bounds are inclusive, and an
         interaction without a score never matches a quality bound.
         """
-        where, params = self._interaction_filters(
-            session_hash, since, until, min_quality, max_quality, quality_status
-        )
+        where, params = self._interaction_filters(session_hash, since, until, min_quality, max_quality, quality_status)
         params.extend([int(limit), int(offset)])
-        return self._fetch(
-            f"SELECT * FROM interactions{where} ORDER BY timestamp, id LIMIT ? OFFSET ?", params
-        )
+        return self._fetch(f"SELECT * FROM interactions{where} ORDER BY timestamp, id LIMIT ? OFFSET ?", params)
 
     def interaction_ids(
         self,
@@ -615,7 +639,9 @@ class InteractionStore(ABC):
         after = None
         while limit is None or len(ids) < limit:
             size = page_size if limit is None else min(page_size, limit - len(ids))
-            page = self.interaction_ids(since=since, until=until, quality_status=quality_status, after_id=after, limit=size)
+            page = self.interaction_ids(
+                since=since, until=until, quality_status=quality_status, after_id=after, limit=size
+            )
             if not page:
                 break
             ids.extend(page)
@@ -649,9 +675,7 @@ class InteractionStore(ABC):
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             marks = ", ".join("?" * len(chunk))
-            found.update(
-                r["id"] for r in self._fetch(f"SELECT id FROM interactions WHERE id IN ({marks})", chunk)
-            )
+            found.update(r["id"] for r in self._fetch(f"SELECT id FROM interactions WHERE id IN ({marks})", chunk))
         return found
 
     def count(self, table: str = "interactions") -> int:
@@ -666,12 +690,8 @@ class InteractionStore(ABC):
             f"SELECT {day} AS day, COUNT(*) AS n FROM interactions GROUP BY {day} ORDER BY day DESC LIMIT ?",
             [days],
         )
-        redactions = self._fetch(
-            "SELECT kind, SUM(count) AS n FROM redactions GROUP BY kind ORDER BY SUM(count) DESC"
-        )
-        status = self._fetch(
-            "SELECT quality_status AS status, COUNT(*) AS n FROM interactions GROUP BY quality_status"
-        )
+        redactions = self._fetch("SELECT kind, SUM(count) AS n FROM redactions GROUP BY kind ORDER BY SUM(count) DESC")
+        status = self._fetch("SELECT quality_status AS status, COUNT(*) AS n FROM interactions GROUP BY quality_status")
         return {
             "engine": self.engine,
             "schema_version": self.schema_version(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -21,7 +21,7 @@ class PostgresStore(InteractionStore):
 
     engine = "postgres"
     placeholder = "%s"
-    types = {
+    types: ClassVar[dict[str, str]] = {
         "TS": "TIMESTAMPTZ",
         "JSON": "JSONB",
         "BOOL": "BOOLEAN",
@@ -33,7 +33,11 @@ class PostgresStore(InteractionStore):
         super().__init__()
         self.dsn = dsn
         self._pool = ConnectionPool(
-            dsn, min_size=1, max_size=max(1, pool_size), open=False, timeout=connect_timeout_s,
+            dsn,
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            timeout=connect_timeout_s,
             kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
         )
         # Fails here, with the server's reason, when the database cannot be reached.
@@ -41,10 +45,8 @@ class PostgresStore(InteractionStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        with self._pool.connection() as conn:
-            with conn.transaction():
-                with conn.cursor() as cur:
-                    yield cur
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
 
     def _lock_migrations(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from app.store.base import InteractionStore, _iso
 
@@ -22,7 +22,7 @@ class SQLiteStore(InteractionStore):
 
     engine = "sqlite"
     placeholder = "?"
-    types = {
+    types: ClassVar[dict[str, str]] = {
         "TS": "TEXT",  # ISO 8601 UTC with a fixed offset, so text order is time order
         "JSON": "TEXT",
         "BOOL": "INTEGER",

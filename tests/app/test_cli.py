@@ -35,9 +35,15 @@ def test_config_check_prints_errors_and_warnings(tmp_path: Path, capsys: pytest.
 def test_status_reads_the_store(local_server, capsys: pytest.CaptureFixture) -> None:
     import httpx
 
-    events = [{"id": f"st-{i}", "type": "interaction", "timestamp": "2026-11-01T10:00:00Z",
-               "body": {"session_id": "s", "input": {"raw": f"mail x{i}@example.com"}, "output": {"content": "ok"}}}
-              for i in range(3)]  # fmt: skip
+    events = [
+        {
+            "id": f"st-{i}",
+            "type": "interaction",
+            "timestamp": "2026-11-01T10:00:00Z",
+            "body": {"session_id": "s", "input": {"raw": f"mail x{i}@example.com"}, "output": {"content": "ok"}},
+        }
+        for i in range(3)
+    ]
     httpx.post(local_server.url + "/v1/events", json={"events": events}).raise_for_status()
     db = local_server.cfg.store.sqlite_path
     assert main(["status", f"store.sqlite_path={db}", "ray.address=127.0.0.1:1", "--json"]) == 0
@@ -66,10 +72,25 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
     db = tmp_path / "kaizen.db"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--seed-if-empty", "--seed-count", "30",
-         f"store.sqlite_path={db}", f"serve.port={port}", "ray.num_cpus=2", "serve.app_name=kaizen-up-test"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "up",
+            "--seed-if-empty",
+            "--seed-count",
+            "30",
+            f"store.sqlite_path={db}",
+            f"serve.port={port}",
+            "ray.num_cpus=2",
+            "serve.app_name=kaizen-up-test",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 240
@@ -90,8 +111,11 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
         assert stats["interactions"] == 30
         # The generator serves the tiny model beside the collector and the scorer.
         assert f"POST http://127.0.0.1:{port}/v1/chat/completions" in out
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
-            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # fmt: skip
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=120,
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
         assert reply.status_code == 200 and reply.json()["object"] == "chat.completion", reply.text
     finally:
         proc.send_signal(signal.SIGINT)
@@ -128,12 +152,31 @@ def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert store.active_calibration() is None  # --dry-run stores nothing
 
     registry = AdapterRegistry(store)
-    manifest = {"adapter_id": "adp-cli-1", "base_model": "tiny", "created_at": datetime.now(UTC).isoformat(),
-                "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_dropout": 0.0},
-                "files": {"adapter_model.safetensors": "0" * 64}}  # fmt: skip
+    manifest = {
+        "adapter_id": "adp-cli-1",
+        "base_model": "tiny",
+        "created_at": datetime.now(UTC).isoformat(),
+        "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_dropout": 0.0},
+        "files": {"adapter_model.safetensors": "0" * 64},
+    }
     registry.register(manifest, "file:///tmp/adp-cli-1", actor="test")
-    assert main(["adapters", "alias", "champion", "adp-cli-1", "--config", str(cfg_file), "--actor", "ana",
-                 "--reason", "first"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "adapters",
+                "alias",
+                "champion",
+                "adp-cli-1",
+                "--config",
+                str(cfg_file),
+                "--actor",
+                "ana",
+                "--reason",
+                "first",
+            ]
+        )
+        == 0
+    )
     assert "champion: (none) -> adp-cli-1" in capsys.readouterr().out
     assert main(["adapters", "list", "--config", str(cfg_file)]) == 0
     assert "adp-cli-1" in (listing := capsys.readouterr().out) and "champion" in listing

@@ -12,8 +12,16 @@ from tests.conftest import free_port
 
 
 def make_client(url: str, spool: Path, **kw) -> KaizenClient:
-    opts = dict(batch_size=50, flush_interval_s=0.02, timeout_s=2, max_retries=2, backoff_base_s=0.01,
-                backoff_max_s=0.05, probe_interval_s=0.2, spool_dir=spool)
+    opts = dict(
+        batch_size=50,
+        flush_interval_s=0.02,
+        timeout_s=2,
+        max_retries=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        probe_interval_s=0.2,
+        spool_dir=spool,
+    )
     opts.update(kw)
     return KaizenClient(url, **opts)
 

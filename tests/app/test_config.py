@@ -62,15 +62,21 @@ def test_seed_warnings_do_not_invalidate(data: dict, key: str) -> None:
 
 def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
     report = validate_config({"collection": {"captur_rate": 0.5}, "bogus": 1})
-    assert any(
-        e.startswith("collection.captur_rate: unknown key") and "capture_rate" in e for e in report.errors
-    ), report.errors
+    assert any(e.startswith("collection.captur_rate: unknown key") and "capture_rate" in e for e in report.errors), (
+        report.errors
+    )
     assert any(e.startswith("bogus: unknown key") for e in report.errors)
 
 
 def test_dotted_overrides_parse_yaml_values() -> None:
-    cfg = load_config(overrides=["collection.capture_rate=0.25", "collection.exclude_patterns=['secret-project']",
-                                 "serve.collector.autoscaling.max_replicas=4", "privacy.hmac_key=abc"])
+    cfg = load_config(
+        overrides=[
+            "collection.capture_rate=0.25",
+            "collection.exclude_patterns=['secret-project']",
+            "serve.collector.autoscaling.max_replicas=4",
+            "privacy.hmac_key=abc",
+        ]
+    )
     assert cfg.collection.capture_rate == 0.25
     assert cfg.collection.exclude_patterns == ["secret-project"]
     assert cfg.serve.collector.autoscaling.max_replicas == 4
@@ -104,15 +110,23 @@ def test_job_sections_are_validated_by_their_jobs_options() -> None:
     from app.config import job_options
     from app.learning.training import FinetuneConfig
 
-    report = validate_config({"finetune": {"lora_rnk": 4, "masking": "l2"}, "sweep": {"search": {"bogus": [1]}},
-                              "learn": {"train_with": "magic"}, "quality": {"nope": 1}})  # fmt: skip
+    report = validate_config(
+        {
+            "finetune": {"lora_rnk": 4, "masking": "l2"},
+            "sweep": {"search": {"bogus": [1]}},
+            "learn": {"train_with": "magic"},
+            "quality": {"nope": 1},
+        }
+    )
     text = "\n".join(report.errors)
     assert "finetune.lora_rnk: unknown key (allowed:" in text and "finetune.masking:" in text
     assert "sweep.search: bogus: not searchable" in text and "learn.train_with:" in text
     assert "quality.nope: unknown key" in text
     # A model validator's message that starts with a key is named under the section.
     report = validate_config({"finetune": {"strategy": "deepspeed"}})
-    assert report.errors == ["finetune.strategy: deepspeed needs use_gpu=true (DeepSpeed ZeRO runs on GPUs); use ddp on CPU"]
+    assert report.errors == [
+        "finetune.strategy: deepspeed needs use_gpu=true (DeepSpeed ZeRO runs on GPUs); use ddp on CPU"
+    ]
     cfg = load_config(None, ["finetune.lora_rank=4", "sweep.num_samples=2"])
     opts = job_options(cfg, "finetune")
     assert isinstance(opts, FinetuneConfig) and opts.lora_rank == 4 and job_options(cfg, "sweep").num_samples == 2

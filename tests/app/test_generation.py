@@ -30,10 +30,9 @@ from app.generation import (
     interaction_event,
     parse_request,
 )
-from app.model import load_model
 from app.model.adapters import AdapterStore
-from tests.conftest import train_answer_adapter
 from app.schemas import EventEnvelope, Interaction, parse_event_body
+from tests.conftest import train_answer_adapter
 
 ANSWER = "The answer is 42."
 PROMPTS = ("hi", "def fib(n):", "What is 2+2?")
@@ -41,8 +40,14 @@ PROMPTS = ("hi", "def fib(n):", "What is 2+2?")
 
 def request(prompt: str = "hi", **fields: Any) -> ChatCompletionRequest:
     """A greedy request whose output on the tiny model is varied text (see the module docstring)."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "presence_penalty": 2.0, "max_tokens": 12, **fields}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "presence_penalty": 2.0,
+        "max_tokens": 12,
+        **fields,
+    }
     return ChatCompletionRequest.model_validate(body)
 
 
@@ -98,8 +103,9 @@ def test_greedy_completion_is_deterministic_and_openai_shaped(service: Generator
 def test_usage_counts_match_the_tokenizer(service: GeneratorService) -> None:
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
     generation = service.complete(request(messages=messages, max_tokens=7))
-    prompt_ids = service.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"]  # fmt: skip
+    prompt_ids = service.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     usage = generation.completion.usage
     assert usage.prompt_tokens == len(prompt_ids)
     assert usage.completion_tokens == 7 and generation.finish_reason == "length"
@@ -160,8 +166,11 @@ def test_stream_holds_back_a_stop_string(service: GeneratorService) -> None:
 
 
 def test_batch_gives_what_each_request_alone_gives(service: GeneratorService) -> None:
-    requests = [request("hi", max_tokens=12), request("What is 2+2?", max_tokens=5),
-                request("def fib(n):", max_tokens=16, stop=["sessionId"])]  # fmt: skip
+    requests = [
+        request("hi", max_tokens=12),
+        request("What is 2+2?", max_tokens=5),
+        request("def fib(n):", max_tokens=16, stop=["sessionId"]),
+    ]
     singles = [service.complete(r) for r in requests]
     batch = service.complete_batch(requests)
     for one, batched in zip(singles, batch, strict=True):
@@ -246,9 +255,7 @@ def test_adapters_are_evicted_least_recently_used_first(
     assert service.complete(request()).text == base_texts["hi"]
 
 
-def test_loading_an_adapter_waits_for_a_stream_in_flight(
-    service: GeneratorService, base_texts: dict[str, str]
-) -> None:
+def test_loading_an_adapter_waits_for_a_stream_in_flight(service: GeneratorService, base_texts: dict[str, str]) -> None:
     expected = service.complete(request(max_tokens=32)).text
     stream = service.stream(request(max_tokens=32, stream=True))
     pieces = [next(stream).choices[0].delta.content, next(stream).choices[0].delta.content]  # under way
@@ -296,12 +303,15 @@ GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
         ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
         ({"presence_penalty": -2.5}, "presence_penalty", "greater than or equal to -2"),
         ({"messages": [{"role": "user"}]}, "messages.0.content", "required for a user message"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages.0.content", "only 'text' content parts"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content",
+            "only 'text' content parts",
+        ),
         ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0.tool_call_id", "required for a tool message"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "Input should be"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_name_the_field(change: dict[str, Any], field: str, reason: str) -> None:
     with pytest.raises(GenerationRequestError) as info:
         parse_request({**GOOD, **change})
@@ -313,11 +323,28 @@ def test_bad_requests_name_the_field(change: dict[str, Any], field: str, reason:
 
 def test_accepted_request_forms() -> None:
     # What OpenAI's API also takes: nulls for defaults, text parts, a stop string, tool history.
-    parsed = parse_request({**GOOD, "temperature": None, "n": None, "stop": "\n\n", "logit_bias": {}, "seed": 1,
-                            "stream": True, "stream_options": {"include_usage": True}, "user": "u1"})  # fmt: skip
+    parsed = parse_request(
+        {
+            **GOOD,
+            "temperature": None,
+            "n": None,
+            "stop": "\n\n",
+            "logit_bias": {},
+            "seed": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "u1",
+        }
+    )
     assert parsed.temperature == 1.0 and parsed.n == 1 and parsed.stop == ["\n\n"] and parsed.completion_limit is None
-    message = parse_request({**GOOD, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]}).messages[0]  # fmt: skip
+    message = parse_request(
+        {
+            **GOOD,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}
+            ],
+        }
+    ).messages[0]
     assert message.text() == "one\ntwo"
 
 
@@ -344,14 +371,31 @@ def test_requests_beyond_the_context_window_name_the_field(model_root: Path, ser
 
 
 def test_tools_and_tool_history_reach_the_chat_template(service: GeneratorService) -> None:
-    tools = [{"type": "function", "function": {"name": "run_tests", "description": "Run the test suite.",
-                                               "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "run_tests",
+                "description": "Run the test suite.",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
     messages = [
         {"role": "user", "content": "Do the tests pass?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "run_tests", "arguments": '{"path": "tests"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "run_tests", "arguments": '{"path": "tests"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "3 passed"},
-    ]  # fmt: skip
+    ]
     prompt = service.complete(request(messages=messages, tools=tools, max_tokens=1)).prompt
     assert "# Tools" in prompt and '"name": "run_tests"' in prompt
     assert '"arguments": {"path": "tests"}' in prompt  # arguments as an object, not a JSON string in a string
@@ -372,9 +416,13 @@ def test_control_tokens_in_messages_are_plain_text(service: GeneratorService) ->
 
 
 def test_interaction_event_records_the_completion(service: GeneratorService) -> None:
-    req = request("Sort a list.", messages=[{"role": "system", "content": "You write Python."},
-                                            {"role": "user", "content": "Sort a list."}],
-                  stop=["\n\n\n"], temperature=0.0, user="dev-1")  # fmt: skip
+    req = request(
+        "Sort a list.",
+        messages=[{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}],
+        stop=["\n\n\n"],
+        temperature=0.0,
+        user="dev-1",
+    )
     generation = service.complete(req)
     event = interaction_event(req, generation, session_id="session-1")
 
@@ -423,22 +471,34 @@ def test_the_openai_client_talks_to_the_service(service: GeneratorService) -> No
             if not body.stream:
                 return httpx.Response(200, json=service.complete(body).completion.model_dump(mode="json"))
             events = [f"data: {chunk.model_dump_json()}\n\n" for chunk in service.stream(body)]
-            return httpx.Response(200, text="".join(events) + "data: [DONE]\n\n",
-                                  headers={"content-type": "text/event-stream"})  # fmt: skip
+            return httpx.Response(
+                200, text="".join(events) + "data: [DONE]\n\n", headers={"content-type": "text/event-stream"}
+            )
         except GenerationRequestError as exc:
             return httpx.Response(exc.status_code, json=exc.to_openai())
 
-    client = openai.OpenAI(base_url="http://generator/v1", api_key="unused", max_retries=0,
-                           http_client=httpx.Client(transport=httpx.MockTransport(handle)))  # fmt: skip
+    client = openai.OpenAI(
+        base_url="http://generator/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.MockTransport(handle)),
+    )
     messages = [{"role": "user", "content": "hi"}]
     expected = service.complete(request(max_tokens=8)).text
 
-    answer = client.chat.completions.create(model="tiny", messages=messages, temperature=0, presence_penalty=2,
-                                            max_completion_tokens=8, stop=["never"])  # fmt: skip
+    answer = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, presence_penalty=2, max_completion_tokens=8, stop=["never"]
+    )
     assert answer.choices[0].message.content == expected and answer.usage.completion_tokens == 8
-    streamed = client.chat.completions.create(model="tiny", messages=messages, temperature=0, presence_penalty=2,
-                                              max_tokens=8, stream=True,
-                                              stream_options={"include_usage": True})  # fmt: skip
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        temperature=0,
+        presence_penalty=2,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == 8

@@ -14,7 +14,10 @@ JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"
     ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
-PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM2\nq1w2e3r4t5y6u7i8o9p0\n-----END RSA PRIVATE KEY-----"
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM2\nq1w2e3r4t5y6u7i8o9p0\n"
+    "-----END RSA PRIVATE KEY-----"
+)
 
 # (kind, text, the secret value that must disappear)
 POSITIVE = [
@@ -41,10 +44,23 @@ POSITIVE = [
     ("aws_key", "session ASIAY34FZKBOKMUTVV7A", "ASIAY34FZKBOKMUTVV7A"),
     ("aws_key", 'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"', "wJalrXUtnFEMI/K7MDENG"),
     ("gcp_key", "key=AIzaSyA-1234567890abcdefghijklmnopqrstu", "AIzaSyA-1234567890abcdefghijklmnopqrstu"),
-    ("private_key", '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBg\\n-----END PRIVATE KEY-----\\n"}', "MIIEvQIBADANBg"),
+    (
+        "private_key",
+        '{"type": "service_account", "private_key": '
+        '"-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBg\\n-----END PRIVATE KEY-----\\n"}',
+        "MIIEvQIBADANBg",
+    ),
     ("private_key", PEM, "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM2"),
-    ("private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nAAAEbm9uZQ (truncated)", "b3BlbnNzaC1rZXktdjEAAAAA"),
-    ("azure_key", "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFy==;EndpointSuffix=core.windows.net", "Zm9vYmFyYmF6cXV4"),
+    (
+        "private_key",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nAAAEbm9uZQ (truncated)",
+        "b3BlbnNzaC1rZXktdjEAAAAA",
+    ),
+    (
+        "azure_key",
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFy==;EndpointSuffix=core.windows.net",
+        "Zm9vYmFyYmF6cXV4",
+    ),
     ("github_token", "token ghp_abcdefghijklmnopqrstuvwxyz0123456789 here", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
     ("github_token", "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", "github_pat_11ABCDEFG"),
     ("gitlab_token", "GITLAB=glpat-abcdefghij0123456789", "glpat-abcdefghij0123456789"),
@@ -52,7 +68,11 @@ POSITIVE = [
     ("openai_key", "OPENAI sk-proj-abcdefghijklmnopqrstuvwxyz012345", "sk-proj-abcdefghijklmnopqrstuvwxyz012345"),
     ("openai_key", "key: sk-abcdefghij1234567890ABCDEFGHIJ", "sk-abcdefghij1234567890ABCDEFGHIJ"),
     ("stripe_key", "stripe.api_key = sk_live_4eC39HqLyjWDarjtT1zdp7dc", "sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
-    ("stripe_key", "rk_live_51HqLyjWDarjtT1zdp7dc and pk_test_TYooMQauvdEDq54NiTphI7jx", "rk_live_51HqLyjWDarjtT1zdp7dc"),
+    (
+        "stripe_key",
+        "rk_live_51HqLyjWDarjtT1zdp7dc and pk_test_TYooMQauvdEDq54NiTphI7jx",
+        "rk_live_51HqLyjWDarjtT1zdp7dc",
+    ),
     ("jwt", f"Authorization: Bearer {JWT}", "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"),
     ("url_password", "DATABASE_URL=postgres://app:Hunter2Secret@db.internal:5432/app", "Hunter2Secret"),
     ("url_password", "redis://:s3cr3tpw@cache:6379/0", "s3cr3tpw"),
@@ -75,8 +95,12 @@ POSITIVE = [
     ("home_path", "at /Users/bob.smith/Library", "bob.smith"),
     ("home_path", r"in C:\Users\carol\AppData", "carol"),
     ("home_path", r'"C:\\Users\\dave\\code"', "dave"),
-    ("sendgrid_key", "SG.abcdefghijklmnopqrstuv.abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "SG.abcdefghijklmnopqrstuv"),
-]  # fmt: skip
+    (
+        "sendgrid_key",
+        "SG.abcdefghijklmnopqrstuv.abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+        "SG.abcdefghijklmnopqrstuv",
+    ),
+]
 
 
 @pytest.mark.parametrize("kind, text, secret", POSITIVE, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(POSITIVE)])
@@ -107,56 +131,160 @@ def test_only_the_value_is_replaced(text: str, expected: str) -> None:
 
 # Ordinary code and text, grouped by the kind each one could be mistaken for.
 NEGATIVE = {
-    "email": ["@property\ndef x(self): return self._x", "@functools.wraps(f)", "z = a @ b.T",
-              "git clone git@github.com:org/repo.git", "user@localhost", "pip install pkg@1.2"],
-    "ipv4": ["requires torch==2.13.0 and numpy>=1.26.4; v2.13.0.1 and 1.2.3", "pip install pkg==2.13.0.1",
-             '__version__ = "0.5.1.2"', "host = '127.0.0.1'; bind('0.0.0.0')", "mask 255.255.255.0",
-             "private ranges 10.0.0.0/8, 172.16.0.0/12; multicast 224.0.0.1", "dns 8.8.8.8 and 1.1.1.1",
-             "docs use 192.0.2.1, 198.51.100.7, 203.0.113.9", "see section 8.2.4.44", "1.3.6.1.4.1.311 is an OID",
-             "999.1.1.1 is not an address"],
-    "ipv6": ["std::vector<int> v; auto x = std::move(v);", "Rust: Foo::bar::<u8>(); a::b",
-             "a[1:2:3]; b[::2]; c = d[:, 1:]; e[1::2]; f[::-1]", "meeting at 12:30:45, 2024-01-15T10:30:00Z",
-             "loopback ::1 and unspecified ::", "doc 2001:db8::1 and link-local fe80::1", "MAC 00:1A:2B:3C:4D:5E"],
-    "phone": ["x = y+12345678", "pi = +3.14159265", "offset = +0100", "2024-01-15 10:30", "range(1000, 2000, 3000)",
-              "call 123-456-7890 (area code 123 does not exist)"],
-    "ssn": ["000-12-3456", "666-12-3456", "900-12-3456", "123-00-4567", "2024-01-15", "uuid 123e4567-e89b-12d3-a456-426614174000"],
-    "card": ["random = 1234567812345678", "4111111111111112", "timestamp_ns = 1700000000000000000", "ms = 1705314600000",
-             "1 2 3 4 5 6 7 8 9 10 11 12 13", "n = 4111111111111111.5", "count: 1234567890123"],
-    "hashes": ["commit 4b825dc642cb6eb9a060e54bf8d69288fbee4904 (short 4b825dc)",
-               "sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-               "id = '123e4567-e89b-12d3-a456-426614174000'", "x = 42; y = 3.14159; big = 1_000_000; n = 1234567",
-               "app.run(port=8080); localhost:5432"],
-    "tokens": ["the risk-adjusted-return-on-capital-basis", "ask-questions-early-and-often-please", "AKIA is a prefix",
-               "JSONDecodeError('Expecting value', s, err.value)", "def ghost_writer(): pass", "mask_live_view = 1"],
-    "password_assignment": ["password_field = 'id_password'", "def get_password(self): return self._password",
-                            "password = None", 'password = os.environ["DB_PASSWORD"]', "password = getpass()",
-                            "password = getpass.getpass('Password: ')", "self._pwd = pwd", "password = self.password",
-                            'password = ""', 'password = "..."', 'password = "<password>"', 'password = "${DB_PASSWORD}"',
-                            'password = "xxx"', 'password = "***"', "password: <your-password>", "def login(self, password: str) -> None:",
-                            'bypass = "abc12345"', "prompt = 'Enter password: '", 'if password == "x":', "PASSWORD_MIN_LENGTH = 12",
-                            '{"password": password}', "password = f'{user}:{pw}'", "password: Optional[str] = None"],
-    "secret_assignment": ['api_key = os.environ["API_KEY"]', "token = request.headers['Authorization']",
-                          "secret_key = settings.SECRET_KEY", 'monkey = "Zx9Qm2Lp7Vt4Rk8Ws3Yn6Bh1"',
-                          "items.sort(key=lambda item: item.name)", 'd = {"key": "value", "token": "abc"}',
-                          "token_type = 'Bearer'", "tokens = tokenize(text)", "max_tokens=2048", 'cache_key = f"user:{uid}"',
-                          "auth = base64.b64encode(user_passwd.encode()).decode('ascii')", "RegEnumKey = win32api.RegEnumKey",
-                          'api_key = "your-api-key-here"', 'API_KEY = "<API_KEY>"'],
-    "home_path": ["https://example.com/home/index.html", "/srv/www/home/site", "/home/", "/Users/Shared/data",
-                  "~/project", "/home/[REDACTED:user]/x"],
-}  # fmt: skip
+    "email": [
+        "@property\ndef x(self): return self._x",
+        "@functools.wraps(f)",
+        "z = a @ b.T",
+        "git clone git@github.com:org/repo.git",
+        "user@localhost",
+        "pip install pkg@1.2",
+    ],
+    "ipv4": [
+        "requires torch==2.13.0 and numpy>=1.26.4; v2.13.0.1 and 1.2.3",
+        "pip install pkg==2.13.0.1",
+        '__version__ = "0.5.1.2"',
+        "host = '127.0.0.1'; bind('0.0.0.0')",
+        "mask 255.255.255.0",
+        "private ranges 10.0.0.0/8, 172.16.0.0/12; multicast 224.0.0.1",
+        "dns 8.8.8.8 and 1.1.1.1",
+        "docs use 192.0.2.1, 198.51.100.7, 203.0.113.9",
+        "see section 8.2.4.44",
+        "1.3.6.1.4.1.311 is an OID",
+        "999.1.1.1 is not an address",
+    ],
+    "ipv6": [
+        "std::vector<int> v; auto x = std::move(v);",
+        "Rust: Foo::bar::<u8>(); a::b",
+        "a[1:2:3]; b[::2]; c = d[:, 1:]; e[1::2]; f[::-1]",
+        "meeting at 12:30:45, 2024-01-15T10:30:00Z",
+        "loopback ::1 and unspecified ::",
+        "doc 2001:db8::1 and link-local fe80::1",
+        "MAC 00:1A:2B:3C:4D:5E",
+    ],
+    "phone": [
+        "x = y+12345678",
+        "pi = +3.14159265",
+        "offset = +0100",
+        "2024-01-15 10:30",
+        "range(1000, 2000, 3000)",
+        "call 123-456-7890 (area code 123 does not exist)",
+    ],
+    "ssn": [
+        "000-12-3456",
+        "666-12-3456",
+        "900-12-3456",
+        "123-00-4567",
+        "2024-01-15",
+        "uuid 123e4567-e89b-12d3-a456-426614174000",
+    ],
+    "card": [
+        "random = 1234567812345678",
+        "4111111111111112",
+        "timestamp_ns = 1700000000000000000",
+        "ms = 1705314600000",
+        "1 2 3 4 5 6 7 8 9 10 11 12 13",
+        "n = 4111111111111111.5",
+        "count: 1234567890123",
+    ],
+    "hashes": [
+        "commit 4b825dc642cb6eb9a060e54bf8d69288fbee4904 (short 4b825dc)",
+        "sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "id = '123e4567-e89b-12d3-a456-426614174000'",
+        "x = 42; y = 3.14159; big = 1_000_000; n = 1234567",
+        "app.run(port=8080); localhost:5432",
+    ],
+    "tokens": [
+        "the risk-adjusted-return-on-capital-basis",
+        "ask-questions-early-and-often-please",
+        "AKIA is a prefix",
+        "JSONDecodeError('Expecting value', s, err.value)",
+        "def ghost_writer(): pass",
+        "mask_live_view = 1",
+    ],
+    "password_assignment": [
+        "password_field = 'id_password'",
+        "def get_password(self): return self._password",
+        "password = None",
+        'password = os.environ["DB_PASSWORD"]',
+        "password = getpass()",
+        "password = getpass.getpass('Password: ')",
+        "self._pwd = pwd",
+        "password = self.password",
+        'password = ""',
+        'password = "..."',
+        'password = "<password>"',
+        'password = "${DB_PASSWORD}"',
+        'password = "xxx"',
+        'password = "***"',
+        "password: <your-password>",
+        "def login(self, password: str) -> None:",
+        'bypass = "abc12345"',
+        "prompt = 'Enter password: '",
+        'if password == "x":',
+        "PASSWORD_MIN_LENGTH = 12",
+        '{"password": password}',
+        "password = f'{user}:{pw}'",
+        "password: Optional[str] = None",
+    ],
+    "secret_assignment": [
+        'api_key = os.environ["API_KEY"]',
+        "token = request.headers['Authorization']",
+        "secret_key = settings.SECRET_KEY",
+        'monkey = "Zx9Qm2Lp7Vt4Rk8Ws3Yn6Bh1"',
+        "items.sort(key=lambda item: item.name)",
+        'd = {"key": "value", "token": "abc"}',
+        "token_type = 'Bearer'",
+        "tokens = tokenize(text)",
+        "max_tokens=2048",
+        'cache_key = f"user:{uid}"',
+        "auth = base64.b64encode(user_passwd.encode()).decode('ascii')",
+        "RegEnumKey = win32api.RegEnumKey",
+        'api_key = "your-api-key-here"',
+        'API_KEY = "<API_KEY>"',
+    ],
+    "home_path": [
+        "https://example.com/home/index.html",
+        "/srv/www/home/site",
+        "/home/",
+        "/Users/Shared/data",
+        "~/project",
+        "/home/[REDACTED:user]/x",
+    ],
+}
 
 
 @pytest.mark.parametrize(
-    "text", [t for texts in NEGATIVE.values() for t in texts], ids=[f"{k}-{i}" for k, ts in NEGATIVE.items() for i in range(len(ts))]
+    "text",
+    [t for texts in NEGATIVE.values() for t in texts],
+    ids=[f"{k}-{i}" for k, ts in NEGATIVE.items() for i in range(len(ts))],
 )
 def test_ordinary_code_and_text_are_untouched(text: str) -> None:
     result = redact(text)
     assert result.findings == () and result.text == text, result.text
 
 
-CLEAN_MODULES = ["json.decoder", "json.encoder", "ipaddress", "functools", "collections", "dataclasses", "pathlib",
-                 "shlex", "difflib", "statistics", "socket", "urllib.parse", "string", "configparser", "getpass",
-                 "http.client", "zipfile", "calendar", "typing", "ast"]  # fmt: skip
+CLEAN_MODULES = [
+    "json.decoder",
+    "json.encoder",
+    "ipaddress",
+    "functools",
+    "collections",
+    "dataclasses",
+    "pathlib",
+    "shlex",
+    "difflib",
+    "statistics",
+    "socket",
+    "urllib.parse",
+    "string",
+    "configparser",
+    "getpass",
+    "http.client",
+    "zipfile",
+    "calendar",
+    "typing",
+    "ast",
+]
 # Modules whose headers name their authors with e-mail addresses: those are real personal data.
 AUTHOR_MODULES = ["textwrap", "argparse", "tokenize", "inspect", "logging", "smtplib"]
 
@@ -227,7 +355,14 @@ def test_redact_json_walks_nested_values_and_sensitive_keys() -> None:
     assert clean["headers"] == {"Authorization": "[REDACTED:secret_assignment]"}
     assert clean["password_field"] == "id_password" and clean["key"] == "user_id"
     assert clean["usage"] == {"max_tokens": "512"} and clean["[REDACTED:email]"] is True
-    assert sorted(kinds) == ["email", "email", "home_path", "password_assignment", "secret_assignment", "secret_assignment"]
+    assert sorted(kinds) == [
+        "email",
+        "email",
+        "home_path",
+        "password_assignment",
+        "secret_assignment",
+        "secret_assignment",
+    ]
     assert value["env"]["DB_PASSWORD"] == "hunter2"  # the input is not modified
     assert flt.redact_json(["a", 1, None, 2.5]) == (["a", 1, None, 2.5], [])
 
@@ -255,7 +390,9 @@ def test_should_capture_samples_sessions_deterministically() -> None:
 
 
 def test_exclude_and_custom_patterns() -> None:
-    flt = PrivacyFilter(b"k", extra_patterns=[r"ACME-\d{6}", r"x*"], exclude_patterns=[r"(?i)top secret", r"DO-NOT-STORE"])
+    flt = PrivacyFilter(
+        b"k", extra_patterns=[r"ACME-\d{6}", r"x*"], exclude_patterns=[r"(?i)top secret", r"DO-NOT-STORE"]
+    )
     assert flt.excluded("fine", "this is TOP SECRET") and flt.excluded("DO-NOT-STORE")
     assert not flt.excluded("fine", None, "")
     assert not PrivacyFilter(b"k").excluded("anything")

@@ -64,8 +64,9 @@ def test_register_get_and_list(registry: AdapterRegistry) -> None:
     assert row["uri"] == "s3://bucket/adapters/adp-a"
     assert row["manifest"] == _manifest("adp-a").model_dump(mode="json")
     assert datetime.fromisoformat(row["created_at"]) == datetime(2025, 1, 1, 12, tzinfo=UTC)
-    registry.register(_manifest("adp-b", 2).model_dump(mode="json"), "/data/adapters/adp-b", "validated",
-                      actor="import")  # fmt: skip
+    registry.register(
+        _manifest("adp-b", 2).model_dump(mode="json"), "/data/adapters/adp-b", "validated", actor="import"
+    )
 
     assert registry.get("adp-a") == row and registry.get("adp-none") is None
     assert [r["id"] for r in registry.list()] == ["adp-a", "adp-b"]
@@ -73,8 +74,9 @@ def test_register_get_and_list(registry: AdapterRegistry) -> None:
     assert registry.list(status="retired") == []
     audit = registry.audit()
     assert [(a["actor"], a["action"], a["target"]) for a in audit] == [
-        ("learn-job", "adapter.register", "adp-a"), ("import", "adapter.register", "adp-b"),
-    ]  # fmt: skip
+        ("learn-job", "adapter.register", "adp-a"),
+        ("import", "adapter.register", "adp-b"),
+    ]
     assert audit[0]["details"] == {
         "uri": "s3://bucket/adapters/adp-a",
         "status": "candidate",
@@ -123,9 +125,7 @@ def test_alias_moves_are_recorded_with_previous_actor_and_reason(registry: Adapt
 
     assert registry.aliases() == {"champion": "adp-b"}
     history = registry.alias_history()
-    assert [
-        (h["alias"], h["adapter_id"], h["previous_adapter_id"], h["actor"], h["reason"]) for h in history
-    ] == [
+    assert [(h["alias"], h["adapter_id"], h["previous_adapter_id"], h["actor"], h["reason"]) for h in history] == [
         ("champion", "adp-a", None, "deployer", "first champion"),
         ("challenger", "adp-b", None, "deployer", "canary 10%"),
         ("champion", "adp-b", "adp-a", "operator", "challenger won"),

@@ -13,9 +13,13 @@ GOOD = {
 
 
 def test_interaction_accepts_snake_and_camel_case() -> None:
-    camel = {"sessionId": "s1", "sequenceNumber": 2, "input": {"raw": "x"},
-             "output": {"content": "y", "generationTime": 12.5, "tokenCount": 4, "streaming": True},
-             "metadata": {"modelVersion": "v1", "maxTokens": 100, "stopSequences": ["\n"], "systemPrompt": "be nice"}}
+    camel = {
+        "sessionId": "s1",
+        "sequenceNumber": 2,
+        "input": {"raw": "x"},
+        "output": {"content": "y", "generationTime": 12.5, "tokenCount": 4, "streaming": True},
+        "metadata": {"modelVersion": "v1", "maxTokens": 100, "stopSequences": ["\n"], "systemPrompt": "be nice"},
+    }
     it = Interaction.model_validate(camel)
     assert it.session_id == "s1" and it.output.generation_time_ms == 12.5 and it.metadata.max_tokens == 100
     assert Interaction.model_validate(GOOD).input.type == "command"
@@ -54,7 +58,9 @@ def test_feedback_ranges_and_interaction_id() -> None:
 
 
 def test_envelope_validates_type_id_and_timestamp() -> None:
-    ok = EventEnvelope.model_validate({"id": "e-1", "type": "interaction", "timestamp": "2026-01-01T00:00:00", "body": {}})
+    ok = EventEnvelope.model_validate(
+        {"id": "e-1", "type": "interaction", "timestamp": "2026-01-01T00:00:00", "body": {}}
+    )
     assert ok.timestamp.tzinfo is not None  # naive times are taken as UTC
     for bad, field in [
         ({"type": "click"}, "type"),
@@ -63,5 +69,7 @@ def test_envelope_validates_type_id_and_timestamp() -> None:
         ({"body": []}, "body"),
     ]:
         with pytest.raises(ValidationError) as err:
-            EventEnvelope.model_validate({"id": "e", "type": "feedback", "timestamp": "2026-01-01T00:00:00Z", "body": {}, **bad})
+            EventEnvelope.model_validate(
+                {"id": "e", "type": "feedback", "timestamp": "2026-01-01T00:00:00Z", "body": {}, **bad}
+            )
         assert format_validation_error(err.value)[0] == field

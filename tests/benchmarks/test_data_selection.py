@@ -47,22 +47,31 @@ def test_options_are_set_by_name_and_type() -> None:
     from benchmarks.data_selection import parse_options
 
     assert parse_options(["quality_neighbours=0", "keep_fraction=0.1", "selection=k_center"]) == {
-        "quality_neighbours": 0, "keep_fraction": 0.1, "selection": "k_center"}  # fmt: skip
+        "quality_neighbours": 0,
+        "keep_fraction": 0.1,
+        "selection": "k_center",
+    }
     for bad, says in (("nope=1", "nope=1"), ("epochs=x", "epochs must be int"), ("seed", "OPTION=VALUE")):
         with pytest.raises(ValueError, match=says):
             parse_options([bad])
 
 
 def _seed_run(seed: int, scores: dict[str, float], times: dict[str, float]) -> dict:
-    return {"seed": seed, "runs": {n: {"score": s, "score_on_hard_words": s, "train_time_s": times[n], "rows": 10}
-                                   for n, s in scores.items()}}  # fmt: skip
+    return {
+        "seed": seed,
+        "runs": {
+            n: {"score": s, "score_on_hard_words": s, "train_time_s": times[n], "rows": 10} for n, s in scores.items()
+        },
+    }
 
 
 def test_the_goals_are_judged_on_the_means_over_seeds() -> None:
     from benchmarks.data_selection import summarize
 
-    seeds = [_seed_run(0, {"all": 0.9, "random": 0.5, "kaizen": 0.95}, {"all": 300.0, "random": 20.0, "kaizen": 25.0}),
-             _seed_run(1, {"all": 0.9, "random": 0.7, "kaizen": 0.80}, {"all": 320.0, "random": 22.0, "kaizen": 35.0})]  # fmt: skip
+    seeds = [
+        _seed_run(0, {"all": 0.9, "random": 0.5, "kaizen": 0.95}, {"all": 300.0, "random": 20.0, "kaizen": 25.0}),
+        _seed_run(1, {"all": 0.9, "random": 0.7, "kaizen": 0.80}, {"all": 320.0, "random": 22.0, "kaizen": 35.0}),
+    ]
     summary, goals = summarize(seeds)
     assert summary["kaizen"]["score"]["mean"] == pytest.approx(0.875)
     assert summary["kaizen"]["score"]["sd"] == pytest.approx(0.10607, abs=1e-4)  # sample standard deviation

@@ -51,9 +51,7 @@ def test_the_families_are_disjoint_and_differ_on_every_input() -> None:
     assert {t.instruction for t in (*BENCHMARK_TASKS, *SELECTION_TASKS)} == set(INSTRUCTION_WORDS)
     words = WORDS[:4]
     answers = [t.answer(words) for t in BENCHMARK_TASKS]
-    assert len(set(answers)) == len(
-        answers
-    )  # a later task really overwrites an earlier one
+    assert len(set(answers)) == len(answers)  # a later task really overwrites an earlier one
     assert len(set(WORDS)) == len(WORDS) == 48
 
 
@@ -85,13 +83,12 @@ def test_rows_and_corpus_formats() -> None:
     rows = task_rows(task, [("next: apple river stone cloud", "river")], prefix="t-")
     (row,) = rows
     assert row["interaction_id"] == "t-next-0" and row["domain"] == ["next"] and row["input"] == ""
-    assert json.loads(row["messages"]) == [{"role": "user", "content": "next: apple river stone cloud"},
-                                           {"role": "assistant", "content": "river"}]  # fmt: skip
+    assert json.loads(row["messages"]) == [
+        {"role": "user", "content": "next: apple river stone cloud"},
+        {"role": "assistant", "content": "river"},
+    ]
     block = fewshot_block("Examples.", [("copy: a b", "a b"), ("copy: c d", "c d")])
-    assert (
-        block
-        == "Examples.\n\nInput: copy: a b\nOutput: a b\n\nInput: copy: c d\nOutput: c d"
-    )
+    assert block == "Examples.\n\nInput: copy: a b\nOutput: a b\n\nInput: copy: c d\nOutput: c d"
     docs = pretraining_texts(
         200,
         random.Random(0),
@@ -99,9 +96,7 @@ def test_rows_and_corpus_formats() -> None:
         lambda n: f"Ex {n}.",
     )
     texts = ["".join(text for text, _ in doc) for doc in docs]
-    assert any(t.startswith("<u>") for t in texts) and any(
-        t.startswith("Ex ") for t in texts
-    )
+    assert any(t.startswith("<u>") for t in texts) and any(t.startswith("Ex ") for t in texts)
     # The benchmark's mappings are never shown (their names may name a renamed block's task).
     for task in BENCHMARK_TASKS:
         for text in texts:
@@ -111,15 +106,11 @@ def test_rows_and_corpus_formats() -> None:
                     if words[0] in WORDS:
                         following = text.split(line + "\nOutput: ", 1)[1].split("\n")[0]
                         assert following != task.answer(words) or task.answer(words) in words
-    assert any(
-        w in text for text in texts for w in INSTRUCTION_WORDS
-    )  # but their words are known
+    assert any(w in text for text in texts for w in INSTRUCTION_WORDS)  # but their words are known
     chat_docs = [doc for doc, t in zip(docs, texts) if t.startswith("<u>")]
     for doc in chat_docs[:20]:
         (marked,) = [text for text, random_words in doc if random_words]
-        assert len(marked.split()) == 4 and marked.startswith(
-            " "
-        )  # the four input words, nothing else
+        assert len(marked.split()) == 4 and marked.startswith(" ")  # the four input words, nothing else
     copies = sum(t.startswith("<u>copy:") for t in texts) / max(1, len(chat_docs))
     assert copies > 0.2  # copy is drawn five times as often as each of the 12 others
     # Half the few-shot blocks call their task by a random word, the same in every input.

@@ -28,18 +28,37 @@ def head(tmp_path: Path):
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     previous = current.read_text() if current.exists() else None
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     ray_cli = shutil.which("ray", path=env["PATH"])
     process = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--num-cpus=1", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         # Ports of its own: the session's Ray (and any other) holds the fixed defaults.
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=1",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+            # Ports of its own: the session's Ray (and any other) holds the fixed defaults.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -67,8 +86,12 @@ def head(tmp_path: Path):
 
 def test_a_submitted_cycle_runs_on_the_cluster_and_its_output_is_followed(head: str, tmp_path: Path) -> None:
     output: list[str] = []
-    overrides = [f"store.sqlite_path={tmp_path / 'empty.db'}", f"model.storage_root={tmp_path / 'root'}",
-                 f"model.checkpoint_dir={tmp_path / 'checkpoints'}", "privacy.hmac_key=k"]  # fmt: skip
+    overrides = [
+        f"store.sqlite_path={tmp_path / 'empty.db'}",
+        f"model.storage_root={tmp_path / 'root'}",
+        f"model.checkpoint_dir={tmp_path / 'checkpoints'}",
+        "privacy.hmac_key=k",
+    ]
     job_id, status = learn.submit(head, None, overrides, output=output.append)
     text = "".join(output)
     # The store is empty: the job runs the cycle on the cluster and stops at the dataset stage.

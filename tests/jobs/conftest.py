@@ -24,10 +24,15 @@ def training_table(n: int, *, start: int = 0, answer: str = ANSWER, learning_typ
             {"role": "user", "content": f"Task {i}: write the function we discussed."},
             {"role": "assistant", "content": answer},
         ]
-        rows.append({
-            "interaction_id": f"i{i}", "messages": json.dumps(messages), "domain": ["python"],
-            "quality_score": 0.9, "learning_type": learning_type,
-        })  # fmt: skip
+        rows.append(
+            {
+                "interaction_id": f"i{i}",
+                "messages": json.dumps(messages),
+                "domain": ["python"],
+                "quality_score": 0.9,
+                "learning_type": learning_type,
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -43,7 +48,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (dataset / "manifest.json").write_text(json.dumps({"dataset_id": "ds-test", "rows": 24}))
     rehearsal = root / "rehearsal"
     rehearsal.mkdir()
-    pq.write_table(training_table(8, start=200, answer=OLD_ANSWER, learning_type="rehearsal"), rehearsal / "rehearsal.parquet")
+    pq.write_table(
+        training_table(8, start=200, answer=OLD_ANSWER, learning_type="rehearsal"), rehearsal / "rehearsal.parquet"
+    )
     (rehearsal / "manifest.json").write_text(json.dumps({"rehearsal_id": "ssr-test", "rows": 8}))
     # An earlier dataset: its validation split holds rows of the old domain that nobody trains on.
     earlier = root / "earlier"
@@ -65,10 +72,10 @@ def cfg(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         (root / "models").symlink_to(shared, target_is_directory=True)
     except pytest.FixtureLookupError:
         ensure_profile_dir("tiny", root=root)
-    return KaizenConfig.model_validate({
-        "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
-        "store": {"sqlite_path": str(root / "kaizen.db")},
-        "privacy": {"hmac_key": "k"},
-    })  # fmt: skip
-
-
+    return KaizenConfig.model_validate(
+        {
+            "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
+            "store": {"sqlite_path": str(root / "kaizen.db")},
+            "privacy": {"hmac_key": "k"},
+        }
+    )

@@ -74,7 +74,11 @@ def sqlite_build(scored, tmp_path_factory: pytest.TempPathFactory, ray_session) 
 def _check(manifest: DatasetManifest, scores: dict[str, tuple[float, float]], engine: str, validation: float) -> None:
     folder = Path(manifest.uri)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json", "train.jsonl", "train.parquet", "validation.jsonl", "validation.parquet"
+        "manifest.json",
+        "train.jsonl",
+        "train.parquet",
+        "validation.jsonl",
+        "validation.parquet",
     ]
     assert DatasetManifest.model_validate_json((folder / "manifest.json").read_text()) == manifest
     for name, digest in manifest.files.items():
@@ -138,11 +142,13 @@ def test_builds_from_postgres(scored, sqlite_build: DatasetManifest, pg_dsn: str
     for interaction_id, (overall, confidence) in scores.items():  # the SQLite store's scores, not re-assessed
         store.set_quality(interaction_id, overall, confidence)
     store.close()
-    cfg = KaizenConfig.model_validate({
-        "store": {"engine": "postgres", "postgres_dsn": pg_dsn},
-        "model": {"storage_root": str(tmp_path)},
-        "privacy": {"hmac_key": "k"},
-    })  # fmt: skip
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"engine": "postgres", "postgres_dsn": pg_dsn},
+            "model": {"storage_root": str(tmp_path)},
+            "privacy": {"hmac_key": "k"},
+        }
+    )
     opts = DatasetConfig(min_examples=8, keep_fraction=0.8, validation_fraction=0.2, selection="k_means")
     manifest = main(cfg, opts)
     _check(manifest, scores, "postgres", 0.2)

@@ -19,11 +19,20 @@ from jobs import finetune
 pytestmark = pytest.mark.integration
 
 
-
 # 2 workers x (10 training rows + 2 rehearsal rows) / batch 2 = 6 steps per epoch; 2 epochs.
-TWO_WORKERS = {"num_workers": 2, "batch_size": 2, "epochs": 2, "lr": 1e-2, "max_length": 64,
-               "rehearsal_ratio": 1 / 6, "checkpoint_every_steps": 4, "checkpoints_to_keep": 3, "max_failures": 1,
-               "continue_from": None, "early_stopping_patience": 0}  # fmt: skip
+TWO_WORKERS = {
+    "num_workers": 2,
+    "batch_size": 2,
+    "epochs": 2,
+    "lr": 1e-2,
+    "max_length": 64,
+    "rehearsal_ratio": 1 / 6,
+    "checkpoint_every_steps": 4,
+    "checkpoints_to_keep": 3,
+    "max_failures": 1,
+    "continue_from": None,
+    "early_stopping_patience": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +43,14 @@ def two_worker_run(cfg: KaizenConfig, data: dict[str, Path], tmp_path_factory, r
     os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV] = "6", str(marker)
     reports: list[dict[str, Any]] = []
     try:
-        result = finetune.main(cfg, FinetuneConfig(**TWO_WORKERS), data["dataset"], rehearsal=data["rehearsal"],
-                               run_name="two-workers", progress=reports.append)  # fmt: skip
+        result = finetune.main(
+            cfg,
+            FinetuneConfig(**TWO_WORKERS),
+            data["dataset"],
+            rehearsal=data["rehearsal"],
+            run_name="two-workers",
+            progress=reports.append,
+        )
     finally:
         del os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV]
     return {**result, "marker": marker, "reports": reports}
@@ -62,7 +77,10 @@ def test_two_ddp_workers_learn_and_the_adapter_is_stored_and_registered(
     assert manifest.base_model == "tiny" and manifest.peft.r == 8
     lineage = manifest.lineage
     assert lineage.dataset_manifest_hash == hashlib.sha256((data["dataset"] / "manifest.json").read_bytes()).hexdigest()
-    assert lineage.rehearsal_manifest_hash == hashlib.sha256((data["rehearsal"] / "manifest.json").read_bytes()).hexdigest()
+    assert (
+        lineage.rehearsal_manifest_hash
+        == hashlib.sha256((data["rehearsal"] / "manifest.json").read_bytes()).hexdigest()
+    )
     assert lineage.parent_adapter_id is None
     assert lineage.hyperparameters["lora_rank"] == 8 and lineage.hyperparameters["world_size"] == 2
     assert lineage.hyperparameters["effective_batch_size"] == 4
@@ -80,10 +98,17 @@ def test_two_ddp_workers_learn_and_the_adapter_is_stored_and_registered(
     # The generator serves it: loaded from the store, it answers, and differently from the base.
     from app.generation import ChatCompletionRequest, GeneratorService
 
-    service = GeneratorService("tiny", root=cfg.model.storage_root, adapter_store=AdapterStore(cfg.model.storage_root),
-                               device="cpu")  # fmt: skip
-    request = ChatCompletionRequest.model_validate({"model": adapter_id, "temperature": 0, "max_tokens": 8,
-        "messages": [{"role": "user", "content": "Task 7: write the function we discussed."}]})  # fmt: skip
+    service = GeneratorService(
+        "tiny", root=cfg.model.storage_root, adapter_store=AdapterStore(cfg.model.storage_root), device="cpu"
+    )
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": adapter_id,
+            "temperature": 0,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Task 7: write the function we discussed."}],
+        }
+    )
     assert service.load_adapter(adapter_id).adapter_id == adapter_id
     tuned, base = service.complete(request, adapter_id), service.complete(request)
     assert tuned.model_version == adapter_id and tuned.completion_tokens > 0
@@ -135,12 +160,21 @@ def test_fisher_masking_keeps_the_protected_entries_of_the_champion(
         AdapterRegistry(store).set_alias("champion", champion, actor="test", reason="the first run")
     finally:
         store.close()
-    opts = FinetuneConfig(num_workers=1, batch_size=4, epochs=1, lr=1e-2, max_length=64, rehearsal_ratio=0.2,
-                          masking="fggm", mask_fraction=0.5, fisher_samples=8, continue_from="champion",
-                          checkpoint_every_steps=100)  # fmt: skip
+    opts = FinetuneConfig(
+        num_workers=1,
+        batch_size=4,
+        epochs=1,
+        lr=1e-2,
+        max_length=64,
+        rehearsal_ratio=0.2,
+        masking="fggm",
+        mask_fraction=0.5,
+        fisher_samples=8,
+        continue_from="champion",
+        checkpoint_every_steps=100,
+    )
     # The training file itself, so there is no validation split (and no best-of rollback).
-    result = finetune.main(cfg, opts, data["dataset"] / "train.parquet", rehearsal=data["rehearsal"],
-                           run_name="masked")  # fmt: skip
+    result = finetune.main(cfg, opts, data["dataset"] / "train.parquet", rehearsal=data["rehearsal"], run_name="masked")
 
     assert result["parent_adapter_id"] == champion
     assert result["metrics"]["mask"]["updated_fraction"] == pytest.approx(0.5, abs=0.01)
@@ -167,11 +201,25 @@ def test_trials_go_on_with_the_best_seed_exactly_as_its_own_run(
     from app.model.adapters import AdapterStore
 
     # 20 rows / batch 4 = 5 steps an epoch, 3 epochs; each of 3 seeds trains the first epoch.
-    base = {"num_workers": 1, "batch_size": 4, "epochs": 3, "lr": 1e-2, "max_length": 64, "rehearsal_ratio": 0.0,
-            "continue_from": None, "early_stopping_patience": 0, "checkpoint_every_steps": 100}  # fmt: skip
+    base = {
+        "num_workers": 1,
+        "batch_size": 4,
+        "epochs": 3,
+        "lr": 1e-2,
+        "max_length": 64,
+        "rehearsal_ratio": 0.0,
+        "continue_from": None,
+        "early_stopping_patience": 0,
+        "checkpoint_every_steps": 100,
+    }
     reports: list[dict[str, Any]] = []
-    tried = finetune.main(cfg, FinetuneConfig(**base, trials=3, trial_fraction=1 / 3), data["dataset"],
-                          run_name="trials", progress=reports.append)  # fmt: skip
+    tried = finetune.main(
+        cfg,
+        FinetuneConfig(**base, trials=3, trial_fraction=1 / 3),
+        data["dataset"],
+        run_name="trials",
+        progress=reports.append,
+    )
     trials = tried["metrics"]["trials"]
     assert [(t["seed"], t["steps"]) for t in trials] == [(0, 5), (1, 5), (2, 5)]
     assert len({t["val_loss"] for t in trials}) == 3  # three different starts and data orders
@@ -201,14 +249,26 @@ def test_the_time_limit_stops_a_run_in_its_trials_and_keeps_what_it_has(
     # training.max_hours of 3.6 ms: every step is over it, so the first trial stops after its first
     # step, the second never starts, and the run goes no further.
     short = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_hours": 1e-6})})
-    opts = FinetuneConfig(num_workers=1, batch_size=4, epochs=3, lr=1e-2, max_length=64, rehearsal_ratio=0.0,
-                          continue_from=None, early_stopping_patience=0, trials=2, trial_fraction=1 / 3)  # fmt: skip
+    opts = FinetuneConfig(
+        num_workers=1,
+        batch_size=4,
+        epochs=3,
+        lr=1e-2,
+        max_length=64,
+        rehearsal_ratio=0.0,
+        continue_from=None,
+        early_stopping_patience=0,
+        trials=2,
+        trial_fraction=1 / 3,
+    )
     result = finetune.main(short, opts, data["dataset"], run_name="time-limit")
     metrics = result["metrics"]
     assert metrics["stop_reason"] == "time_limit" and metrics["steps"] == 1
     assert [(t["seed"], t["steps"]) for t in metrics["trials"]] == [(0, 1)] and metrics["seed"] == 0
     assert metrics["train_time_s"] > short.training.max_hours * 3600
-    assert (AdapterStore(cfg.model.storage_root).local_path(result["adapter_id"]) / "adapter_model.safetensors").is_file()
+    assert (
+        AdapterStore(cfg.model.storage_root).local_path(result["adapter_id"]) / "adapter_model.safetensors"
+    ).is_file()
 
 
 def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dict[str, Path], capsys) -> None:
@@ -232,16 +292,28 @@ def test_gpu_options_are_refused_without_cuda_or_packages(cfg: KaizenConfig) -> 
 
     with pytest.raises(ValueError, match="finetune.use_gpu"):
         finetune.check_requirements(cfg, FinetuneConfig(use_gpu=True))
-    for opts, package in ((FinetuneConfig(use_gpu=True, strategy="deepspeed"), "deepspeed"),
-                          (FinetuneConfig(use_gpu=True, quantize_4bit=True), "bitsandbytes")):  # fmt: skip
+    for opts, package in (
+        (FinetuneConfig(use_gpu=True, strategy="deepspeed"), "deepspeed"),
+        (FinetuneConfig(use_gpu=True, quantize_4bit=True), "bitsandbytes"),
+    ):
         if importlib.util.find_spec(package) is None:
             with pytest.raises(ImportError, match=rf"{package} package.*kaizen\[gpu\]"):
                 finetune.check_requirements(cfg, opts)
 
 
-GPU_RUN = {"num_workers": 1, "use_gpu": True, "batch_size": 2, "epochs": 1, "max_steps": 4, "max_length": 64,
-           "continue_from": None, "rehearsal_ratio": 0.0, "checkpoint_every_steps": 2, "eval_every_steps": 2,
-           "gradient_checkpointing": True}  # fmt: skip
+GPU_RUN = {
+    "num_workers": 1,
+    "use_gpu": True,
+    "batch_size": 2,
+    "epochs": 1,
+    "max_steps": 4,
+    "max_length": 64,
+    "continue_from": None,
+    "rehearsal_ratio": 0.0,
+    "checkpoint_every_steps": 2,
+    "eval_every_steps": 2,
+    "gradient_checkpointing": True,
+}
 
 
 @pytest.mark.gpu

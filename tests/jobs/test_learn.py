@@ -23,12 +23,27 @@ pytestmark = pytest.mark.integration
 # Small and quick: a tiny dataset, little generation, a few optimizer steps.
 SECTIONS = {
     "dataset": {"min_examples": 8, "keep_fraction": 1.0, "validation_fraction": 0.25, "max_group_share": 1.0},
-    "ssr": {"prompts_per_domain": 3, "samples_per_prompt": 2, "max_input_tokens": 24, "max_output_tokens": 24,
-            "min_input_chars": 1, "check_code": False, "drop_truncated_outputs": False,
-            "rehearsal_instances_per_domain": 3, "num_gpus": 0},
-    "finetune": {"batch_size": 4, "epochs": 1, "max_steps": 3, "max_length": 96, "eval_every_steps": 3,
-                 "checkpoint_every_steps": 100, "early_stopping_patience": 0},
-}  # fmt: skip
+    "ssr": {
+        "prompts_per_domain": 3,
+        "samples_per_prompt": 2,
+        "max_input_tokens": 24,
+        "max_output_tokens": 24,
+        "min_input_chars": 1,
+        "check_code": False,
+        "drop_truncated_outputs": False,
+        "rehearsal_instances_per_domain": 3,
+        "num_gpus": 0,
+    },
+    "finetune": {
+        "batch_size": 4,
+        "epochs": 1,
+        "max_steps": 3,
+        "max_length": 96,
+        "eval_every_steps": 3,
+        "checkpoint_every_steps": 100,
+        "early_stopping_patience": 0,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +57,17 @@ def config_file(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> P
     QualityService(store).score_pending()
     store.close()
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "store": {"sqlite_path": str(db)}, "privacy": {"hmac_key": "k"}, "quality": {"threshold": 0.3},
-        "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
-        **SECTIONS,
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": {"sqlite_path": str(db)},
+                "privacy": {"hmac_key": "k"},
+                "quality": {"threshold": 0.3},
+                "model": {"base_model": "tiny", "storage_root": str(root), "checkpoint_dir": str(root / "checkpoints")},
+                **SECTIONS,
+            }
+        )
+    )
     return path
 
 
@@ -70,7 +91,12 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     assert first["rehearsal"] is None and first["earlier"] is None
     adapter = first["adapter"]
     assert adapter["status"] == "candidate" and adapter["parent_adapter_id"] is None
-    assert Path(first["record"]).is_file() and set(first["stages"]) == {"dataset", "rehearsal", "training (finetune)", "candidate"}
+    assert Path(first["record"]).is_file() and set(first["stages"]) == {
+        "dataset",
+        "rehearsal",
+        "training (finetune)",
+        "candidate",
+    }
     lineage = AdapterStore(cfg.model.storage_root).manifest(adapter["adapter_id"]).lineage
     assert lineage.dataset_uri == first["dataset"]["uri"]
 
@@ -95,7 +121,10 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     # Real rehearsal: the champion's own training rows are mixed in.
     _, third, text = _learn(config_file, capsys, "learn.rehearsal=real", "finetune.continue_from=null")
     assert third["rehearsal"] == str(Path(first["dataset"]["uri"]) / "train.parquet")
-    assert third["adapter"]["metrics"]["rows"]["rehearsal"] == first["dataset"]["rows"] - third["adapter"]["metrics"]["rows"]["heldout"]
+    assert (
+        third["adapter"]["metrics"]["rows"]["rehearsal"]
+        == first["dataset"]["rows"] - third["adapter"]["metrics"]["rows"]["heldout"]
+    )
     lineage = AdapterStore(cfg.model.storage_root).manifest(third["adapter"]["adapter_id"]).lineage
     assert lineage.rehearsal_uri == third["rehearsal"] and lineage.rehearsal_manifest_hash
 
@@ -104,7 +133,9 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     for champion, expected in ((third, None), (second, second["rehearsal"])):
         store = open_store(cfg.store)
         try:
-            AdapterRegistry(store).set_alias("champion", champion["adapter"]["adapter_id"], actor="test", reason="carry")
+            AdapterRegistry(store).set_alias(
+                "champion", champion["adapter"]["adapter_id"], actor="test", reason="carry"
+            )
         finally:
             store.close()
         assert learn.champion_rehearsal_set(cfg) == expected

@@ -36,8 +36,9 @@ def test_pending_then_all_are_scored_by_the_actor_pool(tmp_path: Path, ray_sessi
     assert score.main(cfg, status="pending", progress=False).selected == 0  # nothing left
 
     # After a calibration, --all re-scores everything under the new version, beside the old scores.
-    store.save_calibration("cal-test", "positive-linear+linear-map",
-                           {"weights": {"functional_correctness": 1.0}, "xs": [], "ys": []}, {})  # fmt: skip
+    store.save_calibration(
+        "cal-test", "positive-linear+linear-map", {"weights": {"functional_correctness": 1.0}, "xs": [], "ys": []}, {}
+    )
     again = score.main(cfg, status=None, actors=1, batch_size=16, execute=False, progress=False)
     assert again.scored == 24 and again.assessor_versions == {f"{ASSESSOR_VERSION}+cal-test": 24}
     rows = store.quality_scores(ids[0])
@@ -53,9 +54,21 @@ def test_the_command_line(tmp_path: Path) -> None:
     ingest_samples(store, 3)
     store.close()
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.score", "--config", str(cfg_file), "--actors", "1", "--no-execute",
-         "ray.num_cpus=1"],  # fmt: skip
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+        [
+            sys.executable,
+            "-m",
+            "jobs.score",
+            "--config",
+            str(cfg_file),
+            "--actors",
+            "1",
+            "--no-execute",
+            "ray.num_cpus=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout[out.stdout.index("{") :])["scored"] == 3

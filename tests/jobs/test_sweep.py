@@ -16,8 +16,17 @@ from jobs import sweep
 
 pytestmark = pytest.mark.integration
 
-TRIAL = {"num_workers": 1, "batch_size": 4, "epochs": 1, "max_steps": 4, "max_length": 64, "eval_every_steps": 2,
-         "continue_from": None, "early_stopping_patience": 0, "checkpoint_every_steps": 100}  # fmt: skip
+TRIAL = {
+    "num_workers": 1,
+    "batch_size": 4,
+    "epochs": 1,
+    "max_steps": 4,
+    "max_length": 64,
+    "eval_every_steps": 2,
+    "continue_from": None,
+    "early_stopping_patience": 0,
+    "checkpoint_every_steps": 100,
+}
 
 
 def test_search_options_are_checked_and_irrelevant_ones_left_out() -> None:
@@ -36,8 +45,9 @@ def test_search_options_are_checked_and_irrelevant_ones_left_out() -> None:
     assert any("rehearsal_ratio left out: there are no rehearsal rows" in n for n in notes)
     kept, _ = relevant_search(search, FinetuneConfig(masking="fggm").model_dump(), has_rehearsal=True)
     assert set(kept) == set(search)
-    errors = check_search({"lr": SearchRange(min=1e-4, max=1e-3), "rehearsal_ratio": [0.5, 1.0]},
-                          FinetuneConfig().model_dump())  # fmt: skip
+    errors = check_search(
+        {"lr": SearchRange(min=1e-4, max=1e-3), "rehearsal_ratio": [0.5, 1.0]}, FinetuneConfig().model_dump()
+    )
     assert errors == [errors[0]] and errors[0].startswith("sweep.search.rehearsal_ratio: 1.0 is refused by finetune")
 
 
@@ -48,11 +58,23 @@ def test_two_trials_rank_by_the_objective_and_the_best_is_registered(
     from app.registry import AdapterRegistry
     from app.store import open_store
 
-    options = SweepConfig(sweep_id="sweep-test", method="grid", num_samples=1, grace_period_steps=2,
-                          search={"lr": [1e-4, 3e-2], "rehearsal_ratio": [0.2], "mask_fraction": [0.5]})  # fmt: skip
+    options = SweepConfig(
+        sweep_id="sweep-test",
+        method="grid",
+        num_samples=1,
+        grace_period_steps=2,
+        search={"lr": [1e-4, 3e-2], "rehearsal_ratio": [0.2], "mask_fraction": [0.5]},
+    )
     lines: list[str] = []
-    result = sweep.main(cfg, options, FinetuneConfig(**TRIAL), data["dataset"], rehearsal=data["rehearsal"],
-                        heldout=data["earlier"], progress=lines.append)  # fmt: skip
+    result = sweep.main(
+        cfg,
+        options,
+        FinetuneConfig(**TRIAL),
+        data["dataset"],
+        rehearsal=data["rehearsal"],
+        heldout=data["earlier"],
+        progress=lines.append,
+    )
 
     assert result["notes"] == ["sweep.search.mask_fraction left out: finetune.masking is none, not fggm"]
     trials = result["trials"]
@@ -62,7 +84,9 @@ def test_two_trials_rank_by_the_objective_and_the_best_is_registered(
     assert completed and all(t["params"]["rehearsal_ratio"] == 0.2 for t in trials)
     for t in completed:
         # The objective is the validation loss plus the rise of the earlier domain's loss.
-        assert t["heldout_loss"] is not None and t["objective"] == pytest.approx(t["val_loss"] + max(0.0, t["forgetting"]))
+        assert t["heldout_loss"] is not None and t["objective"] == pytest.approx(
+            t["val_loss"] + max(0.0, t["forgetting"])
+        )
     best = result["best"]
     assert best["objective"] == min(t["objective"] for t in completed)
     assert any("started: lr=" in line for line in lines) and any("objective" in line for line in lines)

@@ -22,12 +22,22 @@ from jobs import synthesize
 from tests.conftest import train_answer_adapter
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE_SCHEMA = pa.schema([
-    ("interaction_id", pa.string()), ("timestamp", pa.timestamp("us", tz="UTC")), ("instruction", pa.string()),
-    ("input", pa.string()), ("output", pa.string()), ("quality_score", pa.float64()),
-    ("domain", pa.list_(pa.string())), ("complexity", pa.string()), ("learning_type", pa.string()),
-    ("project_context", pa.string()), ("features", pa.string()), ("messages", pa.string()),
-])  # fmt: skip
+SOURCE_SCHEMA = pa.schema(
+    [
+        ("interaction_id", pa.string()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("instruction", pa.string()),
+        ("input", pa.string()),
+        ("output", pa.string()),
+        ("quality_score", pa.float64()),
+        ("domain", pa.list_(pa.string())),
+        ("complexity", pa.string()),
+        ("learning_type", pa.string()),
+        ("project_context", pa.string()),
+        ("features", pa.string()),
+        ("messages", pa.string()),
+    ]
+)
 ANSWER = "Use a context manager."
 
 
@@ -40,13 +50,24 @@ def _write_source(directory: Path, domains: dict[str, int]) -> Path:
         for i in range(n):
             instruction = f"In {domain}, how do I handle case {i} of reading a file safely?"
             output = f"Open it in a with-block ({i})."
-            rows.append({
-                "interaction_id": f"{domain}-{i}", "timestamp": datetime(2025, 1, 1, tzinfo=UTC),
-                "instruction": instruction, "input": "", "output": output, "quality_score": 0.9,
-                "domain": [domain, "files"], "complexity": "simple", "learning_type": "new_knowledge",
-                "project_context": "{}", "features": "{}",
-                "messages": json.dumps([{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "interaction_id": f"{domain}-{i}",
+                    "timestamp": datetime(2025, 1, 1, tzinfo=UTC),
+                    "instruction": instruction,
+                    "input": "",
+                    "output": output,
+                    "quality_score": 0.9,
+                    "domain": [domain, "files"],
+                    "complexity": "simple",
+                    "learning_type": "new_knowledge",
+                    "project_context": "{}",
+                    "features": "{}",
+                    "messages": json.dumps(
+                        [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+                    ),
+                }
+            )
     directory.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), directory / "train.parquet")
     (directory / "manifest.json").write_text(json.dumps({"rows": len(rows)}))
@@ -54,29 +75,52 @@ def _write_source(directory: Path, domains: dict[str, int]) -> Path:
 
 
 def _config(tmp_path: Path, root: Path) -> KaizenConfig:
-    return KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(tmp_path / "k.db")}, "privacy": {"hmac_key": "k"},
-        "model": {"base_model": "tiny", "storage_root": str(root)}, "ray": {"num_cpus": 2},
-    })  # fmt: skip
+    return KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(tmp_path / "k.db")},
+            "privacy": {"hmac_key": "k"},
+            "model": {"base_model": "tiny", "storage_root": str(root)},
+            "ray": {"num_cpus": 2},
+        }
+    )
 
 
 def _loose(**overrides) -> SSRConfig:
     """Filters that let a random model's text through, and little generation."""
-    return SSRConfig(**{
-        "prompts_per_domain": 3, "samples_per_prompt": 2, "max_input_tokens": 24, "max_output_tokens": 24,
-        "min_input_chars": 1, "check_code": False, "drop_truncated_outputs": False,
-        "rehearsal_instances_per_domain": 3, "num_gpus": 0, **overrides,
-    })  # fmt: skip
+    return SSRConfig(
+        **{
+            "prompts_per_domain": 3,
+            "samples_per_prompt": 2,
+            "max_input_tokens": 24,
+            "max_output_tokens": 24,
+            "min_input_chars": 1,
+            "check_code": False,
+            "drop_truncated_outputs": False,
+            "rehearsal_instances_per_domain": 3,
+            "num_gpus": 0,
+            **overrides,
+        }
+    )
 
 
 def test_the_stages_without_ray(model_root: Path) -> None:
     opts = _loose()
-    prompts = pa.Table.from_pylist([
-        {"prompt_id": 0, "domain": "python", "prompt": "Requests.\n\nInput: a\nOutput: b\n\nInput: c\nOutput: d\n\nInput:",
-         "demonstration_ids": ["p-0", "p-1"]},
-        {"prompt_id": 1, "domain": "go", "prompt": "More.\n\nInput: e\nOutput: f\n\nInput: g\nOutput: h\n\nInput:",
-         "demonstration_ids": ["g-0", "g-1"]},
-    ])  # fmt: skip
+    prompts = pa.Table.from_pylist(
+        [
+            {
+                "prompt_id": 0,
+                "domain": "python",
+                "prompt": "Requests.\n\nInput: a\nOutput: b\n\nInput: c\nOutput: d\n\nInput:",
+                "demonstration_ids": ["p-0", "p-1"],
+            },
+            {
+                "prompt_id": 1,
+                "domain": "go",
+                "prompt": "More.\n\nInput: e\nOutput: f\n\nInput: g\nOutput: h\n\nInput:",
+                "demonstration_ids": ["g-0", "g-1"],
+            },
+        ]
+    )
     stage = synthesize.SynthesizeInputs("tiny", str(model_root), opts.model_dump())
     out = stage(prompts)
     assert out.num_rows == 4  # samples_per_prompt for each prompt
@@ -137,7 +181,9 @@ def test_read_source_prefers_the_train_split(tmp_path: Path) -> None:
     (tmp_path / "d" / "train").mkdir(parents=True)
     (tmp_path / "d" / "validation").mkdir()
     pq.write_table(table, tmp_path / "d" / "train" / "part-0.parquet")
-    pq.write_table(pa.table({"interaction_id": ["v"], "domain": [["x"]]}), tmp_path / "d" / "validation" / "part-0.parquet")
+    pq.write_table(
+        pa.table({"interaction_id": ["v"], "domain": [["x"]]}), tmp_path / "d" / "validation" / "part-0.parquet"
+    )
     (tmp_path / "d" / "manifest.json").write_text("{}")
     rows, digest = synthesize.read_source(tmp_path / "d")
     assert rows.column("interaction_id").to_pylist() == ["a"]
@@ -159,8 +205,13 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     assert synthesize.latest_adapter(cfg) is None  # no champion yet: the base model answers
 
     adapters = AdapterStore(model_root)
-    manifest = train_answer_adapter(model_root, adapters, "adp-ssr-champion", ANSWER,
-                                    ["How do I read a file?", "Explain generators.", "Fix my loop."])  # fmt: skip
+    manifest = train_answer_adapter(
+        model_root,
+        adapters,
+        "adp-ssr-champion",
+        ANSWER,
+        ["How do I read a file?", "Explain generators.", "Fix my loop."],
+    )
     store = open_store(cfg.store)
     registry = AdapterRegistry(store)
     registry.register(manifest, adapters.uri(manifest.adapter_id), actor="test")
@@ -204,19 +255,25 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     for r in rows:
         domain = r["source_domain"]
         assert r["domain"] == [domain]
-        assert len(r["demonstration_ids"]) == 2 and set(r["demonstration_ids"]) <= set(result.domains[domain].demonstrations)
+        assert len(r["demonstration_ids"]) == 2 and set(r["demonstration_ids"]) <= set(
+            result.domains[domain].demonstrations
+        )
         assert r["cluster"] >= 0 and r["interaction_id"].startswith("ssr-")
         assert 0 < r["output_confidence"] <= 1
         assert r["quality_score"] is None and r["input"] == ""
-        assert json.loads(r["messages"]) == [{"role": "user", "content": r["instruction"]},
-                                             {"role": "assistant", "content": r["output"]}]  # fmt: skip
+        assert json.loads(r["messages"]) == [
+            {"role": "user", "content": r["instruction"]},
+            {"role": "assistant", "content": r["output"]},
+        ]
         # The champion was trained to give one answer: it, not the random base, wrote the outputs.
         assert r["output"].startswith(ANSWER[:10])
     assert len({r["interaction_id"] for r in rows}) == len(rows)
 
     # The manifest: options, hashes.
     assert result.source_manifest_hash == hashlib.sha256((source / "manifest.json").read_bytes()).hexdigest()
-    assert result.files == {"rehearsal.parquet": hashlib.sha256((folder / "rehearsal.parquet").read_bytes()).hexdigest()}
+    assert result.files == {
+        "rehearsal.parquet": hashlib.sha256((folder / "rehearsal.parquet").read_bytes()).hexdigest()
+    }
     assert result.options["samples_per_prompt"] == 2 and result.synthesized_by == "tiny"
     assert len(result.content_hash) == 64
 
@@ -231,9 +288,12 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     assert set(carried.domains) == {"go", "python"}
     new_rows = pq.read_table(model_root / "rehearsal" / "ssr-next" / "rehearsal.parquet").to_pylist()
     assert {r["interaction_id"]: r for r in new_rows if r["source_domain"] == "typescript"} == {
-        r["interaction_id"]: r for r in rows if r["source_domain"] == "typescript"}
+        r["interaction_id"]: r for r in rows if r["source_domain"] == "typescript"
+    }
     assert carried.counts == {d: sum(r["source_domain"] == d for r in new_rows) for d in ("go", "python", "typescript")}
-    assert not {r["interaction_id"] for r in new_rows if r["source_domain"] == "python"} & {r["interaction_id"] for r in rows}
+    assert not {r["interaction_id"] for r in new_rows if r["source_domain"] == "python"} & {
+        r["interaction_id"] for r in rows
+    }
     with pytest.raises(FileNotFoundError, match="ssr.carry_over: no rehearsal set"):
         synthesize.main(cfg, _loose(rehearsal_id="ssr-x", carry_over="ssr-missing"), later)
 
@@ -241,8 +301,9 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     # that passed, so that a confidence threshold does not leave the quota short. The same seed
     # samples the same inputs as the first run above, whose least sure python answer is dropped.
     threshold = sorted(r["output_confidence"] for r in rows if r["source_domain"] == "python")[1]
-    early = synthesize.main(cfg, _loose(rehearsal_id="ssr-early", answer_before_selecting=True,
-                                        min_output_confidence=threshold), source)  # fmt: skip
+    early = synthesize.main(
+        cfg, _loose(rehearsal_id="ssr-early", answer_before_selecting=True, min_output_confidence=threshold), source
+    )
     report = early.domains["python"]
     passed = report.inputs_kept - report.outputs_dropped.get("unsure", 0)
     assert report.outputs_dropped.get("unsure", 0) >= 1
@@ -256,11 +317,15 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
 
     # Calibrated per domain: the floor is the champion's least sure answer to the domain's real
     # sample inputs (its demonstrations), measured here without Ray.
-    calibrated = synthesize.main(cfg, _loose(rehearsal_id="ssr-calibrated", domains=["typescript"],
-                                             sample_confidence_ratio=1.0), source)  # fmt: skip
+    calibrated = synthesize.main(
+        cfg, _loose(rehearsal_id="ssr-calibrated", domains=["typescript"], sample_confidence_ratio=1.0), source
+    )
     report = calibrated.domains["typescript"]
-    real = [r["instruction"] for r in pq.read_table(source / "train.parquet").to_pylist()
-            if r["interaction_id"] in report.demonstrations]  # fmt: skip
+    real = [
+        r["instruction"]
+        for r in pq.read_table(source / "train.parquet").to_pylist()
+        if r["interaction_id"] in report.demonstrations
+    ]
     refine = synthesize.RefineOutputs("tiny", str(model_root), "adp-ssr-champion", _loose().model_dump())
     sure = refine(pa.table({"input": real})).column("output_confidence").to_pylist()
     assert len(real) == 4 and report.confidence_floor == pytest.approx(min(sure), rel=1e-3)
@@ -273,7 +338,10 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
 def test_the_command_line_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "jobs.synthesize", "--source", str(tmp_path), "ssr.bogus=1", "ssr.top_p=2"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert out.returncode == 2
     assert "ssr.bogus: unknown key" in out.stderr and "ssr.top_p" in out.stderr

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import app.learning.dataset as dataset_module
-
 from app.config import ConfigError, section_options
 from app.learning.dataset import (
     DATASET_SCHEMA,
@@ -31,7 +30,6 @@ from app.learning.dataset import (
     count_rows,
     decode_features,
     diverse_indices,
-    relative_quality,
     drop_exact_duplicates,
     drop_near_duplicates,
     encode_features,
@@ -40,6 +38,7 @@ from app.learning.dataset import (
     format_chatml,
     interaction_row,
     quality_histogram,
+    relative_quality,
     rows_to_batch,
     select_diverse,
     selection_size,
@@ -140,12 +139,28 @@ def test_options_name_the_bad_key() -> None:
 
 def test_interaction_row_flattens_a_stored_interaction() -> None:
     record = {
-        "id": "a1", "timestamp": "2025-01-02T03:04:05+00:00", "input_raw": "raw", "input_processed": None,
-        "output_content": "answer", "system_prompt": "Be brief.", "quality_score": 0.8, "quality_confidence": None,
+        "id": "a1",
+        "timestamp": "2025-01-02T03:04:05+00:00",
+        "input_raw": "raw",
+        "input_processed": None,
+        "output_content": "answer",
+        "system_prompt": "Be brief.",
+        "quality_score": 0.8,
+        "quality_confidence": None,
         "context": {"technologies": ["python"]},
-        "tool_usage": [{"tool_name": "read_file", "invocation_order": 0, "parameters_raw": {"path": "a.py"},
-                        "success": True, "output": "x = 1", "error": None, "exit_code": 0, "duration_ms": 3.0}],
-    }  # fmt: skip
+        "tool_usage": [
+            {
+                "tool_name": "read_file",
+                "invocation_order": 0,
+                "parameters_raw": {"path": "a.py"},
+                "success": True,
+                "output": "x = 1",
+                "error": None,
+                "exit_code": 0,
+                "duration_ms": 3.0,
+            }
+        ],
+    }
     row = interaction_row(record)
     assert row["input"] == "raw" and row["system_prompt"] == "Be brief." and np.isnan(row["quality_confidence"])
     assert json.loads(row["tool_usage_json"])[0]["parameters_raw"] == {"path": "a.py"}
@@ -241,8 +256,9 @@ def test_exact_duplicates_compare_normalised_text_and_keep_the_best() -> None:
 def test_near_duplicates_by_minhash_lsh() -> None:
     near = LONG.replace("word100", "changed")  # one word of 200: Jaccard of 5-shingles ~0.95
     other = " ".join(f"other{i}" for i in range(200))
-    batch = _rows(4, input=["q"] * 4, output=[LONG, near, other, LONG[: len(LONG) // 2]],
-                  quality_score=[0.8, 0.9, 0.7, 0.95])  # fmt: skip
+    batch = _rows(
+        4, input=["q"] * 4, output=[LONG, near, other, LONG[: len(LONG) // 2]], quality_score=[0.8, 0.9, 0.7, 0.95]
+    )
     batch = fingerprint(batch, num_perm=128, shingle_size=5, seed=3)
     kept, dropped = drop_near_duplicates(batch, threshold=0.8, num_perm=128, seed=3)
     # id-01 (better) keeps over id-00; half of the text (Jaccard ~0.5) and an unrelated one stay.
@@ -306,7 +322,9 @@ def test_selection_prefers_scores_backed_by_evidence(method: str) -> None:
     assert sorted(picked.tolist()) == [1, 12, 18]
 
 
-def _two_kinds(clusters: int = 8, per_kind: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _two_kinds(
+    clusters: int = 8, per_kind: int = 6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Requests of two kinds in each of ``clusters`` topics, each kind a little apart from the
     other; half of each kind's answers good. The scorer is stingier with kind B: its good answers
     score below kind A's poor ones."""
@@ -377,18 +395,45 @@ def test_selection_keeps_the_fraction_and_weighs_quality() -> None:
 # --- ChatML ---------------------------------------------------------------------------------------------
 
 TOOLS = [
-    {"tool_name": "run_tests", "invocation_order": 1, "parameters_raw": {"command": "pytest -q"}, "success": False,
-     "output": "", "error": "1 failed", "exit_code": 1},
-    {"tool_name": "read_file", "invocation_order": 0, "parameters_raw": {"path": "src/port.py"}, "success": True,
-     "output": "def parse_port(value): ...", "error": None, "exit_code": 0},
-]  # fmt: skip
+    {
+        "tool_name": "run_tests",
+        "invocation_order": 1,
+        "parameters_raw": {"command": "pytest -q"},
+        "success": False,
+        "output": "",
+        "error": "1 failed",
+        "exit_code": 1,
+    },
+    {
+        "tool_name": "read_file",
+        "invocation_order": 0,
+        "parameters_raw": {"path": "src/port.py"},
+        "success": True,
+        "output": "def parse_port(value): ...",
+        "error": None,
+        "exit_code": 0,
+    },
+]
 
 
 def test_chatml_messages_with_tool_calls() -> None:
-    batch = _rows(1, input=[PY_PROMPT], output=[PY_ANSWER], system_prompt=["You are a coding assistant."],
-                  tool_usage_json=[json.dumps(TOOLS)],
-                  context_json=[json.dumps({"project_type": "cli", "technologies": ["python"],
-                                            "git": {"branch": "main"}, "build": {"system": "hatch"}})])  # fmt: skip
+    batch = _rows(
+        1,
+        input=[PY_PROMPT],
+        output=[PY_ANSWER],
+        system_prompt=["You are a coding assistant."],
+        tool_usage_json=[json.dumps(TOOLS)],
+        context_json=[
+            json.dumps(
+                {
+                    "project_type": "cli",
+                    "technologies": ["python"],
+                    "git": {"branch": "main"},
+                    "build": {"system": "hatch"},
+                }
+            )
+        ],
+    )
     out = format_chatml(batch)
     messages = json.loads(out["messages"][0])
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
@@ -399,8 +444,11 @@ def test_chatml_messages_with_tool_calls() -> None:
     assert messages[5]["content"] == "error: 1 failed (exit code 1)"
     assert messages[-1] == {"role": "assistant", "content": PY_ANSWER}
     assert out["instruction"][0] == PY_PROMPT and out["input"][0] == "" and out["tool_calls"][0] == 2
-    assert json.loads(out["project_context"][0]) == {"build_system": "hatch", "project_type": "cli",
-                                                     "technologies": ["python"]}  # fmt: skip
+    assert json.loads(out["project_context"][0]) == {
+        "build_system": "hatch",
+        "project_type": "cli",
+        "technologies": ["python"],
+    }
     plain = json.loads(format_chatml(batch, include_tool_calls=False)["messages"][0])
     assert [m["role"] for m in plain] == ["system", "user", "assistant"]
     cut = json.loads(format_chatml(batch, max_tool_output_chars=3)["messages"][0])
@@ -415,8 +463,13 @@ def tokenizer(model_root: Path):
 
 
 def test_messages_render_through_qwens_chat_template(tokenizer) -> None:
-    batch = _rows(1, input=["Is the port parsed?"], output=["Yes."], system_prompt=["Be brief."],
-                  tool_usage_json=[json.dumps(TOOLS[1:])])  # fmt: skip
+    batch = _rows(
+        1,
+        input=["Is the port parsed?"],
+        output=["Yes."],
+        system_prompt=["Be brief."],
+        tool_usage_json=[json.dumps(TOOLS[1:])],
+    )
     messages = format_chatml(batch)["messages"][0]
     text = tokenizer.apply_chat_template(chat_template_messages(messages), tokenize=False)
     assert text == (
@@ -487,20 +540,48 @@ def test_table_and_files(tmp_path: Path) -> None:
     val = batch["split"] == "validation"
     train, validation = to_table(take(batch, ~val)), to_table(take(batch, val))
     manifest = DatasetManifest(
-        dataset_id="ds-unit", created_at="2025-01-01T00:00:00Z", uri="", rows=0, content_hash="", files={},
-        columns={}, funnel=Funnel(scored=6, above_threshold=6, exact_duplicates=0, near_duplicates=0,
-                                  over_group_cap=0, not_selected=0, selected=6, train=train.num_rows,
-                                  validation=validation.num_rows),
-        counts=count_rows(table), balance={}, quality_histogram=quality_histogram(batch["quality_score"]),
-        query=QueryInfo(engine="sqlite", quality_status="scored", since=None, until=None, threshold=0.7,
-                        domain_adjustments={}, thresholds={}),
-        options=DatasetConfig().model_dump(mode="json"), seconds=0.0,
-    )  # fmt: skip
+        dataset_id="ds-unit",
+        created_at="2025-01-01T00:00:00Z",
+        uri="",
+        rows=0,
+        content_hash="",
+        files={},
+        columns={},
+        funnel=Funnel(
+            scored=6,
+            above_threshold=6,
+            exact_duplicates=0,
+            near_duplicates=0,
+            over_group_cap=0,
+            not_selected=0,
+            selected=6,
+            train=train.num_rows,
+            validation=validation.num_rows,
+        ),
+        counts=count_rows(table),
+        balance={},
+        quality_histogram=quality_histogram(batch["quality_score"]),
+        query=QueryInfo(
+            engine="sqlite",
+            quality_status="scored",
+            since=None,
+            until=None,
+            threshold=0.7,
+            domain_adjustments={},
+            thresholds={},
+        ),
+        options=DatasetConfig().model_dump(mode="json"),
+        seconds=0.0,
+    )
     written = write_dataset(str(tmp_path), train, validation, manifest)
     folder = tmp_path / "datasets" / "ds-unit"
     assert written.uri == str(folder) and written.rows == 6
     assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json", "train.jsonl", "train.parquet", "validation.jsonl", "validation.parquet"
+        "manifest.json",
+        "train.jsonl",
+        "train.parquet",
+        "validation.jsonl",
+        "validation.parquet",
     ]
     assert DatasetManifest.model_validate_json((folder / "manifest.json").read_text()) == written
     assert pq.read_table(folder / "train.parquet").equals(train)

@@ -29,8 +29,16 @@ from app.learning.ssr import (
 
 
 def _rows(domain: str, n: int) -> list[dict]:
-    return [{"interaction_id": f"{domain}-{i}", "instruction": f"Task {i} in {domain}", "input": "",
-             "output": f"Answer {i}", "domain": [domain, "other"]} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "interaction_id": f"{domain}-{i}",
+            "instruction": f"Task {i} in {domain}",
+            "input": "",
+            "output": f"Answer {i}",
+            "domain": [domain, "other"],
+        }
+        for i in range(n)
+    ]
 
 
 # --- options --------------------------------------------------------------------------------------
@@ -105,7 +113,10 @@ def test_demonstration_pairs_are_distinct_and_cycle() -> None:
 
 
 def test_demonstration_input_joins_instruction_and_context() -> None:
-    assert demonstration_text({"instruction": "Fix it.", "input": "x = 1", "output": "ok"}) == ("Fix it.\n\nx = 1", "ok")
+    assert demonstration_text({"instruction": "Fix it.", "input": "x = 1", "output": "ok"}) == (
+        "Fix it.\n\nx = 1",
+        "ok",
+    )
     assert demonstration_text({"instruction": "Fix it.", "input": None, "output": None}) == ("Fix it.", "")
 
 
@@ -147,7 +158,14 @@ def test_filters_drop_short_long_duplicates_and_broken_code() -> None:
     ]
     kept, dropped = filter_inputs(texts, [demonstration_text(r)[0] for r in _rows("python", 5)], opts)
     assert kept == [0, 7]
-    assert dropped == {"too_short": 1, "too_long": 1, "duplicate": 1, "duplicate_of_real": 1, "broken_code": 2, "empty": 1}
+    assert dropped == {
+        "too_short": 1,
+        "too_long": 1,
+        "duplicate": 1,
+        "duplicate_of_real": 1,
+        "broken_code": 2,
+        "empty": 1,
+    }
     kept, dropped = filter_inputs(texts[5:7], [], SSRConfig(min_input_chars=1, check_code=False))
     assert kept == [0, 1] and not dropped
 
@@ -237,7 +255,9 @@ def test_kmeans_selection_on_synthetic_2d_blobs() -> None:
         chosen = [i for i in choice.indices if blob[i] == b]
         assert chosen == nearest.tolist()
     # The chosen rows of one cluster share its label.
-    assert all(blob[i] == blob[choice.indices[choice.clusters.index(c)]] for i, c in zip(choice.indices, choice.clusters))
+    assert all(
+        blob[i] == blob[choice.indices[choice.clusters.index(c)]] for i, c in zip(choice.indices, choice.clusters)
+    )
 
 
 def test_kmeans_uses_fewer_clusters_than_inputs_and_handles_tiny_sets() -> None:

@@ -59,11 +59,16 @@ def test_labels_cover_the_assistant_turn_only(tokenizer) -> None:
 def test_every_assistant_turn_is_labelled_and_tool_output_is_not(tokenizer) -> None:
     messages = [
         {"role": "user", "content": "What is in main.py?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "main.py"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "main.py"}'}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "print('hi')"},
         {"role": "assistant", "content": "It prints hi."},
-    ]  # fmt: skip
+    ]
     out = tokenize_messages(tokenizer, messages, max_length=1024)
     labelled = _labelled(tokenizer, out)
     assert labelled == (
@@ -87,7 +92,9 @@ def test_truncation_and_bad_rows(tokenizer) -> None:
 
 
 def test_collate_pads_on_the_right() -> None:
-    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_token_id=0)
+    batch = collate(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_token_id=0
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -172,8 +179,10 @@ def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
     with pytest.raises(ConfigError, match=r"finetune\.weight_decay: must be 0 with masking=fggm"):
         section_options("finetune", ["finetune.masking=fggm", "finetune.weight_decay=0.01"])
     with pytest.raises(ConfigError, match=r"finetune\.masking: fggm needs whole parameters"):
-        section_options("finetune", ["finetune.masking=fggm", "finetune.use_gpu=true", "finetune.strategy=deepspeed",
-                              "finetune.zero_stage=3"])  # fmt: skip
+        section_options(
+            "finetune",
+            ["finetune.masking=fggm", "finetune.use_gpu=true", "finetune.strategy=deepspeed", "finetune.zero_stage=3"],
+        )
     with pytest.raises(ConfigError, match=r"finetune\.trials: restarts from other seeds reset the optimizer"):
         section_options("finetune", ["finetune.trials=3", "finetune.use_gpu=true", "finetune.strategy=deepspeed"])
     with pytest.raises(ConfigError, match=r"finetune\.trial_fraction:"):

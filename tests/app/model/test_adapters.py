@@ -42,12 +42,11 @@ def trained(model_root: Path) -> Trained:
 
     torch.manual_seed(0)  # LoRA's A matrices are drawn at random
     base, tokenizer = load_model("tiny", root=model_root, device="cpu")
-    config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
-    )
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
-    batch = dict(tokenizer(["def add(a, b):\n    return a + b\n", "print('hello, world')\n"],
-                           padding=True, return_tensors="pt"))  # fmt: skip
+    batch = dict(
+        tokenizer(["def add(a, b):\n    return a + b\n", "print('hello, world')\n"], padding=True, return_tensors="pt")
+    )
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()
@@ -77,8 +76,11 @@ def test_lora_training_lowers_the_loss(trained: Trained) -> None:
 
 def test_save_writes_peft_files_and_manifest(trained: Trained, tmp_path: Path) -> None:
     store = AdapterStore(tmp_path)
-    lineage = {"dataset_manifest_hash": "d" * 64, "hyperparameters": {"lr": 2e-2, "steps": 10},
-               "metrics": {"train_loss": trained.losses[-1]}}  # fmt: skip
+    lineage = {
+        "dataset_manifest_hash": "d" * 64,
+        "hyperparameters": {"lr": 2e-2, "steps": 10},
+        "metrics": {"train_loss": trained.losses[-1]},
+    }
     manifest = store.save(trained.model, base_model="tiny", lineage=lineage)
 
     assert re.fullmatch(r"adp-\d{8}-\d{6}-[0-9a-f]{6}", manifest.adapter_id)
@@ -99,11 +101,15 @@ def test_save_writes_peft_files_and_manifest(trained: Trained, tmp_path: Path) -
         "lora_dropout": 0.0,
     }
     assert written["lineage"] == {
-        "dataset_manifest_hash": "d" * 64, "rehearsal_manifest_hash": None, "dataset_uri": None,
-        "rehearsal_uri": None, "parent_adapter_id": None,
-        "hyperparameters": {"lr": 2e-2, "steps": 10}, "metrics": {"train_loss": trained.losses[-1]},
+        "dataset_manifest_hash": "d" * 64,
+        "rehearsal_manifest_hash": None,
+        "dataset_uri": None,
+        "rehearsal_uri": None,
+        "parent_adapter_id": None,
+        "hyperparameters": {"lr": 2e-2, "steps": 10},
+        "metrics": {"train_loss": trained.losses[-1]},
         "code_version": None,
-    }  # fmt: skip
+    }
     assert written["files"] == {
         name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in PEFT_FILES
     }
@@ -115,9 +121,7 @@ def test_save_writes_peft_files_and_manifest(trained: Trained, tmp_path: Path) -
     assert store.uri(manifest.adapter_id) == str(directory)
 
 
-def test_attached_adapter_reproduces_the_trained_logits(
-    trained: Trained, tmp_path: Path, fresh_base: Any
-) -> None:
+def test_attached_adapter_reproduces_the_trained_logits(trained: Trained, tmp_path: Path, fresh_base: Any) -> None:
     store = AdapterStore(tmp_path)
     adapter_id = store.save(trained.model, base_model="tiny").adapter_id
     base_logits = _logits(fresh_base, trained.batch)
@@ -138,9 +142,7 @@ def test_attached_adapter_reproduces_the_trained_logits(
     assert again.files[weights] == store.manifest(adapter_id).files[weights]
 
 
-def test_file_uri_root_goes_through_pyarrow_and_the_cache(
-    trained: Trained, tmp_path: Path, fresh_base: Any
-) -> None:
+def test_file_uri_root_goes_through_pyarrow_and_the_cache(trained: Trained, tmp_path: Path, fresh_base: Any) -> None:
     root = f"file://{tmp_path}/remote"
     store = AdapterStore(root, cache_dir=tmp_path / "cache")
     manifest = store.save(trained.model, base_model="tiny", lineage={"parent_adapter_id": "adp-parent"})
@@ -151,10 +153,7 @@ def test_file_uri_root_goes_through_pyarrow_and_the_cache(
 
     # Another process (a new store on the same root) sees it and downloads it once.
     other = AdapterStore(root, cache_dir=tmp_path / "cache")
-    assert (
-        other.list() == [manifest]
-        and other.manifest(manifest.adapter_id).lineage.parent_adapter_id == "adp-parent"
-    )
+    assert other.list() == [manifest] and other.manifest(manifest.adapter_id).lineage.parent_adapter_id == "adp-parent"
     local = other.local_path(manifest.adapter_id)
     assert local == tmp_path / "cache" / manifest.adapter_id
     assert {p.name for p in local.iterdir()} == PEFT_FILES | {"manifest.json"}
@@ -224,9 +223,7 @@ def test_save_and_lookup_errors_name_the_problem(trained: Trained, tmp_path: Pat
         )
 
 
-def test_registered_champion_resolves_to_a_loadable_adapter(
-    trained: Trained, tmp_path: Path, fresh_base: Any
-) -> None:
+def test_registered_champion_resolves_to_a_loadable_adapter(trained: Trained, tmp_path: Path, fresh_base: Any) -> None:
     adapters = AdapterStore(f"file://{tmp_path}/remote", cache_dir=tmp_path / "cache")
     manifest = adapters.save(trained.model, base_model="tiny")
     db = SQLiteStore(tmp_path / "kaizen.db")
@@ -234,9 +231,7 @@ def test_registered_champion_resolves_to_a_loadable_adapter(
     try:
         registry = AdapterRegistry(db)
         row = registry.register(manifest, adapters.uri(manifest.adapter_id), actor="learn-job")
-        assert row["uri"] == adapters.uri(manifest.adapter_id) and row["manifest"] == manifest.model_dump(
-            mode="json"
-        )
+        assert row["uri"] == adapters.uri(manifest.adapter_id) and row["manifest"] == manifest.model_dump(mode="json")
         registry.set_status(manifest.adapter_id, "validated", actor="validate-job", reason="beats champion")
         registry.set_alias("champion", manifest.adapter_id, actor="deployer", reason="first champion")
         adapter_id = registry.resolve("champion")

@@ -118,10 +118,32 @@ def test_chat_template_renders_system_user_and_generation_prompt(tokenizer: PreT
         "<|im_start|>assistant\n"
     )
     assert tokenizer(text).input_ids == [
-        151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198,
-        151644, 872, 198, 7985, 23811, 1879, 304, 13027, 13, 151645, 198,
-        151644, 77091, 198,
-    ]  # fmt: skip
+        151644,
+        8948,
+        198,
+        2610,
+        525,
+        264,
+        10950,
+        17847,
+        13,
+        151645,
+        198,
+        151644,
+        872,
+        198,
+        7985,
+        23811,
+        1879,
+        304,
+        13027,
+        13,
+        151645,
+        198,
+        151644,
+        77091,
+        198,
+    ]
 
 
 def test_chat_template_adds_qwens_default_system_prompt(tokenizer: PreTrainedTokenizerFast) -> None:

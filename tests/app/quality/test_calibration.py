@@ -51,10 +51,13 @@ def test_a_calibration_that_ranks_worse_than_the_seed_is_not_kept() -> None:
 
 
 def test_aggregate_applies_the_calibration_and_names_it() -> None:
-    comps = {"functional_correctness": DimensionScore("functional_correctness", 0.9),
-             "code_quality": DimensionScore("code_quality", 0.3)}  # fmt: skip
-    cal = Calibration("cal-x", {n: (1.0 if n == "code_quality" else 0.0) for n in DIMENSIONS},
-                      xs=(0.0, 1.0), ys=(0.2, 0.8))  # fmt: skip
+    comps = {
+        "functional_correctness": DimensionScore("functional_correctness", 0.9),
+        "code_quality": DimensionScore("code_quality", 0.3),
+    }
+    cal = Calibration(
+        "cal-x", {n: (1.0 if n == "code_quality" else 0.0) for n in DIMENSIONS}, xs=(0.0, 1.0), ys=(0.2, 0.8)
+    )
     seed = aggregate(comps)
     calibrated = aggregate(comps, calibration=cal)
     assert seed.overall == pytest.approx((0.25 * 0.9 + 0.20 * 0.3) / 0.45)

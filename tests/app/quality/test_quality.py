@@ -22,8 +22,9 @@ TS = "```typescript\nexport function add(a: number, b: number): number {\n  retu
 
 
 def test_satisfaction_is_the_seed_formula() -> None:
-    full = assess_satisfaction([{"explicit": {"rating": 4}, "implicit": {"accepted": True},
-                                 "temporal": {"time_to_first_use_s": 100}}])  # fmt: skip
+    full = assess_satisfaction(
+        [{"explicit": {"rating": 4}, "implicit": {"accepted": True}, "temporal": {"time_to_first_use_s": 100}}]
+    )
     assert full.score == pytest.approx(0.5 * 0.8 + 0.3 * 1.0 + 0.2 * 0.5)
     modified = assess_satisfaction([{"thumbs": "down", "modified": True, "time_to_first_use_s": 10}])
     assert modified.score == pytest.approx(0.5 * 0.0 + 0.3 * 0.7 + 0.2 * 1.0)
@@ -39,8 +40,17 @@ def test_missing_feedback_is_unknown_not_zero() -> None:
 
 
 def test_correctness_from_outcomes_is_the_seed_formula() -> None:
-    all_ok = {k: True for k in ("code_compiles", "tests_pass", "lint_passes", "type_check_passes",
-                                "deployment_success", "no_runtime_errors")}  # fmt: skip
+    all_ok = {
+        k: True
+        for k in (
+            "code_compiles",
+            "tests_pass",
+            "lint_passes",
+            "type_check_passes",
+            "deployment_success",
+            "no_runtime_errors",
+        )
+    }
     assert assess_correctness("", all_ok).score == 1.0
     tests_fail = dict(all_ok, tests_pass=False)
     assert assess_correctness("", tests_fail).score == pytest.approx(0.75)
@@ -69,15 +79,21 @@ def test_efficiency_time_and_complexity() -> None:
     fast = assess_efficiency(GOOD, generation_time_ms=1500)
     slow = assess_efficiency(GOOD, generation_time_ms=12_000)
     assert fast.subscores["time"] == 1.0 and slow.subscores["time"] == 0.0
-    branchy = "```python\ndef f(x):\n" + "".join(f"    if x == {i}:\n        return {i}\n" for i in range(12)) + "    return -1\n```"
+    branchy = (
+        "```python\ndef f(x):\n"
+        + "".join(f"    if x == {i}:\n        return {i}\n" for i in range(12))
+        + "    return -1\n```"
+    )
     assert assess_efficiency(branchy).subscores["elegance"] < assess_efficiency(GOOD).subscores["elegance"]
     wall = "word " * 3000
     assert assess_efficiency(wall).subscores["conciseness"] == pytest.approx(0.2)
 
 
 def test_aggregation_renormalises_over_known_dimensions() -> None:
-    comps = {"user_satisfaction": DimensionScore("user_satisfaction", 1.0, evidence={"has_explicit": True}),
-             "efficiency": DimensionScore("efficiency", 0.0)}  # fmt: skip
+    comps = {
+        "user_satisfaction": DimensionScore("user_satisfaction", 1.0, evidence={"has_explicit": True}),
+        "efficiency": DimensionScore("efficiency", 0.0),
+    }
     score = aggregate(comps)
     assert score.overall == pytest.approx(0.30 / 0.40)
     assert set(score.components) == {"user_satisfaction", "efficiency"}
@@ -88,10 +104,18 @@ def test_aggregation_renormalises_over_known_dimensions() -> None:
 
 def test_confidence_is_the_mean_of_the_seed_factors() -> None:
     now = datetime(2026, 11, 1, tzinfo=UTC)
-    explicit = {"user_satisfaction": DimensionScore("user_satisfaction", 1, evidence={"has_explicit": True}),
-                "functional_correctness": DimensionScore("functional_correctness", 1, evidence={"source": "outcomes"})}
-    ctx = {"project_type": "lib", "technologies": ["python"], "architecture": "x", "git": {"branch": "m"},
-           "build": {"system": "hatch"}, "testing": {"framework": "pytest"}}  # fmt: skip
+    explicit = {
+        "user_satisfaction": DimensionScore("user_satisfaction", 1, evidence={"has_explicit": True}),
+        "functional_correctness": DimensionScore("functional_correctness", 1, evidence={"source": "outcomes"}),
+    }
+    ctx = {
+        "project_type": "lib",
+        "technologies": ["python"],
+        "architecture": "x",
+        "git": {"branch": "m"},
+        "build": {"system": "hatch"},
+        "testing": {"framework": "pytest"},
+    }
     assert confidence(explicit, ctx, now, now) == pytest.approx(1.0)
     assert confidence({}, None, now - timedelta(days=30), now) == pytest.approx((0.3 + 0.5 + 0.0 + 0.5) / 4)
     assert context_completeness({"project_type": "lib", "technologies": ["py"]}) == pytest.approx(2 / 6)
@@ -106,9 +130,15 @@ def test_assess_text_separates_good_from_broken_code() -> None:
 
 
 def test_assess_record_reads_a_stored_interaction() -> None:
-    record = {"input_raw": "join", "output_content": GOOD, "generation_time_ms": 500.0,
-              "timestamp": "2026-11-01T10:00:00+00:00", "feedback": [{"rating": 5, "accepted": True}],
-              "outcome": {"code_compiles": True, "tests_pass": True, "lint_passes": None}, "context": None}  # fmt: skip
+    record = {
+        "input_raw": "join",
+        "output_content": GOOD,
+        "generation_time_ms": 500.0,
+        "timestamp": "2026-11-01T10:00:00+00:00",
+        "feedback": [{"rating": 5, "accepted": True}],
+        "outcome": {"code_compiles": True, "tests_pass": True, "lint_passes": None},
+        "context": None,
+    }
     score = assess_record(record)
     assert score.components["user_satisfaction"] == 1.0 and score.components["functional_correctness"] == 1.0
 
@@ -136,7 +166,7 @@ def test_thresholds_follow_the_seed() -> None:
         ("```ts\nexport function add(a: number, b: number: number {\n  return a + ;\n}\n```", False),
         ("```javascript\nconst add = (a, b) => a + b;\nmodule.exports = { add };\n```", True),
         ("```js\nconst add = (a, b) => { return a + b;\n```", False),
-        ("```tsx\nexport const App = () => <div className=\"x\">hi</div>;\n```", True),
+        ('```tsx\nexport const App = () => <div className="x">hi</div>;\n```', True),
     ],
 )
 def test_typescript_and_javascript_are_parsed_with_tree_sitter(code: str, ok: bool) -> None:
@@ -147,7 +177,7 @@ def test_typescript_and_javascript_are_parsed_with_tree_sitter(code: str, ok: bo
 
 
 def test_languages_without_a_parser_give_no_evidence() -> None:
-    assert assess_correctness("```haskell\nmain = putStrLn \"hi\"\n```") is None
+    assert assess_correctness('```haskell\nmain = putStrLn "hi"\n```') is None
 
 
 BAD_PY = (
@@ -180,7 +210,9 @@ def test_relevance_uses_embeddings_language_and_libraries() -> None:
 
     fits = assess_relevance(REQUEST, GOOD, PROJECT)
     wrong_language = assess_relevance(REQUEST, TS, PROJECT)
-    foreign_library = assess_relevance(REQUEST, "```python\nimport numpy as np\n\ndef join(a, b):\n    return np.char.add(a, b)\n```", PROJECT)
+    foreign_library = assess_relevance(
+        REQUEST, "```python\nimport numpy as np\n\ndef join(a, b):\n    return np.char.add(a, b)\n```", PROJECT
+    )
     off_topic = assess_relevance(REQUEST, "The weather in Paris is usually mild in spring, with some rain.", PROJECT)
     assert fits.score > 0.7
     assert wrong_language.score <= 0.3 and wrong_language.evidence["language_fit"] == 0.0
@@ -193,10 +225,21 @@ def test_relevance_uses_embeddings_language_and_libraries() -> None:
 
 
 def test_assess_text_has_all_five_dimensions_with_full_evidence() -> None:
-    score = assess_text(REQUEST, GOOD, feedback={"explicit": {"rating": 5}}, outcome={"code_compiles": True},
-                        generation_time_ms=700, context=PROJECT)  # fmt: skip
-    assert set(score.components) == {"user_satisfaction", "functional_correctness", "code_quality",
-                                     "context_relevance", "efficiency"}  # fmt: skip
+    score = assess_text(
+        REQUEST,
+        GOOD,
+        feedback={"explicit": {"rating": 5}},
+        outcome={"code_compiles": True},
+        generation_time_ms=700,
+        context=PROJECT,
+    )
+    assert set(score.components) == {
+        "user_satisfaction",
+        "functional_correctness",
+        "code_quality",
+        "context_relevance",
+        "efficiency",
+    }
     assert score.overall > 0.8
 
 
@@ -211,7 +254,10 @@ def below_zero(operations: list[int]) -> bool:
     """
 ```
 '''
-RIGHT = "```python\ndef below_zero(operations: list[int]) -> bool:\n    balance = 0\n    for op in operations:\n        balance += op\n        if balance < 0:\n            return True\n    return False\n```"
+RIGHT = (
+    "```python\ndef below_zero(operations: list[int]) -> bool:\n    balance = 0\n    for op in operations:\n"
+    "        balance += op\n        if balance < 0:\n            return True\n    return False\n```"
+)
 OFF = RIGHT.replace("balance < 0", "balance < -1")  # off by one: still compiles, fails an example
 
 

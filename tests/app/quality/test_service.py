@@ -16,7 +16,11 @@ from tests.conftest import ingest_samples
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path) -> InteractionStore:
-    s = SQLiteStore(tmp_path / "k.db") if request.param == "sqlite" else PostgresStore(request.getfixturevalue("pg_dsn"))
+    s = (
+        SQLiteStore(tmp_path / "k.db")
+        if request.param == "sqlite"
+        else PostgresStore(request.getfixturevalue("pg_dsn"))
+    )
     s.migrate()
     yield s
     s.close()

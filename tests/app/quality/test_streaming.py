@@ -54,8 +54,13 @@ def test_typescript_syntax_so_far(code: str, closed: bool, ok: bool) -> None:
 
 def test_windows_follow_the_text_and_the_last_is_final() -> None:
     text = "Here you go:\n```python\n" + "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(20)) + "```\n"
-    assessor = StreamingAssessor("Write Python helpers", {"technologies": ["python"]}, window_chars=100,
-                                 budget_ms=5_000, embedder=SlowEmbedder(0.0))  # fmt: skip
+    assessor = StreamingAssessor(
+        "Write Python helpers",
+        {"technologies": ["python"]},
+        window_chars=100,
+        budget_ms=5_000,
+        embedder=SlowEmbedder(0.0),
+    )
     windows = _stream(assessor, text)
     assert [w.window for w in windows] == list(range(1, len(windows) + 1))
     assert [w.chars for w in windows[:-1]] == [100 * (i + 1) for i in range(len(windows) - 1)]
@@ -66,7 +71,9 @@ def test_windows_follow_the_text_and_the_last_is_final() -> None:
 
 def test_a_secret_appearing_is_flagged_once_and_caps_the_score() -> None:
     text = "Configure the client:\n```python\nimport boto3\nKEY = 'AKIAIOSFODNN7EXAMPLE'\n```\n" + "More prose. " * 40
-    assessor = StreamingAssessor("Connect to S3 in Python", window_chars=40, budget_ms=5_000, embedder=SlowEmbedder(0.0))
+    assessor = StreamingAssessor(
+        "Connect to S3 in Python", window_chars=40, budget_ms=5_000, embedder=SlowEmbedder(0.0)
+    )
     windows = _stream(assessor, text, chunk=7)
     flagged = [w for w in windows if any(f.startswith("secret:") for f in w.flags)]
     assert len(flagged) == 1 and "secret:aws_key" in flagged[0].flags  # straddling windows: found once
@@ -76,14 +83,20 @@ def test_a_secret_appearing_is_flagged_once_and_caps_the_score() -> None:
 
 def test_drifting_into_the_wrong_language_is_flagged() -> None:
     text = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\n"
-    assessor = StreamingAssessor("Add two numbers", {"technologies": ["typescript", "react"]}, window_chars=30,
-                                 budget_ms=5_000, embedder=SlowEmbedder(0.0))  # fmt: skip
+    assessor = StreamingAssessor(
+        "Add two numbers",
+        {"technologies": ["typescript", "react"]},
+        window_chars=30,
+        budget_ms=5_000,
+        embedder=SlowEmbedder(0.0),
+    )
     windows = _stream(assessor, text)
     assert any(f.startswith("language_drift:python") for f in windows[-1].flags)
     assert windows[-1].provisional <= 0.3
     # Without a project context the request's own words say which language is wanted.
-    bare = _stream(StreamingAssessor("Write it in TypeScript", window_chars=30, budget_ms=5_000,
-                                     embedder=SlowEmbedder(0.0)), text)  # fmt: skip
+    bare = _stream(
+        StreamingAssessor("Write it in TypeScript", window_chars=30, budget_ms=5_000, embedder=SlowEmbedder(0.0)), text
+    )
     assert bare[-1].checks["language"] == 0.0
 
 
@@ -96,8 +109,9 @@ def test_a_syntax_error_in_finished_code_is_flagged() -> None:
 
 def test_past_the_budget_the_cheap_score_answers_and_the_breaker_opens() -> None:
     breaker = CircuitBreaker(failures=3, reset_after_s=0.3)
-    assessor = StreamingAssessor("Write a sort function", window_chars=10, budget_ms=20, breaker=breaker,
-                                 embedder=SlowEmbedder(0.2))  # fmt: skip
+    assessor = StreamingAssessor(
+        "Write a sort function", window_chars=10, budget_ms=20, breaker=breaker, embedder=SlowEmbedder(0.2)
+    )
     started = time.perf_counter()
     windows = assessor.feed("x" * 60)
     assert len(windows) == 6

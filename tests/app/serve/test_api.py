@@ -12,11 +12,15 @@ NOW = datetime.now(UTC)
 
 
 def event(i: int | str, type: str = "interaction", body: dict | None = None, ts: datetime | None = None) -> dict:
-    body = body if body is not None else {
-        "session_id": "sess-1",
-        "input": {"raw": f"request {i}"},
-        "output": {"content": f"```python\nprint({i})\n```"},
-    }
+    body = (
+        body
+        if body is not None
+        else {
+            "session_id": "sess-1",
+            "input": {"raw": f"request {i}"},
+            "output": {"content": f"```python\nprint({i})\n```"},
+        }
+    )
     return {"id": f"ev-{i}", "type": type, "timestamp": (ts or NOW).isoformat(), "body": body}
 
 
@@ -41,7 +45,15 @@ def test_batch_answers_per_event_and_bad_events_do_not_spoil_it(http: httpx.Clie
     assert r.status_code == 207
     results = r.json()["results"]
     assert [x["status"] for x in results] == [
-        "accepted", "rejected", "rejected", "rejected", "rejected", "rejected", "rejected", "duplicate"]  # fmt: skip
+        "accepted",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+        "duplicate",
+    ]
     assert results[1]["field"] == "body.output" and "missing" in results[1]["reason"]
     assert results[2]["field"] == "type" and "unknown event type" in results[2]["reason"]
     assert results[3]["field"] == "timestamp" and "future" in results[3]["reason"]
@@ -56,14 +68,26 @@ def test_batch_answers_per_event_and_bad_events_do_not_spoil_it(http: httpx.Clie
 
 def test_all_good_batch_is_200_and_round_trips(http: httpx.Client) -> None:
     iid = "it-round-trip"
-    body = {"session_id": "s", "input": {"raw": "email me: a.b@example.org"}, "output": {"content": "ok"},
-            "tool_calls": [{"tool_name": "shell", "parameters_raw": {"cmd": "ls /home/alice"}}]}
+    body = {
+        "session_id": "s",
+        "input": {"raw": "email me: a.b@example.org"},
+        "output": {"content": "ok"},
+        "tool_calls": [{"tool_name": "shell", "parameters_raw": {"cmd": "ls /home/alice"}}],
+    }
     events = [
-        {"id": "fb-early", "type": "feedback", "timestamp": NOW.isoformat(),
-         "body": {"interaction_id": iid, "implicit": {"accepted": True}}},
+        {
+            "id": "fb-early",
+            "type": "feedback",
+            "timestamp": NOW.isoformat(),
+            "body": {"interaction_id": iid, "implicit": {"accepted": True}},
+        },
         {"id": iid, "type": "interaction", "timestamp": NOW.isoformat(), "body": body},
-        {"id": "oc-1", "type": "outcome", "timestamp": NOW.isoformat(),
-         "body": {"interaction_id": iid, "tests_pass": True}},
+        {
+            "id": "oc-1",
+            "type": "outcome",
+            "timestamp": NOW.isoformat(),
+            "body": {"interaction_id": iid, "tests_pass": True},
+        },
     ]
     r = http.post("/v1/events", json={"events": events})
     assert r.status_code == 200 and r.json()["counts"] == {"accepted": 3}
@@ -74,11 +98,18 @@ def test_all_good_batch_is_200_and_round_trips(http: httpx.Client) -> None:
 
 
 def test_convenience_endpoints(http: httpx.Client) -> None:
-    r = http.post("/v1/interactions", json={"id": "conv-1", "sessionId": "s", "input": {"raw": "q"},
-                                            "output": {"content": "a", "generationTime": 5}})
+    r = http.post(
+        "/v1/interactions",
+        json={"id": "conv-1", "sessionId": "s", "input": {"raw": "q"}, "output": {"content": "a", "generationTime": 5}},
+    )
     assert r.status_code == 201 and r.json() == {"id": "conv-1", "status": "accepted"}
-    assert http.post("/v1/interactions", json={"id": "conv-1", "session_id": "s", "input": {"raw": "q"},
-                                               "output": {"content": "a"}}).status_code == 200
+    assert (
+        http.post(
+            "/v1/interactions",
+            json={"id": "conv-1", "session_id": "s", "input": {"raw": "q"}, "output": {"content": "a"}},
+        ).status_code
+        == 200
+    )
     assert http.post("/v1/feedback", json={"interaction_id": "conv-1", "explicit": {"rating": 5}}).status_code == 201
     assert http.post("/v1/tool-usage", json={"interaction_id": "conv-1", "tool_name": "grep"}).status_code == 201
     assert http.post("/v1/outcomes", json={"interaction_id": "conv-1", "code_compiles": True}).status_code == 201
@@ -133,11 +164,14 @@ def test_api_keys_and_roles(tmp_path, monkeypatch) -> None:
     from tests.conftest import LocalServer
 
     monkeypatch.setenv("TEST_AGENT_KEY", "agent-secret")
-    cfg = KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(tmp_path / "k.db")},
-        "security": {"api_keys": [{"key_env": "TEST_AGENT_KEY", "role": "agent"},
-                                  {"key": "op-secret", "role": "operator"}]},
-    })
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(tmp_path / "k.db")},
+            "security": {
+                "api_keys": [{"key_env": "TEST_AGENT_KEY", "role": "agent"}, {"key": "op-secret", "role": "operator"}]
+            },
+        }
+    )
     server = LocalServer(cfg).start()
     try:
         with httpx.Client(base_url=server.url) as http:
@@ -155,21 +189,25 @@ def test_exclusion_and_sampling(tmp_path) -> None:
     from app.config import KaizenConfig
     from tests.conftest import LocalServer
 
-    cfg = KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(tmp_path / "k.db")},
-        "collection": {"exclude_patterns": ["TOP-SECRET-PROJECT"], "capture_rate": 0.5},
-    })
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(tmp_path / "k.db")},
+            "collection": {"exclude_patterns": ["TOP-SECRET-PROJECT"], "capture_rate": 0.5},
+        }
+    )
     server = LocalServer(cfg).start()
     try:
         with httpx.Client(base_url=server.url) as http:
-            secret = event("x", body={"session_id": "s", "input": {"raw": "about TOP-SECRET-PROJECT"},
-                                      "output": {"content": "ok"}})
+            secret = event(
+                "x", body={"session_id": "s", "input": {"raw": "about TOP-SECRET-PROJECT"}, "output": {"content": "ok"}}
+            )
             assert http.post("/v1/events", json={"events": [secret]}).json()["results"][0]["status"] == "excluded"
             statuses = []
             for i in range(40):
                 body = {"session_id": f"session-{i}", "input": {"raw": "q"}, "output": {"content": "a"}}
-                statuses.append(http.post("/v1/events", json={"events": [event(f"s{i}", body=body)]})
-                                .json()["results"][0]["status"])
+                statuses.append(
+                    http.post("/v1/events", json={"events": [event(f"s{i}", body=body)]}).json()["results"][0]["status"]
+                )
             assert 5 < statuses.count("sampled_out") < 35 and statuses.count("accepted") > 5
             assert http.get("/v1/stats").json()["interactions"] == statuses.count("accepted")
     finally:
@@ -204,8 +242,9 @@ def test_the_api_on_postgres(tmp_path, pg_dsn) -> None:
 
 def test_quality_assess_endpoint(http: httpx.Client) -> None:
     good = "```python\ndef add(a, b):\n    return a + b\n```"
-    r = http.post("/v1/quality/assess", json={"prompt": "add(1, 2) -> 3. Write add.", "response": good,
-                                              "generation_time_ms": 500})  # fmt: skip
+    r = http.post(
+        "/v1/quality/assess", json={"prompt": "add(1, 2) -> 3. Write add.", "response": good, "generation_time_ms": 500}
+    )
     assert r.status_code == 200
     body = r.json()
     assert 0.8 < body["overall"] <= 1 and "functional_correctness" in body["components"] and body["confidence"] > 0
@@ -218,9 +257,17 @@ def test_quality_assess_endpoint(http: httpx.Client) -> None:
 def test_review_queue_and_ratings(http: httpx.Client, local_server) -> None:
     from app.quality.service import QualityService
 
-    events = [event(i, body={"session_id": "s", "input": {"raw": f"Write f{i} in Python"},
-                             "output": {"content": f"```python\ndef f{i}(x):\n    return x + {i}\n```"}})
-              for i in range(3)]  # fmt: skip
+    events = [
+        event(
+            i,
+            body={
+                "session_id": "s",
+                "input": {"raw": f"Write f{i} in Python"},
+                "output": {"content": f"```python\ndef f{i}(x):\n    return x + {i}\n```"},
+            },
+        )
+        for i in range(3)
+    ]
     assert http.post("/v1/events", json={"events": events}).status_code == 200
     QualityService(local_server.service.store).score_pending()
     queue = http.get("/v1/review", params={"max_confidence": 1.0}).json()
@@ -234,8 +281,12 @@ def test_review_queue_and_ratings(http: httpx.Client, local_server) -> None:
     (stored,) = local_server.service.store.ratings(first)
     assert stored["rater"] == "ana" and stored["dimensions"] == {"code_quality": 1.0}
     # Bad ratings name the field.
-    for body, field in [({"rating": 6}, "rating"), ({"rating": 3, "dimensions": {"speed": 3}}, "dimensions.speed"),
-                        ({"rating": 3, "dimensions": {"efficiency": 0}}, "dimensions.efficiency"), ({}, "rating")]:  # fmt: skip
+    for body, field in [
+        ({"rating": 6}, "rating"),
+        ({"rating": 3, "dimensions": {"speed": 3}}, "dimensions.speed"),
+        ({"rating": 3, "dimensions": {"efficiency": 0}}, "dimensions.efficiency"),
+        ({}, "rating"),
+    ]:
         bad = http.post(f"/v1/review/{first}", json=body)
         assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.json()
     missing = http.post("/v1/review/nope", json={"rating": 3})
@@ -247,8 +298,10 @@ def test_streaming_assessment_over_http_and_websocket(http: httpx.Client, local_
 
     text = "Here:\n```typescript\nexport function add(a: number, b: number): number {\n  return a + b;\n}\n```\n"
     chunks = [text[i : i + 9] for i in range(0, len(text), 9)]
-    r = http.post("/v1/quality/stream", json={"prompt": "Add two numbers in TypeScript", "chunks": chunks,
-                                              "context": {"technologies": ["typescript"]}})  # fmt: skip
+    r = http.post(
+        "/v1/quality/stream",
+        json={"prompt": "Add two numbers in TypeScript", "chunks": chunks, "context": {"technologies": ["typescript"]}},
+    )
     assert r.status_code == 200
     windows = r.json()["windows"]
     window = local_server.cfg.quality.stream_window_chars

@@ -27,14 +27,19 @@ def kaizen(ray_session, tmp_path_factory):
 
     db = tmp_path_factory.mktemp("serve") / "kaizen.db"
     port = free_port()
-    cfg = KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(db)},
-        "privacy": {"hmac_key": "serve-test"},
-        "serve": {"port": port, "app_name": "kaizen-test",
-                  "collector": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                  "scorer": {"sweep_interval_s": 1.0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                  "generator": {"enabled": False}},  # tests/app/serve/test_generator_serve.py serves it
-    })
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(db)},
+            "privacy": {"hmac_key": "serve-test"},
+            "serve": {
+                "port": port,
+                "app_name": "kaizen-test",
+                "collector": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "scorer": {"sweep_interval_s": 1.0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "generator": {"enabled": False},
+            },  # tests/app/serve/test_generator_serve.py serves it
+        }
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -50,8 +55,12 @@ def now() -> str:
 
 
 def ev(i: str, session: str = "s") -> dict:
-    return {"id": i, "type": "interaction", "timestamp": now(),
-            "body": {"session_id": session, "input": {"raw": f"q {i}"}, "output": {"content": f"a {i}"}}}
+    return {
+        "id": i,
+        "type": "interaction",
+        "timestamp": now(),
+        "body": {"session_id": session, "input": {"raw": f"q {i}"}, "output": {"content": f"a {i}"}},
+    }
 
 
 def test_http_through_serve_good_and_bad(kaizen) -> None:
@@ -85,8 +94,16 @@ def test_client_survives_a_killed_replica(kaizen, tmp_path) -> None:
     import ray
 
     url, store = kaizen
-    client = KaizenClient(url, batch_size=50, flush_interval_s=0.02, max_retries=8, backoff_base_s=0.1,
-                          backoff_max_s=1.0, probe_interval_s=0.5, spool_dir=tmp_path / "spool")
+    client = KaizenClient(
+        url,
+        batch_size=50,
+        flush_interval_s=0.02,
+        max_retries=8,
+        backoff_base_s=0.1,
+        backoff_max_s=1.0,
+        probe_interval_s=0.5,
+        spool_dir=tmp_path / "spool",
+    )
     ids: list[str] = []
     done = threading.Event()
 
@@ -100,8 +117,11 @@ def test_client_survives_a_killed_replica(kaizen, tmp_path) -> None:
     thread = threading.Thread(target=agent)
     thread.start()
     time.sleep(1.0)
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if "SERVE_REPLICA" in a["name"] and "Collector" in a["name"]]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "Collector" in a["name"]
+    ]
     assert replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     time.sleep(1.5)
@@ -115,10 +135,15 @@ def test_client_survives_a_killed_replica(kaizen, tmp_path) -> None:
 
 def test_committed_interactions_are_scored_by_the_scorer(kaizen) -> None:
     url, store = kaizen
-    body = {"session_id": "s", "input": {"raw": "Write add. add(1, 2) -> 3"},
-            "output": {"content": "```python\ndef add(a, b):\n    return a + b\n```", "generation_time_ms": 400}}  # fmt: skip
+    body = {
+        "session_id": "s",
+        "input": {"raw": "Write add. add(1, 2) -> 3"},
+        "output": {"content": "```python\ndef add(a, b):\n    return a + b\n```", "generation_time_ms": 400},
+    }
     with httpx.Client(base_url=url, timeout=60) as http:
-        r = http.post("/v1/events", json={"events": [{"id": "to-score", "type": "interaction", "timestamp": now(), "body": body}]})
+        r = http.post(
+            "/v1/events", json={"events": [{"id": "to-score", "type": "interaction", "timestamp": now(), "body": body}]}
+        )
         assert r.status_code == 200
         deadline = time.monotonic() + 90  # the first scoring loads the embedding model
         while time.monotonic() < deadline:
@@ -134,7 +159,7 @@ def test_committed_interactions_are_scored_by_the_scorer(kaizen) -> None:
 def test_pending_interactions_missed_by_the_hand_off_are_swept(kaizen) -> None:
     from app.ingest import IngestPipeline
 
-    url, store = kaizen
+    _url, store = kaizen
     # Written straight into the store, as if the scorer had been down when they were committed.
     pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "serve-test"}}))
     prepared = pipeline.prepare([ev(f"missed-{i}") for i in range(3)])

@@ -41,15 +41,20 @@ def kaizen(ray_session, model_root: Path, tmp_path_factory: pytest.TempPathFacto
 
     serve.shutdown()  # another module's Serve would keep its own HTTP port
     port = free_port()
-    cfg = KaizenConfig.model_validate({
-        "store": {"sqlite_path": str(db)},
-        "privacy": {"hmac_key": "gen-test"},
-        "model": {"base_model": "tiny", "storage_root": str(model_root)},
-        "serve": {"port": port, "app_name": "kaizen-gen-test",
-                  "collector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                  "scorer": {"enabled": False},
-                  "generator": {"num_cpus": 1, "max_adapters": 2, "default_max_tokens": 16}},
-    })  # fmt: skip
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(db)},
+            "privacy": {"hmac_key": "gen-test"},
+            "model": {"base_model": "tiny", "storage_root": str(model_root)},
+            "serve": {
+                "port": port,
+                "app_name": "kaizen-gen-test",
+                "collector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "scorer": {"enabled": False},
+                "generator": {"num_cpus": 1, "max_adapters": 2, "default_max_tokens": 16},
+            },
+        }
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-gen-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -70,7 +75,10 @@ def test_base_adapter_and_alias_answer_through_the_openai_client(kaizen) -> None
     client, store, _, _ = kaizen
     base = _ask(client, "tiny", presence_penalty=2.0)
     assert base.object == "chat.completion" and base.model == "tiny"
-    assert base.usage.completion_tokens > 0 and base.usage.total_tokens == base.usage.prompt_tokens + base.usage.completion_tokens
+    assert (
+        base.usage.completion_tokens > 0
+        and base.usage.total_tokens == base.usage.prompt_tokens + base.usage.completion_tokens
+    )
     by_id = _ask(client, "answer-42")
     by_alias = _ask(client, "champion")
     assert by_id.choices[0].message.content == by_alias.choices[0].message.content == ANSWER
@@ -90,8 +98,9 @@ def test_base_adapter_and_alias_answer_through_the_openai_client(kaizen) -> None
 def test_streaming_joins_into_the_plain_answer(kaizen) -> None:
     client, _, _, _ = kaizen
     plain = _ask(client, "tiny", "def fib(n):", presence_penalty=2.0).choices[0].message.content
-    stream = _ask(client, "tiny", "def fib(n):", presence_penalty=2.0, stream=True,
-                  stream_options={"include_usage": True})  # fmt: skip
+    stream = _ask(
+        client, "tiny", "def fib(n):", presence_penalty=2.0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain

@@ -37,8 +37,12 @@ def interaction(i: int, session: str = "s1", ts: datetime = T0, **extra) -> dict
     body = {
         "session_id": session,
         "input": {"raw": f"write function number {i}", "type": "prompt", "complexity": "simple"},
-        "output": {"content": f"```python\ndef f{i}():\n    return {i}\n```", "format": "markdown",
-                   "generation_time_ms": 120.5, "token_count": 12},
+        "output": {
+            "content": f"```python\ndef f{i}():\n    return {i}\n```",
+            "format": "markdown",
+            "generation_time_ms": 120.5,
+            "token_count": 12,
+        },
         "metadata": {"model_version": "base", "temperature": 0.2, "stop_sequences": ["<|im_end|>"]},
     }
     body.update(extra)
@@ -60,7 +64,12 @@ def test_batch_write_is_idempotent_on_event_id(store, pipeline) -> None:
     assert commit(store, pipeline, events) == ["accepted"] * 3
     # A retry of the same batch, plus a repeat inside one batch: written once.
     assert commit(store, pipeline, events + [interaction(3), interaction(3)]) == [
-        "duplicate", "duplicate", "duplicate", "accepted", "duplicate"]  # fmt: skip
+        "duplicate",
+        "duplicate",
+        "duplicate",
+        "accepted",
+        "duplicate",
+    ]
     assert store.count("interactions") == 4
     assert store.count("events") == 4
 
@@ -89,12 +98,24 @@ def test_interaction_round_trip_with_nested_records(store, pipeline) -> None:
 
 @pytest.mark.parametrize("feedback_first", [True, False])
 def test_feedback_and_outcome_attach_in_either_order(store, pipeline, feedback_first: bool) -> None:
-    fb = {"id": "fb-1", "type": "feedback", "timestamp": T0.isoformat(),
-          "body": {"interaction_id": "int-7", "explicit": {"thumbs": "down", "comment": "wrong"}}}
-    oc = {"id": "oc-1", "type": "outcome", "timestamp": T0.isoformat(),
-          "body": {"interaction_id": "int-7", "lint_passes": True}}
-    tool = {"id": "tu-1", "type": "tool_usage", "timestamp": T0.isoformat(),
-            "body": {"interaction_id": "int-7", "tool_name": "run_tests", "exit_code": 1, "success": False}}
+    fb = {
+        "id": "fb-1",
+        "type": "feedback",
+        "timestamp": T0.isoformat(),
+        "body": {"interaction_id": "int-7", "explicit": {"thumbs": "down", "comment": "wrong"}},
+    }
+    oc = {
+        "id": "oc-1",
+        "type": "outcome",
+        "timestamp": T0.isoformat(),
+        "body": {"interaction_id": "int-7", "lint_passes": True},
+    }
+    tool = {
+        "id": "tu-1",
+        "type": "tool_usage",
+        "timestamp": T0.isoformat(),
+        "body": {"interaction_id": "int-7", "tool_name": "run_tests", "exit_code": 1, "success": False},
+    }
     order = [[fb, oc, tool], [interaction(7)]]
     for batch in order if feedback_first else order[::-1]:
         assert set(commit(store, pipeline, batch)) == {"accepted"}
