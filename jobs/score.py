@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from app.config import KaizenConfig, load_config, resolve_paths
+from app.config import KaizenConfig
+from app.job_cli import job_parser, run_job
 from app.ray_setup import start_ray
 
-__all__ = ["ScoreBatch", "ScoreJobResult", "main", "select_ids"]
+__all__ = ["ScoreBatch", "ScoreJobResult", "cli", "main", "parser", "select_ids"]
 
 
 @dataclass
@@ -146,9 +147,9 @@ def main(
     )
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+def parser() -> argparse.ArgumentParser:
+    """The job's command line: ``--config``, which interactions, the pool's shape, overrides."""
+    parser = job_parser("jobs.score", __doc__)
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--status",
@@ -164,24 +165,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="interactions per batch")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor (torch threads)")
     parser.add_argument("--no-execute", action="store_true", help="do not run examples in the sandbox")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, key=value")
-    return parser.parse_args(argv)
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m jobs.score``: exit 0 with the counts as JSON, 2 on a bad option."""
+
+    def run(args: argparse.Namespace, cfg: KaizenConfig, _opts: None) -> ScoreJobResult:
+        return main(
+            cfg,
+            status=None if args.all else args.status,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+            actors=args.actors,
+            batch_size=args.batch_size,
+            num_cpus=args.num_cpus,
+            execute=not args.no_execute,
+        )
+
+    return run_job(parser(), run, argv)
 
 
 if __name__ == "__main__":
-    import json
-
-    args = _parse(sys.argv[1:])
-    config = resolve_paths(load_config(args.config, args.overrides))
-    result = main(
-        config,
-        status=None if args.all else args.status,
-        since=args.since,
-        until=args.until,
-        limit=args.limit,
-        actors=args.actors,
-        batch_size=args.batch_size,
-        num_cpus=args.num_cpus,
-        execute=not args.no_execute,
-    )
-    print(json.dumps(asdict(result), indent=2))
+    sys.exit(cli())
