@@ -9,6 +9,9 @@ serving follows, and the deployer decides how one leads to the other.
 Every change is written with its actor and reason to ``audit_log``, and every alias move also to
 ``alias_history`` with the adapter it replaced, in the same transaction as the move itself, so
 that two processes moving one alias at once still leave a complete, ordered chain of moves.
+
+The champion is looked up here and nowhere else: :meth:`AdapterRegistry.champion` on an open
+store, :func:`champion_adapter` from a config (opening and closing the store once).
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from app.store import open_store
 from app.store.base import InteractionStore
 
 if TYPE_CHECKING:
+    from app.config import KaizenConfig
     from app.model.adapters import AdapterManifest
 
-__all__ = ["ALIASES", "STATUSES", "AdapterNotRegisteredError", "AdapterRegistry", "Alias", "Status"]
+__all__ = [
+    "ALIASES",
+    "STATUSES",
+    "AdapterNotRegisteredError",
+    "AdapterRegistry",
+    "Alias",
+    "Status",
+    "champion_adapter",
+]
 
 Status = Literal["candidate", "validated", "champion", "challenger", "retired", "rejected"]
 Alias = Literal["champion", "challenger"]
@@ -194,6 +207,11 @@ class AdapterRegistry:
             return rows[0]["adapter_id"] if rows else None
         return name if self.get(name) is not None else None
 
+    def champion(self) -> str | None:
+        """The adapter id the ``champion`` alias names (what serves production traffic and what the
+        learning jobs continue from), or None while no champion is set (the base model serves)."""
+        return self.resolve("champion")
+
     def audit(self, target: str | None = None) -> list[dict[str, Any]]:
         """The registry's audit rows, oldest first; only those about ``target`` (an adapter id
         or an alias) when given."""
@@ -236,6 +254,16 @@ class AdapterRegistry:
 
     def _unknown(self, adapter_id: str) -> AdapterNotRegisteredError:
         return AdapterNotRegisteredError(f"adapter_id {adapter_id!r} is not registered")
+
+
+def champion_adapter(cfg: KaizenConfig) -> str | None:
+    """The champion adapter's id (:meth:`AdapterRegistry.champion`) from the configured store,
+    opened and closed once for the question; None while no champion is set."""
+    store = open_store(cfg.store)
+    try:
+        return AdapterRegistry(store).champion()
+    finally:
+        store.close()
 
 
 def _check_status(status: str) -> str:

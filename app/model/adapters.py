@@ -9,22 +9,18 @@ The root is a local path, used in place, or a URI that pyarrow understands (``s3
 ``gs://…``, ``file:///shared/kaizen``), from which :meth:`AdapterStore.local_path` downloads an
 adapter once into a local cache: PEFT, vLLM and Ray Train workers all want a local directory.
 
-An adapter is immutable once saved, and never visible half-written: on a local disk it is built
-under a temporary name and renamed into place in one step; on an object store, which has no atomic
-directory rename, its ``manifest.json`` is written last and is what makes it exist.
+An adapter is immutable once saved, and never visible half-written: it is one kind of artifact,
+named, placed and published by :mod:`app.artifacts` (on a local disk built under a temporary name
+and renamed into place in one step; on an object store, which has no atomic directory rename, its
+``manifest.json`` written last, which is what makes it exist).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +29,20 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.model.storage import DEFAULT_ROOT, ensure_directory, file_sha256
+from app.artifacts import (
+    DEFAULT_ROOT,
+    KINDS,
+    MANIFEST_FILE,
+    artifact_exists,
+    check_id,
+    ensure_directory,
+    file_sha256,
+    is_uri,
+    list_artifacts,
+    locate,
+    new_id,
+    publish,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -53,14 +62,9 @@ __all__ = [
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The PEFT files every stored adapter has (what ``save_pretrained`` writes, less its README)."""
-MANIFEST_FILE = "manifest.json"
-ADAPTERS_DIRNAME = "adapters"
+ADAPTERS_DIRNAME = KINDS["adapter"].dirname
 DEFAULT_CACHE_DIR = Path("~/.cache/kaizen/adapters")
 """Where adapters from a remote root are downloaded to, one folder per root."""
-
-# Ids become directory names and URI parts: letters, digits, '.', '_' and '-', no leading dot
-# (names starting with '.' are reserved for temporary directories) and no path separators.
-_ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class AdapterNotFoundError(FileNotFoundError):
@@ -123,18 +127,12 @@ class AdapterManifest(BaseModel):
 def new_adapter_id(now: datetime | None = None) -> str:
     """A fresh id, ``adp-YYYYMMDD-HHMMSS-<6 hex>``: sortable by time; the random
     suffix keeps ids from processes saving in the same second apart."""
-    now = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"adp-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return new_id("adapter", now)
 
 
 def check_adapter_id(adapter_id: str) -> str:
     """``adapter_id`` if it is safe as a directory name, else ValueError saying why."""
-    if not isinstance(adapter_id, str) or not _ADAPTER_ID.fullmatch(adapter_id):
-        raise ValueError(
-            f"adapter_id {adapter_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return adapter_id
+    return check_id(adapter_id, "adapter")
 
 
 class AdapterStore:
@@ -156,17 +154,16 @@ class AdapterStore:
         self.root = os.fspath(root)
         # Any URI, file:// included, goes through pyarrow and the cache; only a plain path is used
         # in place. One rule, so a file:// root behaves exactly as s3:// would.
-        self.remote = "://" in self.root
+        self.remote = is_uri(self.root)
+        # One file system object for the store's life (pyarrow's in-memory one exists once).
+        self._folder = locate(self.root).child(ADAPTERS_DIRNAME)
+        self._fs = self._folder.filesystem
         if self.remote:
-            self._fs, base = pafs.FileSystem.from_uri(self.root)
-            self._base = f"{base.rstrip('/')}/{ADAPTERS_DIRNAME}" if base.strip("/") else ADAPTERS_DIRNAME
             # Adapter ids are unique per root, not across roots: one cache folder per root.
             default_cache = DEFAULT_CACHE_DIR / hashlib.sha256(self.root.encode()).hexdigest()[:16]
             self.cache_dir = Path(cache_dir if cache_dir is not None else default_cache).expanduser()
         else:
-            self._fs = pafs.LocalFileSystem()
-            self._dir = Path(self.root).expanduser().absolute() / ADAPTERS_DIRNAME
-            self._base = self._dir.as_posix()
+            self._dir = Path(self._folder.path)
             self.cache_dir = None
 
     def __repr__(self) -> str:
@@ -204,15 +201,7 @@ class AdapterStore:
         if self.exists(adapter_id):
             raise FileExistsError(f"adapter_id {adapter_id!r} is already stored at {self.uri(adapter_id)}")
 
-        # Staged on the local disk first; for a local root, beside its target so the final
-        # rename stays on one file system and is atomic.
-        if self.remote:
-            stage_parent = None
-        else:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            stage_parent = self._dir
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{adapter_id}-", dir=stage_parent))
-        try:
+        def write(staging: Path) -> AdapterManifest:
             _write_peft_files(peft_model_or_dir, staging)
             config = json.loads((staging / "adapter_config.json").read_text(encoding="utf-8"))
             manifest = AdapterManifest(
@@ -224,57 +213,18 @@ class AdapterStore:
                 files={name: file_sha256(staging / name) for name in ADAPTER_FILES},
             )
             (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-            if self.remote:
-                self._publish_remote(staging, adapter_id)
-            else:
-                self._publish_local(staging, adapter_id)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return manifest
+            return manifest
 
-    def _publish_local(self, staging: Path, adapter_id: str) -> None:
-        # mkdtemp makes the directory private (0700); adapters are read by every process of a
-        # cluster, which may run as other users.
-        os.chmod(staging, 0o755)
         try:
-            # Atomic; fails when the target already exists with content (a racing save).
-            os.rename(staging, self._dir / adapter_id)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise FileExistsError(f"adapter_id {adapter_id!r} is already stored at {self.uri(adapter_id)}") from exc
-            raise
-
-    def _publish_remote(self, staging: Path, adapter_id: str) -> None:
-        local = pafs.LocalFileSystem()
-        final = self._remote_dir(adapter_id)
-        # Where the file system renames directories in one step, upload under a hidden name and
-        # move; elsewhere (object stores) upload in place: the manifest, written last, is the
-        # commit, and an adapter without one does not exist for any reader.
-        renames = self._fs.type_name in ("local", "hdfs")
-        target = f"{self._base}/.tmp-{adapter_id}-{secrets.token_hex(4)}" if renames else final
-        self._fs.create_dir(target, recursive=True)
-        try:
-            for name in (*ADAPTER_FILES, MANIFEST_FILE):
-                pafs.copy_files(
-                    (staging / name).as_posix(),
-                    f"{target}/{name}",
-                    source_filesystem=local,
-                    destination_filesystem=self._fs,
-                )
-            if renames:
-                self._fs.move(target, final)
-        except BaseException:
-            if renames:
-                with contextlib.suppress(OSError):  # the upload's own error is the one to report
-                    self._fs.delete_dir(target)
-            raise
+            return publish(self._folder.child(adapter_id), write)
+        except FileExistsError as exc:  # a racing save of the same id published first
+            raise FileExistsError(f"adapter_id {adapter_id!r} is already stored at {self.uri(adapter_id)}") from exc
 
     # --- reading -----------------------------------------------------------------------------
 
     def exists(self, adapter_id: str) -> bool:
         """True when a complete adapter with this id is stored."""
-        info = self._fs.get_file_info(f"{self._remote_dir(check_adapter_id(adapter_id))}/{MANIFEST_FILE}")
-        return info.type == pafs.FileType.File
+        return artifact_exists(self._folder.child(check_adapter_id(adapter_id)))
 
     def manifest(self, adapter_id: str) -> AdapterManifest:
         """The stored manifest of an adapter.
@@ -289,24 +239,14 @@ class AdapterStore:
 
     def list(self) -> list[AdapterManifest]:
         """Every complete adapter's manifest, oldest first."""
-        infos = self._fs.get_file_info(pafs.FileSelector(self._base, allow_not_found=True))
-        manifests = []
-        for info in infos:
-            # Hidden names are temporary directories of saves in progress (or crashed).
-            if info.type == pafs.FileType.Directory and not info.base_name.startswith("."):
-                name = info.base_name
-                # Skipped: folders whose names no adapter may have, and uploads without their
-                # manifest yet. A broken manifest, though, is an error, not something to hide.
-                if _ADAPTER_ID.fullmatch(name) and self.exists(name):
-                    manifests.append(self.manifest(name))
+        # Skipped: saves in progress or cut short, and names no adapter may have. A broken
+        # manifest, though, is an error, not something to hide.
+        manifests = [self.manifest(adapter_id) for adapter_id in list_artifacts(self._folder)]
         return sorted(manifests, key=lambda m: (m.created_at, m.adapter_id))
 
     def uri(self, adapter_id: str) -> str:
         """Where the adapter lives: a local path, or a URI under a remote root (for the registry)."""
-        check_adapter_id(adapter_id)
-        if self.remote:
-            return f"{self.root.rstrip('/')}/{ADAPTERS_DIRNAME}/{adapter_id}"
-        return str(self._dir / adapter_id)
+        return self._folder.child(check_adapter_id(adapter_id)).uri
 
     def local_path(self, adapter_id: str) -> Path:
         """A local directory holding the adapter, for ``PeftModel.from_pretrained`` or vLLM.
@@ -384,7 +324,8 @@ class AdapterStore:
     # --- helpers -------------------------------------------------------------------------------
 
     def _remote_dir(self, adapter_id: str) -> str:
-        return f"{self._base}/{adapter_id}"
+        """The adapter's folder, as a path within the store's file system."""
+        return self._folder.child(adapter_id).path
 
     def _not_found(self, adapter_id: str) -> AdapterNotFoundError:
         return AdapterNotFoundError(

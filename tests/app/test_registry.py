@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.model.adapters import AdapterManifest
-from app.registry import STATUSES, AdapterNotRegisteredError, AdapterRegistry
+from app.registry import STATUSES, AdapterNotRegisteredError, AdapterRegistry, champion_adapter
 from app.store import InteractionStore
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SQLiteStore
@@ -152,6 +152,53 @@ def test_resolve(registry: AdapterRegistry) -> None:
     assert registry.resolve("adp-b") == "adp-b"
     assert registry.resolve("adp-unknown") is None
     assert registry.resolve("canary") is None
+
+
+def test_champion_is_what_the_champion_alias_names(registry: AdapterRegistry) -> None:
+    _register(registry, "adp-a", "adp-b")
+    assert registry.champion() is None  # none yet: the base model serves
+    registry.set_alias("challenger", "adp-b", "deployer", "canary")
+    assert registry.champion() is None
+    registry.set_alias("champion", "adp-a", "deployer", "first champion")
+    assert registry.champion() == "adp-a"
+    registry.set_alias("champion", None, "operator", "rolled back to the base")
+    assert registry.champion() is None
+
+
+def test_champion_adapter_opens_the_configured_store_once_and_closes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.registry
+    from app.config import KaizenConfig
+
+    cfg = KaizenConfig.model_validate({"store": {"sqlite_path": str(tmp_path / "k.db")}, "privacy": {"hmac_key": "k"}})
+    opened: list[InteractionStore] = []
+    closed: list[InteractionStore] = []
+    open_store = app.registry.open_store
+
+    def counted(store_cfg):
+        store = open_store(store_cfg)
+        opened.append(store)
+        really_close = store.close
+
+        def close() -> None:
+            closed.append(store)
+            really_close()
+
+        store.close = close
+        return store
+
+    monkeypatch.setattr(app.registry, "open_store", counted)
+    assert champion_adapter(cfg) is None  # a fresh database: migrated, no champion
+    db = SQLiteStore(tmp_path / "k.db")
+    try:
+        registry = AdapterRegistry(db)
+        _register(registry, "adp-a")
+        registry.set_alias("champion", "adp-a", "deployer", "first champion")
+    finally:
+        db.close()
+    assert champion_adapter(cfg) == "adp-a"
+    assert len(opened) == 2 and closed == opened
 
 
 def test_bad_alias_moves_are_refused_and_write_nothing(registry: AdapterRegistry) -> None:

@@ -234,7 +234,7 @@ def test_registered_champion_resolves_to_a_loadable_adapter(trained: Trained, tm
         assert row["uri"] == adapters.uri(manifest.adapter_id) and row["manifest"] == manifest.model_dump(mode="json")
         registry.set_status(manifest.adapter_id, "validated", actor="validate-job", reason="beats champion")
         registry.set_alias("champion", manifest.adapter_id, actor="deployer", reason="first champion")
-        adapter_id = registry.resolve("champion")
+        adapter_id = registry.champion()
     finally:
         db.close()
     model = adapters.attach(fresh_base, adapter_id)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
+from app.artifacts import ensure_directory, models_dir
 from app.model import (
     PROFILES,
     ModelNotFoundError,
@@ -20,7 +21,6 @@ from app.model import (
     model_path,
     profile_config,
 )
-from app.model.storage import ensure_directory, models_dir
 
 
 def _rope_theta(config) -> float:
