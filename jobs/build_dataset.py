@@ -3,23 +3,23 @@
     python -m jobs.build_dataset --config configs/default.yaml [dataset.key=value ...] [--json]
 
 For example ``dataset.keep_fraction=0.3 dataset.since=2025-01-01 dataset.validation_fraction=0.2``;
-every option is a field of :class:`app.learning.dataset.DatasetConfig` (a ``dataset:`` section in
+every option is a field of :class:`app.learning.dataset.options.DatasetConfig` (a ``dataset:`` section in
 the config file works too), other dotted keys override the Kaizen config as everywhere. Submit it
 to a cluster with ``ray job submit --working-dir . -- python -m jobs.build_dataset --config
 configs/postgres.yaml``.
 
-The chain, its stages in :mod:`app.learning.dataset`:
+The chain, each stage in its module of :mod:`app.learning.dataset`:
 
 1. the ids of the scored interactions in the window, a page at a time (driver);
-2. ``ReadInteractions`` actors (each with its own store connection) → ``classify`` →
-   ``filter_quality`` (the threshold manager's inclusion threshold per domain and complexity) →
-   ``fingerprint`` (normalised-text hash, MinHash signature);
-3. on the driver, over the whole pool: exact duplicates, near duplicates (MinHash LSH), the
-   balance across domain, task and complexity groups;
-4. ``format_chatml`` → ``EmbedBatch`` actors (MiniLM) → ``encode_features``;
-5. on the driver: the diverse, quality-weighted selection, the split by a hash of the id, and the
-   files under ``<model.storage_root>/datasets/<dataset_id>/``: ``train.parquet``,
-   ``validation.parquet`` (the seed's schema plus ``messages``), ``train.jsonl``,
+2. ``read.ReadInteractions`` actors (each with its own store connection) → ``classification.classify``
+   → ``filter.filter_quality`` (the threshold manager's inclusion threshold per domain and
+   complexity) → ``dedup.fingerprint`` (normalised-text hash, MinHash signature);
+3. on the driver, over the whole pool: exact duplicates, near duplicates (MinHash LSH; ``dedup``),
+   the balance across domain, task and complexity groups (``balancing``);
+4. ``chatml.format_chatml`` → ``features.EmbedBatch`` actors (MiniLM) → ``features.encode_features``;
+5. on the driver: the diverse, quality-weighted selection and the split by a hash of the id
+   (``select``), and the files (``write``) under ``<model.storage_root>/datasets/<dataset_id>/``:
+   ``train.parquet``, ``validation.parquet`` (the seed's schema plus ``messages``), ``train.jsonl``,
    ``validation.jsonl`` (OpenAI chat format) and ``manifest.json``.
 
 It stops with the count and the threshold when too few interactions are left (``dataset.min_examples``).
@@ -36,35 +36,25 @@ from typing import Any
 
 import numpy as np
 
-from app.config import ConfigError, KaizenConfig, load_job_config
-from app.learning.dataset import (
-    COMPLEXITIES,
-    DatasetConfig,
+from app.config import KaizenConfig
+from app.job_cli import job_parser, run_job
+from app.learning.dataset.balancing import balance
+from app.learning.dataset.batch import batch_to_rows, num_rows, rows_to_batch, take
+from app.learning.dataset.chatml import format_chatml
+from app.learning.dataset.classification import COMPLEXITIES, classify
+from app.learning.dataset.dedup import drop_exact_duplicates, drop_near_duplicates, fingerprint
+from app.learning.dataset.features import EmbedBatch, encode_features
+from app.learning.dataset.filter import filter_quality
+from app.learning.dataset.options import DatasetConfig, InsufficientDataError, new_dataset_id, threshold_manager
+from app.learning.dataset.read import ReadInteractions
+from app.learning.dataset.select import assign_split, select_diverse, selection_size
+from app.learning.dataset.write import (
     DatasetManifest,
-    EmbedBatch,
     Funnel,
-    InsufficientDataError,
     QueryInfo,
-    ReadInteractions,
-    assign_split,
-    balance,
-    batch_to_rows,
-    classify,
     count_rows,
     dataset_uri,
-    drop_exact_duplicates,
-    drop_near_duplicates,
-    encode_features,
-    filter_quality,
-    fingerprint,
-    format_chatml,
-    new_dataset_id,
     quality_histogram,
-    rows_to_batch,
-    select_diverse,
-    selection_size,
-    take,
-    threshold_manager,
     to_table,
     write_dataset,
 )
@@ -93,10 +83,6 @@ def _window(opts: DatasetConfig) -> str:
 
 def _collect(ds: Any) -> dict[str, np.ndarray]:
     return rows_to_batch(ds.take_all())
-
-
-def _size(batch: dict[str, np.ndarray]) -> int:
-    return len(batch["interaction_id"]) if batch else 0
 
 
 def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifest:
@@ -146,7 +132,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             batch_size=opts.batch_size,
         )
     )
-    above = _size(candidates)
+    above = num_rows(candidates)
     languages = sorted({str(x) for x in candidates.get("language", [])})
     applied = {
         f"{lang}/{c}": round(thresholds.threshold(None if lang == "*" else lang, c), 6)
@@ -158,14 +144,14 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
     pool, exact = drop_exact_duplicates(candidates)
     pool, near = drop_near_duplicates(pool, opts.near_duplicate_threshold, opts.num_perm, opts.seed)
     pool, capped, balance_info = balance(pool, opts.max_group_share, opts.balance_by)
-    planned = selection_size(_size(pool), opts.keep_fraction, opts.max_rows)
+    planned = selection_size(num_rows(pool), opts.keep_fraction, opts.max_rows)
     if planned < opts.min_examples:
         raise InsufficientDataError(
             f"only {planned} interactions would be left, fewer than dataset.min_examples={opts.min_examples}: "
             f"{len(ids)} scored in the {engine} store{_window(opts)}, {above} at or above the inclusion "
             f"threshold {base:.2f} ({min(applied.values()):.2f}-{max(applied.values()):.2f} by domain and "
             f"complexity), "
-            f"{above - exact - near} after removing duplicates, {_size(pool)} after balancing, and "
+            f"{above - exact - near} after removing duplicates, {num_rows(pool)} after balancing, and "
             f"dataset.keep_fraction={opts.keep_fraction} of those"
             + (f" (at most dataset.max_rows={opts.max_rows})" if opts.max_rows else "")
             + "; lower the threshold or min_examples, "
@@ -222,8 +208,8 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             exact_duplicates=exact,
             near_duplicates=near,
             over_group_cap=capped,
-            not_selected=_size(pool) - _size(chosen),
-            selected=_size(chosen),
+            not_selected=num_rows(pool) - num_rows(chosen),
+            selected=num_rows(chosen),
             train=train.num_rows,
             validation=validation.num_rows,
         ),
@@ -273,29 +259,18 @@ def summary(manifest: DatasetManifest) -> str:
     )
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.build_dataset", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
-    parser.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
-    parser.add_argument("overrides", nargs="*", help="dataset.key=value options and dotted config overrides")
-    return parser.parse_args(argv)
+def _run(args: argparse.Namespace, cfg: KaizenConfig, opts: DatasetConfig) -> str:
+    manifest = main(cfg, opts)
+    return manifest.model_dump_json(indent=2) if args.json else summary(manifest)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1: too few interactions, 2: a bad option)."""
-    args = _parse(argv)
-    try:
-        cfg, opts = load_job_config(args.config, args.overrides, "dataset")
-    except ConfigError as exc:
-        print(f"build_dataset: {exc}", file=sys.stderr)
-        return 2
-    try:
-        manifest = main(cfg, opts)
-    except InsufficientDataError as exc:
-        print(f"build_dataset: {exc}", file=sys.stderr)
-        return 1
-    print(manifest.model_dump_json(indent=2) if args.json else summary(manifest))
-    return 0
+    parser = job_parser(
+        "jobs.build_dataset", __doc__, overrides_help="dataset.key=value options and dotted config overrides"
+    )
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
+    return run_job(parser, _run, argv, section="dataset", not_done=(InsufficientDataError,))
 
 
 if __name__ == "__main__":

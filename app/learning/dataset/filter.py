@@ -1,0 +1,30 @@
+"""Stage 3 of ``jobs/build_dataset.py``: only the rows at or above
+:class:`~app.quality.thresholds.ThresholdManager`'s inclusion threshold for their domain (the
+language) and complexity go on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from app.learning.dataset.batch import Batch, as_text, take
+from app.quality.thresholds import ThresholdManager
+
+__all__ = ["filter_quality"]
+
+
+def filter_quality(batch: Mapping[str, np.ndarray], thresholds: ThresholdManager) -> Batch:
+    """Stage 3: the rows whose score is at or above the inclusion threshold for their domain
+    (the language) and complexity, with that threshold in a ``threshold`` column."""
+    limits = np.asarray(
+        [
+            round(thresholds.threshold(as_text(d), as_text(c)), 6)
+            for d, c in zip(batch["language"], batch["complexity"])
+        ],
+        dtype=np.float64,
+    )
+    out = dict(batch)
+    out["threshold"] = limits
+    keep = np.asarray(batch["quality_score"], dtype=np.float64) >= limits
+    return take(out, keep)

@@ -1,0 +1,41 @@
+"""Stage 1 (``app.learning.dataset.read``): a stored interaction as a flat row."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from app.learning.dataset.read import interaction_row
+
+
+def test_interaction_row_flattens_a_stored_interaction() -> None:
+    record = {
+        "id": "a1",
+        "timestamp": "2025-01-02T03:04:05+00:00",
+        "input_raw": "raw",
+        "input_processed": None,
+        "output_content": "answer",
+        "system_prompt": "Be brief.",
+        "quality_score": 0.8,
+        "quality_confidence": None,
+        "context": {"technologies": ["python"]},
+        "tool_usage": [
+            {
+                "tool_name": "read_file",
+                "invocation_order": 0,
+                "parameters_raw": {"path": "a.py"},
+                "success": True,
+                "output": "x = 1",
+                "error": None,
+                "exit_code": 0,
+                "duration_ms": 3.0,
+            }
+        ],
+    }
+    row = interaction_row(record)
+    assert row["input"] == "raw" and row["system_prompt"] == "Be brief." and np.isnan(row["quality_confidence"])
+    assert json.loads(row["tool_usage_json"])[0]["parameters_raw"] == {"path": "a.py"}
+    assert interaction_row({**record, "input_processed": "sent"})["input"] == "sent"
+    assert interaction_row({**record, "quality_score": None}) is None
+    assert interaction_row({**record, "output_content": "  "}) is None
