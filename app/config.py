@@ -15,19 +15,24 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import to_jsonable_python
 
 __all__ = [
     "JOB_SECTIONS",
+    "NOT_YET_USED",
     "ConfigError",
+    "ConfigKey",
     "KaizenConfig",
     "ValidationReport",
     "apply_overrides",
+    "config_keys",
     "job_options",
     "load_config",
     "load_job_config",
@@ -54,33 +59,62 @@ class _Section(BaseModel):
 
 # --- the seed's LearningConfig sections -------------------------------------------------------
 
+# The description of a key that nothing reads yet starts so; validate_config warns when one is set.
+NOT_YET_USED = "Not yet used: "
+
 
 class CollectionConfig(_Section):
     capture_rate: float = Field(
-        1.0, description="Share of sessions captured, 0.0-1.0; sampled deterministically by session."
+        1.0,
+        description="Share of sessions recorded, 0.0-1.0; the collector answers sampled_out for the others "
+        "(chosen by a hash of the session id, so a session is kept or dropped whole).",
     )
     exclude_patterns: list[str] = Field(
         default_factory=list,
-        description="Regexes; an interaction whose prompt or response matches one is dropped whole.",
+        description="Regexes; an interaction whose prompt or response matches one is answered excluded and not stored.",
     )
-    anonymize: bool = Field(True, description="Run the privacy filter before anything is stored.")
-    retention_days: int = Field(30, description="Days raw interactions are kept (at least 1).")
+    anonymize: bool = Field(
+        True,
+        description="Redact personal data and secrets in every text before it is stored; false stores text "
+        "as sent (ids are hashed either way).",
+    )
+    retention_days: int = Field(
+        30,
+        description=NOT_YET_USED + "data protection will delete raw interactions older than this (at least 1).",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body, in bytes (413 above)."
     )
     max_events_per_batch: int = Field(5000, gt=0, description="Most events one POST /v1/events may carry (413 above).")
     max_future_skew_s: float = Field(
-        300.0, ge=0, description="How far in the future an event timestamp may be before it is rejected."
+        300.0, ge=0, description="How far in the future an event timestamp may be before the event is rejected."
     )
 
 
 class QualityConfig(_Section):
-    real_time: bool = Field(True, description="Score interactions as they are committed.")
-    threshold: float = Field(0.70, description="Quality needed for training inclusion, 0.0-1.0.")
-    assessment_timeout_ms: float = Field(
-        500.0, gt=0, description="Time budget of one assessment; below 100 ms accuracy suffers."
+    real_time: bool = Field(
+        True,
+        description="Score interactions as they are committed (the scorer deployment and its sweep); false: "
+        "they stay pending until python -m jobs.score scores them in a batch.",
     )
-    fallback_on_timeout: bool = Field(True, description="Answer with a cheap score past the budget.")
+    threshold: float = Field(
+        0.70,
+        description="Quality an interaction needs to enter a training dataset, 0.0-1.0 (the base threshold "
+        "jobs/build_dataset.py adjusts per domain and complexity; dataset.threshold overrides it).",
+    )
+    assessment_timeout_ms: float = Field(
+        500.0,
+        gt=0,
+        description="Time budget of the real-time assessment of one committed interaction (with "
+        "performance.async_processing=false, the most the acknowledgement waits for the scores); past it "
+        "see fallback_on_timeout. Below 100 ms accuracy suffers.",
+    )
+    fallback_on_timeout: bool = Field(
+        True,
+        description="Past assessment_timeout_ms, store the cheap fallback score (feedback, outcomes, static "
+        "checks, timing; assessor version ...-fallback) until the full assessment replaces it; false: the "
+        "interaction stays pending until then.",
+    )
     calibration_min_ratings: int = Field(
         50, ge=10, description="Human ratings needed before kaizen calibrate replaces the seed's weights."
     )
@@ -96,16 +130,33 @@ class QualityConfig(_Section):
 
 
 class ResourceLimitsConfig(_Section):
-    max_vram_gb: float = Field(35.0, gt=0, description="VRAM a training run may use (the seed's 35 GB).")
-    max_system_memory_gb: float = Field(16.0, gt=0, description="Host memory a training run may use.")
-    max_cpu_cores: int = Field(2, gt=0, description="CPU cores a training run may use.")
+    max_vram_gb: float = Field(
+        35.0, gt=0, description="VRAM a training worker may use: caps torch's caching allocator (the seed's 35 GB)."
+    )
+    max_system_memory_gb: float = Field(
+        16.0, gt=0, description=NOT_YET_USED + "the scheduler will hold training runs to this much host memory."
+    )
+    max_cpu_cores: int = Field(
+        2,
+        gt=0,
+        description="CPU cores a fine-tuning run may reserve (workers x CPUs per worker); more stops it before "
+        "it starts.",
+    )
 
 
 class TrainingConfig(_Section):
-    auto_training: bool = Field(True, description="Let the scheduler start learning cycles by itself.")
-    min_interactions: int = Field(100, ge=0, description="Training-eligible interactions needed before a cycle starts.")
-    interval_hours: float = Field(24.0, gt=0, description="Least time between two learning cycles.")
-    max_hours: float = Field(4.0, gt=0, description="Longest a learning cycle may run.")
+    auto_training: bool = Field(
+        True, description=NOT_YET_USED + "the scheduler will start learning cycles by itself when true."
+    )
+    min_interactions: int = Field(
+        100,
+        ge=0,
+        description=NOT_YET_USED + "the scheduler will wait for this many training-eligible interactions.",
+    )
+    interval_hours: float = Field(
+        24.0, gt=0, description=NOT_YET_USED + "the scheduler will leave at least this long between two cycles."
+    )
+    max_hours: float = Field(4.0, gt=0, description="Longest a fine-tuning run may train before it stops.")
     resource_limits: ResourceLimitsConfig = Field(
         default_factory=ResourceLimitsConfig, description="Resources a training run may use."
     )
@@ -113,23 +164,43 @@ class TrainingConfig(_Section):
 
 class ModelConfig(_Section):
     base_model: str = Field("tiny", description="Base model: 'tiny' (embedded), a Hugging Face id, or a local path.")
-    checkpoint_dir: str = Field("data/checkpoints", description="Where fine-tuned adapters are kept.")
-    max_checkpoints: int = Field(5, gt=0, description="Adapters kept per lineage before pruning.")
+    checkpoint_dir: str = Field(
+        "data/checkpoints",
+        description="Where training writes its working files: Ray Train runs and checkpoints (runs/), sweeps "
+        "(sweeps/) and learning-cycle records (cycles/). Adapters are kept under storage_root, not here.",
+    )
+    max_checkpoints: int = Field(
+        5, gt=0, description=NOT_YET_USED + "data protection will prune adapters beyond this many per lineage."
+    )
     deployment_strategy: Literal["immediate", "staged", "manual"] = Field(
-        "staged", description="How a validated adapter reaches production."
+        "staged",
+        description=NOT_YET_USED + "validation and the canary will promote a validated adapter at once "
+        "(immediate), through a canary (staged), or leave it to an operator (manual).",
     )
     storage_root: str = Field(
-        "data", description="Where models/ and adapters/ live: a local path or a URI pyarrow understands (s3://...)."
+        "data",
+        description="Where models/ (base models, the tokenizer) and adapters/ (every fine-tuned LoRA adapter) "
+        "live: a local path or a URI pyarrow understands (s3://...).",
     )
 
 
 class PrivacyConfig(_Section):
-    data_minimization: bool = Field(True, description="Store only the fields the learning loop uses.")
+    data_minimization: bool = Field(
+        True,
+        description="Store only what the learning loop uses: the user id's hash, the working directory, "
+        "feedback comments, processed tool parameters and tool resource usage are dropped, tool outputs "
+        "and errors cut to what a training example keeps (dataset.max_tool_output_chars); false: stored as sent.",
+    )
     exclude_sensitive_patterns: list[str] = Field(
         default_factory=list, description="Extra regexes whose matches are redacted as 'custom'."
     )
-    encryption: bool = Field(False, description="Encrypt stored text at rest (engine-level).")
-    audit_trail: bool = Field(True, description="Write alias moves and deletions to the audit log.")
+    encryption: bool = Field(
+        False, description=NOT_YET_USED + "data protection will encrypt stored text at rest when true."
+    )
+    audit_trail: bool = Field(
+        True,
+        description=NOT_YET_USED + "data protection will audit deletions when true (alias moves always are).",
+    )
     hmac_key: str | None = Field(
         None, description="Key for hashing session and user ids; prefer hmac_key_env in production."
     )
@@ -140,11 +211,20 @@ class PrivacyConfig(_Section):
 
 class PerformanceConfig(_Section):
     max_collection_overhead_ms: float = Field(
-        5.0, gt=0, description="Most time recording may add to an agent call (the seed's 5 ms)."
+        5.0,
+        gt=0,
+        description="Budget of one record_* call of the Python client (KaizenClient.from_config), the seed's "
+        "5 ms: calls over it are counted in client.stats['over_budget'] and logged as a warning.",
     )
-    async_processing: bool = Field(True, description="Score and process off the request path.")
-    batch_size: int = Field(100, gt=0, description="Events per client batch.")
-    cache_size: int = Field(10000, ge=0, description="Entries in the quality-score LRU cache.")
+    async_processing: bool = Field(
+        True,
+        description="Score committed interactions after the collector's acknowledgement; false: before it "
+        "(the acknowledgement waits up to quality.assessment_timeout_ms for the scores).",
+    )
+    batch_size: int = Field(
+        100, gt=0, description="Most events one POST of the Python client carries (KaizenClient.from_config)."
+    )
+    cache_size: int = Field(10000, ge=0, description="Entries in the quality-score LRU cache of each scorer.")
 
 
 # --- service sections ----------------------------------------------------------------------------
@@ -273,11 +353,13 @@ def job_options_class(section: str) -> type[BaseModel]:
 class KaizenConfig(_Section):
     """The whole configuration tree; ``configs/default.yaml`` is the embedded default."""
 
-    enabled: bool = Field(True, description="Master switch for the learning loop.")
+    enabled: bool = Field(
+        True, description=NOT_YET_USED + "the scheduler will start no learning cycles when false (master switch)."
+    )
     collection: CollectionConfig = Field(default_factory=CollectionConfig, description="Data collection.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality assessment.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training triggers.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and checkpoints.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model, adapter storage, training files.")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Privacy and security.")
     performance: PerformanceConfig = Field(
         default_factory=PerformanceConfig, description="Overhead limits and batching."
@@ -308,6 +390,51 @@ class KaizenConfig(_Section):
         fixed development key (the embedded default only; ``kaizen up`` warns about it)."""
         key = self.privacy.hmac_key or os.environ.get(self.privacy.hmac_key_env)
         return (key or "kaizen-development-key").encode()
+
+
+# --- the key listing -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One leaf of the tree as ``kaizen config check --list`` prints it (values as in YAML)."""
+
+    key: str
+    value: Any
+    default: Any
+    description: str
+
+    @property
+    def not_yet_used(self) -> bool:
+        """Validated, but nothing reads it yet (its description says what will)."""
+        return self.description.startswith(NOT_YET_USED)
+
+
+def _leaves(model: BaseModel, default: BaseModel, prefix: str) -> Iterator[ConfigKey]:
+    for name, info in type(model).model_fields.items():
+        value, base = getattr(model, name), getattr(default, name)
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, base, f"{prefix}{name}.")
+        else:
+            yield ConfigKey(
+                f"{prefix}{name}", to_jsonable_python(value), to_jsonable_python(base), info.description or ""
+            )
+
+
+def config_keys(cfg: KaizenConfig, job_sections: bool = True) -> list[ConfigKey]:
+    """Every key of ``cfg`` with its value, its default and its description, in tree order; the job
+    sections (``dataset``, ``ssr``...) key by key through their options classes.
+
+    Raises:
+        ConfigError: a job section that its options class refuses.
+    """
+    keys = []
+    for item in _leaves(cfg, KaizenConfig(), ""):
+        if item.key not in JOB_SECTIONS:
+            keys.append(item)
+        elif job_sections:
+            keys += _leaves(job_options(cfg, item.key), job_options_class(item.key)(), f"{item.key}.")
+    return keys
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -406,8 +533,6 @@ def _pydantic_errors(exc: ValidationError) -> list[str]:
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(KaizenConfig, loc)
             messages.append(f"{key}: unknown key (allowed: {', '.join(allowed)})")
-        elif err["type"] == "literal_error":
-            messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
         else:
             messages.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
     return messages
@@ -477,6 +602,13 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
         report.warnings.append(
             f"privacy.hmac_key: unset and ${cfg.privacy.hmac_key_env} is empty; ids are hashed with a development key"
         )
+    # Keys nothing reads yet, set to another value than their default: an effect the operator expects and does not get.
+    report.warnings += [
+        f"{k.key}: set to {k.value!r}, but nothing reads it yet, so it has no effect "
+        f"({k.description.removeprefix(NOT_YET_USED).rstrip('.')})"
+        for k in config_keys(cfg, job_sections=False)
+        if k.not_yet_used and k.value != k.default
+    ]
     if report.valid:
         report.config = cfg
     return report
