@@ -1,8 +1,13 @@
-"""From raw JSON events to privacy-filtered rows: validation, exclusion, sampling, redaction.
+"""From raw JSON events to privacy-filtered rows: validation, exclusion, sampling, redaction, minimization.
 
 :class:`IngestPipeline` is the collector's logic without Serve or HTTP: ``prepare`` answers every
 event of a batch on its own (one bad event never spoils the rest) and returns the accepted ones as
 :class:`~app.store.StoredEvent` rows; the caller commits them and fills in accepted or duplicate.
+
+With ``privacy.data_minimization`` (the default) only what the learning loop reads is stored: the
+user id's hash, the working directory, feedback comments, processed tool parameters and tool
+resource usage are dropped (nothing reads them), and tool outputs and errors are cut to what a
+training example keeps of them (``dataset.max_tool_output_chars``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ from app.schemas import (
 )
 from app.store.base import OUTCOME_FIELDS, StoredEvent
 
-__all__ = ["IngestPipeline", "Prepared"]
+__all__ = ["TOOL_OUTPUT_CHARS", "IngestPipeline", "Prepared"]
+
+# Characters of a tool's output (or error) a training example keeps: the default of
+# dataset.max_tool_output_chars (app.learning.dataset.DatasetConfig), which a config may change.
+TOOL_OUTPUT_CHARS = 2000
 
 
 @dataclass
@@ -61,6 +70,8 @@ class IngestPipeline:
             exclude_patterns=cfg.collection.exclude_patterns,
             capture_rate=cfg.collection.capture_rate,
         )
+        self.minimize = cfg.privacy.data_minimization
+        self.tool_output_chars = max(0, int(cfg.dataset.get("max_tool_output_chars", TOOL_OUTPUT_CHARS)))
 
     # --- the batch -----------------------------------------------------------------------------
 
@@ -136,6 +147,15 @@ class IngestPipeline:
         found.update(kinds)
         return clean
 
+    def _cut(self, text: str | None) -> str | None:
+        """Minimization: a tool's output or error cut to what a training example keeps, the number
+        of characters left out said at the end (after redaction: a cut must not split a secret)."""
+        limit = self.tool_output_chars
+        if text is None or not self.minimize or len(text) <= limit:
+            return text
+        keep = max(0, limit - 40)  # room for the note, so the stored text is within the limit
+        return text[:keep] + f"\n[... {len(text) - keep} more characters]"[: limit - keep]
+
     def _interaction(self, env: EventEnvelope, it: Interaction, now: datetime) -> StoredEvent:
         found: Counter[str] = Counter()
         rows: dict[str, list[dict[str, Any]]] = {
@@ -143,7 +163,7 @@ class IngestPipeline:
                 {
                     "id": env.id,
                     "session_hash": self.privacy.hash_id(it.session_id),
-                    "user_hash": self.privacy.hash_id(it.user_id) if it.user_id else None,
+                    "user_hash": self.privacy.hash_id(it.user_id) if it.user_id and not self.minimize else None,
                     "timestamp": env.timestamp,
                     "received_at": now,
                     "sequence_number": it.sequence_number,
@@ -166,10 +186,14 @@ class IngestPipeline:
             ]
         }
         if it.context is not None:
+            # The working directory is a local path (often with a user name) that nothing reads.
+            context = it.context.model_dump(
+                mode="json", exclude_none=True, exclude={"working_directory"} if self.minimize else None
+            )
             rows["context_snapshots"] = [
                 {
                     "interaction_id": env.id,
-                    "project_context": self._json(it.context.model_dump(mode="json", exclude_none=True), found),
+                    "project_context": self._json(context, found),
                     "created_at": env.timestamp,
                 }
             ]
@@ -209,7 +233,9 @@ class IngestPipeline:
             "invocation_order": tool.invocation_order,
             "parameters_raw": self._json(tool.parameters_raw, found),
             "parameters_processed": (
-                self._json(tool.parameters_processed, found) if tool.parameters_processed is not None else None
+                self._json(tool.parameters_processed, found)
+                if tool.parameters_processed is not None and not self.minimize
+                else None
             ),
             "start_time": tool.start_time,
             "end_time": tool.end_time,
@@ -220,10 +246,10 @@ class IngestPipeline:
             ),
             "success": tool.success,
             "retry_count": tool.retry_count,
-            "output": self._text(tool.output, found),
-            "error": self._text(tool.error, found),
+            "output": self._cut(self._text(tool.output, found)),
+            "error": self._cut(self._text(tool.error, found)),
             "exit_code": tool.exit_code,
-            "resource_usage": tool.resource_usage,
+            "resource_usage": None if self.minimize else tool.resource_usage,
         }
 
     def _feedback_row(
@@ -236,7 +262,7 @@ class IngestPipeline:
             "timestamp": ts,
             "rating": ex.rating if ex else None,
             "thumbs": ex.thumbs if ex else None,
-            "comment": self._text(ex.comment, found) if ex else None,
+            "comment": self._text(ex.comment, found) if ex and not self.minimize else None,
             "correction": self._text(ex.correction, found) if ex else None,
             "accepted": im.accepted if im else None,
             "modified": im.modified if im else None,
