@@ -5,11 +5,13 @@ full jitter, spools batches to local JSONL files while the server cannot be reac
 them once it can, and records per-event rejections in ``rejected.jsonl`` beside the spool. Event
 ids make every resend idempotent, so replaying a batch the server already committed is harmless.
 Recording never raises into the agent's code, ``flush(timeout)`` returns by its deadline, and the
-client flushes (then spools what is left) at interpreter exit.
+client flushes (then spools what is left) at interpreter exit. Each ``record_*`` call is timed
+against a budget (``performance.max_collection_overhead_ms`` through :meth:`KaizenClient.from_config`):
+calls over it are counted in ``stats["over_budget"]`` and logged.
 
 Example::
 
-    client = KaizenClient("http://127.0.0.1:8000")
+    client = KaizenClient("http://127.0.0.1:8000")  # or KaizenClient.from_config(url, load_config(...))
     iid = client.record_interaction("session-1", "Reverse a list in Python", "Use reversed(xs)")
     client.record_feedback(iid, rating=5, accepted=True)
     client.flush(timeout=2.0)
@@ -32,15 +34,19 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from app.config import KaizenConfig
 
 __all__ = ["KaizenClient", "wait_until_ready"]
 
 log = logging.getLogger("kaizen.client")
 # 404: the Serve proxy answers it while the app is not (yet) deployed; /v1/events always exists.
 _RETRYABLE_STATUS = {404, 408, 425, 429, 500, 502, 503, 504}
+_OVER_BUDGET_LOG_EVERY_S = 60.0  # a slow agent machine must not flood its own log
 
 
 def _now_iso() -> str:
@@ -61,15 +67,19 @@ def wait_until_ready(base_url: str, timeout_s: float = 120.0) -> bool:
 
 
 def _never_raises(method: Callable[..., str | None]) -> Callable[..., str | None]:
-    """Recording must never break the agent: an error is counted in ``stats`` and None returned."""
+    """Recording must never break the agent: an error is counted in ``stats`` and None returned.
+    The call is timed against the client's overhead budget."""
 
     @functools.wraps(method)
     def wrapper(self: KaizenClient, *args: Any, **kwargs: Any) -> str | None:
+        started = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         except Exception:
             self.stats["errors"] += 1
             return None
+        finally:
+            self._check_overhead(time.perf_counter() - started)
 
     return wrapper
 
@@ -100,6 +110,8 @@ class KaizenClient:
         exit_timeout_s: How long the interpreter-exit flush may take.
         on_delivered: Called on the sender thread with each batch the server answered and its
             per-event results (for delivery acknowledgements and metrics); must be quick.
+        max_overhead_ms: Budget of one ``record_*`` call; calls over it are counted in
+            ``stats["over_budget"]`` and logged (at most once a minute). None: no budget.
     """
 
     def __init__(
@@ -118,9 +130,12 @@ class KaizenClient:
         max_queue: int = 100_000,
         exit_timeout_s: float = 5.0,
         on_delivered: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
+        max_overhead_ms: float | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size: must be at least 1")
+        self.max_overhead_ms = max_overhead_ms
+        self._over_budget_logged_at = -_OVER_BUDGET_LOG_EVERY_S
         self.base_url = base_url.rstrip("/")
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -157,6 +172,7 @@ class KaizenClient:
             "replayed": 0,
             "retries": 0,
             "errors": 0,
+            "over_budget": 0,
         }
         self._reclaim_orphans()
         self._thread = threading.Thread(target=self._run, name="kaizen-client-sender", daemon=True)
@@ -165,13 +181,42 @@ class KaizenClient:
         ref = weakref.ref(self)
         atexit.register(lambda: (c := ref()) is not None and c.close(c.exit_timeout_s))
 
+    @classmethod
+    def from_config(cls, base_url: str, cfg: KaizenConfig, api_key: str | None = None, **options: Any) -> KaizenClient:
+        """A client with the config's ``performance.batch_size`` (events per POST) and
+        ``performance.max_collection_overhead_ms`` (the budget of one ``record_*`` call); ``options``
+        are the other constructor arguments, and win over the config."""
+        options.setdefault("batch_size", cfg.performance.batch_size)
+        options.setdefault("max_overhead_ms", cfg.performance.max_collection_overhead_ms)
+        return cls(base_url, api_key, **options)
+
     # --- recording (the agent's hot path) --------------------------------------------------------
+
+    def _check_overhead(self, elapsed_s: float) -> None:
+        """Count (and now and then log) a ``record_*`` call that took longer than its budget."""
+        if self.max_overhead_ms is None or elapsed_s * 1000.0 <= self.max_overhead_ms:
+            return
+        self.stats["over_budget"] += 1
+        now = time.monotonic()
+        if now - self._over_budget_logged_at >= _OVER_BUDGET_LOG_EVERY_S:
+            self._over_budget_logged_at = now
+            log.warning(
+                "kaizen client: recording took %.2f ms, over its %g ms budget "
+                "(performance.max_collection_overhead_ms); %d calls over it so far",
+                elapsed_s * 1000.0,
+                self.max_overhead_ms,
+                self.stats["over_budget"],
+            )
 
     @_never_raises
     def record_event(
         self, type: str, body: dict[str, Any], *, id: str | None = None, timestamp: str | None = None
     ) -> str | None:
         """Enqueue one event envelope; returns its id (None only if recording itself failed)."""
+        return self._enqueue(type, body, id, timestamp)
+
+    def _enqueue(self, type: str, body: dict[str, Any], id: str | None, timestamp: str | None) -> str:
+        """What every ``record_*`` ends with (timed once, by the public method that called it)."""
         event_id = id or uuid.uuid4().hex
         self._queue.append({"id": event_id, "type": type, "timestamp": timestamp or _now_iso(), "body": body})
         self.stats["recorded"] += 1
@@ -236,7 +281,7 @@ class KaizenClient:
         _put_nonempty(
             body, metadata=metadata, context=context, tool_calls=tool_calls, feedback=feedback, outcome=outcome
         )
-        return self.record_event("interaction", body, id=id, timestamp=timestamp)
+        return self._enqueue("interaction", body, id, timestamp)
 
     @_never_raises
     def record_feedback(
@@ -278,7 +323,7 @@ class KaizenClient:
             }
         )
         _put_nonempty(body, explicit=explicit, implicit=implicit, temporal=temporal)
-        return self.record_event("feedback", body, id=id, timestamp=timestamp)
+        return self._enqueue("feedback", body, id, timestamp)
 
     @_never_raises
     def record_tool_usage(
@@ -301,13 +346,13 @@ class KaizenClient:
             "parameters_raw": parameters or {},
             **_drop_none(fields),
         }
-        return self.record_event("tool_usage", body, id=id, timestamp=timestamp)
+        return self._enqueue("tool_usage", body, id, timestamp)
 
     @_never_raises
     def record_outcome(self, interaction_id: str, *, id: str | None = None, **metrics: bool | None) -> str | None:
         """Record outcome metrics (code_compiles, tests_pass, lint_passes, type_check_passes,
         deployment_success, no_runtime_errors)."""
-        return self.record_event("outcome", {"interaction_id": interaction_id, **_drop_none(metrics)}, id=id)
+        return self._enqueue("outcome", {"interaction_id": interaction_id, **_drop_none(metrics)}, id, None)
 
     # --- flushing ------------------------------------------------------------------------------
 

@@ -133,3 +133,28 @@ def test_interpreter_exit_flushes(local_server, tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     ids = [f"exit-{k}" for k in range(25)]
     assert local_server.service.store.existing_ids(ids) == set(ids)
+
+
+def test_from_config_takes_the_batch_size_and_the_overhead_budget(tmp_path: Path) -> None:
+    from app.config import KaizenConfig
+
+    cfg = KaizenConfig.model_validate({"performance": {"batch_size": 7, "max_collection_overhead_ms": 2.5}})
+    client = KaizenClient.from_config("http://127.0.0.1:1", cfg, spool_dir=tmp_path, flush_interval_s=60)
+    assert client.batch_size == 7 and client.max_overhead_ms == 2.5
+    assert KaizenClient.from_config("http://127.0.0.1:1", cfg, spool_dir=tmp_path, batch_size=3).batch_size == 3
+    client.close(timeout=0)
+
+
+@pytest.mark.parametrize("budget_ms, over", [(1e-6, 4), (10_000.0, 0)])
+def test_record_calls_over_the_overhead_budget_are_counted(tmp_path: Path, budget_ms: float, over: int) -> None:
+    from app.config import KaizenConfig
+
+    cfg = KaizenConfig.model_validate({"performance": {"max_collection_overhead_ms": budget_ms}})
+    client = KaizenClient.from_config("http://127.0.0.1:1", cfg, spool_dir=tmp_path, flush_interval_s=60)
+    iid = client.record_interaction("s", "p", "r")
+    client.record_feedback(iid, rating=5)
+    client.record_tool_usage(iid, "read_file")
+    client.record_outcome(iid, tests_pass=True)
+    # One count per call: record_interaction's own enqueue is not timed a second time.
+    assert client.stats["recorded"] == 4 and client.stats["over_budget"] == over
+    client.close(timeout=0)
