@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
+from app.artifacts import is_valid_id
 
 __all__ = ["check_folder_id"]
-
-_FOLDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_folder_id(value: str | None) -> str | None:
@@ -16,6 +14,6 @@ def check_folder_id(value: str | None) -> str | None:
     Raises:
         ValueError: any other name (it could leave the folder it is meant for).
     """
-    if value is not None and not _FOLDER_ID.fullmatch(value):
+    if value is not None and not is_valid_id(value):
         raise ValueError("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit (a folder name)")
     return value

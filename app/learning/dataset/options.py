@@ -3,13 +3,13 @@ dataset id they make, and the error that stops the job when too few interactions
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.artifacts import new_id
 from app.learning import check_folder_id
 from app.quality.thresholds import ThresholdManager
 
@@ -140,8 +140,7 @@ def threshold_manager(base: float, adjustments: Mapping[str, float] | None = Non
 
 def new_dataset_id(now: datetime | None = None) -> str:
     """A fresh id, ``ds-YYYYMMDD-HHMMSS-<6 hex>``: sortable by time, apart within a second."""
-    now = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"ds-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return new_id("dataset", now)
 
 
 class InsufficientDataError(RuntimeError):

@@ -13,12 +13,8 @@ read back with :func:`~app.learning.dataset.features.decode_features`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -29,8 +25,16 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.artifacts import (
+    KINDS,
+    MANIFEST_FILE,
+    TRAINING_ROW_SCHEMA,
+    artifact_exists,
+    artifact_uri,
+    file_sha256,
+    publish,
+)
 from app.learning.dataset.batch import as_text, num_rows, take
-from app.model.storage import file_sha256
 
 __all__ = [
     "DATASETS_DIRNAME",
@@ -52,28 +56,13 @@ __all__ = [
 
 LEARNING_TYPE = "interaction"
 """``learning_type`` of rows taken from real interactions (SSR's rehearsal rows say ``rehearsal``)."""
-MANIFEST_FILE = "manifest.json"
-DATASETS_DIRNAME = "datasets"
+DATASETS_DIRNAME = KINDS["dataset"].dirname
 DATA_FILES = ("train.parquet", "validation.parquet", "train.jsonl", "validation.jsonl")
 
-DATASET_SCHEMA = pa.schema(
-    [
-        pa.field("interaction_id", pa.string()),
-        pa.field("timestamp", pa.timestamp("ns")),
-        pa.field("instruction", pa.string()),
-        pa.field("input", pa.string()),
-        pa.field("output", pa.string()),
-        pa.field("quality_score", pa.float64()),
-        pa.field("domain", pa.list_(pa.string())),
-        pa.field("complexity", pa.string()),
-        pa.field("learning_type", pa.string()),
-        pa.field("project_context", pa.string()),
-        pa.field("features", pa.string()),
-        pa.field("messages", pa.string()),
-    ]
-)
+DATASET_SCHEMA = TRAINING_ROW_SCHEMA
 """The seed's training-dataset schema (timestamps in UTC) plus ``messages``: a JSON list of
-OpenAI / ChatML chat messages."""
+OpenAI / ChatML chat messages. It is :data:`app.artifacts.TRAINING_ROW_SCHEMA`, the one schema of a
+training row that datasets, rehearsal sets and the trainer's reader share."""
 
 
 def _timestamp(text: str) -> datetime:
@@ -230,9 +219,7 @@ def _write_jsonl(table: pa.Table, path: Path) -> None:
 
 def dataset_uri(storage_root: str, dataset_id: str) -> str:
     """Where a dataset lives: ``<storage_root>/datasets/<dataset_id>``."""
-    if "://" in storage_root:
-        return f"{storage_root.rstrip('/')}/{DATASETS_DIRNAME}/{dataset_id}"
-    return str(Path(storage_root).expanduser().absolute() / DATASETS_DIRNAME / dataset_id)
+    return artifact_uri(storage_root, "dataset", dataset_id)
 
 
 def write_dataset(
@@ -250,28 +237,19 @@ def write_dataset(
     Raises:
         FileExistsError: a dataset with this id is already there.
     """
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     uri = dataset_uri(storage_root, manifest.dataset_id)
-    remote = "://" in storage_root
-    if remote:
-        fs, target = pafs.FileSystem.from_uri(uri)
-        if fs.get_file_info(f"{target}/{MANIFEST_FILE}").type != pafs.FileType.NotFound:
-            raise FileExistsError(f"dataset_id {manifest.dataset_id!r} is already stored at {uri}")
-        parent = None
-    else:
-        if Path(uri).exists():
-            raise FileExistsError(f"dataset_id {manifest.dataset_id!r} is already stored at {uri}")
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        parent = str(Path(uri).parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{manifest.dataset_id}-", dir=parent))
-    try:
+    exists = f"dataset_id {manifest.dataset_id!r} is already stored at {uri}"
+    if artifact_exists(uri):
+        raise FileExistsError(exists)
+
+    def write(staging: Path) -> DatasetManifest:
         pq.write_table(train, staging / "train.parquet", compression="zstd")
         pq.write_table(validation, staging / "validation.parquet", compression="zstd")
         _write_jsonl(train, staging / "train.jsonl")
         _write_jsonl(validation, staging / "validation.jsonl")
-        manifest = manifest.model_copy(
+        filled = manifest.model_copy(
             update={
                 "uri": uri,
                 "rows": train.num_rows + validation.num_rows,
@@ -280,21 +258,10 @@ def write_dataset(
                 "columns": {f.name: str(f.type) for f in DATASET_SCHEMA},
             }
         )
-        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        if remote:
-            fs.create_dir(target, recursive=True)
-            local = pafs.LocalFileSystem()
-            for name in (*DATA_FILES, MANIFEST_FILE):
-                pafs.copy_files(
-                    (staging / name).as_posix(), f"{target}/{name}", source_filesystem=local, destination_filesystem=fs
-                )
-        else:
-            os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide it from a cluster's other users
-            try:
-                os.rename(staging, uri)
-            except OSError as exc:
-                raise FileExistsError(f"dataset_id {manifest.dataset_id!r} is already stored at {uri}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(staging)
-    return manifest
+        (staging / MANIFEST_FILE).write_text(filled.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        return filled
+
+    try:
+        return publish(uri, write)
+    except FileExistsError as exc:
+        raise FileExistsError(exists) from exc
