@@ -40,7 +40,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from app.model.storage import ensure_directory, models_dir
+from app.artifacts import ensure_directory, models_dir
 from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir, load_tokenizer
 
 # transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56; older releases

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from app.model.storage import ensure_directory, models_dir
+from app.artifacts import ensure_directory, models_dir
 
 TOKENIZER_DIRNAME = "qwen2.5-tokenizer"
 DEFAULT_TOKENIZER_DIR = models_dir() / TOKENIZER_DIRNAME
