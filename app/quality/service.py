@@ -1,22 +1,58 @@
 """``QualityService``: scores stored interactions and writes the scores back; a plain class that
 the scorer deployment and ``jobs/score.py`` wrap. Requests for the same content are answered from
-an LRU cache keyed by a hash of everything the score depends on."""
+an LRU cache keyed by a hash of everything the score depends on.
+
+The real-time assessment (:meth:`QualityService.score_within`) has a time budget
+(``quality.assessment_timeout_ms``). An interaction not scored in full within it gets the cheap
+fallback score (:meth:`QualityService.fallback_score`, with ``quality.fallback_on_timeout``) or
+stays pending; either way the full assessment, once it finishes, stores its score over the fallback.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from app.quality import ASSESSOR_VERSION, assess_text, record_arguments
+from app.quality.aggregate import aggregate
 from app.quality.calibration import Calibration, CalibrationReport, fit_calibration
+from app.quality.correctness import assess_correctness
+from app.quality.efficiency import assess_efficiency
+from app.quality.satisfaction import assess_satisfaction
+from app.quality.streaming import CircuitBreaker
 from app.schemas import QualityScore
 from app.store import InteractionStore
 
-__all__ = ["QualityService"]
+__all__ = ["FALLBACK_VERSION", "QualityService", "RealtimeResult"]
+
+log = logging.getLogger("kaizen.quality")
+
+# The assessor version of a fallback score. Not ASSESSOR_VERSION followed by "+": calibration reuses
+# the stored components of that version, and a fallback score lacks most dimensions.
+FALLBACK_VERSION = ASSESSOR_VERSION + "-fallback"
+Outcome = QualityScore | Literal["no_evidence", "missing"]
+
+
+@dataclass
+class RealtimeResult:
+    """What :meth:`QualityService.score_within` did with each interaction.
+
+    ``status``: ``scored`` (in full), ``no_evidence``, ``missing``, ``fallback`` (the cheap score
+    stored, the full one to follow) or ``pending``. ``running``: full assessments
+    still running past the budget; each stores its score when done. ``not_started``: interactions
+    whose full assessment never started within the budget; hand them to a later scoring.
+    """
+
+    status: dict[str, str] = field(default_factory=dict)
+    running: list[Future] = field(default_factory=list)
+    not_started: list[str] = field(default_factory=list)
 
 
 def _content_key(record: Mapping[str, Any]) -> str:
@@ -63,26 +99,118 @@ class QualityService:
                 self._cache.popitem(last=False)
         return score
 
-    def score_batch(
-        self, interaction_ids: Sequence[str], execute: bool = True
-    ) -> dict[str, QualityScore | Literal["no_evidence", "missing"]]:
+    def score_batch(self, interaction_ids: Sequence[str], execute: bool = True) -> dict[str, Outcome]:
         """Score and store the given interactions (the scores in one transaction); for each id its
         score, ``"no_evidence"`` (an empty response: nothing to assess, ever) or ``"missing"``."""
-        out: dict[str, QualityScore | Literal["no_evidence", "missing"]] = {}
+        out: dict[str, Outcome] = {}
         for interaction_id in interaction_ids:
-            record = self.store.get_interaction(interaction_id)
-            if record is None:
-                out[interaction_id] = "missing"
-                continue
-            try:
-                out[interaction_id] = self.assess(record, execute)
-            except ValueError:
+            out[interaction_id] = self._assess_id(interaction_id, execute)
+            if out[interaction_id] == "no_evidence":
                 self.store.set_quality(interaction_id, None, None, status="no_evidence")
-                out[interaction_id] = "no_evidence"
         scores = [(i, s) for i, s in out.items() if isinstance(s, QualityScore)]
         if scores:
             self.store.save_scores(scores)
         return out
+
+    def fallback_score(self, record: Mapping[str, Any]) -> QualityScore | None:
+        """The cheap score of an interaction record: feedback, reported outcomes or static checks
+        (parse and compile, nothing run) and timing; no code-quality analysers, no embedding.
+        None when none of these has evidence."""
+        args = record_arguments(record)
+        feedback = args["feedback"]
+        found = (
+            assess_satisfaction([feedback] if isinstance(feedback, Mapping) else list(feedback or [])),
+            assess_correctness(args["response"], args["outcome"], prompt=args["prompt"], execute=False),
+            assess_efficiency(args["response"], args["generation_time_ms"]),
+        )
+        components = {c.name: c for c in found if c is not None}
+        if not components:
+            return None
+        score = aggregate(
+            components, context=args["context"], timestamp=args["timestamp"], calibration=self.calibration
+        )
+        return score.model_copy(
+            update={"assessor_version": FALLBACK_VERSION + score.assessor_version.removeprefix(ASSESSOR_VERSION)}
+        )
+
+    def _assess_id(self, interaction_id: str, execute: bool = True) -> Outcome:
+        record = self.store.get_interaction(interaction_id)
+        if record is None:
+            return "missing"
+        try:
+            return self.assess(record, execute)
+        except ValueError:
+            return "no_evidence"
+
+    def _store_outcome(self, interaction_id: str, outcome: Outcome) -> str:
+        if isinstance(outcome, QualityScore):
+            self.store.save_scores([(interaction_id, outcome)])
+            return "scored"
+        if outcome == "no_evidence":
+            self.store.set_quality(interaction_id, None, None, status="no_evidence")
+        return outcome
+
+    def score_within(
+        self,
+        interaction_ids: Sequence[str],
+        *,
+        timeout_s: float,
+        fallback: bool,
+        executor: Executor,
+        breaker: CircuitBreaker | None = None,
+    ) -> RealtimeResult:
+        """The real-time assessment: score these interactions in full on ``executor`` and store
+        each score as it is ready, waiting at most ``timeout_s``. Past it, an interaction gets the
+        cheap :meth:`fallback_score` (``fallback``) or stays pending; a full assessment that started
+        keeps running and stores its score over the fallback when it finishes.
+
+        With a ``breaker``, a call that misses its budget counts as a failure; while the breaker is
+        open nothing is submitted (every interaction goes straight to the fallback or stays pending),
+        so callers that wait stop waiting for an executor that cannot keep up.
+        """
+        result = RealtimeResult()
+        ids = list(dict.fromkeys(interaction_ids))
+        finished: dict[str, str] = {}  # what the full assessments stored: a fallback never overwrites it
+        lock = threading.Lock()
+
+        def score_one(interaction_id: str) -> str:
+            outcome = self._assess_id(interaction_id)
+            with lock:
+                finished[interaction_id] = self._store_outcome(interaction_id, outcome)
+                return finished[interaction_id]
+
+        late = []
+        if breaker is not None and not breaker.allow():
+            result.not_started, late = ids, ids
+        else:
+            futures = {i: executor.submit(score_one, i) for i in ids}
+            wait(list(futures.values()), timeout=timeout_s)
+            for interaction_id, future in futures.items():
+                if future.cancel() or future.cancelled():  # False once it runs or is done
+                    result.not_started.append(interaction_id)
+                elif not future.done():
+                    result.running.append(future)
+                elif future.exception() is None:
+                    result.status[interaction_id] = future.result()
+                    continue
+                else:  # the store failed: it stays pending for the sweep
+                    log.error("scoring %s failed: %r", interaction_id, future.exception())
+                    result.status[interaction_id] = "pending"
+                    continue
+                late.append(interaction_id)
+            if breaker is not None:
+                breaker.record(not late)
+        for interaction_id in late:
+            result.status[interaction_id] = "pending"
+            record = self.store.get_interaction(interaction_id) if fallback else None
+            score = self.fallback_score(record) if record is not None else None
+            with lock:
+                if interaction_id in finished:
+                    result.status[interaction_id] = finished[interaction_id]
+                elif score is not None:
+                    self.store.save_scores([(interaction_id, score)])
+                    result.status[interaction_id] = "fallback"
+        return result
 
     def score_ids(self, interaction_ids: Sequence[str]) -> dict[str, QualityScore]:
         """Score and store the given interactions; unknown and empty ones are left out."""

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
-from app.quality.service import QualityService
+from app.quality import ASSESSOR_VERSION
+from app.quality.service import FALLBACK_VERSION, QualityService
+from app.quality.streaming import CircuitBreaker
 from app.sample import sample_interactions
 from app.store import InteractionStore
 from app.store.postgres import PostgresStore
@@ -107,3 +112,86 @@ def test_review_queue_lists_low_confidence_unrated_interactions(store: Interacti
     assert rating["rating"] == 0.75 and rating["dimensions"] == {"code_quality": 0.5}
     with pytest.raises(KeyError):
         store.add_rating("no-such-id", 0.5, rater="ana")
+
+
+# --- the real-time assessment: quality.assessment_timeout_ms and quality.fallback_on_timeout ---------------
+
+
+class Gate:
+    """Holds every full assessment of ``service`` until opened (a scorer slower than its budget)."""
+
+    def __init__(self, service: QualityService) -> None:
+        self.opened = threading.Event()
+        self.calls = 0
+        full = service.assess
+
+        def held(record, execute=True):
+            self.calls += 1
+            self.opened.wait(60)
+            return full(record, execute)
+
+        service.assess = held
+
+
+def test_realtime_scores_in_full_within_the_budget(store: InteractionStore) -> None:
+    ids = ingest_samples(store, 2)
+    with ThreadPoolExecutor(1) as pool:
+        result = QualityService(store).score_within(
+            [ids[0], ids[1], "empty"], timeout_s=120, fallback=True, executor=pool
+        )
+    assert result.status == {ids[0]: "scored", ids[1]: "scored", "empty": "no_evidence"}
+    assert not result.running and not result.not_started
+    assert store.quality_scores(ids[0])[0]["assessor_version"] == ASSESSOR_VERSION
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_past_the_budget_the_fallback_score_or_pending(store: InteractionStore, fallback: bool) -> None:
+    ids = ingest_samples(store, 2)
+    service = QualityService(store)
+    gate = Gate(service)
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        result = service.score_within(ids[:2], timeout_s=0.3, fallback=fallback, executor=pool)
+        assert time.monotonic() - started < 10  # the caller waits the budget, not the assessment
+        # One thread: the first is running past the budget, the second never started (hand it off).
+        assert len(result.running) == 1 and result.not_started == [ids[1]]
+        want = "fallback" if fallback else "pending"
+        assert result.status == {ids[0]: want, ids[1]: want}
+        for interaction_id in ids[:2]:
+            record = store.get_interaction(interaction_id)
+            if fallback:  # the cheap score: no embedding, no analysers
+                (row,) = store.quality_scores(interaction_id)
+                assert row["assessor_version"] == FALLBACK_VERSION and record["quality_status"] == "scored"
+                assert "context_relevance" not in row["components"] and "code_quality" not in row["components"]
+            else:
+                assert record["quality_status"] == "pending" and store.quality_scores(interaction_id) == []
+        gate.opened.set()
+        wait(result.running)
+    # The full assessment that was running stores its score over the fallback when it finishes.
+    assert store.quality_scores(ids[0])[0]["assessor_version"] == ASSESSOR_VERSION
+    assert store.get_interaction(ids[0])["quality_status"] == "scored" and gate.calls == 1
+
+
+def test_an_open_breaker_answers_at_once_without_assessing(store: InteractionStore) -> None:
+    ids = ingest_samples(store, 2)
+    service = QualityService(store)
+    gate = Gate(service)
+    breaker = CircuitBreaker(failures=1, reset_after_s=60)
+    with ThreadPoolExecutor(1) as pool:
+        first = service.score_within(ids[:1], timeout_s=0.2, fallback=False, executor=pool, breaker=breaker)
+        assert first.status == {ids[0]: "pending"} and breaker.state == "open"
+        started = time.monotonic()
+        second = service.score_within(ids[1:2], timeout_s=5, fallback=True, executor=pool, breaker=breaker)
+        assert time.monotonic() - started < 2 and second.not_started == [ids[1]]
+        assert second.status == {ids[1]: "fallback"} and gate.calls == 1  # nothing submitted
+        gate.opened.set()
+        wait(first.running)
+
+
+def test_fallback_score_uses_the_cheap_dimensions_only(store: InteractionStore) -> None:
+    ids = ingest_samples(store, 1)
+    service = QualityService(store)
+    score = service.fallback_score(store.get_interaction(ids[0]))
+    assert score is not None and score.assessor_version == FALLBACK_VERSION
+    assert set(score.components) <= {"user_satisfaction", "functional_correctness", "efficiency"}
+    assert service.fallback_score(store.get_interaction("empty")) is None  # nothing to judge
