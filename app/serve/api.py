@@ -36,6 +36,7 @@ __all__ = ["CollectorService", "create_api"]
 
 log = logging.getLogger("kaizen.collector")
 Role = Literal["agent", "operator"]
+_SCORE_NOW_SLACK_S = 5.0  # beyond quality.assessment_timeout_ms: the call to the scorer and its queue
 
 
 class CollectorService:
@@ -49,6 +50,7 @@ class CollectorService:
         on_committed: Callable[[list[str]], Any] | None = None,
         assess: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
         generator: GenerationBackend | None = None,
+        score_now: Callable[[list[str]], Awaitable[Any]] | None = None,
     ):
         self.cfg = cfg
         self.pipeline = IngestPipeline(cfg)
@@ -62,9 +64,12 @@ class CollectorService:
         # Under Serve, ``commit`` is the deployment's @serve.batch method (group commit across
         # concurrent requests); without Serve each request commits on its own.
         self._commit = commit or self._commit_direct
-        # The scorer's hand-off (fire and forget) and its synchronous assessment; without a
-        # scorer deployment (plain uvicorn) assessments run here and nothing is handed off.
+        # The scorer's hand-off of committed interactions: fire and forget after the commit
+        # (performance.async_processing), or scores awaited before the answer (score_now); nothing
+        # with quality.real_time=false. Its ad-hoc assessment too; without a scorer deployment
+        # (plain uvicorn) assessments run here and nothing is handed off.
         self.on_committed = on_committed
+        self.score_now = score_now
         self.assess = assess or self._assess_here
         # The OpenAI-compatible routes exist when there is a generator to answer them.
         self.generator = generator
@@ -128,13 +133,25 @@ class CollectorService:
         prepared = self.pipeline.prepare(raw_events)
         written = await self._commit(prepared.to_commit) if prepared.to_commit else []
         results = prepared.finish(written)
-        if self.on_committed is not None and any(written):
-            # New interactions, and interactions whose feedback or outcome just arrived, need a score.
-            ids = [ev.interaction_id for ev, new in zip(prepared.to_commit, written) if new and ev.interaction_id]
-            try:
-                self.on_committed(list(dict.fromkeys(ids)))
-            except Exception:  # scoring is best effort here; the scorer's sweep catches up
-                log.exception("handing committed interactions to the scorer failed")
+        # New interactions, and interactions whose feedback or outcome just arrived, need a score.
+        ids = list(
+            dict.fromkeys(
+                ev.interaction_id for ev, new in zip(prepared.to_commit, written) if new and ev.interaction_id
+            )
+        )
+        if not ids or not self.cfg.quality.real_time:
+            return results  # real_time off: they stay pending for python -m jobs.score
+        try:
+            if self.cfg.performance.async_processing:
+                if self.on_committed is not None:
+                    self.on_committed(ids)
+            elif self.score_now is not None:
+                # Inline: the answer waits for the scores. The scorer keeps to the budget; the slack
+                # covers reaching it, and a scorer that does not answer leaves them to the sweep.
+                budget_s = self.cfg.quality.assessment_timeout_ms / 1000.0
+                await asyncio.wait_for(self.score_now(ids), timeout=budget_s + _SCORE_NOW_SLACK_S)
+        except Exception:  # scoring is best effort here; the scorer's sweep catches up
+            log.exception("handing committed interactions to the scorer failed")
         return results
 
     # --- reads ---------------------------------------------------------------------------------

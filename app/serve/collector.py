@@ -35,11 +35,17 @@ class CollectorDeployment:
         self.service = CollectorService(
             cfg,
             commit=self.commit,
-            # Fire and forget: the reply to the agent never waits for scoring.
+            # Fire and forget: the reply to the agent does not wait for scoring...
             on_committed=(lambda ids: scorer.score_ids.remote(ids)) if scorer is not None else None,
             assess=self._assess if scorer is not None else None,
             generator=HandleBackend(generator) if generator is not None else None,
+            # ... unless performance.async_processing=false: then it waits for the scores.
+            score_now=self._score_now if scorer is not None else None,
         )
+
+    async def _score_now(self, interaction_ids: list[str]) -> dict[str, int]:
+        assert self.scorer is not None
+        return await self.scorer.score_now.remote(interaction_ids)
 
     async def _assess(self, payload: dict[str, Any]) -> dict[str, Any]:
         assert self.scorer is not None

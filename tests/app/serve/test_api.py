@@ -329,3 +329,40 @@ def test_streaming_assessment_over_http_and_websocket(http: httpx.Client, local_
         ws.send(json.dumps({"chunk": "no prompt first"}))
         err = json.loads(ws.recv(timeout=10))
         assert err["error"]["field"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    "real_time, async_processing, handed_off, awaited",
+    [(True, True, True, False), (True, False, False, True), (False, True, False, False), (False, False, False, False)],
+)
+def test_committed_interactions_reach_the_scorer_as_configured(
+    tmp_path, real_time: bool, async_processing: bool, handed_off: bool, awaited: bool
+) -> None:
+    """quality.real_time: hand committed interactions to the scorer at all; performance.async_processing:
+    after the answer (fire and forget) or before it (the answer waits for the scores)."""
+    import asyncio
+
+    from app.config import KaizenConfig
+    from app.serve.api import CollectorService
+
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(tmp_path / "k.db")},
+            "privacy": {"hmac_key": "k"},
+            "quality": {"real_time": real_time},
+            "performance": {"async_processing": async_processing},
+        }
+    )
+    fired: list[list[str]] = []
+    scored: list[list[str]] = []
+
+    async def score_now(ids: list[str]) -> None:
+        await asyncio.sleep(0.05)  # the answer must wait for this
+        scored.append(ids)
+
+    service = CollectorService(cfg, on_committed=fired.append, score_now=score_now)
+    results = asyncio.run(service.ingest([event(1), event(2)]))
+    assert [r.status for r in results] == ["accepted", "accepted"]
+    assert fired == ([["ev-1", "ev-2"]] if handed_off else [])
+    assert scored == ([["ev-1", "ev-2"]] if awaited else [])
+    service.store.close()
