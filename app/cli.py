@@ -2,7 +2,7 @@
 
 kaizen up [--config FILE] [--address ADDR] [--seed-if-empty] [key=value ...]
 kaizen status [--config FILE] [--url URL]
-kaizen config check FILE [key=value ...]
+kaizen config check [--list | --markdown] FILE [key=value ...]
 kaizen seed [--count N] [--url URL] [--seed S]
 kaizen calibrate [--config FILE] [--min-ratings N] [--test-fraction F] [--dry-run] [--json]
 kaizen adapters list [--status S] [--json]
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -22,8 +23,10 @@ from typing import Any
 
 from app.config import (
     ConfigError,
+    ConfigKey,
     KaizenConfig,
     apply_overrides,
+    config_keys,
     load_config,
     read_config_file,
     resolve_paths,
@@ -208,6 +211,35 @@ def _reachable(address: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def _shown(value: Any, key: str = "") -> str:
+    """A value as in YAML (JSON is YAML), with secrets masked: a listing may end up in a ticket."""
+    if key == "privacy.hmac_key" and value:
+        value = "***"
+    elif key == "security.api_keys":
+        value = [{**entry, "key": "***"} if entry.get("key") else entry for entry in value]
+    elif key == "store.postgres_dsn":
+        value = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
+    return json.dumps(value)
+
+
+def _key_listing(keys: list[ConfigKey]) -> list[str]:
+    """Every key with its value (and its default where it differs), its description below it."""
+    lines = []
+    for k in keys:
+        note = "" if k.value == k.default else f"   (default {_shown(k.default, k.key)})"
+        lines += [f"{k.key} = {_shown(k.value, k.key)}{note}", f"    {k.description}"]
+    return lines
+
+
+def _key_table(keys: list[ConfigKey]) -> list[str]:
+    """The keys as a Markdown table (key, default, what it does), as the README has it."""
+    lines = ["| key | default | what it does |", "| --- | --- | --- |"]
+    for k in keys:
+        cells = (f"`{k.key}`", f"`{_shown(k.default, k.key)}`", k.description)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         data = apply_overrides(read_config_file(args.file), args.overrides)
@@ -222,6 +254,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     if report.valid:
         print(f"{args.file}: valid ({len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''})")
+    if args.list or args.markdown:
+        if report.config is None:
+            print("(the keys are listed once the errors are fixed)")
+        else:
+            print("\n".join((_key_table if args.markdown else _key_listing)(config_keys(report.config))))
     return 0 if report.valid else 1
 
 
@@ -344,9 +381,11 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser("check", help="print a config file's errors and warnings")
+    check = config_sub.add_parser("check", help="print a config file's errors and warnings (and its keys)")
     check.add_argument("file")
     check.add_argument("overrides", nargs="*")
+    check.add_argument("--list", action="store_true", help="then every key: value, default, what it does")
+    check.add_argument("--markdown", action="store_true", help="then every key as a Markdown table (the README's)")
     check.set_defaults(func=cmd_config_check)
 
     seed = sub.add_parser("seed", help="send realistic sample interactions through the client")

@@ -106,8 +106,8 @@ class QualityConfig(_Section):
         500.0,
         gt=0,
         description="Time budget of the real-time assessment of one committed interaction (with "
-        "performance.async_processing=false, the most the acknowledgement waits for the scores); past it "
-        "see fallback_on_timeout. Below 100 ms accuracy suffers.",
+        "performance.async_processing=false, what the acknowledgement waits for the scores); past it see "
+        "fallback_on_timeout. Below 100 ms accuracy suffers.",
     )
     fallback_on_timeout: bool = Field(
         True,

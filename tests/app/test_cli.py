@@ -32,6 +32,34 @@ def test_config_check_prints_errors_and_warnings(tmp_path: Path, capsys: pytest.
     assert main(["config", "check", str(tmp_path / "missing.yaml")]) == 1
 
 
+def test_config_check_lists_every_key_and_warns_about_keys_nothing_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from app.config import config_keys, load_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        "training:\n  interval_hours: 12\nprivacy:\n  hmac_key: very-secret\n"
+        "store:\n  postgres_dsn: postgresql://kaizen:pw123@db:5432/kaizen\n"
+    )
+    assert main(["config", "check", "--list", str(cfg_file), "finetune.lora_rank=4"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: training.interval_hours: set to 12.0, but nothing reads it yet" in out
+    listed = [line.split(" = ")[0] for line in out.splitlines() if " = " in line and not line.startswith(" ")]
+    assert listed == [k.key for k in config_keys(load_config(cfg_file, ["finetune.lora_rank=4"]))]
+    assert "training.interval_hours = 12.0   (default 24.0)" in out and "finetune.lora_rank = 4   (default 8)" in out
+    assert "quality.real_time = true\n    Score interactions as they are committed" in out
+    assert "very-secret" not in out and "pw123" not in out and 'privacy.hmac_key = "***"' in out
+
+    assert main(["config", "check", "--markdown", str(ROOT / "configs/default.yaml")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(table) == len(config_keys(load_config())) and table[0].startswith("| `enabled` | `true` | Not yet used")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("collection:\n  capture_rate: 2\n")
+    assert main(["config", "check", "--list", str(bad)]) == 1
+    assert "listed once the errors are fixed" in capsys.readouterr().out
+
+
 def test_status_reads_the_store(local_server, capsys: pytest.CaptureFixture) -> None:
     import httpx
 
