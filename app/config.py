@@ -106,8 +106,8 @@ class QualityConfig(_Section):
         500.0,
         gt=0,
         description="Time budget of the real-time assessment of one committed interaction (with "
-        "performance.async_processing=false, what the acknowledgement waits for the scores); past it see "
-        "fallback_on_timeout. Below 100 ms accuracy suffers.",
+        "performance.async_processing=false, also how long the acknowledgement waits for the scores); past "
+        "it see fallback_on_timeout. Below 100 ms accuracy suffers.",
     )
     fallback_on_timeout: bool = Field(
         True,
@@ -267,7 +267,9 @@ class ScorerServeConfig(_Section):
         description="Serve autoscaling of the scorer.",
     )
     sweep_interval_s: float = Field(
-        10.0, gt=0, description="How often a replica scores interactions still pending (missed hand-offs)."
+        10.0,
+        gt=0,
+        description="How often a replica scores what is still pending (not with quality.real_time=false).",
     )
     queue_size: int = Field(
         1000, gt=0, description="Hand-offs a replica queues; beyond it they stay pending for the sweep."
