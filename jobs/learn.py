@@ -75,6 +75,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         ValueError: a stage refused its input (the message names it).
     """
     from app.learning.dataset import InsufficientDataError
+    from app.learning.training import format_metric
     from jobs import build_dataset, finetune, synthesize
     from jobs import sweep as sweep_job
 
@@ -181,7 +182,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
             cfg, ft_opts, dataset, rehearsal=rehearsal, heldout=heldout, progress=_Throttled(progress)
         )
         record["training"] = {"run_path": adapter["run_path"], "warnings": adapter.get("warnings", [])}
-        m, fmt = adapter["metrics"], finetune.format_metric
+        m, fmt = adapter["metrics"], format_metric
         done(
             f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
             f"validation {fmt(m.get('initial_val_loss'))} -> {fmt(m.get('val_loss'))}, "
@@ -323,7 +324,7 @@ class _Throttled:
         self.emit, self.every_s, self.last = emit, every_s, -math.inf
 
     def __call__(self, metrics: dict[str, Any]) -> None:
-        from jobs.finetune import describe_report
+        from app.learning.training import describe_report
 
         now = time.monotonic()
         if "val_loss" in metrics or metrics.get("final") or now - self.last >= self.every_s:

@@ -5,7 +5,7 @@
         [sweep.key=value ...] [finetune.key=value ...] [section.key=value ...]
 
 Ray Tune's driver-function pattern (Ray Train V2): each trial is a small function that builds its
-own ``TorchTrainer`` with :func:`jobs.finetune.build_trainer`, the trial's options on top of the
+own ``TorchTrainer`` with :func:`app.learning.ray_trainer.build_trainer`, the trial's options on top of the
 ``finetune`` section, and Ray Train's ``TuneReportCallback`` forwards every report of the trial's
 rank 0 to Tune. ASHA compares the trials at rungs of ``sweep.grace_period_steps`` x
 ``sweep.reduction_factor``^k optimizer steps and stops the ones whose objective trails.
@@ -32,13 +32,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.config import (
-    ConfigError,
-    KaizenConfig,
-    job_options,
-    load_job_config,
-    resolve_paths,
-)
+from app.config import ConfigError, KaizenConfig, job_options, resolve_paths
+from app.job_cli import job_parser, run_job
+from app.learning.lineage import publish_adapter, resolve_parent_adapter
+from app.learning.ray_trainer import build_trainer
 from app.learning.sweep import (
     SweepConfig,
     check_search,
@@ -47,10 +44,10 @@ from app.learning.sweep import (
     tune_space,
 )
 from app.learning.training import FinetuneConfig, rehearsal_count, steps_per_epoch
+from app.learning.training_data import add_data_arguments, check_data, read_datasets
 from app.ray_setup import start_ray
-from jobs import finetune
 
-__all__ = ["main", "results_table", "run_trial"]
+__all__ = ["cli", "main", "results_table", "run_trial"]
 
 log = logging.getLogger("kaizen.sweep")
 
@@ -89,7 +86,7 @@ def main(
     Returns:
         ``sweep_id``, ``path``, ``trials`` (one row per trial: its parameters, status, steps,
         losses, forgetting, objective), ``best`` (the trial), ``adapter`` (what
-        :func:`jobs.finetune.publish_adapter` returned), ``notes`` and ``warnings``.
+        :func:`app.learning.lineage.publish_adapter` returned), ``notes`` and ``warnings``.
 
     Raises:
         ValueError: no validation rows, search values finetune refuses, or no trial finished.
@@ -102,12 +99,12 @@ def main(
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
     start_ray(cfg)
-    data = finetune.read_datasets(train, validation, rehearsal, fisher_data, heldout)
+    data = read_datasets(train, validation, rehearsal, fisher_data, heldout)
     if "validation" not in data.datasets:
         raise ValueError(
             "a sweep ranks trials by validation loss: give --validation rows (or a dataset folder with them)"
         )
-    warnings = finetune._check_data(opts, data)
+    warnings = check_data(opts, data)
     search, notes = relevant_search(sweep.search, opts.model_dump(), has_rehearsal="rehearsal" in data.datasets)
     if not search:
         raise ValueError("sweep.search: nothing left to search (" + "; ".join(notes) + ")")
@@ -115,7 +112,7 @@ def main(
     if errors:
         raise ConfigError(errors)
     # Every trial starts from the same adapter: the champion now, not whichever is champion later.
-    parent = finetune.resolve_parent_adapter(cfg, opts)
+    parent = resolve_parent_adapter(cfg, opts)
     base = opts.model_copy(update={"continue_from": parent})
     for line in [*notes, *warnings]:
         log.warning(line)
@@ -182,7 +179,7 @@ def main(
         error=None,
         path=best["run_path"],
     )
-    adapter = finetune.publish_adapter(cfg, best_opts, result, data=data, parent_adapter_id=parent, started=started)
+    adapter = publish_adapter(cfg, best_opts, result, data=data, parent_adapter_id=parent, started=started)
     for row in rows:
         row["best"] = row is best
     _save(path, rows, search, sweep, base, adapter)
@@ -215,7 +212,7 @@ def run_trial(
 
     opts = FinetuneConfig.model_validate({**base, **config})
     trial = ray.tune.get_context().get_trial_id()
-    trainer = finetune.build_trainer(
+    trainer = build_trainer(
         KaizenConfig.model_validate(cfg), opts, datasets, f"trial-{trial}", runs, callbacks=[EvaluationsToTune()]
     )
     trainer.fit()
@@ -331,44 +328,37 @@ def _save(
     (path / RESULTS_TABLE).write_text(results_table(rows, list(search)) + "\n")
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
-    finetune.add_data_arguments(parser)
-    parser.add_argument("overrides", nargs="*", help="sweep.key=value, finetune.key=value and section.key=value")
-    return parser.parse_args(argv)
+def _parser() -> argparse.ArgumentParser:
+    parser = job_parser(
+        "jobs.sweep", __doc__, overrides_help="sweep.key=value, finetune.key=value and section.key=value"
+    )
+    add_data_arguments(parser)
+    return parser
+
+
+def _run(args: argparse.Namespace, cfg: KaizenConfig, sweep: SweepConfig) -> str:
+    """The sweep of the command line; its results table and the winner, to print."""
+    result = main(
+        cfg,
+        sweep,
+        job_options(cfg, "finetune"),
+        args.train,
+        args.validation,
+        args.rehearsal,
+        heldout=args.heldout,
+        fisher_data=args.fisher_data,
+        progress=print,
+    )
+    return (
+        results_table(result["trials"], list(result["best"]["params"]))
+        + f"\n\nbest trial {result['best']['trial']}: adapter {result['adapter']['adapter_id']} registered as "
+        f"{result['adapter']['status']}; results in {result['path']}"
+    )
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2: a bad option or input)."""
-    args = _parse(argv)
-    try:
-        cfg, sweep = load_job_config(args.config, args.overrides, "sweep")
-        opts = job_options(cfg, "finetune")
-    except ConfigError as exc:
-        print(f"python -m jobs.sweep: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = main(
-            cfg,
-            sweep,
-            opts,
-            args.train,
-            args.validation,
-            args.rehearsal,
-            heldout=args.heldout,
-            fisher_data=args.fisher_data,
-            progress=print,
-        )
-    except (ValueError, ImportError, FileNotFoundError) as exc:
-        print(f"python -m jobs.sweep: {exc}", file=sys.stderr)
-        return 2
-    print(results_table(result["trials"], list(result["best"]["params"])))
-    print(
-        f"\nbest trial {result['best']['trial']}: adapter {result['adapter']['adapter_id']} registered as "
-        f"{result['adapter']['status']}; results in {result['path']}"
-    )
-    return 0
+    return run_job(_parser(), _run, argv, section="sweep")
 
 
 if __name__ == "__main__":

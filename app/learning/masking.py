@@ -29,24 +29,35 @@ A masked entry stays exactly where it was only if nothing else moves it: its gra
 so Adam's moments stay zero and its step is zero, but decoupled weight decay (AdamW's
 ``weight_decay``) would still shrink it. Train masked runs without weight decay.
 
+:class:`ForgettingProtection` is what a training run holds of either: the Fisher information, the
+anchor and, for FGGM, the masks, behind the calls a training step makes (:meth:`~ForgettingProtection.penalty`
+on the loss, :meth:`~ForgettingProtection.mask_gradients` after backward). :func:`fisher_source`
+says which of a run's sets the Fisher information is estimated on.
+
 Everything here is plain torch on ``named_parameters()`` names; it runs on any ``nn.Module``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from app.learning.training import ForgettingConfig
+
 __all__ = [
+    "ForgettingProtection",
     "MaskGranularity",
     "MaskMode",
     "apply_masks",
     "estimate_fisher",
     "ewc_penalty",
     "fisher_masks",
+    "fisher_source",
     "mask_summary",
     "register_mask_hooks",
     "snapshot_parameters",
@@ -279,3 +290,120 @@ def ewc_penalty(
     if total is None:
         return torch.zeros((), device=next(iter(params.values())).device) if params else torch.zeros(())
     return 0.5 * lam * total
+
+
+# --- a run's protection --------------------------------------------------------------------------
+
+
+def fisher_source(options: ForgettingConfig, sets: Collection[str]) -> str | None:
+    """Which of a run's ``sets`` the Fisher information comes from: old tasks to protect them
+    (``fisher``, the ``--fisher-data`` rows, else ``rehearsal``), the new task's own rows
+    (``train``) for FGGM's ``most_important`` rule; None when the run has none of them."""
+    if "fisher" in sets:
+        return "fisher"
+    if options.masking == "fggm" and options.mask_mode == "most_important":
+        return "train"
+    return "rehearsal" if "rehearsal" in sets else None
+
+
+@dataclass
+class ForgettingProtection:
+    """A run's protection against forgetting: the Fisher information of the adapter's entries,
+    their values before training (the anchor) and, for FGGM, the update masks.
+
+    A training step calls :meth:`penalty` on its loss (EWC's term; None for FGGM) and
+    :meth:`mask_gradients` after backward (FGGM's masks; nothing for EWC), or once
+    :meth:`register_hooks` where an engine owns the gradients. Checkpoints hold
+    :meth:`state_dict`.
+    """
+
+    method: Literal["fggm", "ewc"]
+    fisher: dict[str, torch.Tensor]
+    anchor: dict[str, torch.Tensor]
+    samples: int
+    """Rows the Fisher information was estimated on (per worker)."""
+    ewc_lambda: float
+    masks: dict[str, torch.Tensor] | None = None
+    """fggm: True where an entry may change."""
+
+    @classmethod
+    def estimate(
+        cls,
+        options: ForgettingConfig,
+        model: nn.Module,
+        batches: Iterable[Any],
+        loss_fn: LossFn,
+        *,
+        samples: int,
+        average: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    ) -> ForgettingProtection:
+        """The Fisher information of ``model``'s trainable entries on ``batches`` (at most
+        ``options.fisher_samples``), the masks (fggm) and the anchor (the entries as they are now).
+
+        Args:
+            samples: how many rows ``batches`` will give (recorded, not counted).
+            average: averages the estimate over the data-parallel ranks in place, so that every
+                rank masks the same entries.
+
+        Raises:
+            ValueError: ``options.masking`` is ``none``, or as :func:`estimate_fisher`.
+        """
+        if options.masking == "none":
+            raise ValueError("masking: none protects nothing; there is no Fisher information to estimate")
+        fisher = estimate_fisher(model, batches, loss_fn, max_batches=options.fisher_samples)
+        if average is not None:
+            average(fisher)
+        masks = None
+        if options.masking == "fggm":
+            masks = fisher_masks(fisher, options.mask_fraction, options.mask_mode, granularity=options.mask_granularity)
+        return cls(
+            method=options.masking,
+            fisher=fisher,
+            anchor=snapshot_parameters(model),
+            samples=samples,
+            ewc_lambda=options.ewc_lambda,
+            masks=masks,
+        )
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """EWC's penalty on ``model``'s distance from the anchor, to add to the loss; None for FGGM."""
+        if self.method != "ewc":
+            return None
+        return ewc_penalty(model, self.fisher, self.anchor, self.ewc_lambda)
+
+    def mask_gradients(self, model: nn.Module) -> None:
+        """FGGM: zero the gradients of the frozen entries (after backward, before clipping)."""
+        if self.masks is not None:
+            apply_masks(model, self.masks)
+
+    def register_hooks(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """FGGM for engines that own the gradients after backward (DeepSpeed): mask them as they
+        are computed. Nothing to register for EWC."""
+        return register_mask_hooks(model, self.masks) if self.masks is not None else []
+
+    def summary(self) -> dict[str, int | float] | None:
+        """How many entries the masks let move (:func:`mask_summary`); None without masks."""
+        return mask_summary(self.masks) if self.masks is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: ``fisher``, ``samples``, ``masks`` (fggm) and ``anchor``."""
+        state: dict[str, Any] = {"fisher": self.fisher, "samples": self.samples}
+        if self.masks is not None:
+            state["masks"] = self.masks
+        state["anchor"] = self.anchor
+        return state
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Any], options: ForgettingConfig, device: torch.device
+    ) -> ForgettingProtection:
+        """A checkpoint's protection (:meth:`state_dict`), its tensors moved to ``device``."""
+        moved = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v) for k, v in state.items()}
+        return cls(
+            method=options.masking,
+            fisher=moved["fisher"],
+            anchor=moved["anchor"],
+            samples=moved["samples"],
+            ewc_lambda=options.ewc_lambda,
+            masks=moved.get("masks"),
+        )

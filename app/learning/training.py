@@ -1,9 +1,13 @@
 """The pure pieces of LoRA fine-tuning: options, tokenization, batching, rehearsal mixing, early
-stopping and the learning-rate schedule. ``jobs/finetune.py`` runs them inside Ray Train workers;
-here they are plain Python and torch, tested without Ray or a model.
+stopping, the learning-rate schedule and the lines that describe a run's reports. The trainer
+(:mod:`app.learning.trainer`) runs them on every Ray Train worker; here they are plain Python and
+torch, tested without Ray or a model.
 
 * :class:`FinetuneConfig`: every option of ``jobs/finetune.py`` (``finetune.<key>=<value>`` on
-  its command line), validated with errors that name the key.
+  its command line), validated with errors that name the key; its groups (:class:`AdapterConfig`,
+  :class:`OptimizerConfig`, :class:`BatchConfig`, :class:`EvaluationConfig`,
+  :class:`ForgettingConfig`, :class:`ResourceConfig`, :class:`CheckpointingConfig`) are typed
+  models of their own.
 * :func:`tokenize_messages`: an OpenAI-style chat rendered with the tokenizer's chat template
   (Qwen2.5's ChatML), labels on the assistant tokens only (-100 elsewhere), cut to a length.
 * :func:`collate`: right-padded tensors for a batch of tokenized rows.
@@ -11,6 +15,7 @@ here they are plain Python and torch, tested without Ray or a model.
   domains making up a configured share of the epoch, shuffled.
 * :class:`EarlyStopping`: patience and a minimum improvement on the validation loss.
 * :func:`lr_factor`: linear warm-up, then cosine, linear or constant.
+* :func:`describe_report`: one line for a training report (jobs' progress output).
 """
 
 from __future__ import annotations
@@ -34,9 +39,18 @@ from pydantic import (
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "IGNORE_INDEX",
+    "AdapterConfig",
+    "BatchConfig",
+    "CheckpointingConfig",
     "EarlyStopping",
+    "EvaluationConfig",
     "FinetuneConfig",
+    "ForgettingConfig",
+    "OptimizerConfig",
+    "ResourceConfig",
     "collate",
+    "describe_report",
+    "format_metric",
     "lr_factor",
     "mix_rehearsal",
     "parse_messages",
@@ -55,14 +69,21 @@ T = TypeVar("T")
 
 
 # --- options -------------------------------------------------------------------------------------
+#
+# The options come in groups, each a typed model that a component can take by itself (the
+# forgetting protection takes a ForgettingConfig, the trainer the whole FinetuneConfig). The groups
+# are FinetuneConfig's bases rather than fields: the keys stay flat (finetune.lora_rank=8 on the
+# command line, a flat ``finetune:`` section in a config file, flat hyper-parameters in an
+# adapter's lineage), and an error names the key that was typed.
 
 
-class FinetuneConfig(BaseModel):
-    """Options of ``jobs/finetune.py``; on its command line each is ``finetune.<key>=<value>``."""
-
+class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # LoRA
+
+class AdapterConfig(_Group):
+    """The LoRA adapter: its shape, and the adapter it starts from."""
+
     lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch while training.")
@@ -71,8 +92,28 @@ class FinetuneConfig(BaseModel):
         min_length=1,
         description="Module names LoRA wraps (Qwen2: q/k/v/o_proj, gate/up/down_proj).",
     )
+    continue_from: str | None = Field(
+        "champion",
+        description=(
+            "Adapter to continue training: 'champion' (the registry's champion; a fresh adapter when none is "
+            "set), an adapter id, or null for a fresh adapter."
+        ),
+    )
 
-    # optimisation
+    @field_validator("continue_from")
+    @classmethod
+    def _adapter_name(cls, value: str | None) -> str | None:
+        if value is None or value == "champion":
+            return value
+        from app.model.adapters import check_adapter_id
+
+        check_adapter_id(value)
+        return value
+
+
+class OptimizerConfig(_Group):
+    """AdamW and its schedule: how far and how long the adapter moves."""
+
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(
         0.0,
@@ -88,11 +129,14 @@ class FinetuneConfig(BaseModel):
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps even if epochs remain; None: no cap."
     )
+
+
+class BatchConfig(_Group):
+    """What one optimizer step trains on."""
+
     batch_size: int = Field(4, ge=1, description="Rows per micro-batch, per worker.")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_length: int = Field(2048, ge=8, description="Tokens per row; longer rows are cut at the end.")
-
-    # data
     rehearsal_ratio: float = Field(
         0.2,
         ge=0.0,
@@ -100,7 +144,10 @@ class FinetuneConfig(BaseModel):
         description="Share of each epoch's rows drawn from the rehearsal set (earlier domains); 0: none.",
     )
 
-    # validation and early stopping
+
+class EvaluationConfig(_Group):
+    """Validation, early stopping, and the choice between restarts from other seeds."""
+
     eval_every_steps: int | None = Field(
         None, ge=1, description="Validate every N optimizer steps; None: at the end of each epoch."
     )
@@ -110,8 +157,15 @@ class FinetuneConfig(BaseModel):
     early_stopping_min_delta: float = Field(
         0.0, ge=0.0, description="A validation loss must fall by more than this to count as an improvement."
     )
-
-    # restarts from other seeds
+    forgetting_weight: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Weight of forgetting in the objective that early stopping, the kept adapter and a sweep follow: "
+            "val_loss + weight * max(0, rise of the held-out earlier domains' loss); without held-out rows "
+            "the objective is the validation loss."
+        ),
+    )
     trials: int = Field(
         1,
         ge=1,
@@ -128,7 +182,10 @@ class FinetuneConfig(BaseModel):
         0.2, gt=0.0, lt=1.0, description="trials > 1: the share of the run's steps each seed trains before the choice."
     )
 
-    # protection against forgetting
+
+class ForgettingConfig(_Group):
+    """Protection of what earlier domains taught the adapter (see :mod:`app.learning.masking`)."""
+
     masking: Literal["none", "fggm", "ewc"] = Field(
         "none",
         description="none; fggm: Fisher-guided gradient masking; ewc: elastic weight consolidation penalty.",
@@ -147,15 +204,6 @@ class FinetuneConfig(BaseModel):
     mask_granularity: Literal["entry", "row"] = Field(
         "entry", description="fggm: mask single entries, or whole output rows scored by their mean Fisher."
     )
-    forgetting_weight: float = Field(
-        1.0,
-        ge=0,
-        description=(
-            "Weight of forgetting in the objective that early stopping, the kept adapter and a sweep follow: "
-            "val_loss + weight * max(0, rise of the held-out earlier domains' loss); without held-out rows "
-            "the objective is the validation loss."
-        ),
-    )
     ewc_lambda: float = Field(1000.0, gt=0, description="ewc: strength of the penalty lambda/2 * F * (w - w0)^2.")
     fisher_samples: int = Field(
         64,
@@ -163,16 +211,10 @@ class FinetuneConfig(BaseModel):
         description="fggm/ewc: rows (one per backward pass) the Fisher information is estimated on, per worker.",
     )
 
-    # lineage
-    continue_from: str | None = Field(
-        "champion",
-        description=(
-            "Adapter to continue training: 'champion' (the registry's champion; a fresh adapter when none is "
-            "set), an adapter id, or null for a fresh adapter."
-        ),
-    )
 
-    # resources and distribution
+class ResourceConfig(_Group):
+    """Workers, devices, distribution and precision."""
+
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); otherwise CPU with gloo.")
@@ -188,7 +230,17 @@ class FinetuneConfig(BaseModel):
         "auto", description="auto: bf16 autocast (and bf16 base weights) on GPU, fp32 on CPU."
     )
 
-    # reports
+    @property
+    def precision(self) -> Literal["bf16", "fp32"]:
+        """The compute precision that ``mixed_precision`` resolves to."""
+        if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and self.use_gpu):
+            return "bf16"
+        return "fp32"
+
+
+class CheckpointingConfig(_Group):
+    """Reports to Ray Train, checkpoints, and recovery from worker failures."""
+
     report_every_s: float = Field(
         10.0,
         ge=0.0,
@@ -200,8 +252,6 @@ class FinetuneConfig(BaseModel):
             "0: a report per step."
         ),
     )
-
-    # checkpoints and fault tolerance
     checkpoint_every_steps: int = Field(
         50, ge=1, description="Checkpoint (adapter, optimizer, step) to the run's storage every N optimizer steps."
     )
@@ -209,17 +259,28 @@ class FinetuneConfig(BaseModel):
     max_failures: int = Field(
         1, ge=-1, description="Worker-group failures to recover from (from the last checkpoint); -1: unlimited."
     )
+
+
+class FinetuneConfig(
+    # Pydantic lists the last base's fields first: in this order the keys read LoRA first.
+    CheckpointingConfig,
+    ResourceConfig,
+    ForgettingConfig,
+    EvaluationConfig,
+    BatchConfig,
+    OptimizerConfig,
+    AdapterConfig,
+):
+    """Options of ``jobs/finetune.py``; on its command line each is ``finetune.<key>=<value>``.
+
+    Every group's keys, flat: :class:`AdapterConfig`, :class:`OptimizerConfig`,
+    :class:`BatchConfig`, :class:`EvaluationConfig`, :class:`ForgettingConfig`,
+    :class:`ResourceConfig`, :class:`CheckpointingConfig`, and ``seed``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
     seed: int = Field(0, description="Seed of the LoRA initialisation and the data order.")
-
-    @field_validator("continue_from")
-    @classmethod
-    def _adapter_name(cls, value: str | None) -> str | None:
-        if value is None or value == "champion":
-            return value
-        from app.model.adapters import check_adapter_id
-
-        check_adapter_id(value)
-        return value
 
     @model_validator(mode="after")
     def _combinations(self) -> FinetuneConfig:
@@ -245,13 +306,6 @@ class FinetuneConfig(BaseModel):
                 "would move the entries the mask freezes"
             )
         return self
-
-    @property
-    def precision(self) -> Literal["bf16", "fp32"]:
-        """The compute precision that ``mixed_precision`` resolves to."""
-        if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and self.use_gpu):
-            return "bf16"
-        return "fp32"
 
 
 # --- tokenization ----------------------------------------------------------------------------------
@@ -482,3 +536,31 @@ def lr_factor(
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def describe_report(metrics: Mapping[str, Any]) -> str:
+    """One line for a training report: step, loss, validation figures, speed."""
+    if metrics.get("final"):
+        return (
+            f"done: {metrics.get('step')} steps, val_loss {format_metric(metrics.get('val_loss'))}, "
+            f"forgetting {format_metric(metrics.get('forgetting'))}, {metrics.get('stop_reason')}"
+        )
+    line = (
+        f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {format_metric(metrics.get('loss'))}"
+    )
+    for key in ("val_loss", "forgetting", "objective"):
+        if metrics.get(key) is not None:
+            line += f", {key} {format_metric(metrics[key])}"
+    line += f", {metrics.get('tokens_per_s', 0):,.0f} tokens/s"
+    if metrics.get("trials"):
+        tried = ", ".join(f"{t['seed']}: {format_metric(t.get('objective'))}" for t in metrics["trials"])
+        line += f"; seed {metrics.get('seed')} goes on (objectives {tried})"
+    return line
+
+
+def format_metric(value: Any) -> str:
+    """A loss-like figure with four decimals, or '-' when there is none."""
+    return "-" if value is None else f"{value:.4f}"

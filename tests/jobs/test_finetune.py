@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from app.config import KaizenConfig, load_job_config
+from app.learning.checkpointing import FORGETTING_FILE, STATE_FILE
+from app.learning.ray_trainer import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, build_trainer, check_requirements
 from app.learning.training import FinetuneConfig
+from app.learning.training_data import TrainingData, check_data
 from jobs import finetune
 
 pytestmark = pytest.mark.integration
@@ -40,7 +43,7 @@ def two_worker_run(cfg: KaizenConfig, data: dict[str, Path], tmp_path_factory, r
     """One DDP run on 2 CPU workers whose rank 0 fails once, after the report of step 6 (the
     last checkpoint is step 4): the tests below read its result from different sides."""
     marker = tmp_path_factory.mktemp("fault") / "failed-once"
-    os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV] = "6", str(marker)
+    os.environ[FAIL_AT_STEP_ENV], os.environ[FAIL_MARKER_ENV] = "6", str(marker)
     reports: list[dict[str, Any]] = []
     try:
         result = finetune.main(
@@ -52,7 +55,7 @@ def two_worker_run(cfg: KaizenConfig, data: dict[str, Path], tmp_path_factory, r
             progress=reports.append,
         )
     finally:
-        del os.environ[finetune.FAIL_AT_STEP_ENV], os.environ[finetune.FAIL_MARKER_ENV]
+        del os.environ[FAIL_AT_STEP_ENV], os.environ[FAIL_MARKER_ENV]
     return {**result, "marker": marker, "reports": reports}
 
 
@@ -140,7 +143,7 @@ def test_a_failed_worker_resumes_from_the_checkpoint_step(two_worker_run: dict[s
     assert metrics["steps"] == 12
     checkpoints = sorted(p.name for p in Path(two_worker_run["run_path"]).glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-final-step000012", "checkpoint-step000004", "checkpoint-step000008"]
-    state = torch.load(Path(two_worker_run["checkpoint_path"]) / finetune.STATE_FILE, weights_only=False)
+    state = torch.load(Path(two_worker_run["checkpoint_path"]) / STATE_FILE, weights_only=False)
     assert state["resumed_from_step"] == 4 and state["step"] == 12 and "optimizer" in state
 
 
@@ -182,7 +185,7 @@ def test_fisher_masking_keeps_the_protected_entries_of_the_champion(
     assert adapters.manifest(result["adapter_id"]).lineage.parent_adapter_id == champion
     before = load_file(adapters.local_path(champion) / "adapter_model.safetensors")
     after = load_file(adapters.local_path(result["adapter_id"]) / "adapter_model.safetensors")
-    masks = torch.load(Path(result["checkpoint_path"]) / finetune.FORGETTING_FILE, weights_only=False)["masks"]
+    masks = torch.load(Path(result["checkpoint_path"]) / FORGETTING_FILE, weights_only=False)["masks"]
     assert len(masks) == len(before) == len(after) > 0
     moved = 0
     for name, mask in masks.items():
@@ -273,14 +276,14 @@ def test_the_time_limit_stops_a_run_in_its_trials_and_keeps_what_it_has(
 
 def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dict[str, Path], capsys) -> None:
     with pytest.raises(ValueError, match="needs their rows for the Fisher information"):
-        finetune.build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
+        build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
     with pytest.raises(ValueError, match="finetune.trials: 2 trials are chosen between by their validation loss"):
-        finetune._check_data(FinetuneConfig(trials=2), finetune.TrainingData({"train": object()}, {"train": 20}))
+        check_data(FinetuneConfig(trials=2), TrainingData({"train": object()}, {"train": 20}))
     with pytest.raises(ValueError, match="max_cpu_cores=2"):
-        finetune.check_requirements(cfg, FinetuneConfig(num_workers=3))
+        check_requirements(cfg, FinetuneConfig(num_workers=3))
     cfg_file = Path(cfg.model.storage_root) / "c.yaml"
     cfg_file.write_text("finetune:\n  lora_rank: 4\nmodel:\n  base_model: tiny\n")
-    code = finetune._cli(["--config", str(cfg_file), "--train", str(data["dataset"]), "finetune.lora_rnk=2"])
+    code = finetune.cli(["--config", str(cfg_file), "--train", str(data["dataset"]), "finetune.lora_rnk=2"])
     assert code == 2 and "finetune.lora_rnk: unknown key" in capsys.readouterr().err
     loaded, opts = load_job_config(str(cfg_file), ["finetune.epochs=5", "model.storage_root=/tmp/r"], "finetune")
     assert (opts.lora_rank, opts.epochs, loaded.model.storage_root) == (4, 5, "/tmp/r")
@@ -291,14 +294,14 @@ def test_gpu_options_are_refused_without_cuda_or_packages(cfg: KaizenConfig) -> 
     import importlib.util
 
     with pytest.raises(ValueError, match="finetune.use_gpu"):
-        finetune.check_requirements(cfg, FinetuneConfig(use_gpu=True))
+        check_requirements(cfg, FinetuneConfig(use_gpu=True))
     for opts, package in (
         (FinetuneConfig(use_gpu=True, strategy="deepspeed"), "deepspeed"),
         (FinetuneConfig(use_gpu=True, quantize_4bit=True), "bitsandbytes"),
     ):
         if importlib.util.find_spec(package) is None:
             with pytest.raises(ImportError, match=rf"{package} package.*kaizen\[gpu\]"):
-                finetune.check_requirements(cfg, opts)
+                check_requirements(cfg, opts)
 
 
 GPU_RUN = {

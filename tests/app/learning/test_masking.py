@@ -1,4 +1,5 @@
-"""``app.learning.masking``: the Fisher estimate, the masks, masked training, and EWC."""
+"""``app.learning.masking``: the Fisher estimate, the masks, masked training, EWC, and a run's
+protection that holds them."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import torch
 from torch import nn
 
 from app.learning.masking import (
+    ForgettingProtection,
     apply_masks,
     estimate_fisher,
     ewc_penalty,
     fisher_masks,
+    fisher_source,
     mask_summary,
     register_mask_hooks,
     snapshot_parameters,
     trainable_parameters,
 )
+from app.learning.training import ForgettingConfig
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -176,3 +180,36 @@ def test_ewc_keeps_a_model_closer_to_its_anchor_than_plain_training() -> None:
     assert _drift(protected, anchor) < 0.5 * _drift(plain, anchor)
     with pytest.raises(KeyError, match="anchor_params"):
         ewc_penalty(protected, fisher, {}, lam=1.0)
+
+
+def test_a_runs_protection_is_one_interface_for_fggm_and_ewc() -> None:
+    fggm, ewc = ForgettingConfig(masking="fggm", mask_fraction=0.5), ForgettingConfig(masking="ewc", ewc_lambda=10.0)
+    model = _model()
+    masked = ForgettingProtection.estimate(fggm, model, _data(8, seed=5), _mse, samples=8)
+    assert masked.masks is not None and masked.summary()["updated_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert masked.penalty(model) is None  # FGGM acts on the gradients, not the loss
+    _mse(model, _data(1, seed=6)[0]).backward()
+    masked.mask_gradients(model)
+    assert all(torch.all(p.grad[~masked.masks[n]] == 0) for n, p in model.named_parameters())
+
+    anchored = ForgettingProtection.estimate(ewc, model, _data(8, seed=5), _mse, samples=8)
+    assert anchored.masks is None and anchored.summary() is None
+    assert float(anchored.penalty(model)) == 0.0  # at its anchor
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)
+    assert float(anchored.penalty(model)) > 0.0
+
+    # A checkpoint's copy is the same protection.
+    restored = ForgettingProtection.from_state_dict(masked.state_dict(), fggm, torch.device("cpu"))
+    assert restored.masks.keys() == masked.masks.keys()
+    assert all(torch.equal(restored.masks[n], masked.masks[n]) for n in masked.masks)
+    with pytest.raises(ValueError, match="masking: none"):
+        ForgettingProtection.estimate(ForgettingConfig(), model, _data(2, seed=5), _mse, samples=2)
+
+
+def test_the_fisher_rows_are_the_earlier_tasks_unless_fggm_selects_for_the_new_one() -> None:
+    fggm = ForgettingConfig(masking="fggm")
+    assert fisher_source(fggm, {"train", "rehearsal", "fisher"}) == "fisher"
+    assert fisher_source(fggm, {"train", "rehearsal"}) == "rehearsal"
+    assert fisher_source(fggm, {"train"}) is None
+    assert fisher_source(ForgettingConfig(masking="fggm", mask_mode="most_important"), {"train"}) == "train"

@@ -13,8 +13,15 @@ import torch
 from app.config import ConfigError, section_options
 from app.learning.training import (
     IGNORE_INDEX,
+    AdapterConfig,
+    BatchConfig,
+    CheckpointingConfig,
     EarlyStopping,
+    EvaluationConfig,
     FinetuneConfig,
+    ForgettingConfig,
+    OptimizerConfig,
+    ResourceConfig,
     collate,
     lr_factor,
     mix_rehearsal,
@@ -153,6 +160,28 @@ def test_learning_rate_schedule() -> None:
     assert lr_factor(5, total_steps=10, schedule="linear") == 0.5
     assert lr_factor(5, total_steps=10, schedule="cosine") == pytest.approx(0.5)
     assert lr_factor(9, total_steps=10, schedule="constant") == 1.0
+
+
+def test_options_come_in_typed_groups_under_flat_keys() -> None:
+    groups = (
+        AdapterConfig,
+        OptimizerConfig,
+        BatchConfig,
+        EvaluationConfig,
+        ForgettingConfig,
+        ResourceConfig,
+        CheckpointingConfig,
+    )
+    # Every key is in one group (seed aside), and the whole takes and gives them flat.
+    keys = [k for group in groups for k in group.model_fields]
+    assert len(keys) == len(set(keys)) and set(keys) | {"seed"} == set(FinetuneConfig.model_fields)
+    opts = FinetuneConfig(lora_rank=4, masking="fggm", num_workers=2)
+    assert all(isinstance(opts, group) for group in groups)
+    assert opts.model_dump()["lora_rank"] == 4 and FinetuneConfig.model_validate(opts.model_dump()) == opts
+    assert (
+        ForgettingConfig.model_validate(opts.model_dump(include=set(ForgettingConfig.model_fields))).masking == "fggm"
+    )
+    assert ResourceConfig(use_gpu=True).precision == "bf16"
 
 
 def test_options_refuse_unknown_keys_and_bad_combinations() -> None:

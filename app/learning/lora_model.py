@@ -1,0 +1,135 @@
+"""The model a fine-tuning worker trains: the base model on its device with a LoRA adapter (fresh,
+from a seed, or the parent's), and the loss module that DDP or DeepSpeed wraps."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.learning.training import IGNORE_INDEX, AdapterConfig, FinetuneConfig, ResourceConfig
+
+__all__ = ["CausalLMLoss", "init_lora", "load_lora_model", "require", "setup_device"]
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a (PEFT) causal LM to return the summed token cross-entropy on the labelled
+    positions and their count, computing the vocabulary head only at those positions: with
+    Qwen's 152k-row head that is most of a step's cost, and prompts are most of the tokens.
+    DDP and DeepSpeed wrap this module, so its forward is the one they synchronise."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
+
+
+def setup_device(options: ResourceConfig, device: torch.device, max_vram_gb: float) -> None:
+    """Make ``device`` this process's GPU, its memory capped at ``max_vram_gb``
+    (``training.resource_limits.max_vram_gb``); nothing on a CPU.
+
+    Raises:
+        RuntimeError: ``use_gpu`` on a device that is not CUDA.
+    """
+    if options.use_gpu and device.type != "cuda":
+        raise RuntimeError(f"finetune.use_gpu is true but the worker's device is {device}: no CUDA here")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        # training.resource_limits.max_vram_gb, enforced by torch's caching allocator.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_vram_gb * 2**30 / total), device)
+
+
+def load_lora_model(
+    opts: FinetuneConfig,
+    device: torch.device,
+    *,
+    base_model: str,
+    storage_root: str,
+    parent_adapter_id: str | None,
+) -> tuple[nn.Module, Any]:
+    """The base model from its checkpoint directory, with a fresh LoRA adapter (initialised from
+    ``opts.seed``, :func:`init_lora`) or the parent's, in training mode; and its tokenizer.
+
+    Raises:
+        ImportError: ``quantize_4bit`` without bitsandbytes.
+    """
+    from peft import get_peft_model
+
+    from app.model import load_model
+
+    if opts.quantize_4bit:
+        require("bitsandbytes", "finetune.quantize_4bit")
+    dtype = torch.bfloat16 if opts.precision == "bf16" and device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(
+        base_model, root=storage_root, device=device, dtype=dtype, quantize_4bit=opts.quantize_4bit
+    )
+    model.config.use_cache = False  # no KV cache in training (and none with checkpointing)
+    checkpointing = {"use_reentrant": False}  # works with DDP and frozen inputs
+    if opts.quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=opts.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    elif opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if parent_adapter_id is not None:
+        from app.model.adapters import AdapterStore
+
+        peft_model = AdapterStore(storage_root).attach(model, parent_adapter_id, is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, _lora_config(opts))
+        init_lora(peft_model, opts.seed)
+    peft_model.train()
+    return peft_model, tokenizer
+
+
+def _lora_config(options: AdapterConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=options.lora_rank,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+@torch.no_grad()
+def init_lora(peft_model: nn.Module, seed: int) -> None:
+    """A fresh adapter's initialisation drawn from ``seed`` alone (LoRA's A random, B zero), so that
+    a run's seed decides it whatever else used the random generator before (the same on every rank)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.reset_lora_parameters(name, True)
+
+
+def require(package: str, key: str) -> Any:
+    """Import ``package``, which the option ``key`` needs.
+
+    Raises:
+        ImportError: it is not installed; the message names the extra that installs it.
+    """
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(f"{key} needs the {package} package: pip install 'kaizen[gpu]'") from exc

@@ -1,0 +1,85 @@
+"""A fine-tuning run's state, apart from the model: where it is (:class:`RunState`, what a
+checkpoint records), a seed's trial at the choice (:class:`TrialResult`), and the objective that
+early stopping, the kept adapter and a sweep follow (:func:`objective`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.learning.masking import ForgettingProtection
+
+__all__ = ["RngState", "RunState", "TrialResult", "objective"]
+
+RngState = tuple[torch.Tensor, torch.Tensor | None]
+"""torch's CPU generator state and, on a GPU, the device's."""
+
+
+def objective(val_loss: float, forgetting: float | None, weight: float) -> float:
+    """What a run minimises and a sweep ranks by: the validation loss plus ``weight`` times the
+    rise of the held-out earlier domains' loss (a fall is no credit: 0)."""
+    return val_loss + weight * max(0.0, forgetting or 0.0)
+
+
+@dataclass
+class RunState:
+    """Where a run is, as checkpointed: the next window to train is ``window`` of ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    window: int = 0
+    elapsed_s: float = 0.0
+    tokens: int = 0
+    epoch_loss: float = 0.0
+    epoch_label_tokens: int = 0
+    first_loss: float | None = None
+    initial_val_loss: float | None = None
+    last_val_loss: float | None = None
+    initial_heldout_loss: float | None = None
+    last_heldout_loss: float | None = None
+    early_stopping: dict[str, Any] = field(default_factory=lambda: {"best": None, "bad_evals": 0})
+    best_params: dict[str, torch.Tensor] | None = None
+    best_figures: dict[str, float] = field(default_factory=dict)
+    """The evaluation figures of ``best_params``: val_loss, heldout_loss, forgetting, objective."""
+    restarts: int = 0
+    resumed_from_step: int | None = None
+    seed: int = 0
+    """The seed of the data order, and of the LoRA initialisation of a fresh adapter (see ``finetune.trials``)."""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """With ``finetune.trials`` > 1: each seed's steps and evaluation at the choice."""
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any]) -> RunState:
+        """The state a checkpoint's train state records, counted as one more restart."""
+        state = cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        state.restarts += 1
+        state.resumed_from_step = state.step
+        return state
+
+    def kept_figures(self, forgetting_weight: float) -> dict[str, Any]:
+        """The kept adapter's figures: the best objective's (else the last evaluation's)."""
+        if self.best_params is None:
+            forgetting = None if self.last_heldout_loss is None else self.last_heldout_loss - self.initial_heldout_loss
+            kept = {"val_loss": self.last_val_loss, "heldout_loss": self.last_heldout_loss, "forgetting": forgetting}
+            if self.last_val_loss is not None:
+                kept["objective"] = objective(self.last_val_loss, forgetting, forgetting_weight)
+            return kept
+        return {"heldout_loss": None, "forgetting": None, **self.best_figures}
+
+
+@dataclass
+class TrialResult:
+    """A seed's trial at the choice: its evaluation and everything the run goes on from if it wins."""
+
+    figures: dict[str, float]
+    state: RunState
+    params: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    protection: ForgettingProtection | None
+    step_metrics: list[dict[str, float]]
+    """Its steps, not reported yet."""
+    rng: RngState
+    """The random generators' state after it, so that its dropout goes on as in a run of its own."""

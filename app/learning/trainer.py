@@ -1,0 +1,615 @@
+"""The fine-tuning that runs on every Ray Train worker, as an object that also runs in one process.
+
+:class:`Trainer` keeps a run's state in its attributes:
+
+* :meth:`~Trainer.setup`: the device, the base model with its LoRA adapter
+  (:mod:`app.learning.lora_model`), this rank's share of each set, tokenized, the position and
+  weights of a checkpoint to go on from, the protection against forgetting
+  (:class:`app.learning.masking.ForgettingProtection`), AdamW with its schedule under DDP, or a
+  DeepSpeed engine;
+* :meth:`~Trainer.train_step`: one optimizer step over a window of micro-batches;
+* :meth:`~Trainer.evaluate`: the validation and held-out losses and the objective that early
+  stopping and the kept adapter follow;
+* :meth:`~Trainer.run_trials`: restarts from several seeds, the best by validation objective
+  going on (:class:`app.learning.run_state.TrialResult`);
+* :meth:`~Trainer.save_checkpoint` and the resumption in :meth:`~Trainer.setup`
+  (:mod:`app.learning.checkpointing`);
+* :meth:`~Trainer.fit`: the trials, the epochs, the final report.
+
+Where it runs is its context (:mod:`app.learning.worker_context`): a Ray Train worker
+(:func:`app.learning.ray_trainer.train_loop`), or one process without Ray (tests).
+
+The order of the calls is part of the result: the random generator is seeded before the model is
+built, a fresh adapter is initialised from the seed alone, and dropout draws from the generator
+step after step, so the same options and rows give the same adapter bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.learning.checkpointing import (
+    ADAPTER_DIR,
+    DEEPSPEED_DIR,
+    FORGETTING_FILE,
+    STATE_FILE,
+    full_parameters,
+    load_trainable_state,
+    read_checkpoint,
+    trainable_state,
+)
+from app.learning.lora_model import CausalLMLoss, init_lora, load_lora_model, require, setup_device
+from app.learning.masking import ForgettingProtection, fisher_source, trainable_parameters
+from app.learning.run_state import RngState, RunState, TrialResult, objective
+from app.learning.training import (
+    IGNORE_INDEX,
+    EarlyStopping,
+    collate,
+    lr_factor,
+    mix_rehearsal,
+    steps_per_epoch,
+    tokenize_messages,
+)
+from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
+
+__all__ = ["Trainer"]
+
+log = logging.getLogger("kaizen.finetune")
+
+Rows = list[dict[str, Any]]
+
+
+class Trainer:
+    """One worker's part of a fine-tuning run; see the module docstring.
+
+    Args:
+        spec: the options and what the worker needs of the config.
+        context: where it runs (:class:`~app.learning.worker_context.RayTrainContext` or
+            :class:`~app.learning.worker_context.LocalContext`).
+    """
+
+    def __init__(self, spec: WorkerSpec, context: TrainContext) -> None:
+        self.spec = spec
+        self.opts = spec.opts
+        self.context = context
+        self.device = context.device
+        self.rank = context.rank
+        self.state = RunState(seed=spec.opts.seed)
+        self.protection: ForgettingProtection | None = None
+        self.checkpoint: CheckpointSource | None = None
+        """The checkpoint this run went on from; None for a fresh run."""
+        self.step_metrics: list[dict[str, float]] = []
+        """The steps since the last report."""
+        self.last_report = time.perf_counter()
+        self.resumed_at = time.perf_counter()
+        """``perf_counter()`` less the time trained before: the run's clock."""
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Build the model, the data, the protection and the optimizer; go on from the context's
+        checkpoint when it has one.
+
+        Raises:
+            ValueError: a row that cannot be tokenized (naming its set and index).
+            ImportError: DeepSpeed or bitsandbytes asked for and not installed.
+        """
+        opts, spec = self.opts, self.spec
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+        setup_device(opts, self.device, spec.max_vram_gb)
+        torch.manual_seed(opts.seed)  # the same LoRA initialisation on every rank
+
+        self.peft_model, self.tokenizer = load_lora_model(
+            opts,
+            self.device,
+            base_model=spec.base_model,
+            storage_root=spec.storage_root,
+            parent_adapter_id=spec.parent_adapter_id,
+        )
+        self.loss_module = CausalLMLoss(self.peft_model)
+        self.data = self._tokenized_shards()
+        tokenizer = self.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        enabled = opts.precision == "bf16"
+        self.autocast = lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+        saved = None
+        self.checkpoint = self.context.latest_checkpoint()
+        if self.checkpoint is not None:
+            saved = self._resume_weights(self.checkpoint)
+        if self.protection is None and opts.masking != "none":
+            self.protection = self._estimate_protection()
+        if self.protection is not None and opts.strategy == "deepspeed":
+            self.protection.register_hooks(self.peft_model)
+
+        self.steps_per_epoch = steps_per_epoch(
+            len(self._epoch_rows(0, opts.seed)), opts.batch_size, opts.grad_accumulation
+        )
+        self.total_steps = min(opts.epochs * self.steps_per_epoch, opts.max_steps or math.inf)
+        self._setup_optimizer()
+        if saved is not None:
+            self._resume_optimizer(saved)
+
+        self.stopper = EarlyStopping(opts.early_stopping_patience, opts.early_stopping_min_delta)
+        self.stopper.load_state_dict(self.state.early_stopping)
+        self.validation, self.heldout = self.data.get("validation"), self.data.get("heldout")
+
+    def _tokenized_shards(self) -> dict[str, Rows]:
+        """This worker's share of each set, tokenized.
+
+        Every worker reads each (small) set whole and keeps every ``world``-th row from its rank
+        on, cut to the same count on every rank: the epochs mix rehearsal rows in per rank, and
+        equal shares give every rank the same number of steps, which DDP's collectives need.
+        Reading in-process also spares the split coordinator actors a streaming split would start.
+        """
+        rank, world = self.context.rank, self.context.world_size
+        data = {}
+        for name in self.spec.datasets:
+            rows = self.context.dataset_rows(name)
+            share = len(rows) // world
+            tokenized = []
+            for i in range(rank, share * world, world):
+                try:
+                    tokenized.append(tokenize_messages(self.tokenizer, rows[i]["messages"], self.opts.max_length))
+                except ValueError as exc:
+                    raise ValueError(f"{name} row {i}: {exc}") from exc
+            data[name] = tokenized
+        return data
+
+    def _epoch_rows(self, epoch: int, seed: int) -> Rows:
+        opts = self.opts
+        return mix_rehearsal(
+            self.data["train"], self.data.get("rehearsal", []), opts.rehearsal_ratio, seed=seed, epoch=epoch
+        )
+
+    def _estimate_protection(self) -> ForgettingProtection:
+        """The Fisher information on the rows :func:`~app.learning.masking.fisher_source` names
+        (one row per backward pass), averaged over the ranks so that every rank masks the same
+        entries; the masks (fggm) and the anchor."""
+        rows = self.data[fisher_source(self.opts, self.data)]
+
+        def loss_fn(_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with self.autocast():
+                loss_sum, count = self.loss_module(**batch)
+            return loss_sum / count.clamp(min=1)
+
+        return ForgettingProtection.estimate(
+            self.opts,
+            self.peft_model,
+            (self._to_device(collate([r], self.pad_id)) for r in rows),
+            loss_fn,
+            samples=min(len(rows), self.opts.fisher_samples),
+            average=self.context.average,
+        )
+
+    def _setup_optimizer(self) -> None:
+        """AdamW and its schedule, the loss module prepared by the context (DDP), or a DeepSpeed
+        engine that takes over both."""
+        opts = self.opts
+        trainable = list(trainable_parameters(self.peft_model).values())
+        optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+        total = int(self.total_steps)
+
+        def schedule(step: int) -> float:
+            return lr_factor(step, total_steps=total, warmup_steps=opts.warmup_steps, schedule=opts.lr_schedule)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.engine: Any = None
+        if opts.strategy == "deepspeed":
+            deepspeed = require("deepspeed", "finetune.strategy=deepspeed")
+            ds_config = {
+                "train_micro_batch_size_per_gpu": opts.batch_size,
+                "gradient_accumulation_steps": opts.grad_accumulation,
+                "gradient_clipping": opts.max_grad_norm or 0.0,
+                "zero_optimization": {
+                    "stage": opts.zero_stage,
+                    "overlap_comm": True,
+                    "contiguous_gradients": True,
+                    **({"stage3_gather_16bit_weights_on_model_save": True} if opts.zero_stage == 3 else {}),
+                },
+                "bf16": {"enabled": opts.precision == "bf16"},
+                "steps_per_print": 2**31 - 1,
+            }
+            engine, optimizer, _, scheduler = deepspeed.initialize(
+                model=self.loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            )
+            self.model: nn.Module = engine
+            self.engine = engine
+        else:
+            self.model = self.context.prepare_model(self.loss_module)
+        self.optimizer: torch.optim.Optimizer = optimizer
+        self.scheduler: Any = scheduler
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _resume_weights(self, checkpoint: CheckpointSource) -> dict[str, Any]:
+        """Load a checkpoint's position, protection and adapter weights; the optimizer's state,
+        returned, is loaded once the optimizer exists (:meth:`_resume_optimizer`)."""
+        with checkpoint.as_directory() as directory:
+            saved, forgetting = read_checkpoint(Path(directory))
+        load_trainable_state(self.peft_model, saved["params"])
+        self.state = RunState.resumed(saved)
+        if forgetting is not None:
+            device = next(iter(trainable_parameters(self.peft_model).values())).device
+            self.protection = ForgettingProtection.from_state_dict(forgetting, self.opts, device)
+        log.info("resuming at step %d (epoch %d, window %d)", self.state.step, self.state.epoch, self.state.window)
+        if "seed" not in saved:  # a checkpoint from before finetune.trials
+            self.state.seed = self.opts.seed
+        return saved
+
+    def _resume_optimizer(self, saved: dict[str, Any]) -> None:
+        if self.engine is None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            return
+        assert self.checkpoint is not None
+        with self.checkpoint.as_directory() as directory:
+            self.engine.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag="state", load_module_strict=False)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint into ``directory``: rank 0 the adapter (PEFT
+        files), the position and the optimizer, and with DeepSpeed every rank its partition of
+        the optimizer state (Ray merges the ranks' folders)."""
+        opts, rank = self.opts, self.rank
+        with full_parameters(opts, self.peft_model):
+            params = trainable_state(self.peft_model, None)
+            if rank == 0:
+                self.peft_model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
+        if rank == 0:
+            train_state = {**self.state.__dict__, "params": params}
+            if self.engine is None:
+                train_state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+            torch.save(train_state, directory / STATE_FILE)
+            if self.protection is not None:
+                torch.save(self.protection.state_dict(), directory / FORGETTING_FILE)
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
+
+    def report(self, metrics: dict[str, Any], *, checkpoint: str | None = None) -> None:
+        """Report on every rank (it is a barrier); with ``checkpoint``, a checkpoint of that name."""
+        if checkpoint is None:
+            self.context.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="kaizen-ckpt-") as tmp:
+            self.save_checkpoint(Path(tmp))
+            keep = self.rank == 0 or self.engine is not None
+            self.context.report(metrics, checkpoint=Path(tmp) if keep else None, name=checkpoint)
+
+    # --- training --------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (the trials first, on a fresh run with ``finetune.trials`` > 1), load
+        the best adapter and make the final report and checkpoint; returns its metrics."""
+        if self.validation is not None and self.checkpoint is None:
+            # The starting point is a candidate too: an adapter that only gets worse is not kept.
+            self.state.initial_val_loss = self.evaluate()["val_loss"]
+        self.resumed_at = time.perf_counter() - self.state.elapsed_s
+        self.step_metrics = []
+        self.last_report = time.perf_counter()
+
+        stop_reason = "completed"
+        if self.opts.trials > 1 and self.checkpoint is None:
+            stop_reason = self.run_trials()
+        if stop_reason == "completed":
+            stop_reason = self.train_until(self.total_steps)
+        return self._finish(stop_reason)
+
+    def train_until(self, limit: float, trial: bool = False) -> str:
+        """Train from the state's position to step ``limit`` (or an earlier stop); the stop reason.
+        A ``trial`` neither evaluates, reports nor checkpoints: its steps travel in the next report."""
+        opts, spe = self.opts, self.steps_per_epoch
+        stop_reason = "completed"
+        # Nothing left (a checkpoint of the last step): straight to the final report.
+        done = self.state.step >= limit
+        while not done and self.state.epoch < opts.epochs:
+            state = self.state
+            epoch = state.epoch
+            rows = self._epoch_rows(epoch, state.seed)
+            micro = [rows[i : i + opts.batch_size] for i in range(0, len(rows), opts.batch_size)]
+            windows = [micro[i : i + opts.grad_accumulation] for i in range(0, len(micro), opts.grad_accumulation)]
+            for w in range(state.window, len(windows)):
+                t0 = time.perf_counter()
+                loss_sum, labels, tokens = self.train_step(windows[w])
+                state.step += 1
+                end_of_epoch = w == len(windows) - 1
+                state.epoch, state.window = (epoch + 1, 0) if end_of_epoch else (epoch, w + 1)
+                state.elapsed_s = time.perf_counter() - self.resumed_at
+                over_time = state.elapsed_s > self.spec.max_seconds
+                report_due = not trial and time.perf_counter() - self.last_report >= opts.report_every_s
+                # Summed over the ranks, so that every rank takes the same decisions (a report is a barrier).
+                loss_sum, labels, tokens, over_time, report_due = self.context.all_reduce(
+                    [loss_sum, labels, tokens, float(over_time), float(report_due)]
+                )
+                state.tokens += int(tokens)
+                state.epoch_loss += loss_sum
+                state.epoch_label_tokens += int(labels)
+                self.step_metrics.append(
+                    {
+                        "step": state.step,
+                        "loss": loss_sum / max(labels, 1.0),
+                        "lr": self._current_lr(),
+                        "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+                    }
+                )
+                metrics: dict[str, Any] = {
+                    **self.step_metrics[-1],
+                    "epoch": epoch + (w + 1) / len(windows),
+                    "tokens": state.tokens,
+                    "elapsed_s": state.elapsed_s,
+                }
+                if state.first_loss is None:
+                    state.first_loss = metrics["loss"]
+                if end_of_epoch:
+                    metrics["epoch_loss"] = self.step_metrics[-1]["epoch_loss"] = state.epoch_loss / max(
+                        state.epoch_label_tokens, 1
+                    )
+                due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
+                at_epoch_end = opts.eval_every_steps is None and end_of_epoch
+                if not trial and self.validation is not None and (due or at_epoch_end):
+                    metrics.update(self.evaluate(), best_objective=self.stopper.best)
+                    if self.stopper.should_stop:
+                        stop_reason = "early_stopping"
+                if end_of_epoch and state.epoch < opts.epochs:
+                    state.epoch_loss, state.epoch_label_tokens = 0.0, 0
+                if state.step >= self.total_steps and stop_reason == "completed" and state.step < opts.epochs * spe:
+                    stop_reason = "max_steps"
+                if over_time and stop_reason == "completed":
+                    stop_reason = "time_limit"
+                done = stop_reason != "completed" or state.step >= limit
+                save = not trial and state.step % opts.checkpoint_every_steps == 0 and not done
+                if not trial and (save or done or report_due or "val_loss" in metrics):
+                    metrics["step_metrics"] = self.step_metrics.copy()
+                    self.report(metrics, checkpoint=f"checkpoint-step{state.step:06d}" if save else None)
+                    self.step_metrics.clear()
+                    self.last_report = time.perf_counter()
+                self._maybe_fail()
+                if done:
+                    break
+        return stop_reason
+
+    def train_step(self, window: list[Rows]) -> tuple[float, float, float]:
+        """One optimizer step over ``window``'s micro-batches; this rank's summed loss, label
+        tokens and input tokens. The loss is normalised by the window's label tokens, so a step is
+        a token-weighted mean however the rows fall into micro-batches."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        model, engine, protection = self.model, self.engine, self.protection
+        label_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for batch in window for r in batch)
+        loss_total, input_tokens = 0.0, 0
+        for j, rows in enumerate(window):
+            batch = self._to_device(collate(rows, self.pad_id))
+            last = j == len(window) - 1
+            no_sync = not last and isinstance(model, DistributedDataParallel)
+            if engine is not None:
+                engine.set_gradient_accumulation_boundary(last)
+            with model.no_sync() if no_sync else contextlib.nullcontext():
+                with self.autocast():
+                    loss_sum, _ = model(**batch)
+                loss = loss_sum / max(label_tokens, 1)
+                penalty = protection.penalty(self.peft_model) if last and protection is not None else None
+                if penalty is not None:
+                    loss = loss + penalty
+                if engine is not None:
+                    engine.backward(loss, scale_wrt_gas=False)
+                else:
+                    loss.backward()
+            loss_total += float(loss_sum.detach())
+            input_tokens += int(batch["attention_mask"].sum())
+        if engine is not None:
+            engine.step()  # clips, steps the optimizer and the schedule at the boundary
+            return loss_total, label_tokens, input_tokens
+        if protection is not None:
+            protection.mask_gradients(self.peft_model)  # after DDP's all-reduce, before clipping
+        if self.opts.max_grad_norm is not None:
+            params = [p for p in self.peft_model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, label_tokens, input_tokens
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation (and held-out) losses and the objective that early stopping follows; a new
+        best objective keeps the adapter's weights as the one to publish."""
+        state = self.state
+        state.last_val_loss = self.loss_on(self.validation)
+        result = {"val_loss": state.last_val_loss}
+        if self.heldout is not None:
+            state.last_heldout_loss = self.loss_on(self.heldout)
+            if state.initial_heldout_loss is None:
+                state.initial_heldout_loss = state.last_heldout_loss
+            result["heldout_loss"] = state.last_heldout_loss
+            result["forgetting"] = state.last_heldout_loss - state.initial_heldout_loss
+        result["objective"] = objective(state.last_val_loss, result.get("forgetting"), self.opts.forgetting_weight)
+        if self.stopper.update(result["objective"]):
+            state.best_params, state.best_figures = trainable_state(self.peft_model, self.opts), dict(result)
+        state.early_stopping = self.stopper.state_dict()
+        return result
+
+    @torch.no_grad()
+    def loss_on(self, rows: Rows) -> float:
+        """Token-weighted loss over every rank's shard of a set. Runs the unwrapped module: DDP's
+        forward would broadcast buffers, a collective that nothing here needs."""
+        loss_module, batch_size = self.loss_module, self.opts.batch_size
+        was_training = loss_module.training
+        loss_module.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(rows), batch_size):
+            with self.autocast():
+                loss_sum, n = loss_module(**self._to_device(collate(rows[i : i + batch_size], self.pad_id)))
+            total += float(loss_sum)
+            count += int(n)
+        loss_module.train(was_training)
+        total, count = self.context.all_reduce([total, float(count)])
+        return total / count if count else float("nan")
+
+    # --- trials ----------------------------------------------------------------------------------
+
+    def run_trials(self) -> str:
+        """Restarts from other seeds: each trains the first ``trial_fraction`` of the steps from the
+        same starting point, and the one with the lowest validation objective goes on as if alone
+        (its choice reported with every trial's figures). Returns the stop reason: a trial out of
+        time ends the trials, and the run, with the best so far."""
+        opts = self.opts
+        start_state = copy.deepcopy(self.state)
+        start_params = trainable_state(self.peft_model, opts)
+        start_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        start_scheduler = self.scheduler.state_dict()
+        limit = max(1, round(opts.trial_fraction * self.total_steps))
+        trials: list[dict[str, Any]] = []
+        best: TrialResult | None = None
+        spent_tokens = 0
+        stop_reason = "completed"
+        for i in range(opts.trials):
+            self.state = copy.deepcopy(start_state)
+            self.state.seed = opts.seed + i
+            if i > 0:
+                if self.spec.parent_adapter_id is None:  # a fresh adapter: this seed's initialisation
+                    init_lora(self.peft_model, self.state.seed)
+                else:  # the parent's weights
+                    load_trainable_state(self.peft_model, start_params)
+                self.optimizer.load_state_dict(copy.deepcopy(start_optimizer))
+                self.scheduler.load_state_dict(start_scheduler)
+                if opts.masking != "none":  # the Fisher information of this seed's starting adapter
+                    self.protection = self._estimate_protection()
+            self.stopper.load_state_dict(self.state.early_stopping)
+            stop_reason = self.train_until(limit, trial=True)
+            figures = self.evaluate()
+            trials.append({"seed": self.state.seed, "steps": self.state.step, **figures})
+            spent_tokens += self.state.tokens
+            if best is None or figures["objective"] < best.figures["objective"]:
+                best = TrialResult(
+                    figures=figures,
+                    state=self.state,
+                    params=trainable_state(self.peft_model, opts),
+                    optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
+                    scheduler_state=self.scheduler.state_dict(),
+                    protection=self.protection,
+                    step_metrics=self.step_metrics.copy(),
+                    rng=_rng_state(self.device),
+                )
+            self.step_metrics.clear()
+            if stop_reason != "completed":  # out of time: the trials so far decide
+                break
+        assert best is not None
+        self._go_on_with(best, trials, spent_tokens)
+        if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
+            self.report(
+                {
+                    **self.step_metrics[-1],
+                    "epoch": self.state.step / self.steps_per_epoch,
+                    "tokens": self.state.tokens,
+                    "elapsed_s": self.state.elapsed_s,
+                    **best.figures,
+                    "best_objective": self.stopper.best,
+                    "seed": self.state.seed,
+                    "trials": trials,
+                    "step_metrics": self.step_metrics,
+                }
+            )
+            self.step_metrics, self.last_report = [], time.perf_counter()
+        return stop_reason
+
+    def _go_on_with(self, best: TrialResult, trials: list[dict[str, Any]], spent_tokens: int) -> None:
+        """Make the winning trial the run: its state, weights, optimizer, protection, unreported
+        steps and random state; tokens and time are every trial's, as they were spent."""
+        self.state, self.protection, self.step_metrics = best.state, best.protection, best.step_metrics
+        _set_rng_state(self.device, best.rng)  # its dropout goes on as in a run of its own
+        load_trainable_state(self.peft_model, best.params)
+        self.optimizer.load_state_dict(best.optimizer_state)
+        self.scheduler.load_state_dict(best.scheduler_state)
+        self.stopper.load_state_dict(self.state.early_stopping)
+        self.state.tokens, self.state.trials = spent_tokens, trials
+        self.state.elapsed_s = time.perf_counter() - self.resumed_at
+        log.info(
+            "trials: seed %d goes on (objectives %s)",
+            self.state.seed,
+            ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials),
+        )
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def _finish(self, stop_reason: str) -> dict[str, Any]:
+        """Load the best adapter (by validation objective) and make the final report, with the
+        final checkpoint; returns its metrics."""
+        state, opts = self.state, self.opts
+        if state.best_params is not None:
+            with full_parameters(opts, self.peft_model, modify=True):
+                load_trainable_state(self.peft_model, state.best_params)  # the best validation loss wins
+        summary = self.protection.summary() if self.protection is not None else None
+        final = {
+            "step": state.step,
+            "epochs": state.step / self.steps_per_epoch,
+            "first_loss": state.first_loss,
+            "train_loss": state.epoch_loss / state.epoch_label_tokens if state.epoch_label_tokens else None,
+            "last_val_loss": state.last_val_loss,
+            "initial_val_loss": state.initial_val_loss,
+            "initial_heldout_loss": state.initial_heldout_loss,
+            **state.kept_figures(opts.forgetting_weight),
+            "tokens": state.tokens,
+            "train_time_s": state.elapsed_s,
+            "stop_reason": stop_reason,
+            "seed": state.seed,
+            "trials": state.trials,
+            "restarts": state.restarts,
+            "resumed_from_step": state.resumed_from_step,
+            "world_size": self.context.world_size,
+            **self._peak_memory(),
+            "final": True,
+            **({"mask": summary} if summary is not None else {}),
+        }
+        self.report(final, checkpoint=f"checkpoint-final-step{state.step:06d}")
+        return final
+
+    def _peak_memory(self) -> dict[str, float]:
+        """The largest peak over the ranks: resident memory of the worker process (MB) and, on a
+        GPU, memory allocated by torch (GB)."""
+        import resource
+
+        peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]  # KB on Linux
+        if self.device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
+        peaks = self.context.all_reduce(peaks, op="max")
+        return {"peak_rss_mb": round(peaks[0], 1), **({"peak_vram_gb": round(peaks[1], 3)} if len(peaks) > 1 else {})}
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _current_lr(self) -> float:
+        return float((self.engine.optimizer if self.engine is not None else self.optimizer).param_groups[0]["lr"])
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _maybe_fail(self) -> None:
+        """Test hook (:class:`InjectedFault`): rank 0 fails once at the given step."""
+        fault, step = self.spec.fault, self.state.step
+        if fault is None or self.rank != 0 or step != fault.step:
+            return
+        marker = Path(fault.marker)
+        if marker.exists():
+            return
+        marker.write_text(f"failed at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (KAIZEN_TEST_FAIL_AT_STEP)")
+
+
+def _rng_state(device: torch.device) -> RngState:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: RngState) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

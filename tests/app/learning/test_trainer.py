@@ -1,0 +1,133 @@
+"""``app.learning.trainer``: the per-worker fine-tuning in one process, without Ray (a
+:class:`~app.learning.worker_context.LocalContext`): a step, the trials, a checkpoint's resumption
+and Fisher-guided masking, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.learning.checkpointing import STATE_FILE, trainable_state
+from app.learning.trainer import Trainer
+from app.learning.training import FinetuneConfig
+from app.learning.worker_context import LocalContext, WorkerSpec
+
+ANSWER = "```python\ndef add_one(x):\n    return x + 1\n```"
+OLD_ANSWER = "SELECT name FROM users WHERE id = 1;"
+
+# 8 training rows / batch 4 = 2 steps an epoch.
+BASE = {
+    "batch_size": 4,
+    "epochs": 2,
+    "lr": 1e-2,
+    "max_length": 64,
+    "rehearsal_ratio": 0.0,
+    "continue_from": None,
+    "early_stopping_patience": 0,
+    "report_every_s": 0.0,
+}
+
+
+def _rows(n: int, start: int = 0, answer: str = ANSWER) -> list[dict[str, Any]]:
+    return [
+        {
+            "messages": json.dumps(
+                [
+                    {"role": "system", "content": "You are a coding assistant."},
+                    {"role": "user", "content": f"Task {i}: write the function we discussed."},
+                    {"role": "assistant", "content": answer},
+                ]
+            )
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def _trainer(model_root: Path, context: LocalContext, **options: Any) -> Trainer:
+    spec = WorkerSpec(
+        opts=FinetuneConfig(**{**BASE, **options}),
+        base_model="tiny",
+        storage_root=str(model_root),
+        max_vram_gb=80.0,
+        max_seconds=3600.0,
+        datasets=sorted(context.datasets),
+    )
+    trainer = Trainer(spec, context)
+    trainer.setup()
+    return trainer
+
+
+def test_one_step_lowers_the_loss_on_a_tiny_batch(model_root: Path) -> None:
+    trainer = _trainer(model_root, LocalContext({"train": _rows(4)}), lora_dropout=0.0)
+    batch = trainer.data["train"]
+    before = trainer.loss_on(batch)
+
+    loss_sum, labels, tokens = trainer.train_step([batch])
+
+    assert labels > 0 and tokens > labels and loss_sum / labels == pytest.approx(before, rel=1e-4)
+    assert trainer.loss_on(batch) < before
+
+
+def test_trials_go_on_with_the_seed_of_the_best_validation_objective(model_root: Path) -> None:
+    context = LocalContext({"train": _rows(8), "validation": _rows(4, start=100)})
+    trainer = _trainer(model_root, context, epochs=3, trials=3, trial_fraction=1 / 3)
+
+    final = trainer.fit()
+
+    trials = final["trials"]
+    assert [(t["seed"], t["steps"]) for t in trials] == [(0, 2), (1, 2), (2, 2)]
+    assert len({t["objective"] for t in trials}) == 3  # three starts, three data orders
+    winner = min(trials, key=lambda t: t["objective"])
+    assert final["seed"] == trainer.state.seed == winner["seed"] and final["step"] == 6
+    # Only the winner's steps are reported, each once, and its choice with every trial's figures.
+    assert [m["step"] for r in context.reports if not r.get("final") for m in r["step_metrics"]] == list(range(1, 7))
+    (choice,) = [r for r in context.reports if "trials" in r and not r.get("final")]
+    assert choice["step"] == 2 and choice["objective"] == winner["objective"]
+
+
+def test_a_checkpoint_goes_on_at_its_step_with_its_optimizer_state(model_root: Path, tmp_path: Path) -> None:
+    # No dropout: with the position, the weights and the optimizer restored, the resumed run is
+    # the uninterrupted one to the last bit.
+    datasets = {"train": _rows(8)}
+    whole = LocalContext(datasets, checkpoint_root=tmp_path)
+    uninterrupted = _trainer(model_root, whole, lora_dropout=0.0, checkpoint_every_steps=2)
+    assert uninterrupted.fit()["step"] == 4
+    assert sorted(whole.checkpoints) == ["checkpoint-final-step000004", "checkpoint-step000002"]
+    checkpoint = whole.checkpoints["checkpoint-step000002"]
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
+
+    resumed = _trainer(model_root, LocalContext(datasets, resume_from=checkpoint), lora_dropout=0.0)
+
+    assert (resumed.state.step, resumed.state.epoch, resumed.state.window) == (2, 1, 0)
+    assert resumed.state.restarts == 1 and resumed.state.resumed_from_step == 2
+    assert resumed.scheduler.state_dict()["last_epoch"] == 2
+    state = resumed.optimizer.state_dict()
+    assert state["param_groups"] == saved["optimizer"]["param_groups"]
+    assert state["state"].keys() == saved["optimizer"]["state"].keys()
+    for i, moments in state["state"].items():
+        assert all(torch.equal(v, saved["optimizer"]["state"][i][k]) for k, v in moments.items())
+    final = resumed.fit()
+    assert final["step"] == 4 and final["restarts"] == 1
+    a, b = trainable_state(uninterrupted.peft_model, None), trainable_state(resumed.peft_model, None)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fisher_guided_masking_keeps_the_masked_entries_in_place(model_root: Path) -> None:
+    context = LocalContext({"train": _rows(8), "rehearsal": _rows(4, start=200, answer=OLD_ANSWER)})
+    trainer = _trainer(model_root, context, rehearsal_ratio=0.2, masking="fggm", mask_fraction=0.5, fisher_samples=4)
+    protection = trainer.protection
+    assert protection is not None and protection.masks is not None
+
+    final = trainer.fit()
+
+    assert final["mask"]["updated_fraction"] == pytest.approx(0.5, abs=0.01)
+    after = trainable_state(trainer.peft_model, None)
+    moved = 0
+    for name, mask in protection.masks.items():
+        assert torch.equal(after[name][~mask], protection.anchor[name][~mask]), name
+        moved += not torch.equal(after[name][mask], protection.anchor[name][mask])
+    assert moved > 0
