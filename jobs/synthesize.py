@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -58,6 +57,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from app.config import KaizenConfig
+from app.job_cli import job_parser, run_job
 from app.learning.ssr import (
     DomainReport,
     RehearsalManifest,
@@ -129,120 +129,39 @@ PROVENANCE_COLUMNS: dict[str, pa.DataType] = {
 # --- the actors ------------------------------------------------------------------------------------
 
 
-class _Generator:
-    """A model loaded once per actor, generating from left-padded batches of prompts."""
-
-    def __init__(self, base_model: str, storage_root: str, adapter_id: str | None = None) -> None:
-        import torch
-        from transformers import GenerationConfig
-
-        from app.model import load_model
-
-        self.torch = torch
-        self.model, self.tokenizer = load_model(base_model, root=storage_root)
-        if adapter_id is not None:
-            from app.model.adapters import AdapterStore
-
-            self.model = AdapterStore(storage_root).attach(self.model, adapter_id)
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        for token in ("<|im_end|>", "<|endoftext|>", self.tokenizer.eos_token):
-            token_id = self.tokenizer.convert_tokens_to_ids(token) if token else None
-            if token_id is not None and token_id != self.tokenizer.unk_token_id:
-                eos.append(token_id)
-        self.eos_ids = list(dict.fromkeys(i for i in eos if i is not None))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        # The options of each call alone decide how to generate: a checkpoint's own defaults
-        # (top_k, repetition_penalty...) would otherwise fill in whatever a call leaves unset.
-        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-        self.device = next(self.model.parameters()).device
-
-    def generate(
-        self,
-        prompts: list[str],
-        processors: list[Any] | None = None,
-        stop: str | None = None,
-        confidence: bool = False,
-        **config: Any,
-    ) -> list[tuple[str, bool, float | None]]:
-        """``(text, truncated, confidence)`` per returned sequence (``num_return_sequences`` per
-        prompt, in order); ``truncated``: no end-of-sequence token before the token limit. A row
-        ends early once its text contains ``stop`` (kept in the text). With ``confidence``, the
-        geometric mean of the probabilities of the tokens chosen, the end-of-sequence token
-        included (the model's distribution, before any processors), else None."""
-        from transformers import (
-            GenerationConfig,
-            LogitsProcessorList,
-            StoppingCriteriaList,
-        )
-
-        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(map(len, rows))
-        input_ids = self.torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
-        attention = self.torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        generation = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id, **config)
-        with self.torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                generation_config=generation,
-                logits_processor=LogitsProcessorList(processors or []),
-                stopping_criteria=StoppingCriteriaList([_StopAt(stop, width, self.tokenizer)] if stop else []),
-                output_logits=confidence,
-                return_dict_in_generate=True,
-            )
-            chosen = None
-            if confidence:  # log-probability of each chosen token: [rows, steps]
-                logits = self.torch.stack(output.logits, dim=1).float()
-                steps = output.sequences[:, width : width + logits.shape[1]]
-                chosen = self.torch.log_softmax(logits, dim=-1).gather(-1, steps.unsqueeze(-1)).squeeze(-1).tolist()
-        results = []
-        for row, ids in enumerate(output.sequences[:, width:].tolist()):
-            end = next((i for i, token in enumerate(ids) if token in self.eos_ids), None)
-            text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-            sure = None
-            if chosen is not None:
-                scored = chosen[row][: len(ids) if end is None else end + 1]
-                sure = math.exp(sum(scored) / len(scored)) if scored else 0.0
-            results.append((text, end is None and len(ids) >= config["max_new_tokens"], sure))
-        return results
-
-
-class SynthesizeInputs(_Generator):
+class SynthesizeInputs:
     """Stage 2 (an actor per pool slot): the base model continues 2-shot prompts as raw text, no
-    chat template (the paper prompts the base LLM), sampling ``samples_per_prompt`` inputs each."""
+    chat template (the paper prompts the base LLM), sampling ``samples_per_prompt`` inputs each.
+    Generation is :class:`app.generation.GenerationEngine`'s, with SSR's sampling
+    (:class:`app.generation.TopKSampling`)."""
 
     def __init__(self, base_model: str, storage_root: str, options: dict[str, Any]) -> None:
-        super().__init__(base_model, storage_root)
+        from app.generation import GenerationEngine
+
+        self.engine = GenerationEngine.load(base_model, root=storage_root)  # loaded once per actor
         self.opts = SSRConfig.model_validate(options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from app.generation import Prompt, TopKSampling
+
         rows = batch.to_pylist()
         opts = self.opts
-        # Seeded per batch from its prompts, so a rerun with the same seed samples the same inputs.
-        self.torch.manual_seed(opts.seed * 1_000_003 + min(r["prompt_id"] for r in rows))
-        texts = self.generate(
-            [r["prompt"] for r in rows],
-            # generate's own top-k and top-p sort the whole vocabulary at every step, which costs
-            # more than a small model's forward pass: _TopKTopP does both on the top k alone.
-            processors=[_TopKTopP(opts.top_k, opts.top_p)],
-            do_sample=True,
-            temperature=opts.temperature,
-            top_k=0,
-            top_p=1.0,
-            repetition_penalty=opts.repetition_penalty,
-            num_return_sequences=opts.samples_per_prompt,
-            max_new_tokens=opts.max_input_tokens,
-            stop="Output:",
+        continuations = self.engine.generate(
+            # A continuation ends where the model starts the output, as parse_input reads it.
+            [Prompt(self.engine.encode(r["prompt"]), opts.max_input_tokens, stop=("Output:",)) for r in rows],
+            TopKSampling(opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty),
+            samples=opts.samples_per_prompt,
+            # Seeded per batch from its prompts, so a rerun with the same seed samples the same inputs.
+            seed=opts.seed * 1_000_003 + min(r["prompt_id"] for r in rows),
         )
         out: dict[str, list[Any]] = {"prompt_id": [], "domain": [], "demonstration_ids": [], "raw": [], "input": []}
-        for k, (text, _, _) in enumerate(texts):
+        for k, continuation in enumerate(continuations):
             row = rows[k // opts.samples_per_prompt]
             out["prompt_id"].append(row["prompt_id"])
             out["domain"].append(row["domain"])
             out["demonstration_ids"].append(row["demonstration_ids"])
-            out["raw"].append(text)
-            out["input"].append(parse_input(text))
+            out["raw"].append(continuation.raw_text)  # the stop string kept: parse_input cuts it
+            out["input"].append(parse_input(continuation.raw_text))
         return pa.table(out, schema=_CANDIDATE_SCHEMA)
 
 
@@ -255,41 +174,6 @@ _CANDIDATE_SCHEMA = pa.schema(
         ("input", pa.string()),
     ]
 )
-
-
-class _TopKTopP:
-    """Top-k, then nucleus (top-p) sampling within those k, as generate does both; ``top_k`` 0
-    keeps the whole vocabulary (and sorts it)."""
-
-    def __init__(self, top_k: int, top_p: float) -> None:
-        self.top_k, self.top_p = top_k, top_p
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        k = scores.shape[-1] if self.top_k == 0 else min(self.top_k, scores.shape[-1])
-        values, indices = scores.topk(k, dim=-1)  # sorted, likeliest first
-        probs = values.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= self.top_p  # the likeliest token always stays
-        kept = values.masked_fill(drop, float("-inf"))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, indices, kept)
-
-
-class _StopAt:
-    """Ends each row once the text it generated contains ``text``. (generate's ``stop_strings``
-    index the whole vocabulary on every call, seconds each time; decoding the last few tokens
-    of each row is enough to see a short marker complete.)"""
-
-    def __init__(self, text: str, prompt_width: int, tokenizer: Any) -> None:
-        self.text, self.prompt_width, self.tokenizer = text, prompt_width, tokenizer
-        self.window = len(text.encode()) + 1  # a token holds at least one byte
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        tails = input_ids[:, self.prompt_width :][:, -self.window :].tolist()
-        done = [self.text in self.tokenizer.decode(tail, skip_special_tokens=True) for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class EmbedInputs:
@@ -306,25 +190,32 @@ class EmbedInputs:
         return batch.append_column("embedding", pa.array(list(vectors.astype("float32")), pa.list_(pa.float32())))
 
 
-class RefineOutputs(_Generator):
+class RefineOutputs:
     """Stage 6: the latest model (base + champion adapter, or the base) answers each input
-    greedily, the input as the user's turn of the chat template."""
+    greedily, the input as the user's turn of the chat template, with how sure it was."""
 
     def __init__(self, base_model: str, storage_root: str, adapter_id: str | None, options: dict[str, Any]) -> None:
-        super().__init__(base_model, storage_root, adapter_id)
+        from app.generation import GenerationEngine
+
+        self.engine = GenerationEngine.load(base_model, root=storage_root, adapter_id=adapter_id)
         self.opts = SSRConfig.model_validate(options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from app.generation import Prompt
+
+        # The rendered prompt is encoded as text (a control token spelled out in an input is
+        # read as that token), as SSR always has: the same input gives the same answer.
         prompts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            Prompt(
+                self.engine.encode(self.engine.chat_text([{"role": "user", "content": text}])),
+                self.opts.max_output_tokens,
             )
             for text in batch.column("input").to_pylist()
         ]
-        answers = self.generate(prompts, do_sample=False, max_new_tokens=self.opts.max_output_tokens, confidence=True)
-        batch = batch.append_column("output", pa.array([text.strip() for text, _, _ in answers], pa.string()))
-        batch = batch.append_column("truncated", pa.array([truncated for _, truncated, _ in answers], pa.bool_()))
-        return batch.append_column("output_confidence", pa.array([sure for _, _, sure in answers], pa.float64()))
+        answers = self.engine.generate(prompts, confidence=True)
+        batch = batch.append_column("output", pa.array([a.text.strip() for a in answers], pa.string()))
+        batch = batch.append_column("truncated", pa.array([a.truncated for a in answers], pa.bool_()))
+        return batch.append_column("output_confidence", pa.array([a.confidence for a in answers], pa.float64()))
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -731,32 +622,21 @@ def _write(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalManife
     return manifest
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.synthesize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
-    parser.add_argument("--source", required=True, type=Path, help="the training dataset: a folder or a .parquet file")
-    parser.add_argument("overrides", nargs="*", help="ssr.key=value (SSR options) and section.key=value (config)")
-    return parser.parse_args(argv)
+def _run(args: argparse.Namespace, cfg: KaizenConfig, opts: SSRConfig) -> str:
+    try:
+        manifest = main(cfg, opts, args.source)
+    except FileExistsError as exc:  # a bad input like the others (exit status 2): choose another id
+        raise ValueError(str(exc)) from None
+    return manifest.model_dump_json(indent=2)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2: a bad option or input)."""
-    from app.config import ConfigError, load_job_config
-
-    args = _parse(argv)
-    try:
-        config, options = load_job_config(args.config, args.overrides, "ssr")
-    except ConfigError as exc:
-        print(f"python -m jobs.synthesize: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = main(config, options, args.source)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"python -m jobs.synthesize: {exc}", file=sys.stderr)
-        return 2
-    print(result.model_dump_json(indent=2))
-    return 0
+    parser = job_parser(
+        "jobs.synthesize", __doc__, overrides_help="ssr.key=value (SSR options) and section.key=value (config)"
+    )
+    parser.add_argument("--source", required=True, type=Path, help="the training dataset: a folder or a .parquet file")
+    return run_job(parser, _run, argv, section="ssr")
 
 
 if __name__ == "__main__":

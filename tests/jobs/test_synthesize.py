@@ -39,6 +39,20 @@ SOURCE_SCHEMA = pa.schema(
     ]
 )
 ANSWER = "Use a context manager."
+PROMPTS = [
+    {
+        "prompt_id": 0,
+        "domain": "python",
+        "prompt": "Requests.\n\nInput: a\nOutput: b\n\nInput: c\nOutput: d\n\nInput:",
+        "demonstration_ids": ["p-0", "p-1"],
+    },
+    {
+        "prompt_id": 1,
+        "domain": "go",
+        "prompt": "More.\n\nInput: e\nOutput: f\n\nInput: g\nOutput: h\n\nInput:",
+        "demonstration_ids": ["g-0", "g-1"],
+    },
+]
 
 
 def _write_source(directory: Path, domains: dict[str, int]) -> Path:
@@ -105,22 +119,7 @@ def _loose(**overrides) -> SSRConfig:
 
 def test_the_stages_without_ray(model_root: Path) -> None:
     opts = _loose()
-    prompts = pa.Table.from_pylist(
-        [
-            {
-                "prompt_id": 0,
-                "domain": "python",
-                "prompt": "Requests.\n\nInput: a\nOutput: b\n\nInput: c\nOutput: d\n\nInput:",
-                "demonstration_ids": ["p-0", "p-1"],
-            },
-            {
-                "prompt_id": 1,
-                "domain": "go",
-                "prompt": "More.\n\nInput: e\nOutput: f\n\nInput: g\nOutput: h\n\nInput:",
-                "demonstration_ids": ["g-0", "g-1"],
-            },
-        ]
-    )
+    prompts = pa.Table.from_pylist(PROMPTS)
     stage = synthesize.SynthesizeInputs("tiny", str(model_root), opts.model_dump())
     out = stage(prompts)
     assert out.num_rows == 4  # samples_per_prompt for each prompt
@@ -130,16 +129,6 @@ def test_the_stages_without_ray(model_root: Path) -> None:
     raw = out.column("raw").to_pylist()
     assert raw[0] != raw[1]  # two samples of one prompt
     assert stage(prompts).column("raw").to_pylist() == raw  # seeded per batch
-
-    import torch
-
-    tok = stage.tokenizer
-    prompt = tok("Input:", add_special_tokens=False)["input_ids"]
-    rows = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in (" Sort it.\nOutput:", " Sort it.\nOut")]
-    width = min(map(len, rows))
-    rows = [r + [tok.pad_token_id] * (max(map(len, rows)) - len(r)) for r in rows]
-    assert synthesize._StopAt("Output:", len(prompt), tok)(torch.tensor(rows), None).tolist() == [True, False]
-    assert width > len(prompt)
 
     refine = synthesize.RefineOutputs("tiny", str(model_root), None, opts.model_dump())
     answered = refine(pa.table({"input": ["How do I read a file?", "Explain generators."]}))
@@ -151,15 +140,29 @@ def test_the_stages_without_ray(model_root: Path) -> None:
     assert sure == pytest.approx(again.column("output_confidence").to_pylist())
 
 
-def test_top_k_then_top_p() -> None:
-    import torch
+def test_the_stages_generate_what_the_engine_generates(model_root: Path) -> None:
+    """The Ray Data stages are thin: the same inputs through the engine give the same rows."""
+    from app.generation import GenerationEngine, Prompt, TopKSampling
 
-    scores = torch.log(torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2]]))
-    kept = torch.isfinite(synthesize._TopKTopP(3, 0.6)(None, scores))
-    # Row 1: the top 3 are 0.5, 0.3, 0.1 -> renormalised 0.56, 0.33, 0.11: 0.6 needs two of them.
-    assert kept.tolist()[0] == [False, True, False, True, False]
-    assert kept[1].sum() == 2  # ties: 2 of the 3 candidates
-    assert torch.isfinite(synthesize._TopKTopP(0, 1.0)(None, scores)).all()  # no limits, nothing dropped
+    opts = _loose(seed=3)
+    engine = GenerationEngine.load("tiny", root=model_root)
+    direct = engine.generate(
+        [Prompt(engine.encode(p["prompt"]), opts.max_input_tokens, stop=("Output:",)) for p in PROMPTS],
+        TopKSampling(opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty),
+        samples=opts.samples_per_prompt,
+        seed=opts.seed * 1_000_003 + 0,  # the batch's first prompt_id
+    )
+    stage = synthesize.SynthesizeInputs("tiny", str(model_root), opts.model_dump())
+    assert stage(pa.Table.from_pylist(PROMPTS)).column("raw").to_pylist() == [c.raw_text for c in direct]
+
+    inputs = ["How do I read a file?", "Explain generators."]
+    chats = [engine.chat_text([{"role": "user", "content": x}]) for x in inputs]
+    answers = engine.generate([Prompt(engine.encode(c), opts.max_output_tokens) for c in chats], confidence=True)
+    refine = synthesize.RefineOutputs("tiny", str(model_root), None, opts.model_dump())
+    refined = refine(pa.table({"input": inputs}))
+    assert refined.column("output").to_pylist() == [a.text.strip() for a in answers]
+    assert refined.column("truncated").to_pylist() == [a.truncated for a in answers]
+    assert refined.column("output_confidence").to_pylist() == [a.confidence for a in answers]
 
 
 def test_rehearsal_columns_follow_the_source_schema() -> None:
