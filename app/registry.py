@@ -35,6 +35,7 @@ __all__ = [
     "Alias",
     "Status",
     "champion_adapter",
+    "registered_adapter",
 ]
 
 Status = Literal["candidate", "validated", "champion", "challenger", "retired", "rejected"]
@@ -262,6 +263,16 @@ def champion_adapter(cfg: KaizenConfig) -> str | None:
     store = open_store(cfg.store)
     try:
         return AdapterRegistry(store).champion()
+    finally:
+        store.close()
+
+
+def registered_adapter(cfg: KaizenConfig, adapter_id: str) -> dict[str, Any] | None:
+    """The registry's row of ``adapter_id`` (:meth:`AdapterRegistry.get`) from the configured
+    store, opened and closed once for the question; None when it is not registered."""
+    store = open_store(cfg.store)
+    try:
+        return AdapterRegistry(store).get(adapter_id)
     finally:
         store.close()
 

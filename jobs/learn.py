@@ -47,6 +47,7 @@ from app.config import (
     load_config,
     resolve_paths,
 )
+from app.job_cli import job_parser
 from app.ray_setup import start_ray
 
 __all__ = ["cli", "earlier_dataset", "main", "submit"]
@@ -205,14 +206,9 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
 def _champion_lineage(cfg: KaizenConfig) -> tuple[str | None, Any]:
     """The champion adapter's id and lineage (None, None without a champion)."""
     from app.model.adapters import AdapterStore
-    from app.registry import AdapterRegistry
-    from app.store import open_store
+    from app.registry import champion_adapter
 
-    store = open_store(cfg.store)
-    try:
-        champion = AdapterRegistry(store).resolve("champion")
-    finally:
-        store.close()
+    champion = champion_adapter(cfg)
     if champion is None:
         return None, None
     return champion, AdapterStore(cfg.model.storage_root).manifest(champion).lineage
@@ -358,9 +354,18 @@ def _write_record(cfg: KaizenConfig, cycle_id: str, record: dict[str, Any]) -> s
     return str(target)
 
 
+OVERRIDES_HELP = "learn.key=value, dataset.*, ssr.*, finetune.*, sweep.* and section.key=value"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command line of a cycle (shared by ``python -m jobs.learn`` and ``kaizen learn``)."""
+    """The command line of ``kaizen learn``: the jobs' ``--config`` and overrides, and the cycle's flags."""
     parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    add_cycle_arguments(parser)
+
+
+def add_cycle_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags a cycle adds to the jobs' shared command line (:func:`app.job_cli.job_parser`)."""
     parser.add_argument(
         "--address",
         default=None,
@@ -368,9 +373,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-wait", action="store_true", help="with --address: return once the job is submitted")
     parser.add_argument("--json", action="store_true", help="print the cycle's record as JSON at the end")
-    parser.add_argument(
-        "overrides", nargs="*", help="learn.key=value, dataset.*, ssr.*, finetune.*, sweep.* and section.key=value"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -410,8 +412,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.learn", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    """``python -m jobs.learn``: the jobs' shared command line (app/job_cli) with the cycle's flags;
+    the exit status as :func:`run` gives it (the same codes as every job's)."""
+    parser = job_parser("jobs.learn", __doc__, overrides_help=OVERRIDES_HELP)
+    add_cycle_arguments(parser)
     return run(parser.parse_args(argv))
 
 

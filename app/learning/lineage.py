@@ -34,22 +34,16 @@ def resolve_parent_adapter(cfg: KaizenConfig, opts: FinetuneConfig) -> str | Non
     if opts.continue_from is None:
         return None
     from app.model.adapters import AdapterStore
-    from app.registry import AdapterRegistry
-    from app.store import open_store
+    from app.registry import champion_adapter, registered_adapter
 
-    store = open_store(cfg.store)
-    try:
-        registry = AdapterRegistry(store)
-        if opts.continue_from == "champion":
-            adapter_id = registry.resolve("champion")
-            if adapter_id is None:
-                return None
-        elif registry.get(opts.continue_from) is None:
-            raise ValueError(f"finetune.continue_from: adapter {opts.continue_from!r} is not registered")
-        else:
-            adapter_id = opts.continue_from
-    finally:
-        store.close()
+    if opts.continue_from == "champion":
+        adapter_id = champion_adapter(cfg)
+        if adapter_id is None:
+            return None
+    elif registered_adapter(cfg, opts.continue_from) is None:
+        raise ValueError(f"finetune.continue_from: adapter {opts.continue_from!r} is not registered")
+    else:
+        adapter_id = opts.continue_from
     manifest = AdapterStore(cfg.model.storage_root).manifest(adapter_id)
     where = f"finetune.continue_from ({opts.continue_from} = {adapter_id})"
     if manifest.base_model != cfg.model.base_model:

@@ -12,15 +12,13 @@ each set's hash for the lineage, and the checks of the rows against the options.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.artifacts import find_split
 from app.learning.training import FinetuneConfig
-from app.model.storage import file_sha256
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -28,18 +26,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
-    "MANIFEST_FILE",
     "TrainingData",
     "add_data_arguments",
     "check_data",
-    "data_hash",
     "read_datasets",
     "read_rows",
 ]
 
 log = logging.getLogger("kaizen.finetune")
 
-MANIFEST_FILE = "manifest.json"
 DATASETS = ("train", "validation", "rehearsal", "fisher", "heldout")
 """The sets a run takes: rows to train on, to validate on, of earlier domains to mix in, to
 estimate the Fisher information on, and of earlier domains to measure forgetting on."""
@@ -57,66 +52,21 @@ class TrainingData:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def _parquet_files(root: Path) -> list[Path]:
-    return sorted(
-        p for p in root.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
-    )
-
-
-def data_hash(files: Sequence[Path], manifest: Path | None) -> str:
-    """SHA-256 of a data set's ``manifest.json``, or where it has none, of its files' names and
-    SHA-256s (so the same files give the same hash wherever they lie)."""
-    if manifest is not None and manifest.is_file():
-        return file_sha256(manifest)
-    digest = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
-    return digest.hexdigest()
-
-
 def read_rows(path: Path, split: str | None = None) -> tuple[pa.Table, str]:
-    """The ``messages`` column of a Parquet file or folder, and the set's hash (:func:`data_hash`).
-
-    A folder is read as its ``<split>.parquet`` or ``<split>/`` when ``split`` is given and
-    present, else every Parquet file under it (hidden and ``_`` names skipped); its
-    ``manifest.json`` (for a file, the one beside it) is the set's manifest.
+    """The ``messages`` column of a Parquet file or folder (a local path or a URI), and the set's
+    hash: the SHA-256 of its manifest, else of its files (:func:`app.artifacts.find_split` says
+    which files a split is).
 
     Raises:
         FileNotFoundError: no Parquet file there.
         ValueError: no ``messages`` column, or rows without messages.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if path.is_file():
-        files, manifest = [path], path.parent / MANIFEST_FILE
-    elif path.is_dir():
-        manifest = path / MANIFEST_FILE
-        root = path
-        if split is not None:
-            root = next((p for p in (path / f"{split}.parquet", path / split) if p.exists()), path)
-        files = [root] if root.is_file() else _parquet_files(root)
-        if root == path and split == "train":
-            # A dataset folder without a train split: its other splits are still not training rows.
-            files = [
-                f for f in files if f.relative_to(path).parts[0].removesuffix(".parquet") not in ("validation", "test")
-            ]
-    else:
-        files, manifest = [], path / MANIFEST_FILE
-    if not files:
-        raise FileNotFoundError(f"no Parquet rows at {path} (a .parquet file or a folder holding them)")
-    tables = []
-    for f in files:
-        names = pq.read_schema(f).names
-        if "messages" not in names:
-            raise ValueError(f"{f}: no 'messages' column (it has: {', '.join(names)})")
-        tables.append(pq.read_table(f, columns=["messages"]))
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    found = find_split(path, split)
+    table = found.read(["messages"])
     nulls = table.column("messages").null_count
     if nulls:
         raise ValueError(f"{path}: {nulls} of {table.num_rows} rows have no messages")
-    return table, data_hash(files, manifest)
+    return table, found.data_hash
 
 
 def read_datasets(
