@@ -1,0 +1,225 @@
+"""The interaction store's schema: the migrations in order (each a version, a description and its
+statements, with per-engine column types), and which tables and columns the store's code treats
+specially (writable by ingestion, JSON, boolean, outcome fields).
+
+A schema change is a new migration appended to ``MIGRATIONS``; :meth:`InteractionStore.migrate
+<app.store.base.InteractionStore.migrate>` applies the ones a database has not seen, in order.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BOOL_COLUMNS", "JSON_COLUMNS", "MIGRATIONS", "OUTCOME_FIELDS", "WRITABLE_TABLES"]
+
+# Column types are placeholders filled per engine: {TS} timestamp, {JSON}, {BOOL}, {REAL}, {ID} serial key.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "interactions, context, tool usage, feedback, outcomes, redactions, quality, registry, audit",
+        [
+            """CREATE TABLE events (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                received_at {TS} NOT NULL)""",
+            """CREATE TABLE interactions (
+                id TEXT PRIMARY KEY,
+                session_hash TEXT NOT NULL,
+                user_hash TEXT,
+                timestamp {TS} NOT NULL,
+                received_at {TS} NOT NULL,
+                sequence_number INTEGER NOT NULL DEFAULT 0,
+                input_raw TEXT NOT NULL,
+                input_processed TEXT,
+                input_type TEXT NOT NULL,
+                intent TEXT,
+                complexity TEXT,
+                output_content TEXT NOT NULL,
+                output_format TEXT NOT NULL,
+                generation_time_ms {REAL},
+                token_count INTEGER,
+                streaming {BOOL},
+                model_version TEXT,
+                temperature {REAL},
+                max_tokens INTEGER,
+                stop_sequences {JSON},
+                system_prompt TEXT,
+                redaction_count INTEGER NOT NULL DEFAULT 0,
+                quality_score {REAL},
+                quality_confidence {REAL},
+                quality_status TEXT NOT NULL DEFAULT 'pending')""",
+            "CREATE INDEX idx_interactions_session_time ON interactions (session_hash, timestamp)",
+            "CREATE INDEX idx_interactions_time ON interactions (timestamp)",
+            "CREATE INDEX idx_interactions_quality ON interactions (quality_score)",
+            "CREATE INDEX idx_interactions_status ON interactions (quality_status)",
+            """CREATE TABLE context_snapshots (
+                interaction_id TEXT PRIMARY KEY,
+                project_context {JSON} NOT NULL,
+                created_at {TS} NOT NULL)""",
+            """CREATE TABLE tool_usage (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                tool_name TEXT NOT NULL,
+                invocation_order INTEGER NOT NULL DEFAULT 0,
+                parameters_raw {JSON},
+                parameters_processed {JSON},
+                start_time {TS},
+                end_time {TS},
+                duration_ms {REAL},
+                success {BOOL},
+                retry_count INTEGER NOT NULL DEFAULT 0,
+                output TEXT,
+                error TEXT,
+                exit_code INTEGER,
+                resource_usage {JSON})""",
+            "CREATE INDEX idx_tool_usage_interaction ON tool_usage (interaction_id)",
+            """CREATE TABLE feedback (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                rating INTEGER,
+                thumbs TEXT,
+                comment TEXT,
+                correction TEXT,
+                accepted {BOOL},
+                modified {BOOL},
+                abandoned {BOOL},
+                time_to_acceptance_s {REAL},
+                time_to_first_use_s {REAL},
+                usage_time_s {REAL},
+                return_visits INTEGER,
+                copy_events INTEGER)""",
+            "CREATE INDEX idx_feedback_interaction ON feedback (interaction_id)",
+            """CREATE TABLE outcomes (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                timestamp {TS} NOT NULL,
+                code_compiles {BOOL},
+                tests_pass {BOOL},
+                lint_passes {BOOL},
+                type_check_passes {BOOL},
+                deployment_success {BOOL},
+                no_runtime_errors {BOOL})""",
+            "CREATE INDEX idx_outcomes_interaction ON outcomes (interaction_id)",
+            """CREATE TABLE redactions (
+                event_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                timestamp {TS} NOT NULL,
+                PRIMARY KEY (event_id, kind))""",
+            """CREATE TABLE quality_scores (
+                interaction_id TEXT NOT NULL,
+                assessor_version TEXT NOT NULL,
+                overall {REAL} NOT NULL,
+                components {JSON} NOT NULL,
+                confidence {REAL} NOT NULL,
+                interval_low {REAL},
+                interval_high {REAL},
+                created_at {TS} NOT NULL,
+                PRIMARY KEY (interaction_id, assessor_version))""",
+            """CREATE TABLE adapters (
+                id TEXT PRIMARY KEY,
+                base_model TEXT NOT NULL,
+                uri TEXT NOT NULL,
+                status TEXT NOT NULL DEFAULT 'candidate',
+                manifest {JSON} NOT NULL,
+                created_at {TS} NOT NULL)""",
+            """CREATE TABLE adapter_aliases (
+                alias TEXT PRIMARY KEY,
+                adapter_id TEXT NOT NULL,
+                updated_at {TS} NOT NULL)""",
+            """CREATE TABLE alias_history (
+                id {ID},
+                alias TEXT NOT NULL,
+                adapter_id TEXT,
+                previous_adapter_id TEXT,
+                actor TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                created_at {TS} NOT NULL)""",
+            """CREATE TABLE training_runs (
+                id TEXT PRIMARY KEY,
+                status TEXT NOT NULL,
+                started_at {TS} NOT NULL,
+                finished_at {TS},
+                config {JSON},
+                metrics {JSON},
+                adapter_id TEXT)""",
+            """CREATE TABLE audit_log (
+                id {ID},
+                timestamp {TS} NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT,
+                details {JSON})""",
+        ],
+    ),
+    (
+        2,
+        "human ratings for calibration and review, fitted calibrations",
+        [
+            """CREATE TABLE human_ratings (
+                id TEXT PRIMARY KEY,
+                interaction_id TEXT NOT NULL,
+                rating {REAL} NOT NULL,
+                rater TEXT NOT NULL,
+                comment TEXT,
+                dimensions {JSON},
+                created_at {TS} NOT NULL)""",
+            "CREATE INDEX idx_human_ratings_interaction ON human_ratings (interaction_id)",
+            "ALTER TABLE quality_scores ADD COLUMN cap {REAL}",
+            """CREATE TABLE calibrations (
+                version TEXT PRIMARY KEY,
+                created_at {TS} NOT NULL,
+                method TEXT NOT NULL,
+                params {JSON} NOT NULL,
+                metrics {JSON} NOT NULL,
+                active {BOOL} NOT NULL)""",
+        ],
+    ),
+]
+
+# Tables an ingestion write may fill, with their JSON, boolean and timestamp columns (for decoding).
+WRITABLE_TABLES = (
+    "interactions",
+    "context_snapshots",
+    "tool_usage",
+    "feedback",
+    "outcomes",
+    "redactions",
+)
+JSON_COLUMNS = {
+    "stop_sequences",
+    "project_context",
+    "parameters_raw",
+    "parameters_processed",
+    "resource_usage",
+    "components",
+    "manifest",
+    "config",
+    "metrics",
+    "details",
+    "dimensions",
+    "params",
+}
+BOOL_COLUMNS = {
+    "streaming",
+    "success",
+    "accepted",
+    "modified",
+    "abandoned",
+    "code_compiles",
+    "tests_pass",
+    "lint_passes",
+    "type_check_passes",
+    "deployment_success",
+    "no_runtime_errors",
+    "active",
+}
+OUTCOME_FIELDS = (
+    "code_compiles",
+    "tests_pass",
+    "lint_passes",
+    "type_check_passes",
+    "deployment_success",
+    "no_runtime_errors",
+)
