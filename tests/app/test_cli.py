@@ -213,3 +213,20 @@ def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFi
     (history,) = [h for h in registry.alias_history("champion") if h["actor"] == "ana"]
     assert history["reason"] == "first" and registry.aliases() == {}
     store.close()
+
+
+def test_the_readme_lists_every_config_key_as_config_check_prints_them() -> None:
+    """The README's key table is `kaizen config check --markdown configs/default.yaml`: a key added,
+    removed or redescribed without the README following fails here."""
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "config", "check", "--markdown", "configs/default.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    table = [line for line in out.splitlines() if line.startswith("| `")]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(table) > 150
+    missing = [line.split(" | ")[0] for line in table if line not in readme]
+    assert not missing, f"README.md's key table differs from config check for {missing[:5]}"
