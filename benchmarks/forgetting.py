@@ -375,9 +375,9 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.synthesize import TRAINING_COLUMNS
+    from app.artifacts import TRAINING_ROW_SCHEMA
 
-    schema = pa.schema([(c, TRAINING_COLUMNS[c]) for c in TRAINING_SCHEMA_COLUMNS])
+    schema = pa.schema([TRAINING_ROW_SCHEMA.field(c) for c in TRAINING_SCHEMA_COLUMNS])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
@@ -508,6 +508,7 @@ def _synthesize(
     just learned (``stage - 1``) is synthesized now, its outputs written by ``champion`` (the
     adapter that has just learned it), and the rows of the tasks before it are carried over from
     the previous stage's set ``carry`` as they were written."""
+    from app.artifacts import artifact_uri
     from app.learning.ssr import SSRConfig
     from app.registry import AdapterRegistry
     from app.store import open_store
@@ -549,7 +550,7 @@ def _synthesize(
     t0 = time.perf_counter()
     manifest = synthesize.main(cfg, opts, source)
     seconds = time.perf_counter() - t0
-    folder = Path(synthesize.rehearsal_uri(cfg.model.storage_root, manifest.rehearsal_id))
+    folder = Path(artifact_uri(cfg.model.storage_root, "rehearsal", manifest.rehearsal_id))
     stats = _rehearsal_stats(folder, tasks[:stage])
     stats.update(
         seconds=round(seconds, 1),

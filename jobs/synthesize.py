@@ -10,7 +10,8 @@ filtered, embedded with MiniLM and clustered with k-means, and the ones nearest 
 kept in proportion to cluster size; the latest model (the base with the registry's ``champion``
 adapter, or the base alone) answers them greedily. The rows are written with the training rows'
 columns plus their provenance to ``<model.storage_root>/rehearsal/<rehearsal_id>/`` as
-``rehearsal.parquet`` and ``manifest.json``. Options: :class:`app.learning.ssr.SSRConfig`.
+``rehearsal.parquet`` and ``manifest.json``, published at once (:func:`app.artifacts.publish`).
+Options: :class:`app.learning.ssr.SSRConfig`.
 
 The chain (the pure stages are in :mod:`app.learning.ssr`):
 
@@ -31,99 +32,78 @@ The chain (the pure stages are in :mod:`app.learning.ssr`):
    and its manifest.
 
 A source directory is read as ``train.parquet`` or ``train/`` when it has one (demonstrations
-come from the training split only), else every Parquet file under it; its ``manifest.json`` (for a
-file, the one beside it) is hashed into the rehearsal manifest.
+come from the training split only), else every Parquet file under it but its validation and test
+files (:func:`app.artifacts.find_split`); its ``manifest.json`` (for a file, the one beside it) is
+hashed into the rehearsal manifest.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from app.artifacts import (
+    MANIFEST_FILE,
+    REHEARSAL_PROVENANCE_SCHEMA,
+    TRAINING_ROW_SCHEMA,
+    artifact_exists,
+    artifact_uri,
+    conform,
+    file_sha256,
+    find_split,
+    is_uri,
+    new_id,
+    publish,
+)
 from app.config import KaizenConfig
 from app.job_cli import job_parser, run_job
 from app.learning.ssr import (
+    DATA_FILE,
     DomainReport,
     RehearsalManifest,
     SSRConfig,
     check_output,
     confidence_floor,
+    content_hash,
     demonstration_text,
     filter_inputs,
     group_by_domain,
-    new_rehearsal_id,
+    is_rehearsal_set,
     parse_input,
     plan_prompts,
     sample_demonstrations,
     select_by_clusters,
 )
-from app.model.storage import file_sha256
+from app.model.adapters import AdapterStore
 from app.ray_setup import start_ray
+from app.registry import champion_adapter
 
 __all__ = [
     "DATA_FILE",
-    "MANIFEST_FILE",
-    "PROVENANCE_COLUMNS",
-    "TRAINING_COLUMNS",
     "EmbedInputs",
     "RefineOutputs",
     "SynthesizeInputs",
     "cli",
-    "is_rehearsal_set",
+    "is_rehearsal_set",  # its home is app.learning.ssr; re-exported for jobs/learn.py
     "latest_adapter",
     "main",
-    "manifest_hash",
     "read_source",
     "rehearsal_uri",
 ]
 
 log = logging.getLogger("kaizen.synthesize")
-
-DATA_FILE = "rehearsal.parquet"
-MANIFEST_FILE = "manifest.json"
-REHEARSAL_DIRNAME = "rehearsal"
-
-TRAINING_COLUMNS: dict[str, pa.DataType] = {
-    "interaction_id": pa.string(),
-    "timestamp": pa.timestamp("us", tz="UTC"),
-    "instruction": pa.string(),
-    "input": pa.string(),
-    "output": pa.string(),
-    "quality_score": pa.float64(),
-    "domain": pa.list_(pa.string()),
-    "complexity": pa.string(),
-    "learning_type": pa.string(),
-    "project_context": pa.string(),
-    "features": pa.string(),
-    "messages": pa.string(),
-}
-"""The training rows' columns (``jobs/build_dataset.py``), with the types used where the source
-lacks one; the source's own types win."""
-
-PROVENANCE_COLUMNS: dict[str, pa.DataType] = {
-    "source_domain": pa.string(),
-    "synthesized_by": pa.string(),
-    "refined_by": pa.string(),
-    "cluster": pa.int64(),
-    "demonstration_ids": pa.list_(pa.string()),
-    "output_confidence": pa.float64(),
-}
 
 
 # --- the actors ------------------------------------------------------------------------------------
@@ -230,10 +210,11 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         FileExistsError: a rehearsal set named ``opts.rehearsal_id`` exists already.
         ValueError: the champion adapter was trained on another base model.
     """
-    rehearsal_id = opts.rehearsal_id or new_rehearsal_id()
-    uri = rehearsal_uri(cfg.model.storage_root, rehearsal_id)
-    _refuse_existing(uri)
-    table, source_manifest_hash = read_source(Path(source))
+    rehearsal_id = opts.rehearsal_id or new_id("rehearsal")
+    uri = artifact_uri(cfg.model.storage_root, "rehearsal", rehearsal_id)
+    if artifact_exists(uri):  # refused before any work, not after it
+        raise FileExistsError(_already_there(uri))
+    table, source_manifest_hash = read_source(source)
     carry_uri, carried_table = _carried_set(cfg, opts)
     adapter_id = latest_adapter(cfg)
 
@@ -289,11 +270,7 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
     carried = Counter()
     if carried_table is not None:
         # 8. The earlier set's rows of the domains not synthesized now, as they were written.
-        keep = [
-            d not in reports and (opts.domains is None or d in opts.domains)
-            for d in carried_table.column("source_domain").to_pylist()
-        ]
-        kept_rows = _conform(carried_table.filter(pa.array(keep, type=pa.bool_())), out.schema, carry_uri)
+        kept_rows = _carry_over(carried_table, out.schema, set(reports), opts, carry_uri)
         carried = Counter(kept_rows.column("source_domain").to_pylist())
         out = pa.concat_tables([out, kept_rows])
     counts = Counter(out.column("source_domain").to_pylist())
@@ -312,9 +289,9 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
         "carried_from": carry_uri,
         "carried": dict(sorted(carried.items())),
         "options": opts.model_dump(mode="json") | {"rehearsal_id": rehearsal_id},
-        "content_hash": _content_hash(out),
+        "content_hash": content_hash(out),
     }
-    manifest = _write(uri, out, manifest_fields)
+    manifest = _publish(uri, out, manifest_fields)
     log.info("rehearsal %s: %d rows (%s) at %s", rehearsal_id, out.num_rows, dict(counts), uri)
     return manifest
 
@@ -322,53 +299,31 @@ def main(cfg: KaizenConfig, opts: SSRConfig, source: Path) -> RehearsalManifest:
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def read_source(source: Path) -> tuple[pa.Table, str | None]:
-    """The training rows of a dataset (a Parquet file, or a folder: its ``train.parquet`` or
-    ``train/`` when present, else every Parquet file under it) and the SHA-256 of the dataset's
-    ``manifest.json`` (None without one).
+def read_source(source: str | os.PathLike[str]) -> tuple[pa.Table, str | None]:
+    """The training rows of a dataset (a Parquet file, or a folder's ``train`` split:
+    :func:`app.artifacts.find_split`) and the SHA-256 of the dataset's ``manifest.json`` (None
+    without one).
 
     Raises:
-        FileNotFoundError: no Parquet file there.
+        FileNotFoundError: no Parquet training rows there.
     """
-    source = Path(source)
-    if source.is_file():
-        files, manifest = [source], source.parent / MANIFEST_FILE
-    elif source.is_dir():
-        manifest = source / MANIFEST_FILE
-        root = next((p for p in (source / "train.parquet", source / "train") if p.exists()), source)
-        files = (
-            [root]
-            if root.is_file()
-            else sorted(
-                p
-                for p in root.rglob("*.parquet")
-                if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
-            )
-        )
-    else:
-        files, manifest = [], source / MANIFEST_FILE
-    if not files:
-        raise FileNotFoundError(f"no Parquet training rows at {source} (a .parquet file or a folder holding them)")
-    tables = [pq.read_table(f) for f in files]
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return table, file_sha256(manifest) if manifest.is_file() else None
+    try:
+        split = find_split(source, "train")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no Parquet training rows at {source} (a .parquet file or a folder holding them)"
+        ) from None
+    return split.read(), split.manifest_hash
 
 
 def latest_adapter(cfg: KaizenConfig) -> str | None:
-    """The adapter that makes the latest model: the registry's ``champion``, or None (the base).
+    """The adapter that makes the latest model: the registry's champion
+    (:func:`app.registry.champion_adapter`), or None (the base).
 
     Raises:
         ValueError: the champion was trained on another base model than ``model.base_model``.
     """
-    from app.model.adapters import AdapterStore
-    from app.registry import AdapterRegistry
-    from app.store import open_store
-
-    store = open_store(cfg.store)
-    try:
-        adapter_id = AdapterRegistry(store).aliases().get("champion")
-    finally:
-        store.close()
+    adapter_id = champion_adapter(cfg)
     if adapter_id is not None:
         base = AdapterStore(cfg.model.storage_root).manifest(adapter_id).base_model
         if base != cfg.model.base_model:
@@ -380,28 +335,9 @@ def latest_adapter(cfg: KaizenConfig) -> str | None:
 
 
 def rehearsal_uri(storage_root: str, rehearsal_id: str) -> str:
-    """Where a rehearsal set lives: ``<storage_root>/rehearsal/<rehearsal_id>``."""
-    if "://" in storage_root:
-        return f"{storage_root.rstrip('/')}/{REHEARSAL_DIRNAME}/{rehearsal_id}"
-    return str(Path(storage_root).expanduser().absolute() / REHEARSAL_DIRNAME / rehearsal_id)
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem of a URI (``s3://…``) or local path, and the path within it."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
-
-
-def is_rehearsal_set(uri: str) -> bool:
-    """Whether ``uri`` is a folder holding a rehearsal set's data file."""
-    fs, path = _filesystem(uri)
-    return fs.get_file_info(f"{path.rstrip('/')}/{DATA_FILE}").type == pafs.FileType.File
-
-
-def manifest_hash(uri: str) -> str:
-    """SHA-256 of a rehearsal set's ``manifest.json`` (for the adapter's lineage)."""
-    fs, path = _filesystem(uri)
-    with fs.open_input_stream(f"{path.rstrip('/')}/{MANIFEST_FILE}") as stream:
-        return hashlib.sha256(stream.read()).hexdigest()
+    """Where a rehearsal set lives: ``artifact_uri(storage_root, "rehearsal", rehearsal_id)``, kept
+    for ``jobs/learn.py`` until it calls :func:`app.artifacts.artifact_uri` itself."""
+    return artifact_uri(storage_root, "rehearsal", rehearsal_id)
 
 
 def _gpus_per_actor(opts: SSRConfig) -> float:
@@ -498,10 +434,11 @@ def _rehearsal_table(
     rows: list[dict[str, Any]], source_schema: pa.Schema, rehearsal_id: str, synthesized_by: str, refined_by: str
 ) -> pa.Table:
     """The rehearsal rows: every column of the source (its types; unknown ones null), the
-    training columns it lacks, then the provenance columns."""
+    training row's columns it lacks (:data:`app.artifacts.TRAINING_ROW_SCHEMA`'s types), then the
+    provenance columns."""
     now = datetime.now(UTC)
-    types = {**TRAINING_COLUMNS, **{f.name: f.type for f in source_schema}}
-    names = [*source_schema.names, *(c for c in TRAINING_COLUMNS if c not in source_schema.names)]
+    types = {f.name: f.type for f in [*TRAINING_ROW_SCHEMA, *source_schema]}  # the source's types win
+    names = [*source_schema.names, *(c for c in TRAINING_ROW_SCHEMA.names if c not in source_schema.names)]
     values: dict[str, list[Any]] = {
         "interaction_id": [_row_id(rehearsal_id, r["domain"], r["input"]) for r in rows],
         "timestamp": [now if pa.types.is_timestamp(types["timestamp"]) else now.isoformat() for _ in rows],
@@ -521,7 +458,7 @@ def _rehearsal_table(
     # quality_score, complexity, project_context, features and any other source column stay null:
     # nothing measured them for a synthetic row, and a made-up value would pass for a real one.
     columns, fields = [], []
-    for name, dtype in [*((n, types[n]) for n in names), *PROVENANCE_COLUMNS.items()]:
+    for name, dtype in [*((n, types[n]) for n in names), *((f.name, f.type) for f in REHEARSAL_PROVENANCE_SCHEMA)]:
         try:
             columns.append(pa.array(values.get(name, [None] * len(rows)), type=dtype))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -537,31 +474,38 @@ def _carried_set(cfg: KaizenConfig, opts: SSRConfig) -> tuple[str | None, pa.Tab
 
     Raises:
         FileNotFoundError: no rehearsal set there.
+        ValueError: an id that no rehearsal set may have.
     """
     if opts.carry_over is None:
         return None, None
     name = opts.carry_over
-    uri = name if "/" in name else rehearsal_uri(cfg.model.storage_root, name)
+    try:
+        uri = name if "/" in name else artifact_uri(cfg.model.storage_root, "rehearsal", name)
+    except ValueError as exc:
+        raise ValueError(f"ssr.carry_over: {exc}") from None
     if not is_rehearsal_set(uri):
         raise FileNotFoundError(f"ssr.carry_over: no rehearsal set at {uri} (no {DATA_FILE})")
-    fs, path = _filesystem(uri)
-    return (uri if "://" in uri else path), pq.read_table(f"{path}/{DATA_FILE}", filesystem=fs)
+    # The manifest's carried_from: a local folder by its resolved path, as the source is.
+    return (uri if is_uri(uri) else str(Path(uri).resolve())), find_split(uri, "rehearsal").read()
 
 
-def _conform(table: pa.Table, schema: pa.Schema, origin: str) -> pa.Table:
-    """``table``'s rows with ``schema``'s columns: its own where it has them (cast), else nulls."""
-    columns = []
-    for field in schema:
-        if field.name not in table.column_names:
-            columns.append(pa.nulls(table.num_rows, type=field.type))
-            continue
-        try:
-            columns.append(table.column(field.name).cast(field.type))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise ValueError(
-                f"ssr.carry_over: column {field.name!r} of {origin} cannot be read as {field.type}: {exc}"
-            ) from exc
-    return pa.Table.from_arrays(columns, schema=schema)
+def _carry_over(
+    carried: pa.Table, schema: pa.Schema, synthesized: set[str], opts: SSRConfig, origin: str | None
+) -> pa.Table:
+    """The carried set's rows of every domain not ``synthesized`` now (and among ``ssr.domains``
+    when given), as they were written, with the new rows' ``schema``.
+
+    Raises:
+        ValueError: a column of theirs cannot be read as the new rows' type.
+    """
+    keep = [
+        d not in synthesized and (opts.domains is None or d in opts.domains)
+        for d in carried.column("source_domain").to_pylist()
+    ]
+    try:
+        return conform(carried.filter(pa.array(keep, type=pa.bool_())), schema, origin=str(origin))
+    except ValueError as exc:
+        raise ValueError(f"ssr.carry_over: {exc}") from exc
 
 
 def _messages(user: str, assistant: str) -> str:
@@ -575,51 +519,24 @@ def _row_id(rehearsal_id: str, domain: str, text: str) -> str:
     return f"ssr-{digest}"
 
 
-def _content_hash(table: pa.Table) -> str:
-    digest = hashlib.sha256()
-    for row in table.select(["interaction_id", "source_domain", "instruction", "output"]).to_pylist():
-        digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode() + b"\n")
-    return digest.hexdigest()
+def _already_there(uri: str) -> str:
+    return f"a rehearsal set already exists at {uri}; choose another ssr.rehearsal_id"
 
 
-def _refuse_existing(uri: str) -> None:
-    fs, path = _filesystem(uri)
-    if fs.get_file_info(f"{path}/{MANIFEST_FILE}").type != pafs.FileType.NotFound:
-        raise FileExistsError(f"a rehearsal set already exists at {uri}; choose another ssr.rehearsal_id")
+def _publish(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalManifest:
+    """Publish the set at ``uri`` with :func:`app.artifacts.publish` (no reader sees it
+    half-written; on an object store the manifest goes last); its manifest."""
 
-
-def _write(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalManifest:
-    """Write the set so that no reader sees it half-written: locally into a hidden sibling folder
-    renamed into place; on an object store (no atomic rename) the manifest last, which is what
-    makes the set exist."""
-    remote = "://" in uri
-    parent = Path(tempfile.gettempdir()) if remote else Path(uri).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(uri).name}.tmp-", dir=parent))
-    try:
+    def write(staging: Path) -> RehearsalManifest:
         pq.write_table(table, staging / DATA_FILE)
         manifest = RehearsalManifest(**fields, files={DATA_FILE: file_sha256(staging / DATA_FILE)})
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        if remote:
-            fs, path = pafs.FileSystem.from_uri(uri)
-            fs.create_dir(path, recursive=True)
-            for name in (DATA_FILE, MANIFEST_FILE):
-                pafs.copy_files(
-                    (staging / name).as_posix(),
-                    f"{path}/{name}",
-                    source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs,
-                )
-        else:
-            os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the set from other users of a cluster
-            try:
-                os.rename(staging, uri)  # atomic; fails when a racing run published the same id
-            except OSError as exc:
-                raise FileExistsError(f"a rehearsal set already exists at {uri}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
-    return manifest
+        return manifest
+
+    try:
+        return publish(uri, write)
+    except FileExistsError as exc:  # a racing run published the same id first
+        raise FileExistsError(_already_there(uri)) from exc
 
 
 def _run(args: argparse.Namespace, cfg: KaizenConfig, opts: SSRConfig) -> str:

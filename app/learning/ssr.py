@@ -14,22 +14,27 @@ without replaying the old data itself. For each earlier domain:
    are checked (:func:`check_output`).
 
 The generation, embedding and writing live in ``jobs/synthesize.py``; everything here is plain
-Python on lists and arrays, tested without Ray or a model.
+Python on lists and arrays, tested without Ray or a model. So is what makes a rehearsal set one
+(its manifest, :data:`DATA_FILE`, :func:`content_hash`, :func:`is_rehearsal_set`); where it lives
+and how it is published are :mod:`app.artifacts`' (kind ``rehearsal``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import re
-import secrets
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -38,10 +43,12 @@ from pydantic import (
     model_validator,
 )
 
+from app.artifacts import Location, locate
 from app.learning import check_folder_id
 from app.quality.code import check_syntax, extract_code_blocks
 
 __all__ = [
+    "DATA_FILE",
     "DEFAULT_TASK_DESCRIPTION",
     "GENERAL_DOMAIN",
     "ClusterSelection",
@@ -53,12 +60,13 @@ __all__ = [
     "check_input",
     "check_output",
     "cluster_quotas",
+    "content_hash",
     "demonstration_pairs",
     "demonstration_text",
     "filter_inputs",
     "group_by_domain",
+    "is_rehearsal_set",
     "nearest_to_centroids",
-    "new_rehearsal_id",
     "normalize",
     "parse_input",
     "plan_prompts",
@@ -201,12 +209,6 @@ class SSRConfig(BaseModel):
                 f"max_output_chars ({self.max_output_chars}) is below min_output_chars ({self.min_output_chars})"
             )
         return self
-
-
-def new_rehearsal_id(now: datetime | None = None) -> str:
-    """A fresh id, ``ssr-YYYYMMDD-HHMMSS-<6 hex>``: sortable by time, apart within a second."""
-    now = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"ssr-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 # --- stage 1: demonstrations and prompts -------------------------------------------------------
@@ -499,7 +501,26 @@ def check_output(
     return None
 
 
-# --- the manifest --------------------------------------------------------------------------------
+# --- the rehearsal set ---------------------------------------------------------------------------
+
+DATA_FILE = "rehearsal.parquet"
+"""A rehearsal set's rows, beside its ``manifest.json`` (:class:`RehearsalManifest`)."""
+
+
+def is_rehearsal_set(location: str | os.PathLike[str] | Location) -> bool:
+    """Whether ``location`` (a local path or a URI) is a folder holding a rehearsal set's
+    :data:`DATA_FILE`."""
+    return locate(location).child(DATA_FILE).is_file()
+
+
+def content_hash(table: pa.Table) -> str:
+    """:attr:`RehearsalManifest.content_hash` of a rehearsal set's rows: SHA-256 of each row's
+    ``interaction_id``, ``source_domain``, ``instruction`` and ``output`` as a JSON line, in order, so
+    that the same rows give the same hash however Parquet encodes them."""
+    digest = hashlib.sha256()
+    for row in table.select(["interaction_id", "source_domain", "instruction", "output"]).to_pylist():
+        digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
 
 
 class DomainReport(BaseModel):
@@ -555,6 +576,7 @@ class RehearsalManifest(BaseModel):
     files: dict[str, str] = Field(description="SHA-256 of each data file, by name.")
     content_hash: str = Field(
         description=(
-            "SHA-256 of the rows' ids, domains, inputs and outputs in order (independent of the Parquet encoding)."
+            "SHA-256 of the rows' ids, domains, inputs and outputs in order (independent of the Parquet encoding; "
+            "content_hash)."
         )
     )

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from app.artifacts import REHEARSAL_PROVENANCE_SCHEMA, TRAINING_ROW_SCHEMA, manifest_hash
 from app.config import KaizenConfig
-from app.learning.ssr import RehearsalManifest, SSRConfig
+from app.learning.ssr import RehearsalManifest, SSRConfig, content_hash
 from jobs import synthesize
 from tests.conftest import train_answer_adapter
 
@@ -170,13 +171,17 @@ def test_rehearsal_columns_follow_the_source_schema() -> None:
     row = {"domain": "go", "input": "Write a server.", "output": "Here.", "cluster": 2, "demonstration_ids": ["a", "b"]}
     table = synthesize._rehearsal_table([row], source, "ssr-x", "tiny", "adp-1")
     assert table.schema.names[:3] == ["interaction_id", "timestamp", "split"]  # the source's, in its order
-    assert table.schema.names[3:] == [c for c in synthesize.TRAINING_COLUMNS if c not in source.names] + list(
-        synthesize.PROVENANCE_COLUMNS
-    )
+    assert table.schema.names[3:] == [
+        *(c for c in TRAINING_ROW_SCHEMA.names if c not in source.names),
+        *REHEARSAL_PROVENANCE_SCHEMA.names,
+    ]
     (out,) = table.to_pylist()
     assert isinstance(out["timestamp"], str) and out["split"] is None  # the source's type; unknown: null
     assert out["instruction"] == "Write a server." and out["domain"] == ["go"] and out["refined_by"] == "adp-1"
     assert synthesize._rehearsal_table([], source, "ssr-x", "tiny", "tiny").num_rows == 0
+    # A column the source lacks has the training row's type (a timestamp: UTC in ns, as datasets hold it).
+    bare = synthesize._rehearsal_table([row], pa.schema([("interaction_id", pa.string())]), "ssr-x", "tiny", "tiny")
+    assert bare.schema == pa.schema([*TRAINING_ROW_SCHEMA, *REHEARSAL_PROVENANCE_SCHEMA])
 
 
 def test_read_source_prefers_the_train_split(tmp_path: Path) -> None:
@@ -195,6 +200,20 @@ def test_read_source_prefers_the_train_split(tmp_path: Path) -> None:
     assert rows.column("interaction_id").to_pylist() == ["v"] and digest is None
     with pytest.raises(FileNotFoundError, match="no Parquet"):
         synthesize.read_source(tmp_path / "missing")
+
+
+def test_read_source_without_a_train_split_leaves_out_validation_and_test(tmp_path: Path) -> None:
+    """Demonstrations come from training rows only: a folder without a train split gives its
+    other Parquet files, never its validation or test files (these fed SSR before app/artifacts)."""
+    (tmp_path / "d" / "part").mkdir(parents=True)
+    pq.write_table(pa.table({"interaction_id": ["a"]}), tmp_path / "d" / "part" / "0.parquet")
+    pq.write_table(pa.table({"interaction_id": ["v"]}), tmp_path / "d" / "validation.parquet")
+    pq.write_table(pa.table({"interaction_id": ["t"]}), tmp_path / "d" / "test.parquet")
+    rows, digest = synthesize.read_source(tmp_path / "d")
+    assert rows.column("interaction_id").to_pylist() == ["a"] and digest is None
+    (tmp_path / "d" / "part" / "0.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="no Parquet training rows"):
+        synthesize.read_source(tmp_path / "d")
 
 
 @pytest.mark.integration
@@ -228,10 +247,11 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rehearsal.parquet"]
     written = RehearsalManifest.model_validate_json((folder / "manifest.json").read_text())
     assert written == result
-    assert synthesize.manifest_hash(str(folder)) == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    assert manifest_hash(str(folder)) == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    assert synthesize.is_rehearsal_set(folder) and not synthesize.is_rehearsal_set(tmp_path)
 
     table = pq.read_table(folder / "rehearsal.parquet")
-    assert table.schema.names == [*SOURCE_SCHEMA.names, *synthesize.PROVENANCE_COLUMNS]
+    assert table.schema.names == [*SOURCE_SCHEMA.names, *REHEARSAL_PROVENANCE_SCHEMA.names]
     for field in SOURCE_SCHEMA:
         assert table.schema.field(field.name).type == field.type
     assert table.schema.field("cluster").type == pa.int64()
@@ -278,7 +298,7 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
         "rehearsal.parquet": hashlib.sha256((folder / "rehearsal.parquet").read_bytes()).hexdigest()
     }
     assert result.options["samples_per_prompt"] == 2 and result.synthesized_by == "tiny"
-    assert len(result.content_hash) == 64
+    assert result.content_hash == content_hash(table)
 
     with pytest.raises(FileExistsError, match="ssr.rehearsal_id"):
         synthesize.main(cfg, opts, source)

@@ -1,24 +1,33 @@
-"""``app/learning/ssr.py``: SSR's pure stages (prompts, parsing, filters, k-means selection)."""
+"""``app/learning/ssr.py``: SSR's pure stages (prompts, parsing, filters, k-means selection) and what
+makes a rehearsal set one (its data file, its content hash)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from app.config import ConfigError, section_options
 from app.learning.ssr import (
+    DATA_FILE,
     GENERAL_DOMAIN,
     SSRConfig,
     build_prompt,
     check_output,
     cluster_quotas,
     confidence_floor,
+    content_hash,
     demonstration_pairs,
     demonstration_text,
     filter_inputs,
     group_by_domain,
+    is_rehearsal_set,
     nearest_to_centroids,
     parse_input,
     plan_prompts,
@@ -268,3 +277,44 @@ def test_kmeans_uses_fewer_clusters_than_inputs_and_handles_tiny_sets() -> None:
     assert select_by_clusters(np.zeros((0, 2)), total=3).indices == []
     same = select_by_clusters(np.ones((6, 2)), total=4, num_clusters=3)  # fewer distinct points than k
     assert len(same.indices) == 4
+
+
+def _rehearsal_rows(**columns) -> pa.Table:
+    return pa.table(
+        {
+            "interaction_id": ["ssr-1", "ssr-2"],
+            "source_domain": ["go", "python"],
+            "instruction": ["Write a server.", "Read a file."],
+            "output": ["Here.", "Use with."],
+            **columns,
+        }
+    )
+
+
+def test_content_hash_is_of_the_rows_ids_domains_inputs_and_outputs_in_order() -> None:
+    rows = _rehearsal_rows()
+    expected = hashlib.sha256()
+    for row in rows.to_pylist():
+        expected.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    assert content_hash(rows) == expected.hexdigest()
+    # Other columns, their order and their types do not count; the rows' order and text do.
+    other = _rehearsal_rows(cluster=[3, 4]).select(
+        ["output", "cluster", "instruction", "source_domain", "interaction_id"]
+    )
+    assert content_hash(other) == content_hash(rows)
+    assert content_hash(rows.take([1, 0])) != content_hash(rows)
+    assert content_hash(_rehearsal_rows().set_column(3, "output", pa.array(["Here!", "Use with."]))) != content_hash(
+        rows
+    )
+
+
+def test_a_rehearsal_set_is_a_folder_holding_its_data_file(tmp_path: Path) -> None:
+    folder = tmp_path / "rehearsal" / "ssr-1"
+    assert not is_rehearsal_set(folder)  # nothing there
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    assert not is_rehearsal_set(folder)  # a manifest alone is no set
+    pq.write_table(_rehearsal_rows(), folder / DATA_FILE)
+    assert DATA_FILE == "rehearsal.parquet"
+    assert is_rehearsal_set(folder) and is_rehearsal_set(str(folder)) and is_rehearsal_set(folder.as_uri())
+    assert not is_rehearsal_set(folder / DATA_FILE)  # the file is not the set
