@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.artifacts import artifact_uri
 from app.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -135,7 +136,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         if carried is not None:
             ssr_opts = ssr_opts.model_copy(update={"carry_over": carried})
         made = synthesize.main(cfg, ssr_opts, earlier)
-        uri = synthesize.rehearsal_uri(cfg.model.storage_root, made.rehearsal_id)
+        uri = artifact_uri(cfg.model.storage_root, "rehearsal", made.rehearsal_id)
         record["ssr"] = {
             "rehearsal_id": made.rehearsal_id,
             "uri": uri,
@@ -217,7 +218,7 @@ def _champion_lineage(cfg: KaizenConfig) -> tuple[str | None, Any]:
 def champion_rehearsal_set(cfg: KaizenConfig) -> str | None:
     """The SSR rehearsal set the champion adapter was trained with (its lineage's
     ``rehearsal_uri``, when that is a folder holding an SSR set), else None."""
-    from jobs.synthesize import is_rehearsal_set
+    from app.learning.ssr import is_rehearsal_set
 
     _, lineage = _champion_lineage(cfg)
     uri = lineage.rehearsal_uri if lineage is not None else None

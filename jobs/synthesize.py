@@ -96,11 +96,9 @@ __all__ = [
     "RefineOutputs",
     "SynthesizeInputs",
     "cli",
-    "is_rehearsal_set",  # its home is app.learning.ssr; re-exported for jobs/learn.py
     "latest_adapter",
     "main",
     "read_source",
-    "rehearsal_uri",
 ]
 
 log = logging.getLogger("kaizen.synthesize")
@@ -332,12 +330,6 @@ def latest_adapter(cfg: KaizenConfig) -> str | None:
                 f"{cfg.model.base_model!r}: SSR needs the latest model of the same base"
             )
     return adapter_id
-
-
-def rehearsal_uri(storage_root: str, rehearsal_id: str) -> str:
-    """Where a rehearsal set lives: ``artifact_uri(storage_root, "rehearsal", rehearsal_id)``, kept
-    for ``jobs/learn.py`` until it calls :func:`app.artifacts.artifact_uri` itself."""
-    return artifact_uri(storage_root, "rehearsal", rehearsal_id)
 
 
 def _gpus_per_actor(opts: SSRConfig) -> float:

@@ -18,7 +18,7 @@ import pytest
 
 from app.artifacts import REHEARSAL_PROVENANCE_SCHEMA, TRAINING_ROW_SCHEMA, manifest_hash
 from app.config import KaizenConfig
-from app.learning.ssr import RehearsalManifest, SSRConfig, content_hash
+from app.learning.ssr import RehearsalManifest, SSRConfig, content_hash, is_rehearsal_set
 from jobs import synthesize
 from tests.conftest import train_answer_adapter
 
@@ -248,7 +248,7 @@ def test_rehearsal_for_two_domains_refined_by_the_champion(tmp_path: Path, model
     written = RehearsalManifest.model_validate_json((folder / "manifest.json").read_text())
     assert written == result
     assert manifest_hash(str(folder)) == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
-    assert synthesize.is_rehearsal_set(folder) and not synthesize.is_rehearsal_set(tmp_path)
+    assert is_rehearsal_set(folder) and not is_rehearsal_set(tmp_path)
 
     table = pq.read_table(folder / "rehearsal.parquet")
     assert table.schema.names == [*SOURCE_SCHEMA.names, *REHEARSAL_PROVENANCE_SCHEMA.names]
