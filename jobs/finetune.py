@@ -57,7 +57,7 @@ from typing import Any
 
 from app.config import KaizenConfig, resolve_paths
 from app.job_cli import job_parser, run_job
-from app.learning.lineage import publish_adapter
+from app.learning.lineage import TrainingDidNotLearn, publish_adapter
 from app.learning.ray_trainer import build_trainer
 from app.learning.training import FinetuneConfig, describe_report
 from app.learning.training_data import add_data_arguments, check_data, read_datasets
@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace, cfg: KaizenConfig, opts: FinetuneConfig) -> d
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2: a bad option or input)."""
-    return run_job(_parser(), _run, argv, section="finetune")
+    return run_job(_parser(), _run, argv, section="finetune", not_done=(TrainingDidNotLearn,))
 
 
 if __name__ == "__main__":

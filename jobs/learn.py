@@ -49,6 +49,7 @@ from app.config import (
     resolve_paths,
 )
 from app.job_cli import job_parser
+from app.learning.lineage import TrainingDidNotLearn
 from app.ray_setup import start_ray
 
 __all__ = ["cli", "earlier_dataset", "main", "submit"]
@@ -403,6 +404,9 @@ def run(args: argparse.Namespace) -> int:
         record = main(cfg)
     except NotEnoughData as exc:
         print(f"kaizen learn: not enough data for a cycle: {exc}", file=sys.stderr)
+        return 1
+    except TrainingDidNotLearn as exc:
+        print(f"kaizen learn: {exc}", file=sys.stderr)
         return 1
     except (ValueError, ImportError, FileNotFoundError, FileExistsError) as exc:
         print(f"kaizen learn: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ from typing import Any
 
 from app.config import ConfigError, KaizenConfig, job_options, resolve_paths
 from app.job_cli import job_parser, run_job
-from app.learning.lineage import publish_adapter, resolve_parent_adapter
+from app.learning.lineage import TrainingDidNotLearn, publish_adapter, resolve_parent_adapter
 from app.learning.ray_trainer import build_trainer
 from app.learning.sweep import (
     SweepConfig,
@@ -358,7 +358,7 @@ def _run(args: argparse.Namespace, cfg: KaizenConfig, sweep: SweepConfig) -> str
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2: a bad option or input)."""
-    return run_job(_parser(), _run, argv, section="sweep")
+    return run_job(_parser(), _run, argv, section="sweep", not_done=(TrainingDidNotLearn,))
 
 
 if __name__ == "__main__":

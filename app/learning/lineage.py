@@ -17,10 +17,19 @@ from app.learning.training_data import TrainingData
 if TYPE_CHECKING:
     from ray.train import Result
 
-__all__ = ["ACTOR", "code_version", "publish_adapter", "resolve_parent_adapter"]
+__all__ = ["ACTOR", "TrainingDidNotLearn", "code_version", "publish_adapter", "resolve_parent_adapter"]
 
 ACTOR = "jobs.finetune"
 """Who registers the adapters, in the registry's history."""
+
+
+class TrainingDidNotLearn(RuntimeError):
+    """A run finished but its training loss did not fall: a failed run, whose adapter is not
+    published. ``metrics`` are its final report's."""
+
+    def __init__(self, message: str, metrics: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 def resolve_parent_adapter(cfg: KaizenConfig, opts: FinetuneConfig) -> str | None:
@@ -80,6 +89,8 @@ def publish_adapter(
 
     Raises:
         ValueError: the run left no final checkpoint.
+        TrainingDidNotLearn: its training loss did not fall (``finetune.min_loss_drop``); nothing is
+            stored or registered.
     """
     from app.model.adapters import AdapterStore
     from app.registry import AdapterRegistry
@@ -88,10 +99,20 @@ def publish_adapter(
     checkpoint, final = result.checkpoint, dict(result.metrics or {})
     if checkpoint is None or not final.get("final"):
         raise ValueError(f"the run at {result.path} has no final checkpoint to publish")
+    if final.get("loss_fell") is False:
+        raise TrainingDidNotLearn(
+            f"the run at {result.path} failed: its training loss did not fall "
+            f"(mean of its first steps {final['loss_start']:.4f}, of its last {final['loss_end']:.4f}; "
+            f"finetune.min_loss_drop={opts.min_loss_drop}), so its adapter is not registered",
+            metrics=final,
+        )
     metrics = {
         k: final.get(k)
         for k in (
             "first_loss",
+            "loss_start",
+            "loss_end",
+            "loss_fell",
             "train_loss",
             "val_loss",
             "last_val_loss",

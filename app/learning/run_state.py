@@ -49,6 +49,29 @@ class RunState:
     """The seed of the data order, and of the LoRA initialisation of a fresh adapter (see ``finetune.trials``)."""
     trials: list[dict[str, Any]] = field(default_factory=list)
     """With ``finetune.trials`` > 1: each seed's steps and evaluation at the choice."""
+    loss_head: list[float] = field(default_factory=list)
+    """The training loss of the run's first steps (:meth:`record_loss`)."""
+    loss_tail: list[float] = field(default_factory=list)
+    """The training loss of its latest steps, as many as ``loss_head`` holds at most."""
+    loss_steps: int = 0
+    """Steps whose loss was recorded."""
+
+    def record_loss(self, loss: float, window: int) -> None:
+        """Keep a step's training loss among the first and the latest ``window`` steps, from which
+        :meth:`loss_trend` tells whether the run learned."""
+        if len(self.loss_head) < window:
+            self.loss_head.append(loss)
+        self.loss_tail = [*self.loss_tail, loss][-window:]
+        self.loss_steps += 1
+
+    def loss_trend(self) -> tuple[float, float] | None:
+        """The mean training loss of the first and of the latest steps, the same number at each end
+        and no step at both (half the steps each in a short run); None with fewer than 2 steps,
+        where no trend can be told."""
+        k = min(len(self.loss_head), self.loss_steps // 2)
+        if k < 1:
+            return None
+        return sum(self.loss_head[:k]) / k, sum(self.loss_tail[-k:]) / k
 
     @classmethod
     def resumed(cls, saved: dict[str, Any]) -> RunState:

@@ -63,11 +63,15 @@ from app.learning.training import (
 )
 from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
 
-__all__ = ["Trainer"]
+__all__ = ["LOSS_WINDOW", "Trainer", "learned"]
 
 log = logging.getLogger("kaizen.finetune")
 
 Rows = list[dict[str, Any]]
+
+LOSS_WINDOW = 20
+"""Most steps at each end of a run whose mean training loss says whether it learned: an epoch's
+steps when an epoch is shorter, so that the two ends compare the same rows."""
 
 
 class Trainer:
@@ -137,6 +141,8 @@ class Trainer:
             len(self._epoch_rows(0, opts.seed)), opts.batch_size, opts.grad_accumulation
         )
         self.total_steps = min(opts.epochs * self.steps_per_epoch, opts.max_steps or math.inf)
+        self.loss_window = max(1, min(LOSS_WINDOW, self.steps_per_epoch))
+        """How many first and latest steps' losses tell whether the run learned (``RunState.loss_trend``)."""
         self._setup_optimizer()
         if saved is not None:
             self._resume_optimizer(saved)
@@ -350,6 +356,7 @@ class Trainer:
                 }
                 if state.first_loss is None:
                     state.first_loss = metrics["loss"]
+                state.record_loss(metrics["loss"], self.loss_window)
                 if end_of_epoch:
                     metrics["epoch_loss"] = self.step_metrics[-1]["epoch_loss"] = state.epoch_loss / max(
                         state.epoch_label_tokens, 1
@@ -550,6 +557,7 @@ class Trainer:
             with full_parameters(opts, self.peft_model, modify=True):
                 load_trainable_state(self.peft_model, state.best_params)  # the best validation loss wins
         summary = self.protection.summary() if self.protection is not None else None
+        trend = state.loss_trend()
         final = {
             "step": state.step,
             "epochs": state.step / self.steps_per_epoch,
@@ -558,6 +566,9 @@ class Trainer:
             "last_val_loss": state.last_val_loss,
             "initial_val_loss": state.initial_val_loss,
             "initial_heldout_loss": state.initial_heldout_loss,
+            "loss_start": trend[0] if trend else None,
+            "loss_end": trend[1] if trend else None,
+            "loss_fell": learned(trend, opts.min_loss_drop),
             **state.kept_figures(opts.forgetting_weight),
             "tokens": state.tokens,
             "train_time_s": state.elapsed_s,
@@ -603,6 +614,15 @@ class Trainer:
             return
         marker.write_text(f"failed at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} (KAIZEN_TEST_FAIL_AT_STEP)")
+
+
+def learned(trend: tuple[float, float] | None, min_drop: float) -> bool | None:
+    """Whether a run's training loss fell: its last steps' mean below ``(1 - min_drop)`` times its
+    first steps' (``RunState.loss_trend``); None for a run too short to tell (under 2 steps)."""
+    if trend is None:
+        return None
+    start, end = trend
+    return math.isfinite(end) and end < start * (1.0 - min_drop)
 
 
 def _rng_state(device: torch.device) -> RngState:

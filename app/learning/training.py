@@ -157,6 +157,17 @@ class EvaluationConfig(_Group):
     early_stopping_min_delta: float = Field(
         0.0, ge=0.0, description="A validation loss must fall by more than this to count as an improvement."
     )
+    min_loss_drop: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Relative fall of the training loss a run must show to be published: the mean loss of its last "
+            "steps must be below (1 - min_loss_drop) times that of its first steps (up to an epoch's steps, at "
+            "most 20, each). A run short of it failed to learn: it is reported as failed and its adapter is "
+            "not stored or registered. 0: the loss must merely fall."
+        ),
+    )
     forgetting_weight: float = Field(
         1.0,
         ge=0,

@@ -289,6 +289,37 @@ def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dic
     assert (opts.lora_rank, opts.epochs, loaded.model.storage_root) == (4, 5, "/tmp/r")
 
 
+def test_a_run_whose_training_loss_does_not_fall_is_failed_and_not_registered(
+    cfg: KaizenConfig, data: dict[str, Path], capsys, ray_session
+) -> None:
+    """The job's command line exits 1 with the reason, and neither the adapter store nor the
+    registry gains anything."""
+    from app.model.adapters import AdapterStore
+    from app.store import open_store
+
+    before = AdapterStore(cfg.model.storage_root).list()
+    cfg_file = Path(cfg.model.storage_root) / "not-learning.yaml"
+    cfg_file.write_text(
+        f"model:\n  base_model: tiny\n  storage_root: {cfg.model.storage_root}\n"
+        f"  checkpoint_dir: {cfg.model.checkpoint_dir}\nstore:\n  sqlite_path: {cfg.store.sqlite_path}\n"
+        "privacy:\n  hmac_key: k\n"
+    )
+    overrides = ["finetune.lr=1e-9", "finetune.min_loss_drop=0.05", "finetune.max_steps=4", "finetune.batch_size=4"]
+    overrides += ["finetune.max_length=64", "finetune.continue_from=null", "finetune.early_stopping_patience=0"]
+    code = finetune.cli(["--config", str(cfg_file), "--train", str(data["dataset"]), *overrides])
+
+    err = capsys.readouterr().err
+    assert code == 1, err[-2000:]
+    assert "its training loss did not fall" in err and "finetune.min_loss_drop=0.05" in err
+    assert AdapterStore(cfg.model.storage_root).list() == before
+    store = open_store(cfg.store)
+    try:
+        registered = {row["id"] for row in store._fetch("SELECT id FROM adapters", [])}
+    finally:
+        store.close()
+    assert registered <= set(before)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_options_are_refused_without_cuda_or_packages(cfg: KaizenConfig) -> None:
     import importlib.util

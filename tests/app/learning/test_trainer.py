@@ -131,3 +131,37 @@ def test_fisher_guided_masking_keeps_the_masked_entries_in_place(model_root: Pat
         assert torch.equal(after[name][~mask], protection.anchor[name][~mask]), name
         moved += not torch.equal(after[name][mask], protection.anchor[name][mask])
     assert moved > 0
+
+
+def test_a_run_whose_training_loss_falls_is_marked_as_learned(model_root: Path) -> None:
+    trainer = _trainer(model_root, LocalContext({"train": _rows(8)}), epochs=3)
+
+    final = trainer.fit()
+
+    assert final["loss_fell"] is True and final["loss_end"] < final["loss_start"]
+    # An epoch is 2 steps: the first epoch's mean against the last's.
+    assert trainer.loss_window == 2 and final["loss_start"] == pytest.approx(sum(trainer.state.loss_head) / 2)
+
+
+def test_a_run_whose_training_loss_does_not_fall_is_marked_as_failed(model_root: Path) -> None:
+    """A learning rate too small to move the loss by the 5 % asked for."""
+    trainer = _trainer(model_root, LocalContext({"train": _rows(8)}), epochs=3, lr=1e-9, min_loss_drop=0.05)
+
+    final = trainer.fit()
+
+    assert final["loss_fell"] is False
+    assert not final["loss_end"] < final["loss_start"] * 0.95
+
+
+def test_a_run_too_short_to_tell_is_neither_learned_nor_failed() -> None:
+    from app.learning.run_state import RunState
+    from app.learning.trainer import learned
+
+    state = RunState()
+    state.record_loss(3.0, window=20)
+    assert state.loss_trend() is None and learned(state.loss_trend(), 0.0) is None
+    for loss in (2.0, 1.0, 0.5):
+        state.record_loss(loss, window=20)
+    # Four steps: the first two against the last two, no step on both sides.
+    assert state.loss_trend() == (2.5, 0.75) and learned(state.loss_trend(), 0.5) is True
+    assert learned((2.5, 2.5), 0.0) is False and learned((2.5, float("nan")), 0.0) is False
