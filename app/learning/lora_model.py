@@ -28,13 +28,38 @@ class CausalLMLoss(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, targets, keep = self._labelled_logits(input_ids, attention_mask, labels)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss, keep.sum()
+
+    @torch.no_grad()
+    def measure(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The summed loss and label count of :meth:`forward`, and how many of the rows with labels
+        the model answers exactly: every labelled token is the most likely one given the tokens
+        before it. That is what greedy decoding would write (each step sees the reference's prefix
+        only while every earlier token was right), so it is the exact-match score of the answers,
+        measured in the same forward pass as the loss. Returns ``(loss_sum, labels, exact_rows,
+        rows)``."""
+        logits, targets, keep = self._labelled_logits(input_ids, attention_mask, labels)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        wrong = (logits.argmax(dim=-1) != targets).to(torch.float32)
+        rows_of_labels = keep.nonzero()[:, 0]
+        wrong_per_row = torch.zeros(keep.shape[0], device=wrong.device).index_add_(0, rows_of_labels, wrong)
+        labelled = keep.any(dim=1)
+        return loss, keep.sum(), (labelled & (wrong_per_row == 0)).sum(), labelled.sum()
+
+    def _labelled_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head's logits at the labelled positions only, their targets, and where they are."""
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
+        return logits, targets[keep], keep
 
 
 def setup_device(options: ResourceConfig, device: torch.device, max_vram_gb: float) -> None:

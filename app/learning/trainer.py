@@ -63,7 +63,7 @@ from app.learning.training import (
 )
 from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
 
-__all__ = ["LOSS_WINDOW", "Trainer", "learned"]
+__all__ = ["LOSS_WINDOW", "Trainer", "learned", "selection_key"]
 
 log = logging.getLogger("kaizen.finetune")
 
@@ -207,8 +207,13 @@ class Trainer:
         optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
         total = int(self.total_steps)
 
+        warmup = opts.warmup_steps
+        if warmup is None:
+            warmup = max(1, round(opts.warmup_fraction * total)) if opts.warmup_fraction > 0 else 0
+        self.warmup_steps = warmup
+
         def schedule(step: int) -> float:
-            return lr_factor(step, total_steps=total, warmup_steps=opts.warmup_steps, schedule=opts.lr_schedule)
+            return lr_factor(step, total_steps=total, warmup_steps=warmup, schedule=opts.lr_schedule)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine: Any = None
@@ -428,40 +433,53 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        """Validation (and held-out) losses and the objective that early stopping follows; a new
-        best objective keeps the adapter's weights as the one to publish."""
+    def evaluate(self) -> dict[str, Any]:
+        """Validation (and held-out) loss and exact match, the objective, and the selection key that
+        early stopping and the kept adapter follow (``finetune.select_by``): a new best keeps the
+        adapter's weights as the one to publish."""
         state = self.state
-        state.last_val_loss = self.loss_on(self.validation)
-        result = {"val_loss": state.last_val_loss}
+        state.last_val_loss, exact_match = self.measure_on(self.validation)
+        result: dict[str, Any] = {"val_loss": state.last_val_loss, "val_exact_match": exact_match}
         if self.heldout is not None:
-            state.last_heldout_loss = self.loss_on(self.heldout)
+            state.last_heldout_loss, result["heldout_exact_match"] = self.measure_on(self.heldout)
             if state.initial_heldout_loss is None:
                 state.initial_heldout_loss = state.last_heldout_loss
             result["heldout_loss"] = state.last_heldout_loss
             result["forgetting"] = state.last_heldout_loss - state.initial_heldout_loss
         result["objective"] = objective(state.last_val_loss, result.get("forgetting"), self.opts.forgetting_weight)
-        if self.stopper.update(result["objective"]):
-            state.best_params, state.best_figures = trainable_state(self.peft_model, self.opts), dict(result)
+        result["selection"] = selection_key(result, self.opts.select_by)
+        if self.stopper.update(result["selection"]):
+            state.best_params = trainable_state(self.peft_model, self.opts)
+            state.best_figures = {**result, "kept_step": state.step}
         state.early_stopping = self.stopper.state_dict()
         return result
 
-    @torch.no_grad()
     def loss_on(self, rows: Rows) -> float:
-        """Token-weighted loss over every rank's shard of a set. Runs the unwrapped module: DDP's
-        forward would broadcast buffers, a collective that nothing here needs."""
+        """Token-weighted loss over every rank's shard of a set (:meth:`measure_on`)."""
+        return self.measure_on(rows)[0]
+
+    @torch.no_grad()
+    def measure_on(self, rows: Rows) -> tuple[float, float]:
+        """Token-weighted loss and exact match (the share of rows whose answer greedy decoding
+        would write exactly; :meth:`CausalLMLoss.measure`) over every rank's shard of a set. Runs
+        the unwrapped module: DDP's forward would broadcast buffers, a collective that nothing
+        here needs."""
         loss_module, batch_size = self.loss_module, self.opts.batch_size
         was_training = loss_module.training
         loss_module.eval()
-        total, count = 0.0, 0
+        total, count, exact, answered = 0.0, 0, 0, 0
         for i in range(0, len(rows), batch_size):
             with self.autocast():
-                loss_sum, n = loss_module(**self._to_device(collate(rows[i : i + batch_size], self.pad_id)))
+                loss_sum, n, right, labelled = loss_module.measure(
+                    **self._to_device(collate(rows[i : i + batch_size], self.pad_id))
+                )
             total += float(loss_sum)
             count += int(n)
+            exact += int(right)
+            answered += int(labelled)
         loss_module.train(was_training)
-        total, count = self.context.all_reduce([total, float(count)])
-        return total / count if count else float("nan")
+        total, count, exact, answered = self.context.all_reduce([total, float(count), float(exact), float(answered)])
+        return (total / count if count else float("nan")), (exact / answered if answered else 0.0)
 
     # --- trials ----------------------------------------------------------------------------------
 
@@ -497,7 +515,7 @@ class Trainer:
             figures = self.evaluate()
             trials.append({"seed": self.state.seed, "steps": self.state.step, **figures})
             spent_tokens += self.state.tokens
-            if best is None or figures["objective"] < best.figures["objective"]:
+            if best is None or figures["selection"] < best.figures["selection"]:
                 best = TrialResult(
                     figures=figures,
                     state=self.state,
@@ -614,6 +632,16 @@ class Trainer:
             return
         marker.write_text(f"failed at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} (KAIZEN_TEST_FAIL_AT_STEP)")
+
+
+def selection_key(figures: dict[str, Any], select_by: str) -> list[float]:
+    """What early stopping, the kept adapter and the choice between trials minimise, compared in
+    order: with ``exact_match``, fewer validation rows answered exactly first, then the objective
+    (the loss decides between equal exact matches, as on a model that answers nothing exactly
+    yet); with ``loss``, the objective alone."""
+    if select_by == "exact_match":
+        return [1.0 - figures["val_exact_match"], figures["objective"]]
+    return [figures["objective"]]
 
 
 def learned(trend: tuple[float, float] | None, min_drop: float) -> bool | None:

@@ -123,7 +123,19 @@ class OptimizerConfig(_Group):
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warm-up, to 0 at the last step (constant: none)."
     )
-    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up from 0.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Optimizer steps of linear warm-up from 0; None: warmup_fraction of the run's steps."
+    )
+    warmup_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "With warmup_steps unset, the share of the run's steps that warm the learning rate up (at least one "
+            "step when above 0): LoRA at a high peak rate without warm-up can blow up early and settle on one "
+            "answer for every request."
+        ),
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None: no clipping.")
     epochs: int = Field(3, ge=1, description="Passes over the training rows.")
     max_steps: int | None = Field(
@@ -166,6 +178,15 @@ class EvaluationConfig(_Group):
             "steps must be below (1 - min_loss_drop) times that of its first steps (up to an epoch's steps, at "
             "most 20, each). A run short of it failed to learn: it is reported as failed and its adapter is "
             "not stored or registered. 0: the loss must merely fall."
+        ),
+    )
+    select_by: Literal["exact_match", "loss"] = Field(
+        "exact_match",
+        description=(
+            "What picks the kept adapter, the early stop and the winning trial: exact_match, the share of "
+            "validation rows whose answer greedy decoding writes exactly (the objective breaks ties, so a model "
+            "that answers nothing exactly yet is chosen by its loss); loss, the objective alone. A loss can keep "
+            "falling on a run that has collapsed to one answer for every request; exact match does not."
         ),
     )
     forgetting_weight: float = Field(
@@ -505,16 +526,20 @@ class EarlyStopping:
 
     patience: int
     min_delta: float = 0.0
-    best: float | None = None
+    best: float | list[float] | None = None
     bad_evals: int = 0
 
-    def update(self, loss: float) -> bool:
-        """Record a validation loss; True when it is the best so far (by more than min_delta)."""
-        if not math.isfinite(loss):
+    def update(self, loss: float | Sequence[float]) -> bool:
+        """Record a validation loss, or a key compared in order (the trainer's selection key: its
+        last item is the loss-like figure ``min_delta`` applies to); True when it is the best so
+        far."""
+        key = [float(loss)] if isinstance(loss, int | float) else [float(v) for v in loss]
+        if not all(math.isfinite(v) for v in key):
             self.bad_evals += 1
             return False
-        if self.best is None or loss < self.best - self.min_delta:
-            self.best = loss
+        best = None if self.best is None else ([self.best] if isinstance(self.best, int | float) else self.best)
+        if best is None or len(best) != len(key) or _better(key, best, self.min_delta):
+            self.best = key[0] if isinstance(loss, int | float) else key
             self.bad_evals = 0
             return True
         self.bad_evals += 1
@@ -530,6 +555,15 @@ class EarlyStopping:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best = state["best"]
         self.bad_evals = state["bad_evals"]
+
+
+def _better(key: list[float], best: list[float], min_delta: float) -> bool:
+    """Whether ``key`` beats ``best``: an earlier item decides where they differ, the last by more
+    than ``min_delta``."""
+    for ours, theirs in zip(key[:-1], best[:-1]):
+        if ours != theirs:
+            return ours < theirs
+    return key[-1] < best[-1] - min_delta
 
 
 def lr_factor(

@@ -165,3 +165,47 @@ def test_a_run_too_short_to_tell_is_neither_learned_nor_failed() -> None:
     # Four steps: the first two against the last two, no step on both sides.
     assert state.loss_trend() == (2.5, 0.75) and learned(state.loss_trend(), 0.5) is True
     assert learned((2.5, 2.5), 0.0) is False and learned((2.5, float("nan")), 0.0) is False
+
+
+def test_exact_match_is_what_greedy_decoding_writes(model_root: Path) -> None:
+    """A row counts as answered exactly when every answer token is the most likely one given the
+    reference's tokens before it: the tokens greedy decoding writes are an exact answer, and the
+    same answer with one token changed is not."""
+    from app.generation.engine import GenerationEngine, Prompt
+    from app.learning.training import IGNORE_INDEX
+
+    trainer = _trainer(model_root, LocalContext({"train": _rows(4)}), lora_dropout=0.0)
+    trainer.peft_model.eval()
+    engine = GenerationEngine(trainer.peft_model, trainer.tokenizer)
+    _, prompt = engine.chat_prompt(json.loads(_rows(1)[0]["messages"])[:-1])
+    (written,) = engine.generate([Prompt(prompt, max_new_tokens=12)])
+    answer = written.token_ids
+    assert len(answer) == 12
+
+    def measure(answer_ids: list[int]) -> tuple[int, int]:
+        ids = torch.tensor([prompt + answer_ids])
+        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer_ids])
+        _, count, exact, rows = trainer.loss_module.measure(ids, torch.ones_like(ids), labels)
+        assert int(count) == len(answer_ids)
+        return int(exact), int(rows)
+
+    assert measure(answer) == (1, 1)
+    assert measure([*answer[:-1], (answer[-1] + 1) % 1000]) == (0, 1)
+    assert measure([(answer[0] + 1) % 1000, *answer[1:]]) == (0, 1)
+
+
+def test_selection_puts_exact_match_first_and_the_loss_second() -> None:
+    from app.learning.trainer import selection_key
+    from app.learning.training import EarlyStopping
+
+    worse_loss_more_exact = {"val_exact_match": 0.5, "objective": 2.0}
+    better_loss_less_exact = {"val_exact_match": 0.25, "objective": 1.0}
+    stopper = EarlyStopping(patience=2)
+    assert stopper.update(selection_key(better_loss_less_exact, "exact_match"))
+    assert stopper.update(selection_key(worse_loss_more_exact, "exact_match"))
+    # The same exact match: the loss decides (and must fall by more than min_delta).
+    assert not stopper.update(selection_key({"val_exact_match": 0.5, "objective": 2.5}, "exact_match"))
+    assert stopper.update(selection_key({"val_exact_match": 0.5, "objective": 1.5}, "exact_match"))
+    by_loss = EarlyStopping(patience=1)
+    assert by_loss.update(selection_key(better_loss_less_exact, "loss"))
+    assert not by_loss.update(selection_key(worse_loss_more_exact, "loss")) and by_loss.should_stop
