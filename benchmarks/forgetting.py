@@ -961,6 +961,8 @@ def local_setup(base_dir: Path, work: Path) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "forgetting")
+    parser.add_argument("--seeds", type=int, default=3, help="runs, each with its own base and fine-tuning seed")
+    parser.add_argument("--seed", type=int, default=0, help="the first run's seed (the next runs count up)")
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -977,12 +979,34 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     quiet_process()
     started = time.perf_counter()
+    seeds = [args.seed + i for i in range(args.seeds)]
+    runs = []
+    for seed in seeds:
+        print(f"\n=== seed {seed} (base pre-training and fine-tuning)", flush=True)
+        runs.append(run_seed(args, replace(s, seed=seed)))
     result: dict[str, Any] = {
         "benchmark": "forgetting",
         "quick": args.quick,
         "settings": asdict(s),
+        "seeds": seeds,
         "tasks": [t.name for t in BENCHMARK_TASKS],
+        "runs": runs,
     }
+    result["spread"], naive_mean = spread(runs)
+    result["goals"] = goals({m: {k: v["mean"] for k, v in x.items()} for m, x in result["spread"].items()}, naive_mean)
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    report_spread(result)
+    output = args.output or RESULTS / "forgetting.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {output}")
+
+
+def run_seed(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
+    """One complete run at ``s.seed``: the base pre-trained from it (or reused from the cache),
+    the shared first stage, every method's later stages; its table is printed."""
+    started = time.perf_counter()
+    result: dict[str, Any] = {"seed": s.seed, "tasks": [t.name for t in BENCHMARK_TASKS]}
     with work_folder(args.keep, "kaizen-forgetting-") as work:
         # 1. The base model.
         base_dir, base = ensure_base_model(
@@ -998,7 +1022,7 @@ def main() -> None:
         print("base model scores: " + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, result["base_scores"])))
 
         # 3. Stage 1, shared; then every method's later stages.
-        first = _finetune(cfg, s, tasks[0], None, "stage1")
+        first = _finetune(cfg, s, tasks[0], None, f"stage1-seed{s.seed}")
         first_scores = evaluator.scores(first["adapter_id"], tasks)
         print(
             f"stage 1 ({tasks[0].task.name}, shared, {first['seconds']:.0f} s): scores "
@@ -1020,11 +1044,50 @@ def main() -> None:
     report(result)
     invalid = [name for name, r in result["methods"].items() if not r.get("valid")]
     if invalid:
-        print(f"INVALID (a stage's own task below {VALID_SCORE}): {', '.join(invalid)}")
-    output = args.output or RESULTS / "forgetting.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {output}")
+        print(f"INVALID at seed {s.seed} (a stage's own task below {VALID_SCORE}): {', '.join(invalid)}")
+    return result
+
+
+def spread(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[list[float]] | None]:
+    """Each method's summary figures as mean and sample sd over the seeds' runs, with how many of
+    its runs were valid; and naive fine-tuning's score matrix averaged over the seeds (None without
+    naive), from which the goals tell whether naive learned each task."""
+    import statistics
+
+    out: dict[str, dict[str, Any]] = {}
+    for method in runs[0]["methods"]:
+        per_seed = [r["methods"][method] for r in runs]
+        figures: dict[str, Any] = {}
+        for key in per_seed[0]["summary"]:
+            values = [p["summary"][key] for p in per_seed]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            figures[key] = {"mean": statistics.fmean(values), "sd": sd, "values": values}
+        figures["valid_runs"] = sum(bool(p.get("valid")) for p in per_seed)
+        figures["runs"] = len(per_seed)
+        out[method] = figures
+    naive = [r["methods"]["naive"]["scores"] for r in runs if "naive" in r["methods"]]
+    mean = None
+    if naive:
+        mean = [
+            [statistics.fmean(m[i][j] for m in naive) for j in range(len(naive[0][i]))] for i in range(len(naive[0]))
+        ]
+    return out, mean
+
+
+def report_spread(result: dict[str, Any]) -> None:
+    """The table over seeds: each method's figures as mean ± sd, its valid runs, and the goals."""
+    spread_ = result["spread"]
+    keys = [k for k in next(iter(spread_.values())) if k not in ("valid_runs", "runs")]
+    rows = [
+        (method, *(f"{f[k]['mean']:.3f} ± {f[k]['sd']:.3f}" for k in keys), f"{f['valid_runs']}/{f['runs']}")
+        for method, f in spread_.items()
+    ]
+    print(f"\nover seeds {', '.join(map(str, result['seeds']))} (mean ± sd)")
+    print_table(("method", *keys, "valid runs"), rows)
+    invalid = [m for m, f in spread_.items() if f["valid_runs"] < f["runs"]]
+    if invalid:
+        print(f"INVALID: {', '.join(invalid)} did not learn every task to {VALID_SCORE} at every seed")
+    print_goals(result["goals"])
 
 
 def report(r: dict[str, Any]) -> None:
@@ -1067,14 +1130,20 @@ def report(r: dict[str, Any]) -> None:
         ),
         rows,
     )
-    if r["goals"]:
-        print_table(
-            ("goal (SSR vs naive, same run)", "measured", "target", "result"),
-            [(g["goal"], f"{g['measured']:.3f}", g["target"], _verdict(g)) for g in r["goals"]],
-        )
-        if r["goals"][0].get("not_measured"):
-            print(f"goals not measured: {r['goals'][0]['not_measured']}")
+    print_goals(r["goals"], "same run")
     print(f"\ntotal {r['total_seconds'] / 60:.1f} min")
+
+
+def print_goals(goals_: list[dict[str, Any]], over: str = "means over seeds") -> None:
+    """The goals' table: what was measured against its target, and the verdict."""
+    if not goals_:
+        return
+    print_table(
+        (f"goal (SSR vs naive, {over})", "measured", "target", "result"),
+        [(g["goal"], f"{g['measured']:.3f}", g["target"], _verdict(g)) for g in goals_],
+    )
+    if goals_[0].get("not_measured"):
+        print(f"goals not measured: {goals_[0]['not_measured']}")
 
 
 def _verdict(goal: dict[str, Any]) -> str:
