@@ -391,9 +391,18 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
 
 
+VALID_SCORE = 0.9
+"""A seed's run is valid only when training on all rows taught every task to this score: the
+selections are compared with a baseline that learned, not one that did not."""
+
+
 def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per training set: the mean, standard deviation and range over the seeds of its score and
+    """Per training set: the mean, standard deviation and range over the valid seeds of its score and
     training time; and the goals, judged on the means, with the seeds' paired differences."""
+    invalid = [r for r in seeds if r.get("valid") is False]
+    seeds = [r for r in seeds if r.get("valid") is not False]
+    if not seeds:
+        return {"invalid_seeds": [r["seed"] for r in invalid]}, []
     names = [n for n in SETS if all(n in r["runs"] for r in seeds)]
     summary = {
         n: {
@@ -404,6 +413,7 @@ def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
         }
         for n in names
     }
+    summary["invalid_seeds"] = [r["seed"] for r in invalid]
     if "all" not in summary or "kaizen" not in summary:
         return summary, []
     a, c = summary["all"], summary["kaizen"]
@@ -424,7 +434,7 @@ def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
             "passed": c["train_time_s"]["mean"] <= a["train_time_s"]["mean"] / 10,
         },
     ]
-    if max(s["score"]["max"] for s in summary.values()) < 0.1:  # nothing learned: a "pass" would mean nothing
+    if max(summary[n]["score"]["max"] for n in names) < 0.1:  # nothing learned: a "pass" would mean nothing
         for g in goals:
             g["passed"], g["not_measured"] = None, "no training set taught the tasks (every held-out score < 0.1)"
     return summary, goals
@@ -433,7 +443,8 @@ def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "data_selection")
-    parser.add_argument("--seeds", type=int, default=3, help="repetitions, with seeds 0, 1, ... (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="repetitions, each with its own base (default 3)")
+    parser.add_argument("--seed", type=int, default=None, help="the first repetition's seed (default 0)")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
     parser.add_argument(
         "--set",
@@ -448,6 +459,8 @@ def main() -> None:
         parser.error("--sets needs at least one of all,random,kaizen and --seeds at least 1")
     try:
         o = replace(Options(**(QUICK if args.quick else {})), **parse_options(args.set))
+        if args.seed is not None:
+            o = replace(o, seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
     s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
@@ -455,15 +468,21 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "data_selection", "quick": args.quick, "options": asdict(o), "sets": sets}
     with work_folder(args.keep, "kaizen-data-selection-") as work:
-        base_dir, result["base_model"] = ensure_base_model(
-            work, args.base_cache, s, required=() if args.quick else REQUIRED_ABILITIES
-        )
-        result["base_model"]["path"] = str(base_dir)
-        start_local_ray()
-        result["seeds"] = [
-            run_seed(replace(o, seed=o.seed + i), base_dir, work / f"seed-{o.seed + i}", sets)
-            for i in range(args.seeds)
-        ]
+        result["seeds"], result["base_models"] = [], []
+        for i in range(args.seeds):
+            seed = o.seed + i
+            # Each seed pre-trains its own base (or reuses it from --base-cache) and fine-tunes from it.
+            base_dir, base = ensure_base_model(
+                work, args.base_cache, replace(s, seed=seed), required=() if args.quick else REQUIRED_ABILITIES
+            )
+            result["base_models"].append({**base, "path": str(base_dir)})
+            start_local_ray()
+            run = run_seed(replace(o, seed=seed), base_dir, work / f"seed-{seed}", sets)
+            all_rows = run["runs"].get("all")
+            run["valid"] = all_rows is None or min(all_rows["scores"]) >= VALID_SCORE
+            if not run["valid"]:
+                print(f"INVALID seed {seed}: training on all rows left a task below {VALID_SCORE}", flush=True)
+            result["seeds"].append(run)
     result["summary"], result["goals"] = summarize(result["seeds"])
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     print_table(
@@ -495,8 +514,11 @@ def main() -> None:
                 f"{x['train_time_s']['mean']:.1f}",
             )
             for n, x in result["summary"].items()
+            if n != "invalid_seeds"
         ],
     )
+    if result["summary"].get("invalid_seeds"):
+        print(f"INVALID seeds, left out of the means: {result['summary']['invalid_seeds']}")
     if result["goals"]:
         print_table(
             ("goal ((c) vs (a), same seeds)", "measured", "target", "result"),

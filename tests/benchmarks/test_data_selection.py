@@ -84,3 +84,16 @@ def test_the_goals_are_judged_on_the_means_over_seeds() -> None:
     assert summarize([_seed_run(0, {"random": 0.5, "kaizen": 0.6}, {"random": 1.0, "kaizen": 1.0})])[1] == []
     _, unlearned = summarize([_seed_run(0, {"all": 0.05, "kaizen": 0.06}, {"all": 100.0, "kaizen": 5.0})])
     assert all(g["passed"] is None and g["not_measured"] for g in unlearned)
+
+
+def test_a_seed_whose_baseline_did_not_learn_is_left_out_of_the_means() -> None:
+    """A seed where training on all rows left a task below 0.9 is invalid (marked by the run):
+    the means and goals come from the valid seeds, and the invalid ones are named."""
+    from benchmarks.data_selection import summarize
+
+    valid = _seed_run(0, {"all": 0.95, "kaizen": 0.97}, {"all": 300.0, "kaizen": 25.0})
+    invalid = {**_seed_run(1, {"all": 0.4, "kaizen": 0.1}, {"all": 300.0, "kaizen": 25.0}), "valid": False}
+    summary, goals = summarize([{**valid, "valid": True}, invalid])
+    assert summary["invalid_seeds"] == [1]
+    assert summary["kaizen"]["score"]["mean"] == pytest.approx(0.97) and goals[0]["passed"]
+    assert summarize([invalid]) == ({"invalid_seeds": [1]}, [])
