@@ -1006,7 +1006,7 @@ def run_seed(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     """One complete run at ``s.seed``: the base pre-trained from it (or reused from the cache),
     the shared first stage, every method's later stages; its table is printed."""
     started = time.perf_counter()
-    result: dict[str, Any] = {"seed": s.seed, "tasks": [t.name for t in BENCHMARK_TASKS]}
+    result: dict[str, Any] = {"seed": s.seed, "settings": asdict(s), "tasks": [t.name for t in BENCHMARK_TASKS]}
     with work_folder(args.keep, "kaizen-forgetting-") as work:
         # 1. The base model.
         base_dir, base = ensure_base_model(
