@@ -23,9 +23,11 @@ on the command line or a ``finetune:`` section in the config file):
 3. fit: each epoch mixes rehearsal rows of earlier domains into the training rows
    (``finetune.rehearsal_ratio``); Fisher-guided gradient masking or EWC, with the Fisher
    information estimated on the rehearsal rows (or ``--fisher-data``), keeps the adapter entries
-   that matter to earlier domains in place. Validation loss drives early stopping and the best
-   adapter is the one kept. With ``finetune.trials`` > 1 the run first trains that many seeds
-   for ``finetune.trial_fraction`` of its steps each and goes on with the best by validation.
+   that matter to earlier domains in place. The learning rate warms up (``finetune.warmup_fraction``)
+   and decays; validation exact match (``finetune.select_by``; the loss objective breaks ties)
+   drives early stopping and picks the adapter kept. With ``finetune.trials`` > 1 the run first
+   trains that many seeds for ``finetune.trial_fraction`` of its steps each and goes on with the
+   best by validation.
    Every step's loss, learning rate and tokens/s reach Ray Train in the ``step_metrics`` of the
    next report (an epoch's last step with the epoch's loss), sent at evaluations, checkpoints,
    the end and at most every ``finetune.report_every_s`` in between (a report waits until the
@@ -34,7 +36,8 @@ on the command line or a ``finetune:`` section in the config file):
    ``finetune.checkpoint_every_steps`` steps the adapter, optimizer and position are
    checkpointed to ``<model.checkpoint_dir>/runs/<run>``, from which a failed worker group is
    restarted (``finetune.max_failures``) and goes on from the checkpoint's step;
-4. publish the final adapter to the adapter store with its lineage (base model, dataset and
+4. publish the final adapter to the adapter store (a run whose training loss did not fall is
+   failed instead, ``finetune.min_loss_drop``: exit status 1, nothing stored or registered) with its lineage (base model, dataset and
    rehearsal manifest hashes, hyper-parameters, metrics, code version) and into the registry as
    a ``candidate`` (:func:`app.learning.lineage.publish_adapter`).
 
