@@ -253,6 +253,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
 
     from app.ingest import IngestPipeline
     from app.learning.dataset import DatasetConfig
+    from app.learning.lineage import TrainingDidNotLearn
     from app.learning.training import FinetuneConfig
     from app.quality.service import QualityService
     from app.store.sqlite import SQLiteStore
@@ -355,9 +356,15 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
         t0 = time.perf_counter()
         # Every set validates on the selection's validation rows, which finetune.trials chooses by (for
         # (a) and (b) a validation set cleaner than their own would be: it can only help them).
-        out = finetune.main(
-            cfg, opts, folders[name], validation=Path(manifest.uri) / "validation.parquet", run_name=f"select-{name}"
-        )
+        try:
+            out = finetune.main(
+                cfg, opts, folders[name], validation=Path(manifest.uri) / "validation.parquet", run_name=f"select-{name}"
+            )
+        except TrainingDidNotLearn as exc:
+            # Nothing published: the set is scored as the base model it left unchanged, and says why.
+            print(f"  seed {o.seed} {name}: FAILED, {exc}", flush=True)
+            out = {"adapter_id": None, "failed": str(exc), "metrics": {**exc.metrics, "steps": exc.metrics.get("step")}}
+            out["metrics"].setdefault("rows", {"train": pq.read_metadata(folders[name] / "train.parquet").num_rows})
         wall = time.perf_counter() - t0
         parts = evaluator.scores(out["adapter_id"], tests)
         sizes = [len(t.test) for t in tests]
@@ -369,6 +376,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
         on_hard = sum(parts[i] * sizes[i] for i in range(0, len(tests), 2) if sizes[i]) / max(1, sum(sizes[0::2]))
         m = out["metrics"]
         result["runs"][name] = {
+            "failed": out.get("failed"),
             "rows": m["rows"]["train"],
             "steps": m["steps"],
             "train_time_s": m["train_time_s"],

@@ -505,11 +505,23 @@ def _finetune(
         seed=s.seed,
         fisher_samples=64,
     )
+    from app.learning.lineage import TrainingDidNotLearn
+
     t0 = time.perf_counter()
     curve: list[dict[str, Any]] = []
-    result = finetune.main(
-        cfg, opts, data.folder, rehearsal=rehearsal, fisher_data=fisher, run_name=name, progress=_evaluations(curve)
-    )
+    try:
+        result = finetune.main(
+            cfg, opts, data.folder, rehearsal=rehearsal, fisher_data=fisher, run_name=name, progress=_evaluations(curve)
+        )
+    except TrainingDidNotLearn as exc:
+        # A failed stage publishes nothing: the method goes on from the adapter it had (its run is
+        # then invalid, its own task unlearned), and the failure is in the results.
+        print(f"  {name}: FAILED, {exc}", flush=True)
+        result = {
+            "adapter_id": parent,
+            "metrics": {**exc.metrics, "steps": exc.metrics.get("step")},
+            "failed": str(exc),
+        }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["curve"] = curve
     return result
@@ -718,6 +730,7 @@ def run_method(
             kept_step=m.get("kept_step"),
             stop_reason=m.get("stop_reason"),
             loss_fell=m.get("loss_fell"),
+            failed=result.get("failed"),
             own_score=scores[stage],
             curve=result["curve"],
             rows=m.get("rows"),
