@@ -357,9 +357,8 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
         # Every set validates on the selection's validation rows, which finetune.trials chooses by (for
         # (a) and (b) a validation set cleaner than their own would be: it can only help them).
         try:
-            out = finetune.main(
-                cfg, opts, folders[name], validation=Path(manifest.uri) / "validation.parquet", run_name=f"select-{name}"
-            )
+            validation = Path(manifest.uri) / "validation.parquet"
+            out = finetune.main(cfg, opts, folders[name], validation=validation, run_name=f"select-{name}")
         except TrainingDidNotLearn as exc:
             # Nothing published: the set is scored as the base model it left unchanged, and says why.
             print(f"  seed {o.seed} {name}: FAILED, {exc}", flush=True)

@@ -36,10 +36,11 @@ on the command line or a ``finetune:`` section in the config file):
    ``finetune.checkpoint_every_steps`` steps the adapter, optimizer and position are
    checkpointed to ``<model.checkpoint_dir>/runs/<run>``, from which a failed worker group is
    restarted (``finetune.max_failures``) and goes on from the checkpoint's step;
-4. publish the final adapter to the adapter store (a run whose training loss did not fall is
-   failed instead, ``finetune.min_loss_drop``: exit status 1, nothing stored or registered) with its lineage (base model, dataset and
+4. publish the final adapter to the adapter store with its lineage (base model, dataset and
    rehearsal manifest hashes, hyper-parameters, metrics, code version) and into the registry as
-   a ``candidate`` (:func:`app.learning.lineage.publish_adapter`).
+   a ``candidate`` (:func:`app.learning.lineage.publish_adapter`); a run whose training loss did
+   not fall (``finetune.min_loss_drop``) is failed instead: exit status 1, nothing stored or
+   registered.
 
 A Ray Tune sweep (``jobs/sweep.py``) gives each trial its own ``TorchTrainer`` from the same pieces.
 """
