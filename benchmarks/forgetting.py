@@ -1006,7 +1006,8 @@ def main() -> None:
         "runs": runs,
     }
     result["spread"], naive_mean = spread(runs)
-    result["goals"] = goals({m: {k: v["mean"] for k, v in x.items()} for m, x in result["spread"].items()}, naive_mean)
+    means = {m: {k: v["mean"] for k, v in x.items() if isinstance(v, dict)} for m, x in result["spread"].items()}
+    result["goals"] = goals(means, naive_mean)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     report_spread(result)
     output = args.output or RESULTS / "forgetting.json"
