@@ -483,7 +483,8 @@ def main() -> None:
                 work, args.base_cache, replace(s, seed=seed), required=() if args.quick else REQUIRED_ABILITIES
             )
             result["base_models"].append({**base, "path": str(base_dir)})
-            start_local_ray()
+            if i == 0:
+                start_local_ray()
             run = run_seed(replace(o, seed=seed), base_dir, work / f"seed-{seed}", sets)
             all_rows = run["runs"].get("all")
             run["valid"] = all_rows is None or min(all_rows["scores"]) >= VALID_SCORE
