@@ -23,15 +23,14 @@ from typing import Any
 
 from app.config import (
     ConfigError,
-    ConfigKey,
     KaizenConfig,
     apply_overrides,
-    config_keys,
     load_config,
     read_config_file,
     resolve_paths,
     validate_config,
 )
+from app.config_keys import ConfigKey, config_keys
 from app.ray_setup import start_ray
 
 __all__ = ["main"]

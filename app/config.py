@@ -15,24 +15,20 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import to_jsonable_python
 
 __all__ = [
     "JOB_SECTIONS",
     "NOT_YET_USED",
     "ConfigError",
-    "ConfigKey",
     "KaizenConfig",
     "ValidationReport",
     "apply_overrides",
-    "config_keys",
     "job_options",
     "load_config",
     "load_job_config",
@@ -394,51 +390,6 @@ class KaizenConfig(_Section):
         return (key or "kaizen-development-key").encode()
 
 
-# --- the key listing -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigKey:
-    """One leaf of the tree as ``kaizen config check --list`` prints it (values as in YAML)."""
-
-    key: str
-    value: Any
-    default: Any
-    description: str
-
-    @property
-    def not_yet_used(self) -> bool:
-        """Validated, but nothing reads it yet (its description says what will)."""
-        return self.description.startswith(NOT_YET_USED)
-
-
-def _leaves(model: BaseModel, default: BaseModel, prefix: str) -> Iterator[ConfigKey]:
-    for name, info in type(model).model_fields.items():
-        value, base = getattr(model, name), getattr(default, name)
-        if isinstance(value, BaseModel):
-            yield from _leaves(value, base, f"{prefix}{name}.")
-        else:
-            yield ConfigKey(
-                f"{prefix}{name}", to_jsonable_python(value), to_jsonable_python(base), info.description or ""
-            )
-
-
-def config_keys(cfg: KaizenConfig, job_sections: bool = True) -> list[ConfigKey]:
-    """Every key of ``cfg`` with its value, its default and its description, in tree order; the job
-    sections (``dataset``, ``ssr``...) key by key through their options classes.
-
-    Raises:
-        ConfigError: a job section that its options class refuses.
-    """
-    keys = []
-    for item in _leaves(cfg, KaizenConfig(), ""):
-        if item.key not in JOB_SECTIONS:
-            keys.append(item)
-        elif job_sections:
-            keys += _leaves(job_options(cfg, item.key), job_options_class(item.key)(), f"{item.key}.")
-    return keys
-
-
 # --- validation ------------------------------------------------------------------------------
 
 
@@ -605,10 +556,12 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
             f"privacy.hmac_key: unset and ${cfg.privacy.hmac_key_env} is empty; ids are hashed with a development key"
         )
     # Keys nothing reads yet, set to another value than their default: an effect the operator expects and does not get.
+    from app.config_keys import config_keys as _config_keys  # it reads this module's tree: imported here
+
     report.warnings += [
         f"{k.key}: set to {k.value!r}, but nothing reads it yet, so it has no effect "
         f"({k.description.removeprefix(NOT_YET_USED).rstrip('.')})"
-        for k in config_keys(cfg, job_sections=False)
+        for k in _config_keys(cfg, job_sections=False)
         if k.not_yet_used and k.value != k.default
     ]
     if report.valid:

@@ -35,7 +35,8 @@ def test_config_check_prints_errors_and_warnings(tmp_path: Path, capsys: pytest.
 def test_config_check_lists_every_key_and_warns_about_keys_nothing_reads(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from app.config import config_keys, load_config
+    from app.config import load_config
+    from app.config_keys import config_keys
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(

@@ -156,7 +156,7 @@ NOT_YET_USED = {
 
 
 def test_every_key_is_listed_with_a_description() -> None:
-    from app.config import config_keys
+    from app.config_keys import config_keys
 
     keys = config_keys(load_config(overrides=["finetune.lora_rank=4"]))
     names = [k.key for k in keys]
@@ -173,7 +173,7 @@ def test_every_key_is_listed_with_a_description() -> None:
 
 @pytest.mark.parametrize("key", sorted(NOT_YET_USED))
 def test_setting_a_key_nothing_reads_yet_warns(key: str) -> None:
-    from app.config import config_keys
+    from app.config_keys import config_keys
 
     (item,) = [k for k in config_keys(KaizenConfig(), job_sections=False) if k.key == key]
     other = (

@@ -1,0 +1,58 @@
+"""Every key of the configuration tree with its value, default and description: what
+``kaizen config check --list`` and ``--markdown`` print (the README's key table), and what
+:func:`app.config.validate_config` reads to warn about keys set that nothing reads yet."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from app.config import JOB_SECTIONS, NOT_YET_USED, KaizenConfig, job_options, job_options_class
+
+__all__ = ["ConfigKey", "config_keys"]
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One leaf of the tree as ``kaizen config check --list`` prints it (values as in YAML)."""
+
+    key: str
+    value: Any
+    default: Any
+    description: str
+
+    @property
+    def not_yet_used(self) -> bool:
+        """Validated, but nothing reads it yet (its description says what will)."""
+        return self.description.startswith(NOT_YET_USED)
+
+
+def _leaves(model: BaseModel, default: BaseModel, prefix: str) -> Iterator[ConfigKey]:
+    for name, info in type(model).model_fields.items():
+        value, base = getattr(model, name), getattr(default, name)
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, base, f"{prefix}{name}.")
+        else:
+            yield ConfigKey(
+                f"{prefix}{name}", to_jsonable_python(value), to_jsonable_python(base), info.description or ""
+            )
+
+
+def config_keys(cfg: KaizenConfig, job_sections: bool = True) -> list[ConfigKey]:
+    """Every key of ``cfg`` with its value, its default and its description, in tree order; the job
+    sections (``dataset``, ``ssr``...) key by key through their options classes.
+
+    Raises:
+        ConfigError: a job section that its options class refuses.
+    """
+    keys = []
+    for item in _leaves(cfg, KaizenConfig(), ""):
+        if item.key not in JOB_SECTIONS:
+            keys.append(item)
+        elif job_sections:
+            keys += _leaves(job_options(cfg, item.key), job_options_class(item.key)(), f"{item.key}.")
+    return keys
