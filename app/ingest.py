@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.config import KaizenConfig
+from app.config import KaizenConfig, job_options
+from app.learning.dataset.options import DatasetConfig
 from app.privacy import PrivacyFilter
 from app.schemas import (
     EventEnvelope,
@@ -36,9 +37,9 @@ from app.store.base import OUTCOME_FIELDS, StoredEvent
 
 __all__ = ["TOOL_OUTPUT_CHARS", "IngestPipeline", "Prepared"]
 
-# Characters of a tool's output (or error) a training example keeps: the default of
-# dataset.max_tool_output_chars (app.learning.dataset.DatasetConfig), which a config may change.
-TOOL_OUTPUT_CHARS = 2000
+TOOL_OUTPUT_CHARS: int = DatasetConfig.model_fields["max_tool_output_chars"].default
+"""Characters of a tool's output (or error) a training example keeps: the default of
+``dataset.max_tool_output_chars``, which a config may change (one value, the dataset options')."""
 
 
 @dataclass
@@ -71,7 +72,7 @@ class IngestPipeline:
             capture_rate=cfg.collection.capture_rate,
         )
         self.minimize = cfg.privacy.data_minimization
-        self.tool_output_chars = max(0, int(cfg.dataset.get("max_tool_output_chars", TOOL_OUTPUT_CHARS)))
+        self.tool_output_chars = job_options(cfg, "dataset").max_tool_output_chars
 
     # --- the batch -----------------------------------------------------------------------------
 
