@@ -9,8 +9,9 @@ the outcome into an exit status that scripts and ``ray job submit`` can act on:
 * ``0``: the job did its work; its result is printed (JSON for structured results);
 * ``1``: the job ran and decided not to finish (for example too little data) — :class:`JobNotDone`
   or one of the job's own "not done" exceptions;
-* ``2``: a bad option or input (a config error naming its key, a missing file, a package that is
-  not installed); the message names what to fix and no traceback is printed.
+* ``2``: a bad option or input (a config error naming its key, a missing file, an output id that
+  is taken, a package that is not installed); the message names what to fix and no traceback is
+  printed.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def run_job(
     except (JobNotDone, *not_done) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_NOT_DONE
-    except (ValueError, ImportError, FileNotFoundError) as exc:
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if result is not None:

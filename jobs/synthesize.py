@@ -532,11 +532,7 @@ def _publish(uri: str, table: pa.Table, fields: dict[str, Any]) -> RehearsalMani
 
 
 def _run(args: argparse.Namespace, cfg: KaizenConfig, opts: SSRConfig) -> str:
-    try:
-        manifest = main(cfg, opts, args.source)
-    except FileExistsError as exc:  # a bad input like the others (exit status 2): choose another id
-        raise ValueError(str(exc)) from None
-    return manifest.model_dump_json(indent=2)
+    return main(cfg, opts, args.source).model_dump_json(indent=2)
 
 
 def cli(argv: list[str] | None = None) -> int:

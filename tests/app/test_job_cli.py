@@ -59,7 +59,10 @@ def test_a_bad_key_exits_2_naming_the_key_before_the_job_runs(capsys: Any) -> No
     assert "collection.capture_rat" in err
 
 
-@pytest.mark.parametrize("error", [ValueError("finetune.lr: must be > 0"), FileNotFoundError("no rows at x")])
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("finetune.lr: must be > 0"), FileNotFoundError("no rows at x"), FileExistsError("ds-1 is taken")],
+)
 def test_bad_input_inside_the_job_exits_2_with_the_message_and_no_traceback(capsys: Any, error: Exception) -> None:
     def main(*_: Any) -> None:
         raise error
