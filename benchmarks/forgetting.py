@@ -219,6 +219,7 @@ def build_base_model(directory: Path, tokenizer_dir: Path, s: Settings) -> dict[
     import torch.nn.functional as F
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    from app.learning.worker_context import deterministic_algorithms
     from app.model.profiles import ENDOFTEXT_ID, IM_END_ID
 
     t0 = time.perf_counter()
@@ -352,19 +353,6 @@ def build_base_model(directory: Path, tokenizer_dir: Path, s: Settings) -> dict[
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return stats
-
-
-@contextlib.contextmanager
-def deterministic_algorithms() -> Iterator[None]:
-    """torch's deterministic algorithms within the block, the caller's setting after it."""
-    import torch
-
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 # --- data ----------------------------------------------------------------------------------------

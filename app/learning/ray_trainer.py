@@ -23,7 +23,7 @@ from app.learning.masking import fisher_source
 from app.learning.trainer import Trainer
 from app.learning.training import FinetuneConfig
 from app.learning.training_data import DATASETS
-from app.learning.worker_context import InjectedFault, RayTrainContext, WorkerSpec
+from app.learning.worker_context import InjectedFault, RayTrainContext, WorkerSpec, deterministic_algorithms
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,8 +42,9 @@ def train_loop(config: dict[str, Any]) -> None:
     ``config``, on this worker's Ray context, set up (or resumed) and run to the end."""
     spec = WorkerSpec.model_validate(config)
     trainer = Trainer(spec, RayTrainContext(cpus=spec.opts.cpus_per_worker))
-    trainer.setup()
-    trainer.fit()
+    with deterministic_algorithms(spec.opts.deterministic):
+        trainer.setup()
+        trainer.fit()
 
 
 def build_trainer(

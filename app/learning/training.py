@@ -307,12 +307,17 @@ class FinetuneConfig(
 
     Every group's keys, flat: :class:`AdapterConfig`, :class:`OptimizerConfig`,
     :class:`BatchConfig`, :class:`EvaluationConfig`, :class:`ForgettingConfig`,
-    :class:`ResourceConfig`, :class:`CheckpointingConfig`, and ``seed``.
+    :class:`ResourceConfig`, :class:`CheckpointingConfig`, ``seed`` and ``deterministic``.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="Seed of the LoRA initialisation and the data order.")
+    deterministic: bool = Field(
+        True,
+        description="Train with torch's deterministic algorithms (a warning where an op has none): the same "
+        "data, seed, thread count and machine give the same adapter.",
+    )
 
     @model_validator(mode="after")
     def _combinations(self) -> FinetuneConfig:

@@ -35,9 +35,26 @@ __all__ = [
     "RayTrainContext",
     "TrainContext",
     "WorkerSpec",
+    "deterministic_algorithms",
 ]
 
 ReduceOp = Literal["sum", "max"]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """torch's deterministic algorithms within the block (``enabled``), the caller's setting after
+    it. Where torch has no deterministic kernel for an op it warns rather than fails; on CUDA,
+    cuBLAS gets the fixed workspace its deterministic mode needs."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
 class InjectedFault(BaseModel):

@@ -14,7 +14,7 @@ import torch
 from app.learning.checkpointing import STATE_FILE, trainable_state
 from app.learning.trainer import Trainer
 from app.learning.training import FinetuneConfig
-from app.learning.worker_context import LocalContext, WorkerSpec
+from app.learning.worker_context import LocalContext, WorkerSpec, deterministic_algorithms
 
 ANSWER = "```python\ndef add_one(x):\n    return x + 1\n```"
 OLD_ANSWER = "SELECT name FROM users WHERE id = 1;"
@@ -209,3 +209,18 @@ def test_selection_puts_exact_match_first_and_the_loss_second() -> None:
     by_loss = EarlyStopping(patience=1)
     assert by_loss.update(selection_key(better_loss_less_exact, "loss"))
     assert not by_loss.update(selection_key(worse_loss_more_exact, "loss")) and by_loss.should_stop
+
+
+def test_the_same_seed_and_data_train_the_same_adapter_under_deterministic_algorithms(model_root: Path) -> None:
+    def adapter() -> dict[str, torch.Tensor]:
+        with deterministic_algorithms(True):
+            assert torch.are_deterministic_algorithms_enabled()
+            trainer = _trainer(model_root, LocalContext({"train": _rows(8)}), seed=3)
+            trainer.fit()
+        return trainable_state(trainer.peft_model, None)
+
+    before = torch.are_deterministic_algorithms_enabled()
+    first, second = adapter(), adapter()
+    assert torch.are_deterministic_algorithms_enabled() == before  # the caller's setting comes back
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_B" in k)  # it trained
