@@ -473,6 +473,8 @@ def main() -> None:
     s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     started = time.perf_counter()
+    output = args.output or RESULTS / "data_selection.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "data_selection", "quick": args.quick, "options": asdict(o), "sets": sets}
     with work_folder(args.keep, "kaizen-data-selection-") as work:
         result["seeds"], result["base_models"] = [], []
@@ -491,6 +493,9 @@ def main() -> None:
             if not run["valid"]:
                 print(f"INVALID seed {seed}: training on all rows left a task below {VALID_SCORE}", flush=True)
             result["seeds"].append(run)
+            # The seeds done so far, so that a run stopped part-way keeps them (``complete`` says which).
+            output.write_text(json.dumps({**result, "complete": False}, default=str))
+    result["complete"] = True
     result["summary"], result["goals"] = summarize(result["seeds"])
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     print_table(
@@ -540,8 +545,6 @@ def main() -> None:
                 for g in result["goals"]
             ],
         )
-    output = args.output or RESULTS / "data_selection.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {output}")
 

@@ -981,11 +981,16 @@ def main() -> None:
     quiet_process()
     started = time.perf_counter()
     seeds = [args.seed + i for i in range(args.seeds)]
-    runs = []
+    output = args.output or RESULTS / "forgetting.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
     for seed in seeds:
         print(f"\n=== seed {seed} (base pre-training and fine-tuning)", flush=True)
         runs.append(run_seed(args, replace(s, seed=seed)))
+        # The seeds done so far, so that a run stopped part-way keeps them (``complete`` says which).
+        output.write_text(json.dumps({"benchmark": "forgetting", "complete": False, "runs": runs}, default=str))
     result: dict[str, Any] = {
+        "complete": True,
         "benchmark": "forgetting",
         "quick": args.quick,
         "settings": asdict(s),
@@ -998,8 +1003,6 @@ def main() -> None:
     result["goals"] = goals(means, naive_mean)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     report_spread(result)
-    output = args.output or RESULTS / "forgetting.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {output}")
 
