@@ -170,13 +170,113 @@ class ModelConfig(_Section):
     )
     deployment_strategy: Literal["immediate", "staged", "manual"] = Field(
         "staged",
-        description=NOT_YET_USED + "validation and the canary will promote a validated adapter at once "
-        "(immediate), through a canary (staged), or leave it to an operator (manual).",
+        description="What the deployer does with an adapter validated for production: make it champion at "
+        "once (immediate), serve it to a canary share first (staged, see deploy), or record the verdict "
+        "and leave it to an operator (manual).",
     )
     storage_root: str = Field(
         "data",
         description="Where models/ (base models, the tokenizer) and adapters/ (every fine-tuned LoRA adapter) "
         "live: a local path or a URI pyarrow understands (s3://...).",
+    )
+
+
+class ValidationConfig(_Section):
+    """``kaizen validate``: the candidate against its baseline, and the seed's decision matrix."""
+
+    min_accuracy_change: float = Field(
+        -0.02,
+        le=0,
+        description="Production needs the candidate's accuracy change against the baseline (absolute, on the "
+        "0-1 scale) at least this (the seed's -2 %).",
+    )
+    max_latency_increase: float = Field(
+        0.10, ge=0, description="Production needs p50 latency at most this much above the baseline's (relative)."
+    )
+    max_memory_increase: float = Field(
+        0.05, ge=0, description="Production needs peak memory at most this much above the baseline's (relative)."
+    )
+    max_forgetting_rate: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Each earlier domain's forgetting rate, max(0, (before - after) / before), must stay below "
+        "this (the seed's 0.3); above it the candidate is rejected.",
+    )
+    max_examples: int = Field(
+        64, gt=0, description="Validation rows per split measured (the first ones, the same for both models)."
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Longest answer generated per validation prompt.")
+    concurrency: list[int] = Field(
+        [1, 4], min_length=1, description="Concurrent requests at which throughput is measured."
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the quality difference's interval.")
+    reports_dir: str = Field(
+        "validations",
+        description="Where each validation's report (JSON and Markdown) is written, under model.storage_root.",
+    )
+
+
+class DeployConfig(_Section):
+    """The deployer: how a validated adapter reaches production traffic and leaves it again."""
+
+    canary_share: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of sessions whose requests for 'champion' the challenger answers (sticky: the hash "
+        "of the session id); requests naming an adapter id or the base model are never split.",
+    )
+    min_interactions_per_arm: int = Field(
+        30, gt=1, description="Scored interactions each arm needs before a canary may promote."
+    )
+    non_inferiority_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Promotion needs the challenger's mean live quality no worse than the champion's by more "
+        "than this (absolute, 0-1), at the confidence of alpha.",
+    )
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Error rate of the live comparison's always-valid confidence sequences (checked after "
+        "every interaction without inflating false rollbacks).",
+    )
+    max_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="A challenger whose failed-request share exceeds the champion's by this rolls back.",
+    )
+    max_latency_increase: float = Field(
+        0.5,
+        ge=0,
+        description="A challenger whose median latency exceeds the champion's by this share rolls back "
+        "(after min_interactions_per_arm).",
+    )
+    max_canary_minutes: float = Field(
+        60.0, gt=0, description="Longest a canary may stay inconclusive before on_timeout applies."
+    )
+    on_timeout: Literal["rollback", "wait"] = Field(
+        "rollback",
+        description="An inconclusive canary past max_canary_minutes: roll back, or hold for an operator "
+        "(inconclusive never promotes).",
+    )
+    watch_minutes: float = Field(
+        30.0, ge=0, description="After a promotion, how long the new champion is compared with the previous one."
+    )
+    watch_drop: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="A significant drop in live quality of more than this share of the previous champion's "
+        "(the seed's 5 % alert) during the watch rolls back to it.",
+    )
+    check_interval_s: float = Field(10.0, gt=0, description="How often the deployer looks at live traffic.")
+    smoke_timeout_s: float = Field(
+        120.0, gt=0, description="Longest the new adapter may take to load on every replica and answer its smoke test."
     )
 
 
@@ -362,6 +462,10 @@ class KaizenConfig(_Section):
     performance: PerformanceConfig = Field(
         default_factory=PerformanceConfig, description="Overhead limits and batching."
     )
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Validation of a candidate adapter (kaizen validate)."
+    )
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="Canary, promotion and rollback.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Interaction store.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve application.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")

@@ -179,6 +179,8 @@ class IngestPipeline:
                     "token_count": it.output.token_count,
                     "streaming": it.output.streaming,
                     "model_version": it.metadata.model_version,
+                    "serving_arm": it.metadata.serving_arm,
+                    "deployment_id": it.metadata.deployment_id,
                     "temperature": it.metadata.temperature,
                     "max_tokens": it.metadata.max_tokens,
                     "stop_sequences": list(it.metadata.stop_sequences),

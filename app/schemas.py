@@ -83,6 +83,14 @@ class InteractionMetadata(_Model):
     max_tokens: int | None = Field(None, ge=0, description="Token limit of the request.")
     stop_sequences: list[str] = Field(default_factory=list, description="Stop sequences.")
     system_prompt: Text | None = Field(None, description="System prompt in effect.")
+    serving_arm: Literal["champion", "challenger"] | None = Field(
+        None,
+        description="Which arm of a deployment answered a request for 'champion' (set by Kaizen's own "
+        "generator; None when the request named an adapter id or the base model).",
+    )
+    deployment_id: str | None = Field(
+        None, max_length=100, description="The deployment whose traffic split chose the arm."
+    )
 
 
 class GitState(_Model):
