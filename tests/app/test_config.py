@@ -149,7 +149,6 @@ NOT_YET_USED = {
     "training.interval_hours",
     "training.resource_limits.max_system_memory_gb",
     "model.max_checkpoints",
-    "model.deployment_strategy",
     "privacy.encryption",
     "privacy.audit_trail",
 }
