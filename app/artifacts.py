@@ -111,6 +111,8 @@ KINDS: dict[str, ArtifactKind] = {
         ArtifactKind("adapter", "adapters", "adp"),
         ArtifactKind("model", "models", "model"),
         ArtifactKind("report", "reports", "report"),
+        ArtifactKind("validation", "validations", "val"),
+        ArtifactKind("deployment", "deployments", "dep"),
     )
 }
 """Every artifact kind, by name."""

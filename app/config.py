@@ -211,10 +211,6 @@ class ValidationConfig(_Section):
         [1, 4], min_length=1, description="Concurrent requests at which throughput is measured."
     )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the quality difference's interval.")
-    reports_dir: str = Field(
-        "validations",
-        description="Where each validation's report (JSON and Markdown) is written, under model.storage_root.",
-    )
 
 
 class DeployConfig(_Section):

@@ -232,13 +232,7 @@ class AdapterRegistry:
         return " FOR UPDATE" if self.store.engine == "postgres" else ""
 
     def _execute(self, cur: Any, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        """Run one statement in an open transaction; the rows it returned (decoded as the
-        store's reads decode them), if any."""
-        cur.execute(self.store._sql(sql), [self.store._encode(p) for p in params])
-        if cur.description is None:
-            return []
-        columns = [d[0] for d in cur.description]
-        return [self.store._decode_row(columns, row) for row in cur.fetchall()]
+        return self.store._execute(cur, sql, params)
 
     def _audit(self, cur: Any, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
         self._execute(

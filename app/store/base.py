@@ -101,11 +101,16 @@ class InteractionStore(ABC):
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Run a query and return its rows (reads only: see ``_read_transaction``)."""
         with self._read_transaction() as cur:
-            cur.execute(self._sql(sql), [self._encode(p) for p in params])
-            if cur.description is None:
-                return []
-            columns = [d[0] for d in cur.description]
-            return [self._decode_row(columns, row) for row in cur.fetchall()]
+            return self._execute(cur, sql, params)
+
+    def _execute(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run one statement on ``cur`` (inside a transaction the caller holds); the rows it
+        returned, decoded as every read decodes them, if any."""
+        cur.execute(self._sql(sql), [self._encode(p) for p in params])
+        if cur.description is None:
+            return []
+        columns = [d[0] for d in cur.description]
+        return [self._decode_row(columns, row) for row in cur.fetchall()]
 
     # --- schema ------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Deployment: validation verdicts, the deployer's state machine, the canary's live comparison."""
