@@ -34,6 +34,7 @@ from app.store.base import InteractionStore
 __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
+    "HEARTBEAT_S",
     "STATES",
     "CanaryRoute",
     "Deployment",
@@ -59,6 +60,9 @@ State = Literal[
 STATES: tuple[str, ...] = get_args(State)
 FINAL_STATES = frozenset({"completed", "rolled_back", "failed", "cancelled"})
 ACTIVE_STATES = frozenset(STATES) - FINAL_STATES
+HEARTBEAT_S = 2.0
+"""How often a Generator replica preloads the adapters in use and says which it has loaded; a
+replica not heard from for three of these is taken as gone."""
 Verdict = Literal["production", "staging", "rejected"]
 VERDICTS: tuple[str, ...] = get_args(Verdict)
 
@@ -385,7 +389,16 @@ class DeploymentStore:
                 [replica_id, sorted(adapters), datetime.now(UTC)],
             )
 
-    def replicas(self, max_age_s: float) -> dict[str, list[str]]:
+    def wanted_adapters(self) -> list[str]:
+        """The adapters every Generator replica keeps loaded: the ``champion`` and ``challenger``
+        aliases', the active deployment's, and the champion it replaced (for a rollback at once)."""
+        wanted = [r["adapter_id"] for r in self.store._fetch("SELECT adapter_id FROM adapter_aliases ORDER BY alias")]
+        active = self.active()
+        if active is not None:
+            wanted += [active.adapter_id] + ([active.previous_champion] if active.previous_champion else [])
+        return list(dict.fromkeys(wanted))
+
+    def replicas(self, max_age_s: float = 3 * HEARTBEAT_S) -> dict[str, list[str]]:
         """The replicas heard from within ``max_age_s``, with their loaded adapters."""
         since = datetime.now(UTC) - timedelta(seconds=max_age_s)
         rows = self.store._fetch("SELECT * FROM generator_replicas WHERE updated_at >= ?", [since])

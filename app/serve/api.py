@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import KaizenConfig
+from app.deployment.routing import Route, Router
+from app.deployment.state import DeploymentStore
 from app.ingest import IngestPipeline
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
@@ -481,13 +483,26 @@ def create_api(service: CollectorService) -> FastAPI:
         async def record(event: dict[str, Any]) -> None:
             await service.ingest([event])
 
+        deployments = DeploymentStore(service.store)
+
+        def record_failure(model: str, where: Route, status: int, reason: str) -> None:
+            deployments.record_failure(
+                model=model,
+                adapter_id=where.adapter_id,
+                serving_arm=where.serving_arm,
+                deployment_id=where.deployment_id,
+                status=status,
+                reason=reason,
+            )
+
         add_openai_routes(
             api,
             service.generator,
             base_model=cfg.model.base_model,
-            resolve=registry.resolve,
+            route=Router(registry, deployments, cfg.model.base_model).route,
             list_models=lambda: (registry.list(), registry.aliases()),
             record=record if cfg.serve.generator.record else None,
+            record_failure=record_failure,
             dependencies=[require("agent")],
         )
 

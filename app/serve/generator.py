@@ -9,6 +9,7 @@ requests are batched per adapter (``@serve.batch``); streams run one per request
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,11 +17,15 @@ from typing import Any
 from ray import serve
 
 from app.config import KaizenConfig
+from app.deployment.state import HEARTBEAT_S, DeploymentStore
 from app.generation import GeneratorService
 from app.model.adapters import AdapterStore
 from app.serve.openai_api import _iterate_in_thread, generate_items
+from app.store import open_store
 
 __all__ = ["GeneratorDeployment"]
+
+log = logging.getLogger("kaizen.generator")
 
 
 class _LoadedAdapter:
@@ -51,6 +56,29 @@ class GeneratorDeployment:
         self._cap_adapters(g.max_adapters)
         self._complete_batch.set_max_batch_size(g.max_batch_size)
         self._complete_batch.set_batch_wait_timeout_s(g.batch_wait_timeout_s)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.deployments = DeploymentStore(open_store(cfg.store))
+        # The constructor runs on the replica's event loop: the keeper shares it with the requests.
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_adapters())
+
+    async def _keep_adapters(self) -> None:
+        """Every :data:`HEARTBEAT_S`: load the adapters in use (the aliases', the active
+        deployment's and the champion it replaced: :meth:`DeploymentStore.wanted_adapters`) through
+        the multiplexed loader, so Serve routes their requests here and nothing waits for a load
+        when traffic moves; then tell the store which adapters this replica has (the deployer
+        moves traffic only once every replica lists the new one)."""
+        while True:
+            try:
+                for adapter_id in await asyncio.to_thread(self.deployments.wanted_adapters):
+                    try:
+                        await self.get_adapter(adapter_id)
+                    except Exception:  # not listed in the heartbeat: the deployer sees it missing
+                        log.warning("preloading adapter %s failed", adapter_id, exc_info=True)
+                loaded = self.service.loaded_adapters()
+                await asyncio.to_thread(self.deployments.heartbeat, self.replica_id, loaded)
+            except Exception:  # the store away for a moment: try again at the next beat
+                log.warning("adapter heartbeat failed", exc_info=True)
+            await asyncio.sleep(HEARTBEAT_S)
 
     def _cap_adapters(self, count: int) -> None:
         """``@serve.multiplexed`` takes its cap when the class is defined; the configured one is
@@ -149,9 +177,14 @@ class GeneratorDeployment:
 
 
 def _load_error(exc: Exception) -> dict[str, Any]:
+    """A registered adapter that would not load is the server's failure (503, counted against its
+    arm by the ingress), not the request's; the exception stays in the replica's log."""
     from app.generation import GenerationRequestError
     from app.serve.openai_api import _error_item
 
     if isinstance(exc, GenerationRequestError):
         return _error_item(exc)
-    return _error_item(GenerationRequestError("model", f"adapter could not be loaded: {exc}", status_code=400))
+    log.error("adapter load failed", exc_info=exc)
+    return _error_item(
+        GenerationRequestError("model", "the adapter could not be loaded on this server; retry", status_code=503)
+    )

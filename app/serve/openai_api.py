@@ -2,7 +2,10 @@
 ``GET /v1/models``, mounted on the collector's ingress.
 
 ``model`` may name the base model, an adapter id or an alias (``champion``, ``challenger``); it is
-resolved through the registry at each request, so moving an alias takes effect at once. The
+routed at each request (:class:`app.deployment.routing.Router`: a request for ``champion`` may go
+to a canary's challenger), so moving an alias takes effect at once, and the interaction recorded
+says which adapter and which arm answered. A request that fails on the server's side is counted
+against its adapter and arm (``record_failure``), which is how a canary sees a challenger fail. The
 generation runs behind a :class:`GenerationBackend`: the Generator deployment's handle under Serve
 (:class:`HandleBackend`), or a :class:`GeneratorService` in this process (:class:`LocalBackend`,
 tests and ``uvicorn``). Each completion comes back with its interaction event, which is recorded
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.deployment.routing import Route
 from app.generation import GenerationRequestError, GeneratorService, interaction_event, parse_request
 
 __all__ = ["GenerationBackend", "HandleBackend", "LocalBackend", "add_openai_routes", "generate_items"]
@@ -171,48 +175,62 @@ def add_openai_routes(
     backend: GenerationBackend,
     *,
     base_model: str,
-    resolve: Callable[[str], str | None],
+    route: Callable[[str, str], Route | None],
     list_models: Callable[[], tuple[list[dict[str, Any]], dict[str, str]]],
     record: Callable[[dict[str, Any]], Any] | None,
+    record_failure: Callable[[str, Route, int, str], None] | None,
     dependencies: list[Any],
 ) -> None:
     """Mount the routes on ``api``.
 
     Args:
-        resolve: a ``model`` name (adapter id or alias) to an adapter id, None when unknown.
+        route: a ``model`` name and a session to the :class:`Route` that answers, None when the
+            name is unknown.
         list_models: the registry's adapters (``id``, ``created_at``, ``status``) and aliases.
         record: called with each completion's interaction event, after the reply (fire and forget).
+        record_failure: called (in a worker thread, after the reply) with the model name, the route,
+            the status and the reason of a request that failed on the server's side.
     """
     background: set[asyncio.Task[Any]] = set()
 
-    def record_later(event: dict[str, Any] | None) -> None:
-        if record is None or event is None:
-            return
-
+    def later(what: str, call: Callable[[], Any]) -> None:
         async def run() -> None:
             try:
-                await record(event)
-            except Exception:  # the reply has gone; the interaction is lost only to the learning loop
-                log.exception("recording completion %s failed", event.get("id"))
+                result = call()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # the reply has gone; only the learning loop or the canary misses it
+                log.exception("%s failed", what)
 
         task = asyncio.create_task(run())
         background.add(task)
         task.add_done_callback(background.discard)
 
-    async def adapter_for(model: Any) -> str | None:
+    def record_later(event: dict[str, Any] | None, where: Route) -> None:
+        if record is None or event is None:
+            return
+        if where.serving_arm is not None:
+            metadata = event["body"].setdefault("metadata", {})
+            metadata["serving_arm"] = where.serving_arm
+            metadata["deployment_id"] = where.deployment_id
+        later(f"recording completion {event.get('id')}", lambda: record(event))
+
+    def failed(model: str, where: Route, status: int, reason: str) -> None:
+        if record_failure is not None and status >= 500:
+            later("recording a failed request", lambda: asyncio.to_thread(record_failure, model, where, status, reason))
+
+    async def route_of(model: Any, session: str) -> Route:
         if not isinstance(model, str) or not model:
             raise GenerationRequestError("model", "a model name is required", status_code=422)
-        if model == base_model:
-            return None
-        adapter_id = await asyncio.to_thread(resolve, model)
-        if adapter_id is None:
+        where = await asyncio.to_thread(route, model, session)
+        if where is None:
             raise GenerationRequestError(
                 "model",
                 f"no model {model!r}: not the base model {base_model!r}, an adapter id, or an alias",
                 status_code=404,
                 code="model_not_found",
             )
-        return adapter_id
+        return where
 
     @api.post("/v1/chat/completions", summary="OpenAI-compatible chat completion", dependencies=dependencies)
     async def chat_completions(request: Request) -> Any:
@@ -224,20 +242,33 @@ def add_openai_routes(
             return _error_response(400, "body", f"not valid JSON: {exc}")
         if not isinstance(payload, dict):
             return _error_response(422, "body", "expected a JSON object")
+        session = request.headers.get(SESSION_HEADER) or str(payload.get("user") or "openai-api")
+        model = payload.get("model")
         try:
-            adapter_id = await adapter_for(payload.get("model"))
+            where = await route_of(model, session)
         except GenerationRequestError as exc:
             return _error_response(exc.status_code, exc.field, exc.reason, exc.code)
-        session = request.headers.get(SESSION_HEADER) or str(payload.get("user") or "openai-api")
         if not payload.get("stream"):
-            result = await backend.complete(payload, adapter_id, session)
+            try:
+                result = await backend.complete(payload, where.adapter_id, session)
+            except Exception:
+                log.exception("completion for %r failed", model)
+                failed(model, where, 503, "the generator did not answer")
+                return _error_response(503, "model", "the generator could not answer; retry", "unavailable")
             if "error" in result:
+                failed(model, where, result["status"], str(result["error"].get("reason", "")))
                 return JSONResponse(status_code=result["status"], content={"error": result["error"]})
-            record_later(result.get("event"))
+            record_later(result.get("event"), where)
             return JSONResponse(content=result["completion"])
-        items = backend.stream(payload, adapter_id, session).__aiter__()
-        first = await items.__anext__()
+        items = backend.stream(payload, where.adapter_id, session).__aiter__()
+        try:
+            first = await items.__anext__()
+        except Exception:
+            log.exception("stream for %r failed", model)
+            failed(model, where, 503, "the generator did not answer")
+            return _error_response(503, "model", "the generator could not answer; retry", "unavailable")
         if "error" in first:
+            failed(model, where, first["status"], str(first["error"].get("reason", "")))
             return JSONResponse(status_code=first["status"], content={"error": first["error"]})
 
         async def sse() -> AsyncIterator[str]:
@@ -246,7 +277,7 @@ def add_openai_routes(
                 if "chunk" in item:
                     yield f"data: {json.dumps(item['chunk'], separators=(',', ':'))}\n\n"
                 elif "event" in item:
-                    record_later(item["event"])
+                    record_later(item["event"], where)
                 item = await anext(items, None)
             yield "data: [DONE]\n\n"
 

@@ -158,3 +158,91 @@ def test_registering_and_loading_an_adapter_under_load_fails_nothing(kaizen, mod
     for w in workers:
         w.join(timeout=60)
     assert failures == [] and len(answers) > 0 and set(answers) == {ANSWER}
+
+
+def _recorded(store, completion_id: str, timeout_s: float = 30.0) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        row = store.get_interaction(completion_id)
+        if row is not None:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"{completion_id} was not recorded")
+
+
+def test_a_canary_answers_its_sticky_share_of_champion_sessions_and_is_recorded_by_arm(
+    kaizen, model_root: Path
+) -> None:
+    from app.deployment.state import DeploymentStore
+
+    client, store, registry, adapters = kaizen
+    if registry.get("answer-7") is None:
+        manifest = train_answer_adapter(model_root, adapters, "answer-7", "Seven.", PROMPTS)
+        registry.register(manifest, adapters.uri("answer-7"), actor="test")
+    deployments = DeploymentStore(store)
+    deployment = deployments.create("answer-7", "staged", "preloading", actor="test", reason="canary test")
+    # Every replica preloads the active deployment's adapter and says so.
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("answer-7" in a for a in deployments.replicas().values()):
+        time.sleep(0.5)
+    assert deployments.replicas() and all("answer-7" in a for a in deployments.replicas().values())
+
+    registry.set_alias("challenger", "answer-7", actor="test", reason="canary")
+    deployment = deployments.transition(
+        deployment, "canary", actor="test", decision="canary", reason="smoke test passed", share=0.5
+    )
+    try:
+        arms: dict[str, set[str]] = {}
+        for i in range(16):
+            for _ in range(2):  # the second request of a session lands on the same arm
+                got = client.chat.completions.create(
+                    model="champion",
+                    messages=[{"role": "user", "content": "hi"}],
+                    temperature=0,
+                    max_tokens=8,
+                    extra_headers={"X-Kaizen-Session": f"session-{i}"},
+                )
+                arms.setdefault(f"session-{i}", set()).add(got.choices[0].message.content)
+                row = _recorded(store, got.id)
+                expected = (
+                    ("challenger", "answer-7")
+                    if got.choices[0].message.content == "Seven."
+                    else (
+                        "champion",
+                        "answer-42",
+                    )
+                )
+                assert (row["serving_arm"], row["model_version"]) == expected
+                assert row["deployment_id"] == deployment.id
+        assert all(len(a) == 1 for a in arms.values())  # sticky
+        answers = {next(iter(a)) for a in arms.values()}
+        assert answers == {ANSWER, "Seven."}  # both arms served some of the 16 sessions
+        # A request that names an adapter is never split, and records no arm.
+        named = _ask(client, "answer-42", max_tokens=8)
+        assert named.choices[0].message.content == ANSWER
+        assert _recorded(store, named.id)["serving_arm"] is None
+    finally:
+        deployments.transition(
+            deployments.get(deployment.id), "cancelled", actor="test", decision="cancel", reason="test over", share=0
+        )
+        registry.set_alias("challenger", None, actor="test", reason="test over")
+
+
+def test_a_registered_adapter_that_will_not_load_fails_as_the_server_and_is_counted(
+    kaizen, model_root: Path, tmp_path: Path
+) -> None:
+    from app.deployment.state import DeploymentStore
+
+    client, store, registry, adapters = kaizen
+    manifest = train_answer_adapter(model_root, adapters, "answer-broken", "Nine.", PROMPTS)
+    registry.register(manifest, adapters.uri("answer-broken"), actor="test")
+    weights = next(adapters.local_path("answer-broken").glob("*.safetensors"))
+    weights.write_bytes(b"not a tensor file")
+    with pytest.raises(openai.APIStatusError) as failed:
+        _ask(client, "answer-broken", max_tokens=4)
+    assert failed.value.status_code == 503 and "Traceback" not in str(failed.value.body)
+    deadline = time.time() + 30
+    while time.time() < deadline and not DeploymentStore(store).failures(adapter_id="answer-broken"):
+        time.sleep(0.2)
+    (row,) = DeploymentStore(store).failures(adapter_id="answer-broken")
+    assert row["status"] == 503 and row["model"] == "answer-broken" and row["serving_arm"] is None
