@@ -113,7 +113,7 @@ class Judge:
 
     def __init__(self, sandbox_timeout_s: float = SANDBOX_TIMEOUT_S) -> None:
         self.sandbox_timeout_s = sandbox_timeout_s
-        self._valid_tests: dict[tuple[str, str], bool] = {}
+        self._valid_tests: dict[tuple[str, tuple[str, ...]], bool] = {}
 
     def method(self, case: EvalCase) -> Method:
         """The rule that judges answers to ``case`` when they are not exactly its reference."""
@@ -135,7 +135,7 @@ class Judge:
     def _tests_hold(self, case: EvalCase) -> bool:
         if not case.tests or case.reference is None:
             return False
-        key = (case.case_id, case.reference)
+        key = (case.reference, case.tests)
         if key not in self._valid_tests:
             self._valid_tests[key] = self._passes(python_code(case.reference), case.tests)
         return self._valid_tests[key]
