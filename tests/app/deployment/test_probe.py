@@ -1,0 +1,115 @@
+"""The serving probe: which replicas have an adapter loaded (from their heartbeats in the store),
+and the smoke test's HTTP request against a real local HTTP server standing in for Kaizen's
+endpoint (the end-to-end smoke test through Ray Serve belongs to the Serve integration tests)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from app.deployment.probe import SMOKE_SESSION, HttpProbe
+from app.deployment.state import DeploymentStore
+from app.store import InteractionStore
+from tests.conftest import free_port
+
+
+class Endpoint:
+    """``POST /v1/chat/completions`` on a real socket, answering what the test sets."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body: Any = {"choices": [{"message": {"role": "assistant", "content": "OK"}}]}
+        self.requests: list[tuple[dict[str, str], Any]] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                endpoint.requests.append(
+                    ({k.lower(): v for k, v in self.headers.items()}, json.loads(self.rfile.read(length)))
+                )
+                payload = endpoint.body if isinstance(endpoint.body, bytes) else json.dumps(endpoint.body).encode()
+                self.send_response(endpoint.status if self.path == "/v1/chat/completions" else 404)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    server = Endpoint()
+    yield server
+    server.close()
+
+
+def test_loaded_everywhere_reads_the_replicas_heartbeats(store: InteractionStore) -> None:
+    probe = HttpProbe("http://127.0.0.1:9", None, store)
+    ok, detail = probe.loaded_everywhere("adp-new")
+    assert not ok and "no Generator replica" in detail
+    deployments = DeploymentStore(store)
+    deployments.heartbeat("replica-a", ["adp-old", "adp-new"])
+    deployments.heartbeat("replica-b", ["adp-old"])
+    ok, detail = probe.loaded_everywhere("adp-new")
+    assert not ok and "1 of 2 replicas" in detail and "replica-b" in detail
+    deployments.heartbeat("replica-b", ["adp-new"])
+    assert probe.loaded_everywhere("adp-new") == (True, "loaded on all 2 replicas")
+    deployments.forget_replica("replica-b")
+    assert probe.loaded_everywhere("adp-new") == (True, "loaded on all 1 replicas")
+    # A replica that has not beaten within the age limit is taken as gone.
+    quiet = HttpProbe("http://127.0.0.1:9", None, store, max_heartbeat_age_s=0.0).loaded_everywhere("adp-new")
+    assert quiet == (False, "no Generator replica has reported its adapters in the last 0 s")
+
+
+def test_smoke_test_posts_a_completion_for_the_adapter(endpoint: Endpoint, store: InteractionStore) -> None:
+    probe = HttpProbe(endpoint.url + "/", "secret-key", store)
+    ok, detail = probe.smoke_test("adp-new")
+    assert ok and "'OK'" in detail
+    headers, body = endpoint.requests[-1]
+    assert body["model"] == "adp-new" and body["messages"][0]["role"] == "user"
+    assert headers["authorization"] == "Bearer secret-key" and headers["x-kaizen-session"] == SMOKE_SESSION
+    assert "authorization" not in _headers_of(HttpProbe(endpoint.url, None, store), endpoint)
+
+
+def _headers_of(probe: HttpProbe, endpoint: Endpoint) -> dict[str, str]:
+    probe.smoke_test("adp-new")
+    return endpoint.requests[-1][0]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (500, {"error": {"message": "adapter weights missing"}}, "answered 500: "),
+        (200, {"choices": [{"message": {"content": "  "}}]}, "empty content"),
+        (200, {"choices": []}, "unreadable body"),
+        (200, b"not json", "unreadable body"),
+    ],
+)
+def test_smoke_test_fails_on_a_bad_answer(
+    endpoint: Endpoint, store: InteractionStore, status: int, body: Any, expected: str
+) -> None:
+    endpoint.status, endpoint.body = status, body
+    ok, detail = HttpProbe(endpoint.url, None, store).smoke_test("adp-new")
+    assert not ok and expected in detail
+
+
+def test_smoke_test_fails_when_nothing_answers(store: InteractionStore) -> None:
+    ok, detail = HttpProbe(f"http://127.0.0.1:{free_port()}", None, store, timeout_s=2).smoke_test("adp-new")
+    assert not ok and "ConnectError" in detail
