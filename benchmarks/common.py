@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["pct", "print_table"]
+__all__ = ["pct", "print_table", "train_answer_adapter"]
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -23,3 +24,44 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def train_answer_adapter(model_root: Any, store: Any, adapter_id: str, answer: str, prompts: Sequence[str]) -> Any:
+    """Train a LoRA adapter on the tiny model, for a few steps, to answer ``answer`` to each of
+    ``prompts``; save it in ``store`` and return its manifest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from app.model import load_model
+
+    torch.manual_seed(0)  # LoRA's A matrices are drawn at random
+    base, tokenizer = load_model("tiny", root=model_root, device="cpu")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=targets)
+    model = get_peft_model(base, config)
+    # Prompts followed by the answer and <|im_end|>, left-padded; the loss is on the answer only,
+    # so the vocabulary-wide head is computed for those few positions alone (it is most of the cost).
+    answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + answer_ids for p in rendered]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    labels = input_ids[:, -len(answer_ids) :]
+    inner = model.get_base_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(15):
+        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = inner.lm_head(hidden[:, -len(answer_ids) - 1 : -1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    if not (logits.argmax(-1) == labels).all():
+        raise RuntimeError(f"adapter {adapter_id!r} did not learn its answer {answer!r} in 15 steps; choose another")
+    return store.save(model, base_model="tiny", adapter_id=adapter_id)

@@ -12,9 +12,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from benchmarks.common import train_answer_adapter
+
+__all__ = ["free_port", "ingest_samples", "train_answer_adapter"]
 
 # The code passes local_files_only everywhere; this also stops any library that reads the
 # variable from reaching for the hub.
@@ -172,43 +175,3 @@ def ingest_samples(store, n: int) -> list[str]:
     prepared = pipeline.prepare(events)
     assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
     return [e["id"] for e in events]
-
-
-def train_answer_adapter(model_root, store, adapter_id: str, answer: str, prompts) -> Any:
-    """Train a LoRA adapter on the tiny model, for a few steps, to answer ``answer`` to each of
-    ``prompts``; save it in ``store`` and return its manifest."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from app.model import load_model
-
-    torch.manual_seed(0)  # LoRA's A matrices are drawn at random
-    base, tokenizer = load_model("tiny", root=model_root, device="cpu")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=targets)
-    model = get_peft_model(base, config)
-    # Prompts followed by the answer and <|im_end|>, left-padded; the loss is on the answer only,
-    # so the vocabulary-wide head is computed for those few positions alone (it is most of the cost).
-    answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + answer_ids for p in rendered]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    labels = input_ids[:, -len(answer_ids) :]
-    inner = model.get_base_model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(15):
-        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = inner.lm_head(hidden[:, -len(answer_ids) - 1 : -1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    assert (logits.argmax(-1) == labels).all(), "the adapter did not learn its answer"
-    return store.save(model, base_model="tiny", adapter_id=adapter_id)
