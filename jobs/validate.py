@@ -210,7 +210,17 @@ def _status(verdict: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``jobs.validate`` besides ``--config`` and the overrides (for ``kaizen validate``)."""
+    """The command line of ``kaizen validate [ADAPTER]``: ``--config``, the adapter, the overrides
+    and the job's own flags (:func:`run` takes the parsed arguments)."""
+    parser.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+    parser.add_argument(
+        "adapter", nargs="?", default=None, help="the adapter to validate (default: the newest candidate)"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. validation.max_examples=32")
+    _add_flags(parser)
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--validation",
         default=None,
@@ -225,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
         __doc__,
         overrides_help="adapter=ADAPTER_ID (default: the newest candidate), and section.key=value config overrides",
     )
-    add_arguments(parser)
+    _add_flags(parser)
     return parser
 
 
@@ -261,14 +271,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``kaizen validate [ADAPTER]`` from parsed arguments (``config``, ``overrides``, and
-    ``adapter`` and ``validation`` where given); returns the exit status as :func:`cli` does."""
-    argv = [*(["--config", args.config] if getattr(args, "config", None) else []), *getattr(args, "overrides", [])]
-    adapter = getattr(args, "adapter", None)
-    if adapter:
+    """``kaizen validate [ADAPTER]`` from the arguments :func:`add_arguments` parsed; returns the
+    exit status as :func:`cli` does."""
+    argv = [*(["--config", args.config] if args.config else []), *args.overrides]
+    if args.adapter:
         # An override in the ADAPTER position ("kaizen validate validation.max_examples=8").
-        argv.append(adapter if "=" in adapter else ADAPTER_ARGUMENT + adapter)
-    if getattr(args, "validation", None):
+        argv.append(args.adapter if "=" in args.adapter else ADAPTER_ARGUMENT + args.adapter)
+    if args.validation:
         argv += ["--validation", args.validation]
     return cli(argv)
 

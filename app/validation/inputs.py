@@ -128,7 +128,7 @@ def choose_subjects(
         candidates = registry.list("candidate")
         if not candidates:
             raise NothingToValidate("nothing to validate: no adapter in the registry has status 'candidate'")
-        row = max(candidates, key=lambda r: (str(r["created_at"]), r["id"]))
+        row = candidates[-1]  # the registry lists them oldest first
         adapter_id = row["id"]
     else:
         if not is_valid_id(adapter_id):

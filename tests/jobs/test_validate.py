@@ -5,6 +5,7 @@ with 1 or 2 and a message naming what is wrong."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,12 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "adapter: given 2 times" in capsys.readouterr().err
     assert validate.cli(["--config", config, "validation.concurrency=[]"]) == 2
     assert "validation.concurrency" in capsys.readouterr().err
+
+    # kaizen validate [ADAPTER] [overrides]: the same job behind the operators' command line.
+    parser = argparse.ArgumentParser(prog="kaizen validate")
+    validate.add_arguments(parser)
+    assert validate.run(parser.parse_args(["adp-nope", "--config", config])) == 2
+    assert "adapter: 'adp-nope' is not registered" in capsys.readouterr().err
+    assert validate.run(parser.parse_args(["validation.max_examples=0", "--config", config])) == 2
+    assert "validation.max_examples" in capsys.readouterr().err
+    assert validate.run(parser.parse_args(["--config", config, "--validation", str(tmp_path)])) == 1

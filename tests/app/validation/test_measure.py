@@ -30,6 +30,23 @@ def test_the_cpu_meter_sees_what_a_call_allocates() -> None:
     assert meter.measure(lambda: None) < size / 4  # freed memory was handed back before measuring
 
 
+@pytest.mark.gpu
+def test_the_gpu_meter_sees_what_a_call_allocates() -> None:
+    import torch
+
+    meter = PeakMemory("cuda")
+    held = torch.ones(2**20, device="cuda")  # allocated before: not counted
+    size = 64 * 2**20
+
+    def allocate() -> None:
+        block = torch.ones(size // 4, device="cuda")  # float32: 4 bytes each
+        assert block.sum().item() == size // 4
+
+    peak = meter.measure(allocate)
+    assert size <= peak <= size * 1.1 and meter.method.startswith("torch.cuda.max_memory_allocated")
+    del held
+
+
 def test_pairs() -> None:
     assert Pair(110.0, 100.0).relative_change == pytest.approx(0.1)
     assert Pair(0.7, 0.8).change == pytest.approx(-0.1)
