@@ -1,0 +1,103 @@
+"""The deployer actor under real Ray: named and detached in its namespace, ticking on its own,
+killed in the middle of a canary and restarted by Ray, going on from the store where it was.
+
+The tests of the logic itself, on both store engines, are in tests/app/deployment/."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.deployer import ACTOR_NAME, api_base_url, deployer_handle, smoke_test_key, start_deployer, stop_deployer
+from app.config import KaizenConfig
+from app.deployment.state import DeploymentStore
+from app.registry import AdapterRegistry
+from app.store.sqlite import SQLiteStore
+from tests.app.deployment.helpers import make_champion, register, serve, validate
+from tests.app.deployment.test_probe import Endpoint
+
+OLD, NEW = "adp-old", "adp-new"
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_base_url_and_key_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = KaizenConfig.model_validate(
+        {
+            "serve": {"host": "0.0.0.0", "port": 8123, "route_prefix": "/kaizen/"},
+            "security": {"api_keys": [{"key_env": "KAIZEN_TEST_UNSET_KEY"}, {"key_env": "KAIZEN_TEST_KEY"}]},
+        }
+    )
+    assert api_base_url(cfg) == "http://127.0.0.1:8123/kaizen"
+    assert smoke_test_key(cfg) is None
+    monkeypatch.setenv("KAIZEN_TEST_KEY", "k-123")
+    assert smoke_test_key(cfg) == "k-123"
+
+
+@pytest.mark.integration
+def test_actor_killed_mid_canary_resumes_where_it_was(ray_session: None, tmp_path: Path) -> None:
+    import ray
+
+    endpoint = Endpoint()  # Kaizen's chat endpoint, for the smoke test
+    host, port = endpoint.url.removeprefix("http://").split(":")
+    namespace = f"kaizen-deployer-test-{uuid.uuid4().hex[:6]}"
+    cfg = KaizenConfig.model_validate(
+        {
+            "store": {"sqlite_path": str(tmp_path / "kaizen.db")},
+            "privacy": {"hmac_key": "k"},
+            "serve": {"host": host, "port": int(port)},
+            "ray": {"namespace": namespace},
+            "model": {"base_model": "tiny", "deployment_strategy": "staged"},
+            "deploy": {"check_interval_s": 0.2, "min_interactions_per_arm": 20},
+        }
+    )
+    store = SQLiteStore(cfg.store.sqlite_path)
+    store.migrate()
+    deployments = DeploymentStore(store)
+    register(store, OLD, NEW)
+    make_champion(store, OLD)
+    validate(store, NEW)
+    deployments.heartbeat("replica-1", [OLD, NEW])
+    try:
+        handle = start_deployer(cfg, detached=True)
+        assert deployer_handle(namespace) is not None
+        d = _wait_for("the canary", lambda: (x := deployments.active()) is not None and x.state == "canary" and x)
+        assert endpoint.requests[-1][1]["model"] == NEW  # smoke-tested through the endpoint first
+        before = ray.get(handle.status.remote())
+        assert before["active"]["id"] == d.id and before["deployer"]["last_error"] is None
+
+        ray.kill(handle, no_restart=False)  # dies mid-canary; Ray starts it again
+        after = ray.get(handle.status.remote(), timeout=120)
+        assert after["deployer"]["pid"] != before["deployer"]["pid"]
+        assert after["active"]["id"] == d.id and after["active"]["state"] == "canary"
+
+        serve(store, 200, model=OLD, arm="champion", deployment_id=d.id, quality=0.8, seed=1)
+        serve(store, 30, model=NEW, arm="challenger", deployment_id=d.id, quality=0.82, seed=2)
+        d = _wait_for("the promotion", lambda: (x := deployments.get(d.id)).state == "watching" and x)
+        decisions = [r["decision"] for r in deployments.decisions(d.id)]
+        assert decisions.count("start") == 1 and decisions.count("canary") == 1 and decisions[-1] == "promote"
+        assert AdapterRegistry(store).champion() == NEW
+        assert len(deployments.list()) == 1  # the restarted actor went on with the same deployment
+        with pytest.raises(ValueError, match="only a canary can be paused"):  # a refusal comes back as it was
+            ray.get(handle.pause.remote(None, "alice", "not a canary any more"), timeout=30)
+    finally:
+        assert stop_deployer(namespace)
+        assert deployer_handle(namespace) is None
+        assert not stop_deployer(namespace)
+        endpoint.close()
+        store.close()
+    with pytest.raises(ValueError):
+        ray.get_actor(ACTOR_NAME, namespace=namespace)
