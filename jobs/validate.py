@@ -158,7 +158,7 @@ def gather_sets(cfg: KaizenConfig, subjects: Subjects, validation: str | None) -
     limit = cfg.validation.max_examples
     own = own_set(adapters, subjects.candidate, limit, validation)
     earlier, notes = earlier_sets(
-        adapters, subjects.baseline, limit, exclude=[own.source.rsplit("/", 1)[0], own.source]
+        adapters, subjects.baseline, limit, candidate=subjects.candidate, exclude=[own.source]
     )
     if subjects.baseline is None:
         notes = ["no champion yet: no earlier domain to measure forgetting on", *notes]

@@ -208,11 +208,17 @@ def own_set(adapters: AdapterStore, adapter_id: str, limit: int, rows: str | Non
 
 
 def earlier_sets(
-    adapters: AdapterStore, champion: str | None, limit: int, *, exclude: Sequence[str] = ()
+    adapters: AdapterStore,
+    champion: str | None,
+    limit: int,
+    *,
+    candidate: str | None = None,
+    exclude: Sequence[str] = (),
 ) -> tuple[list[EvalSet], list[str]]:
     """The earlier domains: for the champion and each adapter it continues (its parent, and so
     on), the validation split of its dataset and its rehearsal set. Each set is read once; the
-    candidate's own dataset (``exclude``, URIs) is not an earlier domain.
+    dataset ``candidate`` was trained on, and the folders or files in ``exclude`` (the candidate's
+    own rows), are not earlier domains.
 
     Returns:
         The sets, the champion's first, and notes on what was looked at but not used (a dataset
@@ -223,6 +229,8 @@ def earlier_sets(
     sets: list[EvalSet] = []
     notes: list[str] = []
     seen = {locate(uri).uri for uri in exclude}
+    if candidate is not None and (own := adapters.manifest(candidate).lineage.dataset_uri):
+        seen.add(_dataset_folder(own).uri)
     visited: set[str] = set()
     adapter_id = champion
     while adapter_id is not None and adapter_id not in visited:

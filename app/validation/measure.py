@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.validation.inputs import EvalCase, EvalSet, Subjects
+from app.validation.inputs import EvalSet, Subjects
 
 if TYPE_CHECKING:
     from app.generation import ChatCompletionRequest, GeneratorService
@@ -174,7 +174,7 @@ def measure(subjects: Subjects, sets: Sequence[EvalSet], options: MeasureOptions
     """
     import torch
 
-    from app.generation import GenerationRequestError, GeneratorService
+    from app.generation import GeneratorService
 
     started = time.perf_counter()
     own_index = next((i for i, s in enumerate(sets) if s.role == "own"), None)
@@ -184,29 +184,63 @@ def measure(subjects: Subjects, sets: Sequence[EvalSet], options: MeasureOptions
     weights = _parameter_bytes(service.model)
     adapters = {"candidate": subjects.candidate, "baseline": subjects.baseline}
     own_bytes = {arm: _attach(service, adapter_id) for arm, adapter_id in adapters.items()}
-    fitting: list[list[ChatCompletionRequest | None]] = []
-    for s in sets:
-        fitting.append([])
-        for case in s.cases:
-            request = _request(case, options.max_new_tokens)
-            try:
-                service.prepare(request)
-                fitting[-1].append(request)
-            except GenerationRequestError:  # too long for the context: left out for both arms
-                fitting[-1].append(None)
-    own_requests = [r for r in fitting[own_index] if r is not None]
+    requests = [_requests(service, s, options.max_new_tokens) for s in sets]
+    own_requests = [r for r in requests[own_index] if r is not None]
     if not own_requests:
         own = sets[own_index]
         raise ValueError(f"validation: none of the {len(own.cases)} prompts of {own.source} fits the model's context")
 
     for arm in ARMS:  # the first call of each arm pays for lazy initialisation
         service.complete(own_requests[0], adapters[arm])
+    answers = _answer_all(service, sets, requests, adapters)
+    throughput = tuple(_throughput(service, own_requests, c, adapters) for c in options.concurrency)
+    meter = PeakMemory(service.device)
+    working = _working_memory(meter, service, _batches(own_requests, max(options.concurrency))[0], adapters)
+    return Measurements(
+        device=str(service.device),
+        torch_threads=torch.get_num_threads(),
+        answers=answers,
+        throughput=throughput,
+        candidate_memory=MemoryUse(weights, own_bytes["candidate"], working["candidate"]),
+        baseline_memory=MemoryUse(weights, own_bytes["baseline"], working["baseline"]),
+        memory_method=meter.method,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
+
+def _requests(service: GeneratorService, evaluated: EvalSet, max_new_tokens: int) -> list[ChatCompletionRequest | None]:
+    """Each case as a greedy request; None for one the Generator would refuse (a conversation it
+    cannot read, or too long for the context): left out for both arms."""
+    from pydantic import ValidationError
+
+    from app.generation import ChatCompletionRequest, GenerationRequestError
+
+    out: list[ChatCompletionRequest | None] = []
+    for case in evaluated.cases:
+        try:
+            request = ChatCompletionRequest.model_validate(
+                {"model": "validation", "messages": list(case.messages), "temperature": 0, "max_tokens": max_new_tokens}
+            )
+            service.prepare(request)
+        except (ValidationError, GenerationRequestError):
+            out.append(None)
+        else:
+            out.append(request)
+    return out
+
+
+def _answer_all(
+    service: GeneratorService,
+    sets: Sequence[EvalSet],
+    requests: Sequence[Sequence[ChatCompletionRequest | None]],
+    adapters: dict[str, str | None],
+) -> tuple[SetAnswers, ...]:
+    """Both arms' answers to every request, one right after the other, alternating which first."""
     turn = 0
     answers = []
-    for s, requests in zip(sets, fitting, strict=True):
+    for s, asked in zip(sets, requests, strict=True):
         got: dict[str, list[Answer | None]] = {arm: [] for arm in ARMS}
-        for request in requests:
+        for request in asked:
             if request is None:
                 for arm in ARMS:
                     got[arm].append(None)
@@ -215,37 +249,22 @@ def measure(subjects: Subjects, sets: Sequence[EvalSet], options: MeasureOptions
                 got[arm].append(_answer(service, request, adapters[arm]))
             turn += 1
         answers.append(SetAnswers(s.name, tuple(got["candidate"]), tuple(got["baseline"])))
+    return tuple(answers)
 
-    throughput = tuple(_throughput(service, own_requests, c, adapters) for c in options.concurrency)
 
-    meter = PeakMemory(service.device)
-    largest = _batches(own_requests, max(options.concurrency))[0]
+def _working_memory(
+    meter: PeakMemory, service: GeneratorService, batch: list[ChatCompletionRequest], adapters: dict[str, str | None]
+) -> dict[str, int]:
+    """Each arm's working memory on ``batch``: measured twice (candidate, baseline, baseline,
+    candidate), the smaller kept."""
     working: dict[str, list[int]] = {arm: [] for arm in ARMS}
     for arm in ("candidate", "baseline", "baseline", "candidate"):
-        working[arm].append(meter.measure(lambda arm=arm: service.complete_batch(largest, adapters[arm])))
-    memory = {arm: MemoryUse(weights, own_bytes[arm], min(working[arm])) for arm in ARMS}
-    return Measurements(
-        device=str(service.device),
-        torch_threads=torch.get_num_threads(),
-        answers=tuple(answers),
-        throughput=throughput,
-        candidate_memory=memory["candidate"],
-        baseline_memory=memory["baseline"],
-        memory_method=meter.method,
-        seconds=round(time.perf_counter() - started, 3),
-    )
+        working[arm].append(meter.measure(lambda arm=arm: service.complete_batch(batch, adapters[arm])))
+    return {arm: min(values) for arm, values in working.items()}
 
 
 def _order(turn: int) -> tuple[str, ...]:
     return ARMS if turn % 2 == 0 else ARMS[::-1]
-
-
-def _request(case: EvalCase, max_new_tokens: int) -> ChatCompletionRequest:
-    from app.generation import ChatCompletionRequest
-
-    return ChatCompletionRequest.model_validate(
-        {"model": "validation", "messages": list(case.messages), "temperature": 0, "max_tokens": max_new_tokens}
-    )
 
 
 def _answer(service: GeneratorService, request: ChatCompletionRequest, adapter_id: str | None) -> Answer:

@@ -168,6 +168,9 @@ def test_the_earlier_domains_walk_the_champions_lineage(env: dict[str, Any]) -> 
     # The candidate's own dataset is not an earlier domain, even where the champion has it.
     sets, _ = earlier_sets(env["adapters"], "adp-4", limit=4, exclude=[str(own), str(second)])
     assert [s.name for s in sets] == ["ssr-1", "ds-first"]
+    _adapter(env, "adp-5", dataset_uri=str(second / "train.parquet"))  # a candidate trained on ds-second again
+    sets, _ = earlier_sets(env["adapters"], "adp-3", limit=4, candidate="adp-5", exclude=[str(rehearsal)])
+    assert [s.name for s in sets] == ["ds-first"]
     assert earlier_sets(env["adapters"], None, limit=4) == ([], [])
 
 
