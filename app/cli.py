@@ -358,6 +358,7 @@ def cmd_adapters_alias(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from jobs import learn as learn_job
+    from jobs import validate as validate_job
 
     parser = argparse.ArgumentParser(prog="kaizen", description="Continuous learning for LLM coding agents.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -411,6 +412,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     learn_job.add_arguments(learn)
     learn.set_defaults(func=learn_job.run)
+
+    validate = sub.add_parser(
+        "validate",
+        help="validate an adapter (default: the newest candidate) against the champion or the base model: "
+        "performance, quality, safety, forgetting; the verdict production | staging | rejected",
+    )
+    validate_job.add_arguments(validate)
+    validate.set_defaults(func=validate_job.run)
 
     adapters = sub.add_parser("adapters", help="the adapter registry: versions and the champion/challenger aliases")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
