@@ -29,6 +29,10 @@ The decision rule on live traffic (each "significantly" is an always-valid confi
   significantly worse);
 * **hold** otherwise: inconclusive evidence never promotes.
 
+Durations (time preloading, in the canary, watching; how often a hold is recorded) are measured on
+the deployer's ``clock``, whose time of each change of state it keeps in the deployment's evidence
+(``entered``); what it reads from the store is selected by the store's own timestamps.
+
 Every transition goes through :meth:`DeploymentStore.transition` (optimistic concurrency: a
 decision made on a deployment that changed since it was read is refused, not written), and the
 registry follows the deployment's state (:meth:`Deployer._settle`): aliases and statuses are moved
@@ -395,7 +399,9 @@ class Deployer:
         previous = self.registry.champion()
         if baseline is None:
             model_version = previous or self.cfg.model.base_model
-            baseline = self.live.served_before(model_version, previous, self.clock(), BASELINE_INTERACTIONS)
+            # The store's timestamps are wall-clock time, whatever clock this deployer measures durations on.
+            now = datetime.now(UTC)
+            baseline = self.live.served_before(model_version, previous, now, BASELINE_INTERACTIONS)
         d = self._transition(
             d,
             "watching",

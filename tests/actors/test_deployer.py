@@ -18,8 +18,7 @@ from app.config import KaizenConfig
 from app.deployment.state import DeploymentStore
 from app.registry import AdapterRegistry
 from app.store.sqlite import SQLiteStore
-from tests.app.deployment.helpers import make_champion, register, serve, validate
-from tests.app.deployment.test_probe import Endpoint
+from tests.app.deployment.helpers import Endpoint, make_champion, register, serve, validate
 
 OLD, NEW = "adp-old", "adp-new"
 

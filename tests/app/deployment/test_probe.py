@@ -4,10 +4,7 @@ endpoint (the end-to-end smoke test through Ray Serve belongs to the Serve integ
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -15,42 +12,8 @@ import pytest
 from app.deployment.probe import SMOKE_SESSION, HttpProbe
 from app.deployment.state import DeploymentStore
 from app.store import InteractionStore
+from tests.app.deployment.helpers import Endpoint
 from tests.conftest import free_port
-
-
-class Endpoint:
-    """``POST /v1/chat/completions`` on a real socket, answering what the test sets."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.body: Any = {"choices": [{"message": {"role": "assistant", "content": "OK"}}]}
-        self.requests: list[tuple[dict[str, str], Any]] = []
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length", 0))
-                endpoint.requests.append(
-                    ({k.lower(): v for k, v in self.headers.items()}, json.loads(self.rfile.read(length)))
-                )
-                payload = endpoint.body if isinstance(endpoint.body, bytes) else json.dumps(endpoint.body).encode()
-                self.send_response(endpoint.status if self.path == "/v1/chat/completions" else 404)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
