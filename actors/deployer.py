@@ -28,9 +28,7 @@ from app.store import open_store
 __all__ = [
     "ACTOR_NAME",
     "DeployerActor",
-    "api_base_url",
     "deployer_handle",
-    "smoke_test_key",
     "start_deployer",
     "stop_deployer",
 ]
@@ -38,24 +36,6 @@ __all__ = [
 ACTOR_NAME = "kaizen-deployer"
 
 log = logging.getLogger("kaizen.deployer")
-
-
-def api_base_url(cfg: KaizenConfig) -> str:
-    """Where this node reaches the Kaizen API: Serve's HTTP proxy (``serve.host``/``serve.port``,
-    a wildcard bind address read as the loopback) plus ``serve.route_prefix``."""
-    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    prefix = cfg.serve.route_prefix.rstrip("/")
-    return f"http://{host}:{cfg.serve.port}{prefix}"
-
-
-def smoke_test_key(cfg: KaizenConfig) -> str | None:
-    """The first configured API key that has a value (the smoke test is a chat completion, which
-    any role may ask for); None when the API takes no keys."""
-    for entry in cfg.security.api_keys:
-        key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
-        if key:
-            return key
-    return None
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -66,7 +46,7 @@ class DeployerActor:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = KaizenConfig.model_validate(config)
         self.store = open_store(cfg.store)
-        probe = HttpProbe(api_base_url(cfg), smoke_test_key(cfg), self.store)
+        probe = HttpProbe.for_config(cfg, self.store)
         self.deployer = Deployer(cfg, self.store, probe)
         self.interval_s = cfg.deploy.check_interval_s
         self.ticks = 0

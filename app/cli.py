@@ -36,11 +36,6 @@ from app.ray_setup import start_ray
 __all__ = ["main"]
 
 
-def _base_url(cfg: KaizenConfig) -> str:
-    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    return f"http://{host}:{cfg.serve.port}"
-
-
 def _seed(url: str, count: int, seed: int, api_key: str | None) -> dict[str, int]:
     from app.client import KaizenClient
     from app.sample import send_samples
@@ -79,13 +74,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         blocking=False,
         logging_config=logging_config,
     )
-    url = _base_url(cfg)
+    url = cfg.api_url()
     if not wait_until_ready(url):
         print(f"error: Kaizen did not become ready at {url}/readyz", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
         return 1
 
+    from actors.deployer import start_deployer, stop_deployer
+
+    start_deployer(cfg, detached=True)
     store_desc = cfg.store.sqlite_path if cfg.store.engine == "sqlite" else cfg.store.postgres_dsn.split("@")[-1]
     print(f"Kaizen is up ({cfg.store.engine}: {store_desc})")
     print(f"  events      POST {url}/v1/events")
@@ -100,6 +98,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  chat        POST {url}/v1/chat/completions   GET {url}/v1/models   "
             f"(OpenAI-compatible; model {cfg.model.base_model!r}, an adapter id, champion, challenger)"
         )
+    print(
+        f"  deployments GET  {url}/v1/deployments   POST {url}/v1/deployments/{{id}}/rollback   "
+        f"(deployer: {cfg.model.deployment_strategy}; kaizen deploy status)"
+    )
     print(f"  health      GET  {url}/healthz  {url}/readyz")
     print(f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)")
 
@@ -122,6 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     print("\nShutting down ...")
+    stop_deployer(cfg.ray.namespace)
     serve.shutdown()
     ray.shutdown()
     print("Stopped.")
@@ -263,7 +266,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    url = (args.url or _base_url(cfg)).rstrip("/")
+    url = (args.url or cfg.api_url()).rstrip("/")
     sent = _seed(url, args.count, args.seed, args.api_key or os.environ.get("KAIZEN_API_KEY"))
     print(json.dumps(sent, indent=2))
     return 0 if sent["delivered"] else 1
@@ -333,6 +336,51 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         )
     if not adapters:
         print("(no adapters registered)")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``kaizen deploy status | promote ADAPTER | rollback [ID] | pause [ID] | resume [ID]``: the
+    deployer's view and an operator's decisions, made on the store as the deployer actor makes them
+    (a promotion's preloading and smoke test are finished by the actor's next tick)."""
+    from app.deployment.deployer import Deployer
+    from app.deployment.probe import HttpProbe
+    from app.deployment.state import DeploymentNotFoundError, StaleDeploymentError
+    from app.registry import AdapterNotRegisteredError
+    from app.store import open_store
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        deployer = Deployer(cfg, store, HttpProbe.for_config(cfg, store), actor="cli")
+        action = args.deploy_command
+        if action == "status":
+            out: Any = deployer.status()
+        elif action == "promote":
+            out = deployer.promote(args.adapter, args.actor, args.reason).to_json()
+        else:
+            out = getattr(deployer, action)(args.deployment, args.actor, args.reason).to_json()
+    except (ValueError, AdapterNotRegisteredError, DeploymentNotFoundError, StaleDeploymentError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    if args.json or (action == "status" and not out.get("active")):
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    if action == "status":
+        active = out["active"]
+        print(f"strategy {out['strategy']}; aliases {out['aliases'] or '(none: the base model serves)'}")
+        print(f"active: {active['id']} {active['adapter_id']} {active['state']} (share {active['share']:g})")
+        if out.get("live"):
+            print(f"  live rule: {out['live']['rule']}: {out['live']['reason']}")
+        for d in out.get("decisions", []):
+            move = f"{d.get('from_state') or '-'} -> {d['to_state']}"
+            print(f"  {d['created_at']}  {d['decision']:<10} {move}: {d['reason']}")
+        return 0
+    print(f"{out['id']}: {out['adapter_id']} is {out['state']} (share {out['share']:g})")
+    if action == "promote" and out["state"] == "preloading":
+        print("  the deployer makes it champion once every Generator replica has it loaded and it passed a smoke test")
     return 0
 
 
@@ -412,6 +460,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     learn_job.add_arguments(learn)
     learn.set_defaults(func=learn_job.run)
+
+    deploy = sub.add_parser(
+        "deploy", help="deployments: status, and an operator's promote, rollback, pause or resume (audited)"
+    )
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    who = os.environ.get("USER") or "operator"
+    for name, helptext in (
+        ("status", "what serves, the active deployment, its decisions and the live rule's current answer"),
+        ("promote", "make ADAPTER champion (from a canary at once; otherwise after preloading and a smoke test)"),
+        ("rollback", "end the active deployment (or ID): the champion it replaced serves again"),
+        ("pause", "stop the canary's traffic without deciding"),
+        ("resume", "send a paused canary its share again"),
+    ):
+        p = deploy_sub.add_parser(name, help=helptext)
+        with_config(p)
+        if name == "promote":
+            p.add_argument("--adapter", required=True, help="the adapter id to make champion")
+        elif name != "status":
+            p.add_argument("--deployment", default=None, help="deployment id (default: the active one)")
+        if name != "status":
+            p.add_argument("--reason", required=True, help="why (kept with the decision and audited)")
+            p.add_argument("--actor", default=who, help="who decides (audit)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=cmd_deploy)
 
     validate = sub.add_parser(
         "validate",

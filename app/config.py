@@ -204,7 +204,10 @@ class ValidationConfig(_Section):
         "this (the seed's 0.3); above it the candidate is rejected.",
     )
     max_examples: int = Field(
-        64, gt=0, description="Validation rows per split measured (the first ones, the same for both models)."
+        64,
+        gt=0,
+        description="Rows measured per set (the first ones, the same for both models): the candidate's validation "
+        "split, each earlier domain, and each shipped safety set.",
     )
     max_new_tokens: int = Field(128, gt=0, description="Longest answer generated per validation prompt.")
     concurrency: list[int] = Field(
@@ -482,6 +485,12 @@ class KaizenConfig(_Section):
     learn: dict[str, Any] = Field(
         default_factory=dict, description="jobs/learn.py options (app.learning.cycle.LearnConfig)."
     )
+
+    def api_url(self) -> str:
+        """Where this node reaches the Kaizen API: Serve's HTTP proxy (``serve.host``/``serve.port``,
+        a wildcard bind address read as the loopback) plus ``serve.route_prefix``."""
+        host = "127.0.0.1" if self.serve.host in ("0.0.0.0", "::") else self.serve.host
+        return f"http://{host}:{self.serve.port}{self.serve.route_prefix.rstrip('/')}"
 
     def hmac_key(self) -> bytes:
         """The key for hashing ids: ``privacy.hmac_key``, else the environment variable, else a

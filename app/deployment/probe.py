@@ -10,14 +10,19 @@ API-key check, the router and the multiplexed adapter loader.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import os
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from app.deployment.state import HEARTBEAT_S, DeploymentStore
+from app.serve.headers import RECORD_HEADER
 from app.store.base import InteractionStore
 
-__all__ = ["SMOKE_PROMPT", "SMOKE_SESSION", "HttpProbe", "ServingProbe", "loaded_everywhere"]
+if TYPE_CHECKING:
+    from app.config import KaizenConfig
+
+__all__ = ["SMOKE_PROMPT", "SMOKE_SESSION", "HttpProbe", "ServingProbe", "loaded_everywhere", "smoke_test_key"]
 
 SMOKE_PROMPT = "Reply with the word OK."
 SMOKE_SESSION = "kaizen-deployer-smoke-test"
@@ -48,6 +53,16 @@ def loaded_everywhere(deployments: DeploymentStore, adapter_id: str, max_age_s: 
     return True, f"loaded on all {len(replicas)} replicas"
 
 
+def smoke_test_key(cfg: KaizenConfig) -> str | None:
+    """The first configured API key that has a value (the smoke test is a chat completion, which
+    any role may ask for); None when the API takes no keys."""
+    for entry in cfg.security.api_keys:
+        key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
+        if key:
+            return key
+    return None
+
+
 class HttpProbe:
     """:class:`ServingProbe` of a running Kaizen: heartbeats from the store, the smoke test over
     HTTP.
@@ -75,13 +90,20 @@ class HttpProbe:
         self.max_heartbeat_age_s = max_heartbeat_age_s
         self.timeout_s = timeout_s
 
+    @classmethod
+    def for_config(cls, cfg: KaizenConfig, store: InteractionStore) -> HttpProbe:
+        """The probe of the Kaizen that ``cfg`` describes (:meth:`KaizenConfig.api_url`,
+        :func:`smoke_test_key`)."""
+        return cls(cfg.api_url(), smoke_test_key(cfg), store)
+
     def loaded_everywhere(self, adapter_id: str) -> tuple[bool, str]:
         return loaded_everywhere(self.deployments, adapter_id, self.max_heartbeat_age_s)
 
     def smoke_test(self, adapter_id: str) -> tuple[bool, str]:
         """POST a short chat completion naming ``adapter_id`` to ``/v1/chat/completions``; passes
         on a 200 whose first choice has non-empty content."""
-        headers = {"X-Kaizen-Session": SMOKE_SESSION}
+        # Not recorded: a smoke test's answer is no interaction of a user's to learn from.
+        headers = {"X-Kaizen-Session": SMOKE_SESSION, RECORD_HEADER: "false"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         body = {

@@ -159,11 +159,13 @@ class DeploymentStore:
         report_uri: str | None = None,
         *,
         actor: str,
+        validation_id: str | None = None,
     ) -> dict[str, Any]:
-        """Keep a validation's verdict and summary (audited); returns its row."""
+        """Keep a validation's verdict and summary (audited with the summary); returns its row.
+        ``validation_id`` is the report's id when the report was published first (default: a new one)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
-        vid = new_id("validation")
+        vid = validation_id or new_id("validation")
         now = datetime.now(UTC)
         with self.store._transaction() as cur:
             (row,) = self.store._execute(
@@ -172,7 +174,13 @@ class DeploymentStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 [vid, adapter_id, baseline, verdict, dict(summary), report_uri, now],
             )
-            self._audit(cur, actor, "validation.verdict", adapter_id, {"validation_id": vid, "verdict": verdict})
+            self._audit(
+                cur,
+                actor,
+                "validation.verdict",
+                adapter_id,
+                {"validation_id": vid, "verdict": verdict, "report_uri": report_uri, "summary": dict(summary)},
+            )
         return row
 
     def validations(self, adapter_id: str | None = None) -> list[dict[str, Any]]:
@@ -410,8 +418,8 @@ class DeploymentStore:
 
     def audit(self, target: str | None = None) -> list[dict[str, Any]]:
         """Deployment and validation audit rows, oldest first."""
-        sql = "SELECT * FROM audit_log WHERE (action LIKE 'deployment.%' OR action LIKE 'validation.%')"
-        params: list[Any] = []
+        sql = "SELECT * FROM audit_log WHERE (action LIKE ? OR action LIKE ?)"
+        params: list[Any] = ["deployment.%", "validation.%"]
         if target is not None:
             sql += " AND target = ?"
             params.append(target)

@@ -31,6 +31,7 @@ from app.ingest import IngestPipeline
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
 from app.schemas import EventResult
+from app.serve.deployments_api import add_deployment_routes
 from app.serve.openai_api import GenerationBackend, add_openai_routes
 from app.store import InteractionStore, StoredEvent, open_store
 
@@ -505,6 +506,8 @@ def create_api(service: CollectorService) -> FastAPI:
             record_failure=record_failure,
             dependencies=[require("agent")],
         )
+
+    add_deployment_routes(api, cfg, service.store, [require("operator")])
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:

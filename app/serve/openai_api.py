@@ -27,11 +27,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deployment.routing import Route
 from app.generation import GenerationRequestError, GeneratorService, interaction_event, parse_request
+from app.serve.headers import RECORD_HEADER, SESSION_HEADER
 
 __all__ = ["GenerationBackend", "HandleBackend", "LocalBackend", "add_openai_routes", "generate_items"]
 
 log = logging.getLogger("kaizen.generator")
-SESSION_HEADER = "x-kaizen-session"
 
 
 class GenerationBackend(Protocol):
@@ -235,7 +235,8 @@ def add_openai_routes(
     @api.post("/v1/chat/completions", summary="OpenAI-compatible chat completion", dependencies=dependencies)
     async def chat_completions(request: Request) -> Any:
         """OpenAI's chat-completions API; ``stream: true`` answers with server-sent events. The
-        ``X-Kaizen-Session`` header (else ``user``) groups the recorded interactions by session."""
+        ``X-Kaizen-Session`` header (else ``user``) groups the recorded interactions by session;
+        ``X-Kaizen-Record: false`` answers without recording the completion."""
         try:
             payload = json.loads(await request.body())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -243,6 +244,7 @@ def add_openai_routes(
         if not isinstance(payload, dict):
             return _error_response(422, "body", "expected a JSON object")
         session = request.headers.get(SESSION_HEADER) or str(payload.get("user") or "openai-api")
+        recorded = request.headers.get(RECORD_HEADER, "true").strip().lower() not in ("false", "0", "no")
         model = payload.get("model")
         try:
             where = await route_of(model, session)
@@ -258,7 +260,8 @@ def add_openai_routes(
             if "error" in result:
                 failed(model, where, result["status"], str(result["error"].get("reason", "")))
                 return JSONResponse(status_code=result["status"], content={"error": result["error"]})
-            record_later(result.get("event"), where)
+            if recorded:
+                record_later(result.get("event"), where)
             return JSONResponse(content=result["completion"])
         items = backend.stream(payload, where.adapter_id, session).__aiter__()
         try:
@@ -276,7 +279,7 @@ def add_openai_routes(
             while item is not None:
                 if "chunk" in item:
                     yield f"data: {json.dumps(item['chunk'], separators=(',', ':'))}\n\n"
-                elif "event" in item:
+                elif "event" in item and recorded:
                     record_later(item["event"], where)
                 item = await anext(items, None)
             yield "data: [DONE]\n\n"

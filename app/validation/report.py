@@ -179,6 +179,7 @@ def record_outcome(
         report.summary(),
         report_uri,
         actor=actor,
+        validation_id=report.report_id,
     )
     status = "rejected" if decision.verdict == "rejected" else "validated"
     AdapterRegistry(store).set_status(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from actors.deployer import ACTOR_NAME, api_base_url, deployer_handle, smoke_test_key, start_deployer, stop_deployer
+from actors.deployer import ACTOR_NAME, deployer_handle, start_deployer, stop_deployer
 from app.config import KaizenConfig
 from app.deployment.state import DeploymentStore
 from app.registry import AdapterRegistry
@@ -31,19 +31,6 @@ def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> A
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_base_url_and_key_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = KaizenConfig.model_validate(
-        {
-            "serve": {"host": "0.0.0.0", "port": 8123, "route_prefix": "/kaizen/"},
-            "security": {"api_keys": [{"key_env": "KAIZEN_TEST_UNSET_KEY"}, {"key_env": "KAIZEN_TEST_KEY"}]},
-        }
-    )
-    assert api_base_url(cfg) == "http://127.0.0.1:8123/kaizen"
-    assert smoke_test_key(cfg) is None
-    monkeypatch.setenv("KAIZEN_TEST_KEY", "k-123")
-    assert smoke_test_key(cfg) == "k-123"
 
 
 @pytest.mark.integration

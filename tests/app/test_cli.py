@@ -146,6 +146,15 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
             json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
         )
         assert reply.status_code == 200 and reply.json()["object"] == "chat.completion", reply.text
+        # champion before there is one: the base model; the deployer (an actor) runs beside Serve.
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=120,
+            json={"model": "champion", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"], reply.text
+        deployments = httpx.get(f"http://127.0.0.1:{port}/v1/deployments", timeout=10).json()
+        assert deployments["strategy"] == "staged" and deployments["active"] is None
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
@@ -213,6 +222,21 @@ def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["adapters", "alias", "champion", "--clear", "--config", str(cfg_file)]) == 0
     (history,) = [h for h in registry.alias_history("champion") if h["actor"] == "ana"]
     assert history["reason"] == "first" and registry.aliases() == {}
+
+    # An operator's deployment: promote starts one (preloading, finished by the deployer's tick),
+    # rollback before it served cancels it; both audited with the actor and the reason.
+    deploy = ["--config", str(cfg_file), "--actor", "ana"]
+    assert main(["deploy", "promote", "--adapter", "adp-cli-1", "--reason", "reviewed by hand", *deploy]) == 0
+    assert "is preloading" in capsys.readouterr().out
+    assert main(["deploy", "status", "--config", str(cfg_file), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["active"]["adapter_id"] == "adp-cli-1" and status["decisions"][0]["actor"] == "ana"
+    assert main(["deploy", "pause", "--reason", "not a canary", *deploy]) == 2
+    assert "only a canary can be paused" in capsys.readouterr().err
+    assert main(["deploy", "rollback", "--reason", "changed my mind", *deploy]) == 0
+    assert "is cancelled" in capsys.readouterr().out
+    assert registry.get("adp-cli-1")["status"] == "rejected"
+    assert main(["deploy", "rollback", "--reason", "again", *deploy]) == 2  # nothing active
     store.close()
 
 

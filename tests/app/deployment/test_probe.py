@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from app.deployment.probe import SMOKE_SESSION, HttpProbe
+from app.config import KaizenConfig
+from app.deployment.probe import SMOKE_SESSION, HttpProbe, smoke_test_key
 from app.deployment.state import DeploymentStore
 from app.store import InteractionStore
 from tests.app.deployment.helpers import Endpoint
@@ -48,6 +49,7 @@ def test_smoke_test_posts_a_completion_for_the_adapter(endpoint: Endpoint, store
     headers, body = endpoint.requests[-1]
     assert body["model"] == "adp-new" and body["messages"][0]["role"] == "user"
     assert headers["authorization"] == "Bearer secret-key" and headers["x-kaizen-session"] == SMOKE_SESSION
+    assert headers["x-kaizen-record"] == "false"  # a smoke test is not learned from
     assert "authorization" not in _headers_of(HttpProbe(endpoint.url, None, store), endpoint)
 
 
@@ -76,3 +78,16 @@ def test_smoke_test_fails_on_a_bad_answer(
 def test_smoke_test_fails_when_nothing_answers(store: InteractionStore) -> None:
     ok, detail = HttpProbe(f"http://127.0.0.1:{free_port()}", None, store, timeout_s=2).smoke_test("adp-new")
     assert not ok and "ConnectError" in detail
+
+
+def test_base_url_and_key_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = KaizenConfig.model_validate(
+        {
+            "serve": {"host": "0.0.0.0", "port": 8123, "route_prefix": "/kaizen/"},
+            "security": {"api_keys": [{"key_env": "KAIZEN_TEST_UNSET_KEY"}, {"key_env": "KAIZEN_TEST_KEY"}]},
+        }
+    )
+    assert cfg.api_url() == "http://127.0.0.1:8123/kaizen"
+    assert smoke_test_key(cfg) is None
+    monkeypatch.setenv("KAIZEN_TEST_KEY", "k-123")
+    assert smoke_test_key(cfg) == "k-123"
