@@ -474,10 +474,10 @@ def _parser() -> argparse.ArgumentParser:
         ("resume", "send a paused canary its share again"),
     ):
         p = deploy_sub.add_parser(name, help=helptext)
-        with_config(p)
         if name == "promote":
-            p.add_argument("--adapter", required=True, help="the adapter id to make champion")
-        elif name != "status":
+            p.add_argument("adapter", help="the adapter id to make champion")
+        with_config(p)
+        if name not in ("status", "promote"):
             p.add_argument("--deployment", default=None, help="deployment id (default: the active one)")
         if name != "status":
             p.add_argument("--reason", required=True, help="why (kept with the decision and audited)")

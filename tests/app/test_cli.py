@@ -226,7 +226,7 @@ def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFi
     # An operator's deployment: promote starts one (preloading, finished by the deployer's tick),
     # rollback before it served cancels it; both audited with the actor and the reason.
     deploy = ["--config", str(cfg_file), "--actor", "ana"]
-    assert main(["deploy", "promote", "--adapter", "adp-cli-1", "--reason", "reviewed by hand", *deploy]) == 0
+    assert main(["deploy", "promote", "adp-cli-1", "--reason", "reviewed by hand", *deploy]) == 0
     assert "is preloading" in capsys.readouterr().out
     assert main(["deploy", "status", "--config", str(cfg_file), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
