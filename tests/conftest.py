@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,6 +74,21 @@ def pg_dsn(pg_database: str) -> Iterator[str]:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     yield pg_database
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A migrated interaction store of each engine (a test using it runs once per engine)."""
+    from app.store.postgres import PostgresStore
+    from app.store.sqlite import SQLiteStore
+
+    if request.param == "sqlite":
+        opened: Any = SQLiteStore(tmp_path / "kaizen.db")
+    else:
+        opened = PostgresStore(request.getfixturevalue("pg_dsn"))
+    opened.migrate()
+    yield opened
+    opened.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,21 +14,7 @@ from app.quality.service import FALLBACK_VERSION, QualityService
 from app.quality.streaming import CircuitBreaker
 from app.sample import sample_interactions
 from app.store import InteractionStore
-from app.store.postgres import PostgresStore
-from app.store.sqlite import SQLiteStore
 from tests.conftest import ingest_samples
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path) -> InteractionStore:
-    s = (
-        SQLiteStore(tmp_path / "k.db")
-        if request.param == "sqlite"
-        else PostgresStore(request.getfixturevalue("pg_dsn"))
-    )
-    s.migrate()
-    yield s
-    s.close()
 
 
 def test_pending_interactions_are_scored_and_stored(store: InteractionStore) -> None:

@@ -11,21 +11,8 @@ from app.config import KaizenConfig
 from app.ingest import IngestPipeline
 from app.store import InteractionStore
 from app.store.base import MIGRATIONS
-from app.store.postgres import PostgresStore
-from app.store.sqlite import SQLiteStore
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path) -> InteractionStore:
-    if request.param == "sqlite":
-        s: InteractionStore = SQLiteStore(tmp_path / "kaizen.db")
-    else:
-        s = PostgresStore(request.getfixturevalue("pg_dsn"))
-    s.migrate()
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ both store engines: the validations row with its summary, the audit row, the reg
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from app.deployment.state import DeploymentStore
 from app.model.adapters import AdapterManifest
 from app.registry import AdapterRegistry
 from app.store import InteractionStore
-from app.store.postgres import PostgresStore
-from app.store.sqlite import SQLiteStore
 from app.validation.inputs import Subjects
 from app.validation.report import ValidationReport, publish_report, record_outcome, render_markdown
 from app.validation.verdict import decide
@@ -82,17 +79,6 @@ def test_the_report_is_published_once_as_json_and_a_page(tmp_path: Path) -> None
 
     with pytest.raises(FileExistsError):
         publish_report(str(tmp_path), report)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InteractionStore]:
-    if request.param == "sqlite":
-        db: InteractionStore = SQLiteStore(tmp_path / "k.db")
-    else:
-        db = PostgresStore(request.getfixturevalue("pg_dsn"))
-    db.migrate()
-    yield db
-    db.close()
 
 
 def _register(store: InteractionStore, adapter_id: str) -> None:
