@@ -328,6 +328,9 @@ def test_a_good_challenger_is_preloaded_smoke_tested_canaried_promoted_and_watch
     decisions = deployments.decisions(d.id)
     kinds = [x["decision"] for x in decisions]
     assert kinds[0] == "start" and kinds.index("canary") < kinds.index("promote") < kinds.index("complete")
+    # The deployment's first tick found the replica without it: no traffic moved before the heartbeat said so.
+    assert (decisions[1]["decision"], decisions[1]["to_state"]) == ("hold", "preloading")
+    assert decisions[1]["reason"].startswith("preloading: "), decisions[1]["reason"]
     canary = last(decisions, "canary")
     assert canary["evidence"]["loaded"] == "loaded on all 1 replicas"
     assert canary["evidence"]["smoke_test"].startswith("answered ")
