@@ -194,11 +194,13 @@ class DeploymentStore:
         return rows[-1] if rows else None
 
     def undeployed_validations(self, verdict: str = "production") -> list[dict[str, Any]]:
-        """Each adapter's latest validation with ``verdict``, for adapters no deployment has taken
-        up yet, oldest first."""
+        """Each adapter's latest validation with ``verdict`` that no deployment has taken up yet
+        (none started since it), oldest first: an adapter whose deployment failed (say, a smoke
+        test timed out) and that is validated again is deployed again."""
         rows = self.store._fetch(
             "SELECT v.* FROM validations v WHERE v.verdict = ? "
-            "AND NOT EXISTS (SELECT 1 FROM deployments d WHERE d.adapter_id = v.adapter_id) "
+            "AND NOT EXISTS (SELECT 1 FROM deployments d WHERE d.adapter_id = v.adapter_id "
+            "AND d.started_at >= v.created_at) "
             "AND NOT EXISTS (SELECT 1 FROM validations w WHERE w.adapter_id = v.adapter_id "
             "AND (w.created_at > v.created_at OR (w.created_at = v.created_at AND w.id > v.id))) "
             "ORDER BY v.created_at, v.id",
