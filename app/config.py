@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "JOB_SECTIONS",
@@ -130,7 +130,10 @@ class ResourceLimitsConfig(_Section):
         35.0, gt=0, description="VRAM a training worker may use: caps torch's caching allocator (the seed's 35 GB)."
     )
     max_system_memory_gb: float = Field(
-        16.0, gt=0, description=NOT_YET_USED + "the scheduler will hold training runs to this much host memory."
+        16.0,
+        gt=0,
+        description="Host memory a learning cycle needs: the scheduler starts one only when the Ray cluster has "
+        "this much of its 'memory' resource free beside Serve's replicas (else it waits and checks again).",
     )
     max_cpu_cores: int = Field(
         2,
@@ -141,21 +144,73 @@ class ResourceLimitsConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    """When the scheduler (actors/scheduler.py) starts a learning cycle: its triggers, the off-peak
+    window, the resources it waits for, and its back-off after a failed cycle."""
+
     auto_training: bool = Field(
-        True, description=NOT_YET_USED + "the scheduler will start learning cycles by itself when true."
+        True,
+        description="The scheduler starts learning cycles by itself when a trigger fires; false: it records what "
+        "it would start and why (audit log, kaizen training status) and starts only cycles an operator asks for.",
     )
     min_interactions: int = Field(
         100,
         ge=0,
-        description=NOT_YET_USED + "the scheduler will wait for this many training-eligible interactions.",
+        description="Volume trigger: a cycle starts once this many new interactions (at least one) scored at or "
+        "above the inclusion threshold (dataset.threshold, else quality.threshold) arrived after the last "
+        "successful cycle's data cut-off.",
     )
     interval_hours: float = Field(
-        24.0, gt=0, description=NOT_YET_USED + "the scheduler will leave at least this long between two cycles."
+        24.0,
+        gt=0,
+        description="Time trigger: a cycle starts this long after the last one started (before the first: after "
+        "the oldest unlearned interaction) when there is at least one new interaction above the threshold; also "
+        "the longest back-off after failed cycles.",
     )
     max_hours: float = Field(4.0, gt=0, description="Longest a fine-tuning run may train before it stops.")
+    quality_margin: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Quality trigger: a cycle starts when the unlearned interactions' mean quality is above the "
+        "champion's training set's by this much (absolute, 0-1), or the champion's live quality fell by this "
+        "much, either significantly (confidence sequence at 5 %).",
+    )
+    quality_window: int = Field(
+        100,
+        ge=10,
+        description="Quality trigger: the champion's last this many scored answers since the last cycle's data "
+        "cut-off make its live trend (the newer half against the older half).",
+    )
+    window: str | None = Field(
+        None,
+        description="Off-peak hours 'HH:MM-HH:MM' (UTC; '22:00-06:00' spans midnight) outside which the scheduler "
+        "starts no cycle by itself (it waits for the window); null: any time. A manual request is not held.",
+    )
+    check_interval_s: float = Field(
+        60.0, gt=0, description="How often the scheduler checks its triggers, the resources and a running cycle."
+    )
+    backoff_minutes: float = Field(
+        15.0,
+        gt=0,
+        description="After a failed cycle the scheduler starts none by itself for this long, doubled for each "
+        "failure in a row, at most interval_hours (a manual request is not held).",
+    )
     resource_limits: ResourceLimitsConfig = Field(
         default_factory=ResourceLimitsConfig, description="Resources a training run may use."
     )
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", value)
+        if not match or int(match[1]) > 23 or int(match[3]) > 23 or int(match[2]) > 59 or int(match[4]) > 59:
+            raise ValueError("must be 'HH:MM-HH:MM' in UTC (e.g. '22:00-06:00'), or null for any time")
+        start, end = f"{int(match[1]):02d}:{match[2]}", f"{int(match[3]):02d}:{match[4]}"
+        if start == end:
+            raise ValueError("start and end are the same time: an empty window (null means any time)")
+        return f"{start}-{end}"
 
 
 class ModelConfig(_Section):
@@ -451,7 +506,9 @@ class KaizenConfig(_Section):
     """The whole configuration tree; ``configs/default.yaml`` is the embedded default."""
 
     enabled: bool = Field(
-        True, description=NOT_YET_USED + "the scheduler will start no learning cycles when false (master switch)."
+        True,
+        description="Master switch of learning: false, the scheduler starts no cycle, not even one an operator "
+        "asks for, and records what it would start and why.",
     )
     collection: CollectionConfig = Field(default_factory=CollectionConfig, description="Data collection.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality assessment.")

@@ -46,6 +46,10 @@ def test_defaults_are_the_embedded_default() -> None:
         ("store.engine=mysql", "store.engine"),
         ("collection.exclude_patterns=['(unclosed']", "collection.exclude_patterns.0"),
         ("serve.port=notaport", "serve.port"),
+        ("training.window=25:00-06:00", "training.window"),
+        ("training.window=10:00-10:00", "training.window"),
+        ("training.quality_window=5", "training.quality_window"),
+        ("training.backoff_minutes=0", "training.backoff_minutes"),
     ],
 )
 def test_seed_errors_name_the_key(override: str, key: str) -> None:
@@ -140,14 +144,9 @@ def test_job_sections_are_validated_by_their_jobs_options() -> None:
     assert isinstance(opts, FinetuneConfig) and opts.lora_rank == 4 and job_options(cfg, "sweep").num_samples == 2
 
 
-# Validated today, read by the scheduler, validation and the canary, or data protection later.
+# Validated today; data protection will read them.
 NOT_YET_USED = {
-    "enabled",
     "collection.retention_days",
-    "training.auto_training",
-    "training.min_interactions",
-    "training.interval_hours",
-    "training.resource_limits.max_system_memory_gb",
     "model.max_checkpoints",
     "privacy.encryption",
     "privacy.audit_trail",
