@@ -35,6 +35,7 @@ __all__ = [
     "DECISION_ACTION",
     "FINAL_STATUSES",
     "STATUSES",
+    "TRIGGER_ORDER",
     "RunStatus",
     "StaleRunError",
     "TrainingRun",
@@ -47,6 +48,8 @@ __all__ = [
 RunStatus = Literal["scheduled", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = get_args(RunStatus)
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+TRIGGER_ORDER = ("volume", "quality", "time")
+"""The automatic triggers in the order their reasons are given (of those that first fired together)."""
 DECISION_ACTION = "training.decision"
 """The ``audit_log`` action of every scheduler decision."""
 
@@ -87,8 +90,15 @@ class TrainingRun:
 
     @property
     def triggers(self) -> dict[str, dict[str, Any]]:
-        """The triggers that fired for it, by name: ``{reason, first_at, last_at}``."""
-        return dict(self.config.get("triggers") or {})
+        """The triggers that fired for it, by name: ``{reason, first_at, last_at}``, in the order
+        they first fired (PostgreSQL's JSON keeps no key order of its own)."""
+        found = dict(self.config.get("triggers") or {})
+
+        def first(name: str) -> tuple[str, int, str]:
+            rank = TRIGGER_ORDER.index(name) if name in TRIGGER_ORDER else len(TRIGGER_ORDER)
+            return (str(found[name].get("first_at", "")), rank, name)
+
+        return {name: found[name] for name in sorted(found, key=first)}
 
     @property
     def requests(self) -> list[dict[str, Any]]:
