@@ -26,8 +26,8 @@ has no atomic rename, the files are uploaded in place with the manifest LAST. A 
 manifest is therefore not an artifact for any reader (:func:`artifact_exists`).
 
 :func:`find_split` reads the rows of a Parquet file or of one split (``train``, ``validation``,
-``rehearsal``…) of a data set's folder, and :data:`TRAINING_ROW_SCHEMA` is the one Arrow schema of
-a training row.
+``rehearsal``…) of a data set's folder, :data:`TRAINING_ROW_SCHEMA` is the one Arrow schema of
+a training row, and :data:`PREFERENCE_ROW_SCHEMA` that of a preference pair.
 
 """
 
@@ -57,6 +57,7 @@ __all__ = [
     "ID_PATTERN",
     "KINDS",
     "MANIFEST_FILE",
+    "PREFERENCE_ROW_SCHEMA",
     "REHEARSAL_PROVENANCE_SCHEMA",
     "REHEARSAL_ROW_SCHEMA",
     "SPLITS_NOT_TRAINED_ON",
@@ -580,6 +581,25 @@ TRAINING_ROW_SCHEMA = pa.schema(
 )
 """One training row, as a dataset's Parquet files hold it: the seed's training-dataset columns
 plus ``messages``, a JSON list of chat messages (what fine-tuning reads)."""
+
+PREFERENCE_ROW_SCHEMA = pa.schema(
+    [
+        pa.field("interaction_id", pa.string()),
+        pa.field("timestamp", pa.timestamp("ns")),
+        # A JSON list of the chat messages before the answer (system, user, the tool calls).
+        pa.field("prompt", pa.string()),
+        pa.field("chosen", pa.string()),
+        pa.field("rejected", pa.string()),
+        pa.field("rejected_quality_score", pa.float64()),
+        pa.field("domain", pa.list_(pa.string())),
+        pa.field("complexity", pa.string()),
+    ]
+)
+"""One preference pair, as a dataset's ``<split>_preferences.parquet`` holds it: the conversation
+before the answer (``prompt``, JSON chat messages), the answer a user wrote as a correction
+(``chosen``) and the one the model had given (``rejected``), the stored quality score of the
+rejected answer, and the domain and complexity of the interaction (as a training row has them).
+Direct preference optimisation trains on these (``finetune.objective``)."""
 
 REHEARSAL_PROVENANCE_SCHEMA = pa.schema(
     [

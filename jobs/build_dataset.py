@@ -11,16 +11,23 @@ configs/postgres.yaml``.
 The chain, each stage in its module of :mod:`app.learning.dataset`:
 
 1. the ids of the scored interactions in the window, a page at a time (driver);
-2. ``read.ReadInteractions`` actors (each with its own store connection) → ``classification.classify``
-   → ``filter.filter_quality`` (the threshold manager's inclusion threshold per domain and
-   complexity) → ``dedup.fingerprint`` (normalised-text hash, MinHash signature);
-3. on the driver, over the whole pool: exact duplicates, near duplicates (MinHash LSH; ``dedup``),
-   the balance across domain, task and complexity groups (``balancing``);
+2. ``read.ReadInteractions`` actors (each with its own store connection; the user's correction and
+   whether the answer was turned down) → ``preferences.apply_corrections`` (a correction becomes
+   the answer, the model's answer the rejected side of a preference pair) →
+   ``classification.classify`` → ``filter.filter_quality`` (the threshold manager's inclusion
+   threshold per domain and complexity; corrections pass) → ``dedup.fingerprint``
+   (normalised-text hash, MinHash signature);
+3. on the driver, over the whole pool: the answers turned down without a correction
+   (``preferences.drop_rejected``: never a training target), exact duplicates, near duplicates
+   (MinHash LSH; ``dedup``), the balance across domain, task and complexity groups (``balancing``);
 4. ``chatml.format_chatml`` → ``features.EmbedBatch`` actors (MiniLM) → ``features.encode_features``;
 5. on the driver: the diverse, quality-weighted selection and the split by a hash of the id
    (``select``), and the files (``write``) under ``<model.storage_root>/datasets/<dataset_id>/``:
    ``train.parquet``, ``validation.parquet`` (the seed's schema plus ``messages``), ``train.jsonl``,
-   ``validation.jsonl`` (OpenAI chat format) and ``manifest.json``.
+   ``validation.jsonl`` (OpenAI chat format), the preference pairs of the corrected rows of each
+   split, ``train_preferences.parquet`` and ``validation_preferences.parquet`` (``prompt``,
+   ``chosen``, ``rejected``) with ``train_preferences.jsonl`` and ``validation_preferences.jsonl``
+   (OpenAI's preference fine-tuning format), and ``manifest.json``.
 
 It stops with the count and the threshold when too few interactions are left (``dataset.min_examples``).
 """
@@ -46,6 +53,7 @@ from app.learning.dataset.dedup import drop_exact_duplicates, drop_near_duplicat
 from app.learning.dataset.features import EmbedBatch, encode_features
 from app.learning.dataset.filter import filter_quality
 from app.learning.dataset.options import DatasetConfig, InsufficientDataError, new_dataset_id, threshold_manager
+from app.learning.dataset.preferences import apply_corrections, drop_rejected
 from app.learning.dataset.read import ReadInteractions
 from app.learning.dataset.select import assign_split, select_diverse, selection_size
 from app.learning.dataset.write import (
@@ -55,6 +63,7 @@ from app.learning.dataset.write import (
     count_rows,
     dataset_uri,
     quality_histogram,
+    to_preference_table,
     to_table,
     write_dataset,
 )
@@ -124,6 +133,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             num_cpus=0.25,
             batch_size=opts.batch_size,
         )
+        .map_batches(apply_corrections, fn_kwargs={"use_corrections": opts.corrections}, batch_size=opts.batch_size)
         .map_batches(classify, batch_size=opts.batch_size)
         .map_batches(filter_quality, fn_kwargs={"thresholds": thresholds}, batch_size=opts.batch_size)
         .map_batches(
@@ -140,8 +150,9 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
         for c in COMPLEXITIES
     }
 
-    # Duplicates and balance need every row at once: on the driver.
-    pool, exact = drop_exact_duplicates(candidates)
+    # Rejected answers, duplicates and balance: on the driver, over every row at once.
+    pool, rejected = drop_rejected(candidates)
+    pool, exact = drop_exact_duplicates(pool)
     pool, near = drop_near_duplicates(pool, opts.near_duplicate_threshold, opts.num_perm, opts.seed)
     pool, capped, balance_info = balance(pool, opts.max_group_share, opts.balance_by)
     planned = selection_size(num_rows(pool), opts.keep_fraction, opts.max_rows)
@@ -150,8 +161,8 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             f"only {planned} interactions would be left, fewer than dataset.min_examples={opts.min_examples}: "
             f"{len(ids)} scored in the {engine} store{_window(opts)}, {above} at or above the inclusion "
             f"threshold {base:.2f} ({min(applied.values()):.2f}-{max(applied.values()):.2f} by domain and "
-            f"complexity), "
-            f"{above - exact - near} after removing duplicates, {num_rows(pool)} after balancing, and "
+            f"complexity), {above - rejected} after removing the answers users turned down, "
+            f"{above - rejected - exact - near} after removing duplicates, {num_rows(pool)} after balancing, and "
             f"dataset.keep_fraction={opts.keep_fraction} of those"
             + (f" (at most dataset.max_rows={opts.max_rows})" if opts.max_rows else "")
             + "; lower the threshold or min_examples, "
@@ -205,6 +216,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
         funnel=Funnel(
             scored=len(ids),
             above_threshold=above,
+            rejected=rejected,
             exact_duplicates=exact,
             near_duplicates=near,
             over_group_cap=capped,
@@ -228,7 +240,11 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
         options=opts.model_dump(mode="json"),
         seconds=round(time.perf_counter() - started, 2),
     )
-    return write_dataset(cfg.model.storage_root, train, validation, manifest)
+    pairs = {
+        "train": to_preference_table(take(chosen, ~in_validation)),
+        "validation": to_preference_table(take(chosen, in_validation)),
+    }
+    return write_dataset(cfg.model.storage_root, train, validation, manifest, pairs)
 
 
 def summary(manifest: DatasetManifest) -> str:
@@ -243,7 +259,8 @@ def summary(manifest: DatasetManifest) -> str:
         f"from the {manifest.query.engine} store, threshold {manifest.query.threshold:.2f}, in {manifest.seconds:.1f} s"
     )
     funnel = (
-        f"  scored {f.scored} -> at or above threshold {f.above_threshold} -> exact duplicates -{f.exact_duplicates}"
+        f"  scored {f.scored} -> at or above threshold {f.above_threshold} -> turned down -{f.rejected}"
+        f" -> exact duplicates -{f.exact_duplicates}"
         f" -> near duplicates -{f.near_duplicates} -> group cap -{f.over_group_cap} -> not selected -{f.not_selected}"
     )
     return "\n".join(
@@ -253,6 +270,8 @@ def summary(manifest: DatasetManifest) -> str:
             f"  domains: {mix('domain')}",
             f"  tasks: {mix('task')}",
             f"  complexity: {mix('complexity')}",
+            f"  targets: {mix('learning_type')}; preference pairs: train {f.train_pairs}, "
+            f"validation {f.validation_pairs}",
             f"  quality: mean {manifest.quality_histogram.mean}, min {manifest.quality_histogram.min}",
             f"  written to {manifest.uri}",
         ]

@@ -1,11 +1,13 @@
 """``jobs/build_dataset.py`` end to end on real stores: sample interactions scored by the quality
 service, the Ray Data chain, and the files it writes (schema, manifest counts, JSONL), on SQLite
-through the command line and on PostgreSQL through ``main``."""
+through the command line and on PostgreSQL through ``main``; users' corrections as targets and
+preference pairs, and answers turned down without one left out."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from app.config import ConfigError, KaizenConfig, load_job_config
 from app.learning.dataset import (
     COMPLEXITIES,
     DATASET_SCHEMA,
+    PREFERENCE_SCHEMA,
     TASKS,
     DatasetConfig,
     DatasetManifest,
@@ -77,8 +80,12 @@ def _check(manifest: DatasetManifest, scores: dict[str, tuple[float, float]], en
         "manifest.json",
         "train.jsonl",
         "train.parquet",
+        "train_preferences.jsonl",
+        "train_preferences.parquet",
         "validation.jsonl",
         "validation.parquet",
+        "validation_preferences.jsonl",
+        "validation_preferences.parquet",
     ]
     assert DatasetManifest.model_validate_json((folder / "manifest.json").read_text()) == manifest
     for name, digest in manifest.files.items():
@@ -89,7 +96,9 @@ def _check(manifest: DatasetManifest, scores: dict[str, tuple[float, float]], en
 
     f = manifest.funnel
     assert f.scored == len(scores)
-    assert f.above_threshold - f.exact_duplicates - f.near_duplicates - f.over_group_cap - f.not_selected == f.selected
+    removed = f.rejected + f.exact_duplicates + f.near_duplicates + f.over_group_cap + f.not_selected
+    assert f.above_threshold - removed == f.selected
+    assert (f.train_pairs, f.validation_pairs) == (0, 0)  # the samples have no corrections
     assert f.selected == f.train + f.validation == manifest.rows >= 8
     assert (f.train, f.validation) == (train.num_rows, val.num_rows) and f.validation >= 1
     assert f.above_threshold < f.scored  # the poor answers are left out
@@ -154,7 +163,15 @@ def test_builds_from_postgres(scored, sqlite_build: DatasetManifest, pg_dsn: str
     _check(manifest, scores, "postgres", 0.2)
     assert manifest.dataset_id.startswith("ds-")
     # Same interactions and scores: the same pool, whatever the engine (the selection differs).
-    same = ("scored", "above_threshold", "exact_duplicates", "near_duplicates", "over_group_cap", "selected")
+    same = (
+        "scored",
+        "above_threshold",
+        "rejected",
+        "exact_duplicates",
+        "near_duplicates",
+        "over_group_cap",
+        "selected",
+    )
     assert {k: getattr(manifest.funnel, k) for k in same} == {k: getattr(sqlite_build.funnel, k) for k in same}
 
 
@@ -165,6 +182,98 @@ def test_too_few_interactions_stop_with_the_count_and_threshold(scored, tmp_path
     assert code == 1
     assert "min_examples=1000" in err and "threshold 0.70" in err and f"{len(scored[1])} scored" in err
     assert not (tmp_path / "root" / "datasets").exists()
+
+
+PROMPTS = {
+    "ok-parse": "Write a Python function parse_port(url) that returns the port of a URL.",
+    "ok-slug": "Write a Python function slugify(title) that makes a URL slug of a title.",
+    "ok-median": "Write a Python function median(values) for a list of numbers.",
+    "fixed": "Write a Python function add_one(x) that returns x plus one.",
+    "declined": "Write a Python function is_even(n) that says whether n is even.",
+}
+ANSWERS = {
+    "ok-parse": (
+        "```python\nfrom urllib.parse import urlsplit\n\n\ndef parse_port(url):\n    return urlsplit(url).port\n```"
+    ),
+    "ok-slug": "```python\nimport re\n\n\ndef slugify(title):\n    return re.sub('\\W+', '-', title.lower())\n```",
+    "ok-median": "```python\nimport statistics\n\n\ndef median(values):\n    return statistics.median(values)\n```",
+    "fixed": "```python\ndef add_one(x):\n    return x - 1\n```",
+    "declined": "```python\ndef is_even(n):\n    return n % 2 == 1\n```",
+}
+CORRECTION = "```python\ndef add_one(x):\n    return x + 1\n```"
+FEEDBACK = {
+    "ok-parse": {"implicit": {"accepted": True}},
+    "ok-slug": {"explicit": {"rating": 5}},
+    "ok-median": None,
+    "fixed": {"explicit": {"thumbs": "down", "correction": CORRECTION}},
+    "declined": {"explicit": {"thumbs": "down"}},
+}
+SCORES = {"ok-parse": 0.9, "ok-slug": 0.85, "ok-median": 0.8, "fixed": 0.3, "declined": 0.95}
+
+
+@pytest.mark.integration
+def test_a_correction_is_a_target_and_a_pair_and_a_declined_answer_is_left_out(tmp_path: Path, ray_session) -> None:
+    """Through the whole chain: the corrected interaction trains on the correction (its stored score,
+    the wrong answer's, below the threshold) and is a preference pair against the wrong answer; the
+    answer turned down without a correction is left out although its score is the highest."""
+    from app.config import KaizenConfig as Config
+    from app.ingest import IngestPipeline
+
+    store = SQLiteStore(tmp_path / "k.db")
+    store.migrate()
+    now = datetime.now(UTC).isoformat()
+    events = []
+    for key, prompt in PROMPTS.items():
+        body = {"session_id": "s", "input": {"raw": prompt}, "output": {"content": ANSWERS[key]}}
+        if FEEDBACK[key]:
+            body["feedback"] = FEEDBACK[key]
+        events.append({"id": key, "type": "interaction", "timestamp": now, "body": body})
+    prepared = IngestPipeline(Config.model_validate({"privacy": {"hmac_key": "k"}})).prepare(events)
+    assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
+    for key, score in SCORES.items():
+        store.set_quality(key, score, 0.8)
+    store.close()
+    cfg = Config.model_validate(
+        {"store": {"sqlite_path": str(tmp_path / "k.db")}, "model": {"storage_root": str(tmp_path / "root")}}
+    )
+    opts = DatasetConfig(min_examples=1, keep_fraction=1.0, validation_fraction=0.0, balance_by=[])
+
+    manifest = main(cfg, opts)
+
+    folder = Path(manifest.uri)
+    f = manifest.funnel
+    assert (f.scored, f.above_threshold, f.rejected, f.selected, f.train) == (5, 5, 1, 4, 4)
+    assert (f.train_pairs, f.validation_pairs) == (1, 0)
+    assert manifest.counts["learning_type"] == {"correction": 1, "interaction": 3}
+    rows = {r["interaction_id"]: r for r in pq.read_table(folder / "train.parquet").to_pylist()}
+    assert sorted(rows) == ["fixed", "ok-median", "ok-parse", "ok-slug"]  # "declined" is no target
+    fixed = rows["fixed"]
+    assert fixed["output"] == CORRECTION and fixed["learning_type"] == "correction" and fixed["quality_score"] == 1.0
+    assert json.loads(fixed["messages"]) == [
+        {"role": "user", "content": PROMPTS["fixed"]},
+        {"role": "assistant", "content": CORRECTION},
+    ]
+    assert all(r["output"] not in (ANSWERS["fixed"], ANSWERS["declined"]) for r in rows.values())
+
+    pairs = pq.read_table(folder / "train_preferences.parquet")
+    assert pairs.schema == PREFERENCE_SCHEMA
+    (pair,) = pairs.to_pylist()
+    assert pair["interaction_id"] == "fixed" and pair["rejected_quality_score"] == 0.3
+    assert (pair["chosen"], pair["rejected"]) == (CORRECTION, ANSWERS["fixed"])
+    assert json.loads(pair["prompt"]) == [{"role": "user", "content": PROMPTS["fixed"]}]
+    (line,) = [json.loads(x) for x in (folder / "train_preferences.jsonl").read_text().splitlines()]
+    assert line == {
+        "input": {"messages": [{"role": "user", "content": PROMPTS["fixed"]}]},
+        "preferred_output": [{"role": "assistant", "content": CORRECTION}],
+        "non_preferred_output": [{"role": "assistant", "content": ANSWERS["fixed"]}],
+    }
+    assert pq.read_table(folder / "validation_preferences.parquet").num_rows == 0
+
+    # Learning without corrections (the baseline): the corrected answer is left out like the other
+    # (here by its own score, below the threshold).
+    without = main(cfg, opts.model_copy(update={"corrections": False, "dataset_id": "ds-without"}))
+    assert (without.funnel.above_threshold, without.funnel.rejected, without.funnel.selected) == (4, 1, 3)
+    assert without.funnel.train_pairs == 0 and without.counts["learning_type"] == {"interaction": 3}
 
 
 def test_an_empty_store_says_there_is_nothing_scored(tmp_path: Path) -> None:

@@ -7,14 +7,17 @@ job's order:
 
 1. :mod:`.read`: :class:`ReadInteractions` (store connection): ids to flat rows with the score,
    the project context and the tool calls (the nested parts as JSON strings, so Arrow never
-   unifies them);
+   unifies them), and the user's verdict on the answer (a correction; whether it was turned down);
+   :mod:`.preferences`: :func:`apply_corrections`: a correction becomes the row's answer (the
+   model's answer is kept as the rejected side of a preference pair), and on the driver
+   :func:`drop_rejected` removes the answers turned down without a correction;
 2. :mod:`.classification`: :func:`classify`: domain (language from code fences, else the
    project's technologies, else the prompt; frameworks from the technologies and the code's
    imports; task type from the prompt) and complexity (code lines and cyclomatic complexity,
    radon for Python; prompt length);
 3. :mod:`.filter`: :func:`filter_quality`: keeps rows at or above
    :class:`~app.quality.thresholds.ThresholdManager`'s inclusion threshold for their domain (the
-   language) and complexity;
+   language) and complexity (a correction passes);
 4. :mod:`.dedup`: :func:`fingerprint`: a hash of the normalised text and a MinHash signature of
    its shingles; then on the driver, over everything at once, :func:`drop_exact_duplicates` and
    :func:`drop_near_duplicates` (MinHash LSH, ``datasketch``);
@@ -27,8 +30,10 @@ job's order:
 8. :mod:`.select`: on the driver, :func:`select_diverse` (k-center greedy or k-means over the
    embeddings, weighted by quality measured against similar requests, :func:`relative_quality`)
    and :func:`assign_split` (a hash of the id);
-9. :mod:`.write`: :func:`to_table` and :func:`write_dataset` (``train.parquet``,
-   ``validation.parquet``, ``train.jsonl``, ``validation.jsonl``, ``manifest.json``).
+9. :mod:`.write`: :func:`to_table`, :func:`to_preference_table` and :func:`write_dataset`
+   (``train.parquet``, ``validation.parquet``, ``train.jsonl``, ``validation.jsonl``, the
+   preference pairs of each split as ``<split>_preferences.parquet`` and, in OpenAI's preference
+   format, ``<split>_preferences.jsonl``; ``manifest.json``).
 
 The options are :class:`DatasetConfig` (:mod:`.options`). The names below (``__all__``) can be
 imported from the package as well as from their modules; the job imports each stage from its
@@ -52,6 +57,14 @@ from app.learning.dataset.dedup import drop_exact_duplicates, drop_near_duplicat
 from app.learning.dataset.features import EmbedBatch, decode_features, encode_features
 from app.learning.dataset.filter import filter_quality
 from app.learning.dataset.options import DatasetConfig, InsufficientDataError, new_dataset_id, threshold_manager
+from app.learning.dataset.preferences import (
+    CORRECTION_QUALITY,
+    SOURCE_CORRECTION,
+    Verdict,
+    apply_corrections,
+    drop_rejected,
+    feedback_verdict,
+)
 from app.learning.dataset.read import ReadInteractions, interaction_row
 from app.learning.dataset.select import (
     NEIGHBOUR_REFERENCE_ROWS,
@@ -64,6 +77,7 @@ from app.learning.dataset.select import (
 )
 from app.learning.dataset.write import (
     DATASET_SCHEMA,
+    PREFERENCE_SCHEMA,
     DatasetManifest,
     Funnel,
     QualityHistogram,
@@ -71,15 +85,21 @@ from app.learning.dataset.write import (
     content_hash,
     count_rows,
     dataset_uri,
+    openai_preference,
+    preference_split,
     quality_histogram,
+    to_preference_table,
     to_table,
     write_dataset,
 )
 
 __all__ = [
     "COMPLEXITIES",
+    "CORRECTION_QUALITY",
     "DATASET_SCHEMA",
     "NEIGHBOUR_REFERENCE_ROWS",
+    "PREFERENCE_SCHEMA",
+    "SOURCE_CORRECTION",
     "TASKS",
     "Classification",
     "DatasetConfig",
@@ -90,6 +110,8 @@ __all__ = [
     "QualityHistogram",
     "QueryInfo",
     "ReadInteractions",
+    "Verdict",
+    "apply_corrections",
     "assign_split",
     "balance",
     "batch_to_rows",
@@ -103,7 +125,9 @@ __all__ = [
     "diverse_indices",
     "drop_exact_duplicates",
     "drop_near_duplicates",
+    "drop_rejected",
     "encode_features",
+    "feedback_verdict",
     "filter_quality",
     "fingerprint",
     "format_chatml",
@@ -111,6 +135,8 @@ __all__ = [
     "interaction_row",
     "new_dataset_id",
     "normalize_text",
+    "openai_preference",
+    "preference_split",
     "quality_histogram",
     "relative_quality",
     "rows_to_batch",
@@ -120,6 +146,7 @@ __all__ = [
     "take",
     "task_of",
     "threshold_manager",
+    "to_preference_table",
     "to_table",
     "write_dataset",
 ]

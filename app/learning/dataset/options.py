@@ -36,6 +36,16 @@ class DatasetConfig(BaseModel):
     )
     since: datetime | None = Field(None, description="Only interactions at or after this time (ISO 8601).")
     until: datetime | None = Field(None, description="Only interactions before this time (ISO 8601).")
+    corrections: bool = Field(
+        True,
+        description=(
+            "Learn from users' corrections: a corrected interaction's answer becomes the correction "
+            "(learning_type 'correction'; it passes the quality threshold) and (prompt, correction, the model's "
+            "answer) a preference pair in <split>_preferences.parquet; false: a corrected answer is left out like "
+            "every answer a user turned down (learning without corrections). Answers turned down without a "
+            "correction are never training targets either way."
+        ),
+    )
     min_examples: int = Field(
         16, ge=1, description="Fewest rows a dataset may have; fewer left after selection stops the job."
     )

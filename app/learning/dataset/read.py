@@ -1,5 +1,7 @@
 """Stage 1 of ``jobs/build_dataset.py``: stored interactions as flat rows with the score, the
-project context and the tool calls (the nested parts as JSON strings, so Arrow never unifies them)."""
+project context and the tool calls (the nested parts as JSON strings, so Arrow never unifies them),
+and what the user's feedback said of the answer: a correction, and whether it was turned down
+(:func:`~app.learning.dataset.preferences.feedback_verdict`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from app.learning.dataset.batch import Batch, as_text, rows_to_batch
+from app.learning.dataset.preferences import feedback_verdict
 
 __all__ = ["READ_COLUMNS", "ReadInteractions", "interaction_row"]
 
@@ -23,13 +26,17 @@ READ_COLUMNS = (
     "quality_confidence",
     "context_json",
     "tool_usage_json",
+    "correction",
+    "rejected",
 )
 
 
 def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
     """One stored interaction (``InteractionStore.get_interaction``) as a flat row, or None when it
     has no score or no answer. The request is the prompt as sent to the model when the agent
-    recorded one (``input.processed``), else what the user typed."""
+    recorded one (``input.processed``), else what the user typed. ``correction`` is the answer the
+    user wrote instead ("" without one) and ``rejected`` whether the user turned the answer down
+    (:func:`~app.learning.dataset.preferences.feedback_verdict` of its feedback rows)."""
     output = as_text(record.get("output_content"))
     score, confidence = record.get("quality_score"), record.get("quality_confidence")
     if score is None or not output.strip():
@@ -41,6 +48,7 @@ def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
         }
         for tool in record.get("tool_usage") or []
     ]
+    verdict = feedback_verdict(record.get("feedback") or [], output)
     return {
         "interaction_id": str(record["id"]),
         "timestamp": as_text(record.get("timestamp")),
@@ -51,11 +59,16 @@ def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
         "quality_confidence": np.nan if confidence is None else float(confidence),
         "context_json": json.dumps(record.get("context") or {}, sort_keys=True, default=str),
         "tool_usage_json": json.dumps(tools, sort_keys=True, default=str),
+        "correction": verdict.correction,
+        "rejected": verdict.rejected,
     }
 
 
 def _empty_read_batch() -> Batch:
-    return {name: np.empty(0, dtype=np.float64 if "quality" in name else object) for name in READ_COLUMNS}
+    def dtype(name: str) -> type:
+        return np.float64 if "quality" in name else bool if name == "rejected" else object
+
+    return {name: np.empty(0, dtype=dtype(name)) for name in READ_COLUMNS}
 
 
 class ReadInteractions:

@@ -1,5 +1,5 @@
 """Sample batches for the tests of the dataset stages: rows as stage 1 (read) gives them, and
-rows taken through classification, the quality filter, ChatML and the features."""
+rows taken through the corrections, classification, the quality filter, ChatML and the features."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from app.learning.dataset.classification import classify
 from app.learning.dataset.features import EmbedBatch, encode_features
 from app.learning.dataset.filter import filter_quality
 from app.learning.dataset.options import threshold_manager
+from app.learning.dataset.preferences import apply_corrections
 
 __all__ = ["PY_ANSWER", "PY_PROMPT", "TS_ANSWER", "TS_PROMPT", "FakeEmbedder", "batch_of", "prepared_rows", "read_rows"]
 
@@ -80,6 +81,8 @@ def read_rows(n: int, **overrides: list[Any]) -> dict[str, np.ndarray]:
         "quality_confidence": [0.9] * n,
         "context_json": ["{}"] * n,
         "tool_usage_json": ["[]"] * n,
+        "correction": [""] * n,
+        "rejected": [False] * n,
     }
     base.update(overrides)
     return batch_of(**base)
@@ -92,9 +95,11 @@ class FakeEmbedder:
         return np.stack([np.eye(4)[len(t) % 4] for t in texts]).astype(np.float32)
 
 
-def prepared_rows(n: int) -> dict[str, np.ndarray]:
-    """``n`` rows through classification, the quality filter, ChatML and the features (FakeEmbedder)."""
-    batch = classify(read_rows(n, context_json=['{"technologies": ["python", "click"]}'] * n))
+def prepared_rows(n: int, **overrides: list[Any]) -> dict[str, np.ndarray]:
+    """``n`` rows through the corrections, classification, the quality filter, ChatML and the
+    features (FakeEmbedder); ``overrides`` replace columns of :func:`read_rows`."""
+    rows = read_rows(n, **{"context_json": ['{"technologies": ["python", "click"]}'] * n, **overrides})
+    batch = classify(apply_corrections(rows))
     batch = filter_quality(batch, threshold_manager(0.7))
     batch = EmbedBatch(FakeEmbedder())(format_chatml(batch))
     return encode_features(batch)

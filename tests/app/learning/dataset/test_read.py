@@ -39,3 +39,18 @@ def test_interaction_row_flattens_a_stored_interaction() -> None:
     assert interaction_row({**record, "input_processed": "sent"})["input"] == "sent"
     assert interaction_row({**record, "quality_score": None}) is None
     assert interaction_row({**record, "output_content": "  "}) is None
+    assert (row["correction"], row["rejected"]) == ("", False)  # no feedback: nothing said against it
+
+
+def test_interaction_row_carries_the_users_verdict_from_the_feedback_rows() -> None:
+    record = {"id": "a2", "input_raw": "q", "output_content": "wrong", "quality_score": 0.9, "tool_usage": []}
+    feedback = [
+        {"rating": 4, "thumbs": None, "correction": None, "accepted": True},
+        {"rating": None, "thumbs": "down", "correction": "right", "accepted": None},
+    ]
+    assert {k: interaction_row({**record, "feedback": feedback})[k] for k in ("correction", "rejected")} == {
+        "correction": "right",
+        "rejected": True,
+    }
+    declined = interaction_row({**record, "feedback": [{"accepted": False, "correction": None}]})
+    assert (declined["correction"], declined["rejected"]) == ("", True)
