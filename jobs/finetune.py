@@ -11,8 +11,9 @@ on the command line or a ``finetune:`` section in the config file):
 1. read the rows on the driver (:func:`app.learning.training_data.read_datasets`: a Parquet file,
    or a folder: its ``train.parquet`` or ``train/`` when present, else every Parquet file under
    it; a dataset folder's ``validation.parquet`` or ``validation/`` is the validation split
-   unless ``--validation`` says otherwise), hash each set's ``manifest.json`` for the lineage
-   and check the rows against the options;
+   unless ``--validation`` says otherwise, and with ``finetune.objective`` dpo or sft+dpo its
+   ``train_preferences.parquet`` holds the preference pairs), hash each set's ``manifest.json``
+   for the lineage and check the rows against the options;
 2. build a ``TorchTrainer`` (Ray Train V2, :func:`app.learning.ray_trainer.build_trainer`) whose
    ``finetune.num_workers`` workers each run a :class:`app.learning.trainer.Trainer`: it loads
    ``model.base_model`` from its checkpoint directory, puts a fresh LoRA adapter on it or
@@ -20,14 +21,17 @@ on the command line or a ``finetune:`` section in the config file):
    rows (labels on the assistant turns only) and trains with DDP (gloo on CPU, NCCL on GPU) or
    DeepSpeed ZeRO-2/3, optionally on 4-bit weights (QLoRA), with gradient checkpointing and bf16
    autocast on GPU;
-3. fit: each epoch mixes rehearsal rows of earlier domains into the training rows
-   (``finetune.rehearsal_ratio``); Fisher-guided gradient masking or EWC, with the Fisher
-   information estimated on the rehearsal rows (or ``--fisher-data``), keeps the adapter entries
-   that matter to earlier domains in place. The learning rate warms up (``finetune.warmup_fraction``)
-   and decays; validation exact match (``finetune.select_by``; the loss objective breaks ties)
-   drives early stopping and picks the adapter kept. With ``finetune.trials`` > 1 the run first
-   trains that many seeds for ``finetune.trial_fraction`` of its steps each and goes on with the
-   best by validation.
+3. fit: the objective (``finetune.objective``) is the answers' cross-entropy (sft), direct
+   preference optimisation on the pairs, each user's correction made more likely than the answer
+   it replaced relative to the base model (dpo, ``finetune.dpo_beta``; the reference is the same
+   model with the adapter disabled), or their sum (sft+dpo); each epoch mixes rehearsal rows of
+   earlier domains into the training rows (``finetune.rehearsal_ratio``); Fisher-guided gradient
+   masking or EWC, with the Fisher information estimated on the rehearsal rows (or
+   ``--fisher-data``), keeps the adapter entries that matter to earlier domains in place. The
+   learning rate warms up (``finetune.warmup_fraction``) and decays; validation exact match
+   (``finetune.select_by``; the loss objective breaks ties) drives early stopping and picks the
+   adapter kept. With ``finetune.trials`` > 1 the run first trains that many seeds for
+   ``finetune.trial_fraction`` of its steps each and goes on with the best by validation.
    Every step's loss, learning rate and tokens/s reach Ray Train in the ``step_metrics`` of the
    next report (an epoch's last step with the epoch's loss), sent at evaluations, checkpoints,
    the end and at most every ``finetune.report_every_s`` in between (a report waits until the
@@ -63,7 +67,7 @@ from app.config import KaizenConfig, resolve_paths
 from app.job_cli import job_parser, run_job
 from app.learning.lineage import TrainingDidNotLearn, publish_adapter
 from app.learning.ray_trainer import build_trainer
-from app.learning.training import FinetuneConfig, describe_report
+from app.learning.training import OBJECTIVES_WITH_PAIRS, FinetuneConfig, describe_report
 from app.learning.training_data import add_data_arguments, check_data, read_datasets
 from app.ray_setup import start_ray
 
@@ -94,7 +98,8 @@ def main(
         cfg: the Kaizen config (``model.base_model``, ``model.storage_root``,
             ``model.checkpoint_dir``, ``store``, ``training.resource_limits``, ``ray``).
         opts: the fine-tuning options.
-        train: training rows (a Parquet file or a dataset folder).
+        train: training rows (a Parquet file or a dataset folder; with ``finetune.objective`` dpo or
+            sft+dpo, a dataset folder whose ``train_preferences.parquet`` has pairs).
         validation: validation rows; default the dataset folder's validation split, if any.
         rehearsal: rehearsal rows of earlier domains (SSR's output).
         fisher_data: rows of earlier tasks to estimate the Fisher information on, instead of
@@ -110,14 +115,17 @@ def main(
         validation loss, steps, time, ...), ``run_path``, ``checkpoint_path`` and ``warnings``.
 
     Raises:
-        ValueError: options that do not fit the data or the resource limits (naming the key).
+        ValueError: options that do not fit the data or the resource limits (naming the key), e.g.
+            ``finetune.objective`` dpo without preference pairs.
         ImportError: DeepSpeed or bitsandbytes asked for and not installed.
         ray.train.TrainingFailedError: the workers failed more than ``finetune.max_failures`` times.
     """
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
     start_ray(cfg)
-    data = read_datasets(train, validation, rehearsal, fisher_data, heldout)
+    data = read_datasets(
+        train, validation, rehearsal, fisher_data, heldout, preferences=opts.objective in OBJECTIVES_WITH_PAIRS
+    )
     warnings = check_data(opts, data)
     for warning in warnings:
         log.warning(warning)

@@ -19,18 +19,27 @@ class CausalLMLoss(nn.Module):
     """Wraps a (PEFT) causal LM to return the summed token cross-entropy on the labelled
     positions and their count, computing the vocabulary head only at those positions: with
     Qwen's 152k-row head that is most of a step's cost, and prompts are most of the tokens.
-    DDP and DeepSpeed wrap this module, so its forward is the one they synchronise."""
+    DDP and DeepSpeed wrap this module, so its forward is the one they synchronise: the
+    preference loss's per-row log-likelihoods come from the same forward (``per_row``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, per_row: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_sum, labels)``: the summed cross-entropy and the number of labelled tokens; with
+        ``per_row``, ``(log_likelihoods, labels)`` of each row instead: the sum of its labelled
+        tokens' log-probabilities (an answer's log-likelihood, what DPO compares) and their count,
+        each of shape ``[rows]``."""
         logits, targets, keep = self._labelled_logits(input_ids, attention_mask, labels)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return loss, keep.sum()
+        if not per_row:
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), keep.sum()
+        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+        rows_of_labels = keep.nonzero()[:, 0]
+        logps = torch.zeros(keep.shape[0], device=token_logps.device, dtype=token_logps.dtype)
+        return logps.index_add(0, rows_of_labels, token_logps), keep.sum(dim=1)
 
     @torch.no_grad()
     def measure(

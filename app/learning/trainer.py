@@ -7,7 +7,10 @@
   weights of a checkpoint to go on from, the protection against forgetting
   (:class:`app.learning.masking.ForgettingProtection`), AdamW with its schedule under DDP, or a
   DeepSpeed engine;
-* :meth:`~Trainer.train_step`: one optimizer step over a window of micro-batches;
+* :meth:`~Trainer.train_step`: one optimizer step over a window of micro-batches
+  (:class:`StepWindow`): training rows for supervised fine-tuning, preference pairs for direct
+  preference optimisation (``finetune.objective``), or both; the reference log-likelihoods of the
+  pairs come from the same model with the adapter disabled, once, in :meth:`~Trainer.setup`;
 * :meth:`~Trainer.evaluate`: the validation and held-out losses and the objective that early
   stopping and the kept adapter follow;
 * :meth:`~Trainer.run_trials`: restarts from several seeds, the best by validation objective
@@ -33,6 +36,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +58,20 @@ from app.learning.masking import ForgettingProtection, fisher_source, trainable_
 from app.learning.run_state import RngState, RunState, TrialResult, objective
 from app.learning.training import (
     IGNORE_INDEX,
+    OBJECTIVES_WITH_PAIRS,
     EarlyStopping,
     collate,
+    dpo_loss,
+    draw_pairs,
     lr_factor,
     mix_rehearsal,
-    steps_per_epoch,
+    no_pairs_error,
     tokenize_messages,
+    tokenize_pair,
 )
 from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
 
-__all__ = ["LOSS_WINDOW", "Trainer", "learned", "selection_key"]
+__all__ = ["LOSS_WINDOW", "PREFERENCES", "StepFigures", "StepWindow", "Trainer", "learned", "selection_key"]
 
 log = logging.getLogger("kaizen.finetune")
 
@@ -72,6 +80,59 @@ Rows = list[dict[str, Any]]
 LOSS_WINDOW = 20
 """Most steps at each end of a run whose mean training loss says whether it learned: an epoch's
 steps when an epoch is shorter, so that the two ends compare the same rows."""
+
+PREFERENCES = "preferences"
+"""The set of preference pairs (``prompt``, ``chosen``, ``rejected``) among a run's sets."""
+
+
+@dataclass
+class StepWindow:
+    """What one optimizer step trains on: micro-batches of training rows (their answers are
+    targets) and of preference pairs (tokenized by :func:`~app.learning.training.tokenize_pair`,
+    with their reference log-likelihoods)."""
+
+    targets: list[Rows] = field(default_factory=list)
+    pairs: list[Rows] = field(default_factory=list)
+
+
+@dataclass
+class StepFigures:
+    """One optimizer step's sums on this rank, or over every rank (:meth:`reduced`)."""
+
+    loss_sum: float = 0.0
+    """Summed token cross-entropy of the targets' answers."""
+    label_tokens: float = 0.0
+    input_tokens: float = 0.0
+    dpo_loss_sum: float = 0.0
+    """Summed DPO loss of the pairs."""
+    pairs: float = 0.0
+    margin_sum: float = 0.0
+    """Summed reward margins of the pairs (:func:`~app.learning.training.dpo_loss`)."""
+    preferred: float = 0.0
+    """Pairs whose margin is positive: the policy prefers the chosen answer more than the reference does."""
+
+    def reduced(self, all_reduce: Any, *extra: float) -> tuple[StepFigures, list[float]]:
+        """These sums over every rank (``all_reduce`` of the context), and ``extra`` values summed with them."""
+        values = all_reduce([*astuple(self), *extra])
+        n = len(astuple(self))
+        return StepFigures(*values[:n]), values[n:]
+
+    @property
+    def loss(self) -> float:
+        """The step's loss: the targets' token-weighted cross-entropy plus the pairs' mean DPO loss."""
+        return self.loss_sum / max(self.label_tokens, 1.0) + (self.dpo_loss_sum / self.pairs if self.pairs else 0.0)
+
+    def metrics(self) -> dict[str, float]:
+        """The DPO figures of a step with pairs (and its SFT loss beside them): empty without pairs."""
+        if not self.pairs:
+            return {}
+        out = {"sft_loss": self.loss_sum / self.label_tokens} if self.label_tokens else {}
+        return {
+            **out,
+            "dpo_loss": self.dpo_loss_sum / self.pairs,
+            "dpo_reward_margin": self.margin_sum / self.pairs,
+            "dpo_accuracy": self.preferred / self.pairs,
+        }
 
 
 class Trainer:
@@ -127,6 +188,12 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         enabled = opts.precision == "bf16"
         self.autocast = lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        self.pairs: Rows = self.data.get(PREFERENCES, [])
+        """This rank's preference pairs, with their reference log-likelihoods; none with objective sft."""
+        if opts.objective in OBJECTIVES_WITH_PAIRS:
+            if not self.pairs:
+                raise no_pairs_error(opts.objective)
+            self._add_reference_logps(self.pairs)
 
         saved = None
         self.checkpoint = self.context.latest_checkpoint()
@@ -137,9 +204,7 @@ class Trainer:
         if self.protection is not None and opts.strategy == "deepspeed":
             self.protection.register_hooks(self.peft_model)
 
-        self.steps_per_epoch = steps_per_epoch(
-            len(self._epoch_rows(0, opts.seed)), opts.batch_size, opts.grad_accumulation
-        )
+        self.steps_per_epoch = len(self._epoch_windows(0, opts.seed))
         self.total_steps = min(opts.epochs * self.steps_per_epoch, opts.max_steps or math.inf)
         self.loss_window = max(1, min(LOSS_WINDOW, self.steps_per_epoch))
         """How many first and latest steps' losses tell whether the run learned (``RunState.loss_trend``)."""
@@ -162,22 +227,97 @@ class Trainer:
         rank, world = self.context.rank, self.context.world_size
         data = {}
         for name in self.spec.datasets:
+            if name == PREFERENCES and self.opts.objective not in OBJECTIVES_WITH_PAIRS:
+                continue  # objective sft: the pairs are not trained on
             rows = self.context.dataset_rows(name)
             share = len(rows) // world
             tokenized = []
             for i in range(rank, share * world, world):
                 try:
-                    tokenized.append(tokenize_messages(self.tokenizer, rows[i]["messages"], self.opts.max_length))
+                    tokenized.append(self._tokenize(name, rows[i]))
                 except ValueError as exc:
                     raise ValueError(f"{name} row {i}: {exc}") from exc
             data[name] = tokenized
+        if PREFERENCES in data:
+            cut = sum(1 for p in data[PREFERENCES] for side in p.values() if _unlabelled(side))
+            if cut:
+                log.warning(
+                    "%d answers of %d preference pairs lost every token to finetune.max_length=%d: the pair "
+                    "compares what is left (nothing of that answer)",
+                    cut,
+                    len(data[PREFERENCES]),
+                    self.opts.max_length,
+                )
         return data
+
+    def _tokenize(self, name: str, row: dict[str, Any]) -> dict[str, Any]:
+        if name == PREFERENCES:
+            return tokenize_pair(self.tokenizer, row["prompt"], row["chosen"], row["rejected"], self.opts.max_length)
+        return tokenize_messages(self.tokenizer, row["messages"], self.opts.max_length)
+
+    @torch.no_grad()
+    def _add_reference_logps(self, pairs: Rows) -> None:
+        """Each pair's reference log-likelihoods, ``reference_chosen`` and ``reference_rejected``: the
+        answers' summed log-probabilities under the same model with the adapter disabled (the base
+        model), without dropout. The reference never changes, so one pass here serves every step."""
+        loss_module, batch_size = self.loss_module, self.opts.batch_size
+        was_training = loss_module.training
+        loss_module.eval()
+        with self.peft_model.disable_adapter():
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i : i + batch_size]
+                with self.autocast():
+                    logps, _ = loss_module(**self._pair_batch(chunk), per_row=True)
+                for pair, chosen, rejected in zip(chunk, logps[: len(chunk)], logps[len(chunk) :]):
+                    pair["reference_chosen"], pair["reference_rejected"] = float(chosen), float(rejected)
+        loss_module.train(was_training)
+
+    def _pair_batch(self, pairs: Rows) -> dict[str, torch.Tensor]:
+        """The chosen answers of ``pairs``, then their rejected ones, as one batch on the device."""
+        return self._to_device(collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], self.pad_id))
+
+    def _pair_losses(self, model: nn.Module, pairs: Rows) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The DPO loss and reward margin of each of ``pairs`` under ``model`` (the policy: the loss
+        module, or its DDP or DeepSpeed wrapper in a training step), and the batch's input tokens."""
+        batch = self._pair_batch(pairs)
+        with self.autocast():
+            logps, _ = model(**batch, per_row=True)
+        k = len(pairs)
+        reference = torch.tensor(
+            [[p["reference_chosen"], p["reference_rejected"]] for p in pairs], dtype=logps.dtype, device=logps.device
+        )
+        losses, margins = dpo_loss(logps[:k], logps[k:], reference[:, 0], reference[:, 1], self.opts.dpo_beta)
+        return losses, margins, int(batch["attention_mask"].sum())
 
     def _epoch_rows(self, epoch: int, seed: int) -> Rows:
         opts = self.opts
         return mix_rehearsal(
             self.data["train"], self.data.get("rehearsal", []), opts.rehearsal_ratio, seed=seed, epoch=epoch
         )
+
+    def _epoch_windows(self, epoch: int, seed: int) -> list[StepWindow]:
+        """One epoch's optimizer steps, by ``finetune.objective``: ``sft``, the training rows
+        (rehearsal mixed in) in micro-batches of ``batch_size``, ``grad_accumulation`` to a step;
+        ``dpo``, a shuffled pass over the preference pairs, batched alike; ``sft+dpo``, the rows of
+        ``sft``, each micro-batch joined by one of ``batch_size`` pairs drawn in shuffled passes."""
+        opts = self.opts
+        size, accumulation = opts.batch_size, opts.grad_accumulation
+
+        def batches(rows: Rows) -> list[Rows]:
+            return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+        if opts.objective == "dpo":
+            targets, pairs = [], batches(draw_pairs(self.pairs, len(self.pairs), seed=seed, epoch=epoch))
+        else:
+            targets = batches(self._epoch_rows(epoch, seed))
+            pairs = []
+            if opts.objective == "sft+dpo":
+                pairs = batches(draw_pairs(self.pairs, size * len(targets), seed=seed, epoch=epoch))
+        count = max(len(targets), len(pairs))
+        return [
+            StepWindow(targets[i : i + accumulation], pairs[i : i + accumulation])
+            for i in range(0, count, accumulation)
+        ]
 
     def _estimate_protection(self) -> ForgettingProtection:
         """The Fisher information on the rows :func:`~app.learning.masking.fisher_source` names
@@ -326,12 +466,10 @@ class Trainer:
         while not done and self.state.epoch < opts.epochs:
             state = self.state
             epoch = state.epoch
-            rows = self._epoch_rows(epoch, state.seed)
-            micro = [rows[i : i + opts.batch_size] for i in range(0, len(rows), opts.batch_size)]
-            windows = [micro[i : i + opts.grad_accumulation] for i in range(0, len(micro), opts.grad_accumulation)]
+            windows = self._epoch_windows(epoch, state.seed)
             for w in range(state.window, len(windows)):
                 t0 = time.perf_counter()
-                loss_sum, labels, tokens = self.train_step(windows[w])
+                figures = self.train_step(windows[w])
                 state.step += 1
                 end_of_epoch = w == len(windows) - 1
                 state.epoch, state.window = (epoch + 1, 0) if end_of_epoch else (epoch, w + 1)
@@ -339,18 +477,23 @@ class Trainer:
                 over_time = state.elapsed_s > self.spec.max_seconds
                 report_due = not trial and time.perf_counter() - self.last_report >= opts.report_every_s
                 # Summed over the ranks, so that every rank takes the same decisions (a report is a barrier).
-                loss_sum, labels, tokens, over_time, report_due = self.context.all_reduce(
-                    [loss_sum, labels, tokens, float(over_time), float(report_due)]
+                figures, (over_time, report_due) = figures.reduced(
+                    self.context.all_reduce, float(over_time), float(report_due)
                 )
-                state.tokens += int(tokens)
-                state.epoch_loss += loss_sum
-                state.epoch_label_tokens += int(labels)
+                state.tokens += int(figures.input_tokens)
+                if opts.objective == "sft":  # the epoch's loss, token-weighted
+                    state.epoch_loss += figures.loss_sum
+                    state.epoch_label_tokens += int(figures.label_tokens)
+                else:  # with pairs, the mean of the steps' losses (epoch_label_tokens counts steps)
+                    state.epoch_loss += figures.loss
+                    state.epoch_label_tokens += 1
                 self.step_metrics.append(
                     {
                         "step": state.step,
-                        "loss": loss_sum / max(labels, 1.0),
+                        "loss": figures.loss,
+                        **figures.metrics(),
                         "lr": self._current_lr(),
-                        "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+                        "tokens_per_s": figures.input_tokens / max(time.perf_counter() - t0, 1e-9),
                     }
                 )
                 metrics: dict[str, Any] = {
@@ -390,25 +533,38 @@ class Trainer:
                     break
         return stop_reason
 
-    def train_step(self, window: list[Rows]) -> tuple[float, float, float]:
-        """One optimizer step over ``window``'s micro-batches; this rank's summed loss, label
-        tokens and input tokens. The loss is normalised by the window's label tokens, so a step is
-        a token-weighted mean however the rows fall into micro-batches."""
+    def train_step(self, window: StepWindow) -> StepFigures:
+        """One optimizer step over ``window``'s micro-batches; this rank's sums. The targets' loss is
+        normalised by the window's label tokens, so that it is a token-weighted mean however the
+        rows fall into micro-batches, and the pairs' DPO loss by the window's pairs (a mean per
+        pair); with both (``sft+dpo``) the step minimises their sum."""
         from torch.nn.parallel import DistributedDataParallel
 
         model, engine, protection = self.model, self.engine, self.protection
-        label_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for batch in window for r in batch)
-        loss_total, input_tokens = 0.0, 0
-        for j, rows in enumerate(window):
-            batch = self._to_device(collate(rows, self.pad_id))
-            last = j == len(window) - 1
+        figures = StepFigures(
+            label_tokens=sum(_label_count(r) for batch in window.targets for r in batch),
+            pairs=sum(len(batch) for batch in window.pairs),
+        )
+        parts = [(rows, False) for rows in window.targets] + [(pairs, True) for pairs in window.pairs]
+        for j, (rows, are_pairs) in enumerate(parts):
+            last = j == len(parts) - 1
             no_sync = not last and isinstance(model, DistributedDataParallel)
             if engine is not None:
                 engine.set_gradient_accumulation_boundary(last)
             with model.no_sync() if no_sync else contextlib.nullcontext():
-                with self.autocast():
-                    loss_sum, _ = model(**batch)
-                loss = loss_sum / max(label_tokens, 1)
+                if are_pairs:
+                    losses, margins, tokens = self._pair_losses(model, rows)
+                    loss = losses.sum() / figures.pairs
+                    figures.dpo_loss_sum += float(losses.detach().sum())
+                    figures.margin_sum += float(margins.detach().sum())
+                    figures.preferred += float((margins.detach() > 0).sum())
+                else:
+                    batch = self._to_device(collate(rows, self.pad_id))
+                    with self.autocast():
+                        loss_sum, _ = model(**batch)
+                    loss = loss_sum / max(figures.label_tokens, 1)
+                    figures.loss_sum += float(loss_sum.detach())
+                    tokens = int(batch["attention_mask"].sum())
                 penalty = protection.penalty(self.peft_model) if last and protection is not None else None
                 if penalty is not None:
                     loss = loss + penalty
@@ -416,11 +572,10 @@ class Trainer:
                     engine.backward(loss, scale_wrt_gas=False)
                 else:
                     loss.backward()
-            loss_total += float(loss_sum.detach())
-            input_tokens += int(batch["attention_mask"].sum())
+            figures.input_tokens += tokens
         if engine is not None:
             engine.step()  # clips, steps the optimizer and the schedule at the boundary
-            return loss_total, label_tokens, input_tokens
+            return figures
         if protection is not None:
             protection.mask_gradients(self.peft_model)  # after DDP's all-reduce, before clipping
         if self.opts.max_grad_norm is not None:
@@ -429,7 +584,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total, label_tokens, input_tokens
+        return figures
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -480,6 +635,32 @@ class Trainer:
         loss_module.train(was_training)
         total, count, exact, answered = self.context.all_reduce([total, float(count), float(exact), float(answered)])
         return (total / count if count else float("nan")), (exact / answered if answered else 0.0)
+
+    @torch.no_grad()
+    def measure_pairs(self, pairs: Rows) -> dict[str, float]:
+        """The mean DPO loss and reward margin of the current adapter on every rank's shard of
+        tokenized preference pairs, and its accuracy: the share of pairs whose chosen answer it
+        prefers more than the reference does. Runs the unwrapped module, without dropout."""
+        loss_module, batch_size = self.loss_module, self.opts.batch_size
+        was_training = loss_module.training
+        loss_module.eval()
+        sums = StepFigures(pairs=len(pairs))
+        for i in range(0, len(pairs), batch_size):
+            losses, margins, _ = self._pair_losses(loss_module, pairs[i : i + batch_size])
+            sums.dpo_loss_sum += float(losses.sum())
+            sums.margin_sum += float(margins.sum())
+            sums.preferred += float((margins > 0).sum())
+        loss_module.train(was_training)
+        sums, _ = sums.reduced(self.context.all_reduce)
+        if not sums.pairs:
+            return {"pairs": 0}
+        figures = sums.metrics()
+        return {
+            "loss": figures["dpo_loss"],
+            "reward_margin": figures["dpo_reward_margin"],
+            "accuracy": figures["dpo_accuracy"],
+            "pairs": int(sums.pairs),
+        }
 
     # --- trials ----------------------------------------------------------------------------------
 
@@ -575,6 +756,8 @@ class Trainer:
             with full_parameters(opts, self.peft_model, modify=True):
                 load_trainable_state(self.peft_model, state.best_params)  # the best validation loss wins
         summary = self.protection.summary() if self.protection is not None else None
+        # The kept adapter on the pairs it trained on (every rank takes part: it is a collective).
+        pairs = self.measure_pairs(self.pairs) if opts.objective in OBJECTIVES_WITH_PAIRS else None
         trend = state.loss_trend()
         final = {
             "step": state.step,
@@ -599,6 +782,7 @@ class Trainer:
             **self._peak_memory(),
             "final": True,
             **({"mask": summary} if summary is not None else {}),
+            **({"dpo": pairs} if pairs is not None else {}),
         }
         self.report(final, checkpoint=f"checkpoint-final-step{state.step:06d}")
         return final
@@ -632,6 +816,15 @@ class Trainer:
             return
         marker.write_text(f"failed at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} (KAIZEN_TEST_FAIL_AT_STEP)")
+
+
+def _label_count(row: dict[str, Any]) -> int:
+    """Tokens of a tokenized row that carry a loss (the first token never does: nothing predicts it)."""
+    return sum(1 for t in row["labels"][1:] if t != IGNORE_INDEX)
+
+
+def _unlabelled(row: dict[str, Any]) -> bool:
+    return all(t == IGNORE_INDEX for t in row["labels"])
 
 
 def selection_key(figures: dict[str, Any], select_by: str) -> list[float]:

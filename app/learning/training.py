@@ -5,14 +5,18 @@ torch, tested without Ray or a model.
 
 * :class:`FinetuneConfig`: every option of ``jobs/finetune.py`` (``finetune.<key>=<value>`` on
   its command line), validated with errors that name the key; its groups (:class:`AdapterConfig`,
-  :class:`OptimizerConfig`, :class:`BatchConfig`, :class:`EvaluationConfig`,
+  :class:`ObjectiveConfig`, :class:`OptimizerConfig`, :class:`BatchConfig`, :class:`EvaluationConfig`,
   :class:`ForgettingConfig`, :class:`ResourceConfig`, :class:`CheckpointingConfig`) are typed
   models of their own.
 * :func:`tokenize_messages`: an OpenAI-style chat rendered with the tokenizer's chat template
   (Qwen2.5's ChatML), labels on the assistant tokens only (-100 elsewhere), cut to a length.
+* :func:`tokenize_pair`: a preference pair as two tokenized conversations, labels on the final
+  answer only.
 * :func:`collate`: right-padded tensors for a batch of tokenized rows.
+* :func:`dpo_loss`: the loss of direct preference optimisation on summed answer log-likelihoods.
 * :func:`mix_rehearsal`: one epoch's rows, the training rows plus rehearsal rows of earlier
-  domains making up a configured share of the epoch, shuffled.
+  domains making up a configured share of the epoch, shuffled; :func:`draw_pairs`: an epoch's
+  preference pairs, in shuffled passes.
 * :class:`EarlyStopping`: patience and a minimum improvement on the validation loss.
 * :func:`lr_factor`: linear warm-up, then cosine, linear or constant.
 * :func:`describe_report`: one line for a training report (jobs' progress output).
@@ -39,6 +43,7 @@ from pydantic import (
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "IGNORE_INDEX",
+    "OBJECTIVES_WITH_PAIRS",
     "AdapterConfig",
     "BatchConfig",
     "CheckpointingConfig",
@@ -46,17 +51,22 @@ __all__ = [
     "EvaluationConfig",
     "FinetuneConfig",
     "ForgettingConfig",
+    "ObjectiveConfig",
     "OptimizerConfig",
     "ResourceConfig",
     "collate",
     "describe_report",
+    "dpo_loss",
+    "draw_pairs",
     "format_metric",
     "lr_factor",
     "mix_rehearsal",
+    "no_pairs_error",
     "parse_messages",
     "rehearsal_count",
     "steps_per_epoch",
     "tokenize_messages",
+    "tokenize_pair",
 ]
 
 IGNORE_INDEX = -100
@@ -109,6 +119,36 @@ class AdapterConfig(_Group):
 
         check_adapter_id(value)
         return value
+
+
+OBJECTIVES_WITH_PAIRS = ("dpo", "sft+dpo")
+"""The values of ``finetune.objective`` that train on preference pairs."""
+
+
+class ObjectiveConfig(_Group):
+    """What the adapter is trained to do: write the targets, prefer corrections, or both."""
+
+    objective: Literal["sft", "dpo", "sft+dpo"] = Field(
+        "sft",
+        description=(
+            "sft: supervised fine-tuning, the token cross-entropy of the training rows' answers (users' corrections "
+            "among them); a dataset's preference pairs are not read. dpo: direct preference optimisation on the "
+            "pairs alone (Rafailov et al., 2023): each correction is made more likely than the answer it replaced, "
+            "relative to the base model (the adapter disabled), -log sigmoid(dpo_beta * ((log p(chosen) - log "
+            "p_base(chosen)) - (log p(rejected) - log p_base(rejected)))), log-likelihoods summed over the answer's "
+            "tokens. sft+dpo: the sum of both losses, each micro-batch of training rows joined by one of pairs. "
+            "dpo and sft+dpo need pairs: the training folder's train_preferences.parquet (jobs.build_dataset)."
+        ),
+    )
+    dpo_beta: float = Field(
+        0.1,
+        gt=0,
+        description=(
+            "DPO's beta, with objective dpo or sft+dpo: the scale of the log-likelihood ratios in the loss. A "
+            "larger beta saturates the loss sooner, so the adapter moves less far from the base model; a smaller "
+            "one lets it move further."
+        ),
+    )
 
 
 class OptimizerConfig(_Group):
@@ -301,11 +341,12 @@ class FinetuneConfig(
     EvaluationConfig,
     BatchConfig,
     OptimizerConfig,
+    ObjectiveConfig,
     AdapterConfig,
 ):
     """Options of ``jobs/finetune.py``; on its command line each is ``finetune.<key>=<value>``.
 
-    Every group's keys, flat: :class:`AdapterConfig`, :class:`OptimizerConfig`,
+    Every group's keys, flat: :class:`AdapterConfig`, :class:`ObjectiveConfig`, :class:`OptimizerConfig`,
     :class:`BatchConfig`, :class:`EvaluationConfig`, :class:`ForgettingConfig`,
     :class:`ResourceConfig`, :class:`CheckpointingConfig`, ``seed`` and ``deterministic``.
     """
@@ -417,7 +458,9 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) 
     return spans
 
 
-def tokenize_messages(tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], max_length: int) -> dict[str, Any]:
+def tokenize_messages(
+    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], max_length: int, *, last_turn_only: bool = False
+) -> dict[str, Any]:
     """Token ids and labels of one conversation for supervised fine-tuning.
 
     The conversation is rendered with the tokenizer's chat template (for Qwen2.5, ChatML with its
@@ -430,6 +473,8 @@ def tokenize_messages(tokenizer: Any, messages: str | Sequence[Mapping[str, Any]
         tokenizer: a fast Hugging Face tokenizer with a chat template (offsets are needed).
         messages: OpenAI-style chat messages, or their JSON string (the ``messages`` column).
         max_length: rows are cut to this many tokens, at the end (the answer's tail goes first).
+        last_turn_only: labels on the last assistant turn alone (a preference pair's answer; the
+            turns before it, tool calls included, are the same on both sides).
 
     Returns:
         ``{"input_ids": list[int], "labels": list[int], "truncated": bool}``; a row whose answers
@@ -442,6 +487,8 @@ def tokenize_messages(tokenizer: Any, messages: str | Sequence[Mapping[str, Any]
     messages = parse_messages(messages)
     text = _render(tokenizer, messages)
     spans = _assistant_spans(tokenizer, messages, text)
+    if last_turn_only:
+        spans = spans[-1:]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
@@ -455,6 +502,60 @@ def tokenize_messages(tokenizer: Any, messages: str | Sequence[Mapping[str, Any]
             labels[t] = ids[t]
     truncated = len(ids) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def tokenize_pair(
+    tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]], chosen: str, rejected: str, max_length: int
+) -> dict[str, Any]:
+    """A preference pair (a :data:`app.artifacts.PREFERENCE_ROW_SCHEMA` row's ``prompt``, ``chosen``
+    and ``rejected``) as two tokenized conversations, the prompt followed by each answer, with
+    labels on that answer only (:func:`tokenize_messages` with ``last_turn_only``).
+
+    Returns:
+        ``{"chosen": tokenized, "rejected": tokenized}``; either may have lost every label to
+        ``max_length`` (count those with ``all(l == IGNORE_INDEX ...)``).
+
+    Raises:
+        ValueError: malformed prompt messages, or a prompt that ends with an assistant message.
+    """
+    messages = parse_messages(prompt)
+    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        raise ValueError("the prompt ends with an assistant answer; a pair's answers come after it")
+    return {
+        side: tokenize_messages(
+            tokenizer, [*messages, {"role": "assistant", "content": answer}], max_length, last_turn_only=True
+        )
+        for side, answer in (("chosen", chosen), ("rejected", rejected))
+    }
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation (Rafailov et al., 2023) per pair, from each answer's summed
+    log-likelihood under the policy and the reference model.
+
+    Returns:
+        ``(loss, margin)``: ``-log sigmoid(margin)`` and the reward margin
+        ``beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))``,
+        the implicit reward of the chosen answer over the rejected one (positive: the policy
+        prefers the chosen answer more than the reference does).
+    """
+    margin = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return -torch.nn.functional.logsigmoid(margin), margin
+
+
+def no_pairs_error(objective: str) -> ValueError:
+    """The error of a run whose ``finetune.objective`` trains on preference pairs and has none."""
+    return ValueError(
+        f"finetune.objective: {objective} trains on preference pairs and the run has none; build the dataset "
+        "from interactions with users' corrections (jobs.build_dataset writes them to the training folder's "
+        "train_preferences.parquet) or set finetune.objective=sft"
+    )
 
 
 def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -512,6 +613,21 @@ def mix_rehearsal(train: Sequence[T], rehearsal: Sequence[T], ratio: float, *, s
     rows = list(train) + [rehearsal[i] for i in picked]
     rng.shuffle(rows)
     return rows
+
+
+def draw_pairs(pairs: Sequence[T], count: int, *, seed: int, epoch: int) -> list[T]:
+    """``count`` preference pairs for one epoch: whole shuffled passes over ``pairs`` and part of
+    one more (a new order each pass, seeded by ``seed`` and ``epoch`` so an epoch is the same
+    after a restart); none without pairs."""
+    if not pairs:
+        return []
+    rng = random.Random(seed * 1_000_003 + epoch + 7_919)  # apart from mix_rehearsal's order
+    drawn: list[T] = []
+    while len(drawn) < count:
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        drawn.extend(pairs[i] for i in order[: count - len(drawn)])
+    return drawn
 
 
 def steps_per_epoch(rows: int, batch_size: int, grad_accumulation: int) -> int:
@@ -601,7 +717,7 @@ def describe_report(metrics: Mapping[str, Any]) -> str:
     line = (
         f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {format_metric(metrics.get('loss'))}"
     )
-    for key in ("val_loss", "forgetting", "objective"):
+    for key in ("dpo_loss", "dpo_accuracy", "val_loss", "forgetting", "objective"):
         if metrics.get(key) is not None:
             line += f", {key} {format_metric(metrics[key])}"
     line += f", {metrics.get('tokens_per_s', 0):,.0f} tokens/s"

@@ -1,7 +1,8 @@
 """The rows of a fine-tuning run, read on the driver: a Parquet file or a dataset folder per set,
 each set's hash for the lineage, and the checks of the rows against the options.
 
-* :func:`read_rows`: the ``messages`` column of a Parquet file or folder, and its hash;
+* :func:`read_rows`: the ``messages`` column of a Parquet file or folder (a preference set's
+  ``prompt``, ``chosen`` and ``rejected``), and its hash;
 * :func:`read_datasets`: every set of a run as a Ray Dataset (:class:`TrainingData`);
 * :func:`check_data`: errors for rows that cannot be trained on as configured, warnings for
   what is odd;
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.artifacts import find_split
-from app.learning.training import FinetuneConfig
+from app.learning.training import OBJECTIVES_WITH_PAIRS, FinetuneConfig, no_pairs_error
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "PAIR_COLUMNS",
+    "PREFERENCE_SPLIT",
     "TrainingData",
     "add_data_arguments",
     "check_data",
@@ -35,9 +38,16 @@ __all__ = [
 
 log = logging.getLogger("kaizen.finetune")
 
-DATASETS = ("train", "validation", "rehearsal", "fisher", "heldout")
+DATASETS = ("train", "validation", "rehearsal", "fisher", "heldout", "preferences")
 """The sets a run takes: rows to train on, to validate on, of earlier domains to mix in, to
-estimate the Fisher information on, and of earlier domains to measure forgetting on."""
+estimate the Fisher information on, of earlier domains to measure forgetting on, and preference
+pairs (a correction preferred to the answer it replaced) for ``finetune.objective`` dpo or sft+dpo."""
+
+PREFERENCE_SPLIT = "train_preferences"
+"""A dataset folder's preference pairs for training: ``train_preferences.parquet``
+(:func:`app.learning.dataset.write.preference_split` of ``train``)."""
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+"""What training reads of a preference pair (:data:`app.artifacts.PREFERENCE_ROW_SCHEMA`)."""
 
 
 @dataclass
@@ -52,20 +62,21 @@ class TrainingData:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def read_rows(path: Path, split: str | None = None) -> tuple[pa.Table, str]:
-    """The ``messages`` column of a Parquet file or folder (a local path or a URI), and the set's
-    hash: the SHA-256 of its manifest, else of its files (:func:`app.artifacts.find_split` says
-    which files a split is).
+def read_rows(path: Path, split: str | None = None, columns: tuple[str, ...] = ("messages",)) -> tuple[pa.Table, str]:
+    """The ``columns`` (a training row's ``messages``; a preference pair's :data:`PAIR_COLUMNS`) of
+    a Parquet file or folder (a local path or a URI), and the set's hash: the SHA-256 of its
+    manifest, else of its files (:func:`app.artifacts.find_split` says which files a split is).
 
     Raises:
         FileNotFoundError: no Parquet file there.
-        ValueError: no ``messages`` column, or rows without messages.
+        ValueError: a column missing, or rows without a value in it.
     """
     found = find_split(path, split)
-    table = found.read(["messages"])
-    nulls = table.column("messages").null_count
-    if nulls:
-        raise ValueError(f"{path}: {nulls} of {table.num_rows} rows have no messages")
+    table = found.read(list(columns))
+    for column in columns:
+        nulls = table.column(column).null_count
+        if nulls:
+            raise ValueError(f"{path}: {nulls} of {table.num_rows} rows have no {column}")
     return table, found.data_hash
 
 
@@ -75,6 +86,8 @@ def read_datasets(
     rehearsal: Path | None = None,
     fisher_data: Path | None = None,
     heldout: Path | None = None,
+    *,
+    preferences: bool = False,
 ) -> TrainingData:
     """Read the run's rows on the driver into Ray Datasets (``ray.data.from_items``: blocks
     built here, so no read or metadata task competes with the training workers for CPUs; the
@@ -82,7 +95,9 @@ def read_datasets(
 
     Without ``validation``, a training folder's ``validation.parquet`` or ``validation/`` is used.
     ``heldout`` holds rows of earlier domains that are never trained on (a dataset folder: its
-    validation split): the rise of their loss is the run's measure of forgetting.
+    validation split): the rise of their loss is the run's measure of forgetting. With
+    ``preferences`` (an objective that trains on pairs), a training folder's
+    ``train_preferences.parquet`` is the ``preferences`` set when it has pairs.
     """
     import ray.data
 
@@ -91,20 +106,25 @@ def read_datasets(
     found = None
     if validation is None and train.is_dir():
         found = validation = next((p for p in (train / "validation.parquet", train / "validation") if p.exists()), None)
+    pairs = train / f"{PREFERENCE_SPLIT}.parquet" if preferences and train.is_dir() else None
     sources = {
         "train": (train, "train"),
         "validation": (validation, "validation"),
         "rehearsal": (rehearsal, "rehearsal"),
         "fisher": (fisher_data, None),
         "heldout": (heldout, "validation"),
+        "preferences": (pairs if pairs is not None and pairs.exists() else None, PREFERENCE_SPLIT),
     }
     for name, (path, split) in sources.items():
         if path is None:
             continue
-        table, digest = read_rows(Path(path), split)
+        columns = PAIR_COLUMNS if name == "preferences" else ("messages",)
+        table, digest = read_rows(Path(path), split, columns)
         if path is found and table.num_rows == 0:
             log.warning("%s is empty: training without validation", path)
             continue
+        if name == "preferences" and table.num_rows == 0:
+            continue  # a dataset without corrections: check_data says what that means for the objective
         data.datasets[name] = ray.data.from_items(table.to_pylist())
         data.rows[name] = table.num_rows
         data.hashes[name] = digest
@@ -113,7 +133,14 @@ def read_datasets(
 
 
 def check_data(opts: FinetuneConfig, data: TrainingData) -> list[str]:
-    """Errors for data that cannot be trained on as configured; warnings for what is odd."""
+    """Errors for data that cannot be trained on as configured; warnings for what is odd.
+
+    Raises:
+        ValueError: fewer rows of a set than workers; trials without validation; an objective
+            that trains on preference pairs (``finetune.objective``) without any.
+    """
+    if opts.objective in OBJECTIVES_WITH_PAIRS and not data.rows.get("preferences"):
+        raise no_pairs_error(opts.objective)
     for name, rows in data.rows.items():
         if rows < opts.num_workers:
             raise ValueError(
@@ -126,7 +153,12 @@ def check_data(opts: FinetuneConfig, data: TrainingData) -> list[str]:
             "rows (--validation, or a dataset folder with a validation split) or set trials=1"
         )
     warnings = []
-    if opts.rehearsal_ratio > 0 and "rehearsal" not in data.datasets:
+    if opts.objective == "dpo" and "rehearsal" in data.datasets:
+        warnings.append(
+            "finetune.objective is dpo: the run trains on the preference pairs alone, and the rehearsal rows are "
+            "not mixed in (use sft+dpo to train on both)"
+        )
+    elif opts.rehearsal_ratio > 0 and "rehearsal" not in data.datasets:
         warnings.append(
             f"finetune.rehearsal_ratio is {opts.rehearsal_ratio} but no rehearsal rows were given: "
             "the epochs hold the training rows alone"

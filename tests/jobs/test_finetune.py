@@ -1,23 +1,29 @@
 """``jobs/finetune.py``: LoRA fine-tuning of the tiny model with Ray Train (V2) on 2 CPU workers,
 end to end: loss, the stored and registered adapter with its lineage, resumption after a worker
-failure, and Fisher-guided masking that leaves the protected entries of the champion in place."""
+failure, Fisher-guided masking that leaves the protected entries of the champion in place, and
+the preference objective on a dataset's pairs (SFT + DPO under DDP)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from app.artifacts import PREFERENCE_ROW_SCHEMA, conform
 from app.config import KaizenConfig, load_job_config
 from app.learning.checkpointing import FORGETTING_FILE, STATE_FILE
 from app.learning.ray_trainer import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV, build_trainer, check_requirements
 from app.learning.training import FinetuneConfig
 from app.learning.training_data import TrainingData, check_data
 from jobs import finetune
+from tests.jobs.conftest import training_table
 
 pytestmark = pytest.mark.integration
 
@@ -279,6 +285,8 @@ def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dic
         build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
     with pytest.raises(ValueError, match="finetune.trials: 2 trials are chosen between by their validation loss"):
         check_data(FinetuneConfig(trials=2), TrainingData({"train": object()}, {"train": 20}))
+    with pytest.raises(ValueError, match=r"finetune\.objective: sft\+dpo trains on preference pairs"):
+        check_data(FinetuneConfig(objective="sft+dpo"), TrainingData({"train": object()}, {"train": 20}))
     with pytest.raises(ValueError, match="max_cpu_cores=2"):
         check_requirements(cfg, FinetuneConfig(num_workers=3))
     cfg_file = Path(cfg.model.storage_root) / "c.yaml"
@@ -362,3 +370,74 @@ def test_gpu_strategies(cfg: KaizenConfig, data: dict[str, Path], extra: dict[st
     result = finetune.main(cfg, opts, data["dataset"], run_name=f"gpu-{'-'.join(map(str, extra.values()))}")
     assert result["metrics"]["steps"] == 4 and result["status"] == "candidate"
     assert result["metrics"]["val_loss"] < result["metrics"]["initial_val_loss"]
+
+
+def _preference_table(n: int) -> pa.Table:
+    """Pairs as jobs.build_dataset writes them: a user corrected a wrong answer."""
+    rows = [
+        {
+            "interaction_id": f"p{i}",
+            "prompt": json.dumps([{"role": "user", "content": f"Task {i}: write add_one."}]),
+            "chosen": "def add_one(x):\n    return x + 1",
+            "rejected": "def add_one(x):\n    return x - 1",
+            "rejected_quality_score": 0.2,
+            "domain": ["python", "generation"],
+            "complexity": "simple",
+        }
+        for i in range(n)
+    ]
+    return conform(pa.Table.from_pylist(rows), PREFERENCE_ROW_SCHEMA)
+
+
+def test_dpo_without_pairs_stops_before_any_worker_starts(
+    cfg: KaizenConfig, data: dict[str, Path], tmp_path: Path, ray_session
+) -> None:
+    """A dataset folder without train_preferences.parquet, and one whose file is empty (a dataset
+    built from interactions that nobody corrected)."""
+    uncorrected = tmp_path / "uncorrected"
+    uncorrected.mkdir()
+    pq.write_table(training_table(4), uncorrected / "train.parquet")
+    pq.write_table(PREFERENCE_ROW_SCHEMA.empty_table(), uncorrected / "train_preferences.parquet")
+    for folder in (data["dataset"], uncorrected):
+        with pytest.raises(ValueError, match=r"finetune\.objective: dpo trains on preference pairs.*objective=sft"):
+            finetune.main(cfg, FinetuneConfig(objective="dpo", continue_from=None), folder, run_name="no-pairs")
+
+
+@pytest.mark.slow
+def test_sft_plus_dpo_trains_on_a_datasets_pairs_with_two_ddp_workers(
+    cfg: KaizenConfig, tmp_path: Path, ray_session
+) -> None:
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    pq.write_table(training_table(4), dataset / "train.parquet")
+    pq.write_table(training_table(2, start=100), dataset / "validation.parquet")
+    pq.write_table(_preference_table(4), dataset / "train_preferences.parquet")
+    (dataset / "manifest.json").write_text(json.dumps({"dataset_id": "ds-pairs"}))
+    opts = FinetuneConfig(
+        objective="sft+dpo",
+        num_workers=2,
+        batch_size=2,
+        epochs=2,
+        lr=1e-2,
+        max_length=64,
+        rehearsal_ratio=0.0,
+        continue_from=None,
+        early_stopping_patience=0,
+        select_by="loss",
+    )
+    reports: list[dict[str, Any]] = []
+
+    result = finetune.main(cfg, opts, dataset, run_name="sft-dpo", progress=reports.append)
+
+    metrics = result["metrics"]
+    # 2 rows per worker in batches of 2: a step an epoch, each with 2 of the worker's pairs.
+    assert metrics["steps"] == 2 and metrics["rows"] == {"train": 4, "validation": 2, "preferences": 4}
+    steps = [m for r in reports for m in r.get("step_metrics", [])]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert m["loss"] == pytest.approx(m["sft_loss"] + m["dpo_loss"], rel=1e-6)
+    # A fresh adapter is the reference: the first step's pairs are at log 2, whatever the rank.
+    assert steps[0]["dpo_loss"] == pytest.approx(0.693147, abs=1e-4) and steps[1]["dpo_loss"] < steps[0]["dpo_loss"]
+    assert result["status"] == "candidate"
+    (final,) = [r for r in reports if r.get("final")]
+    assert final["dpo"]["pairs"] == 4 and final["dpo"]["reward_margin"] > 0

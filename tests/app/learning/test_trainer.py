@@ -1,10 +1,11 @@
 """``app.learning.trainer``: the per-worker fine-tuning in one process, without Ray (a
-:class:`~app.learning.worker_context.LocalContext`): a step, the trials, a checkpoint's resumption
-and Fisher-guided masking, on the tiny model."""
+:class:`~app.learning.worker_context.LocalContext`): a step, the trials, a checkpoint's resumption,
+Fisher-guided masking and the preference objectives (DPO, SFT + DPO), on the tiny model."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from app.learning.checkpointing import STATE_FILE, trainable_state
-from app.learning.trainer import Trainer
-from app.learning.training import FinetuneConfig
+from app.learning.trainer import StepWindow, Trainer
+from app.learning.training import IGNORE_INDEX, FinetuneConfig, tokenize_messages
 from app.learning.worker_context import LocalContext, WorkerSpec, deterministic_algorithms
 
 ANSWER = "```python\ndef add_one(x):\n    return x + 1\n```"
@@ -47,6 +48,27 @@ def _rows(n: int, start: int = 0, answer: str = ANSWER) -> list[dict[str, Any]]:
     ]
 
 
+PROMPT = [
+    {"role": "system", "content": "You are a coding assistant."},
+    {"role": "user", "content": "Task {i}: write add_one."},
+]
+CORRECTION = "def add_one(x):\n    return x + 1"
+WRONG = "def add_one(x):\n    return x - 1"
+
+
+def _pairs(n: int, start: int = 0) -> list[dict[str, Any]]:
+    """Preference rows as a dataset's train_preferences.parquet holds them: a user corrected a wrong answer."""
+    return [
+        {
+            "interaction_id": f"p{i}",
+            "prompt": json.dumps([{**m, "content": m["content"].format(i=i)} for m in PROMPT]),
+            "chosen": CORRECTION,
+            "rejected": WRONG,
+        }
+        for i in range(start, start + n)
+    ]
+
+
 def _trainer(model_root: Path, context: LocalContext, **options: Any) -> Trainer:
     spec = WorkerSpec(
         opts=FinetuneConfig(**{**BASE, **options}),
@@ -66,9 +88,10 @@ def test_one_step_lowers_the_loss_on_a_tiny_batch(model_root: Path) -> None:
     batch = trainer.data["train"]
     before = trainer.loss_on(batch)
 
-    loss_sum, labels, tokens = trainer.train_step([batch])
+    step = trainer.train_step(StepWindow(targets=[batch]))
 
-    assert labels > 0 and tokens > labels and loss_sum / labels == pytest.approx(before, rel=1e-4)
+    assert step.label_tokens > 0 and step.input_tokens > step.label_tokens and step.pairs == 0
+    assert step.loss == pytest.approx(before, rel=1e-4) and step.metrics() == {}
     assert trainer.loss_on(batch) < before
 
 
@@ -224,3 +247,73 @@ def test_the_same_seed_and_data_train_the_same_adapter_under_deterministic_algor
     assert torch.are_deterministic_algorithms_enabled() == before  # the caller's setting comes back
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_B" in k)  # it trained
+
+
+def _answer_logp(trainer: Trainer, pair: dict[str, Any], answer: str) -> float:
+    """The summed log-probability of ``answer`` after the pair's prompt under the trainer's model
+    (adapter on), from the model's logits: apart from the trainer's own loss module."""
+    messages = [*json.loads(pair["prompt"]), {"role": "assistant", "content": answer}]
+    row = tokenize_messages(trainer.tokenizer, messages, 256, last_turn_only=True)
+    ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"][1:])
+    trainer.peft_model.eval()
+    with torch.no_grad():
+        logps = torch.log_softmax(trainer.peft_model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    trainer.peft_model.train()
+    keep = labels != IGNORE_INDEX
+    return float(logps[keep].gather(1, labels[keep, None]).sum())
+
+
+def test_dpo_makes_the_correction_more_likely_than_the_rejected_answer(model_root: Path) -> None:
+    pairs = _pairs(4)
+    context = LocalContext({"train": _rows(4), "preferences": pairs})
+    trainer = _trainer(model_root, context, objective="dpo", epochs=4, lora_dropout=0.0)
+    # A fresh adapter changes nothing (LoRA's B is zero): the policy is the reference, every pair's
+    # margin 0 and its loss log 2, which says the reference is the model with the adapter disabled.
+    before = trainer.measure_pairs(trainer.pairs)
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-5) and before["reward_margin"] == pytest.approx(
+        0.0, abs=1e-5
+    )
+    gaps_before = [_answer_logp(trainer, p, CORRECTION) - _answer_logp(trainer, p, WRONG) for p in pairs]
+
+    final = trainer.fit()
+
+    steps = [m for r in context.reports for m in r.get("step_metrics", [])]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]  # 4 pairs in batches of 4: one step an epoch
+    assert steps[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4) and steps[0]["loss"] == steps[0]["dpo_loss"]
+    assert steps[-1]["dpo_loss"] < steps[0]["dpo_loss"] - 0.05 and "sft_loss" not in steps[0]
+    assert final["loss_fell"] is True
+    assert final["dpo"]["pairs"] == 4 and final["dpo"]["accuracy"] == 1.0
+    assert final["dpo"]["reward_margin"] > 0 and final["dpo"]["loss"] < math.log(2)
+    gaps_after = [_answer_logp(trainer, p, CORRECTION) - _answer_logp(trainer, p, WRONG) for p in pairs]
+    assert all(after > b + 0.1 for after, b in zip(gaps_after, gaps_before)), (gaps_before, gaps_after)
+    # The margin is beta times the rise of that gap over the reference's.
+    rise = sum(a - b for a, b in zip(gaps_after, gaps_before)) / len(pairs)
+    assert final["dpo"]["reward_margin"] == pytest.approx(0.1 * rise, rel=1e-3)
+
+
+def test_sft_plus_dpo_sums_both_losses_on_every_step(model_root: Path) -> None:
+    context = LocalContext({"train": _rows(8), "preferences": _pairs(3, start=50)})
+    trainer = _trainer(model_root, context, objective="sft+dpo", epochs=2)
+    assert trainer.steps_per_epoch == 2  # the training rows set the epoch; the pairs go along
+
+    final = trainer.fit()
+
+    steps = [m for r in context.reports for m in r.get("step_metrics", [])]
+    assert len(steps) == 4
+    for m in steps:
+        assert m["loss"] == pytest.approx(m["sft_loss"] + m["dpo_loss"], rel=1e-9)
+        assert 0.0 <= m["dpo_accuracy"] <= 1.0
+    assert final["loss_fell"] is True and final["dpo"]["pairs"] == 3
+    assert steps[-1]["dpo_loss"] < steps[0]["dpo_loss"] and steps[-1]["sft_loss"] < steps[0]["sft_loss"]
+
+
+def test_sft_leaves_the_pairs_alone_and_dpo_without_pairs_is_refused(model_root: Path) -> None:
+    sft = _trainer(model_root, LocalContext({"train": _rows(8), "preferences": _pairs(4)}))
+    assert sft.pairs == [] and "preferences" not in sft.data and sft.steps_per_epoch == 2
+    for objective in ("dpo", "sft+dpo"):
+        with pytest.raises(
+            ValueError, match=rf"finetune\.objective: {objective.replace('+', '.')} trains on preference pairs"
+        ):
+            _trainer(model_root, LocalContext({"train": _rows(4)}), objective=objective)
+    with pytest.raises(ValueError, match=r"finetune\.objective: dpo"):
+        _trainer(model_root, LocalContext({"train": _rows(4), "preferences": []}), objective="dpo")

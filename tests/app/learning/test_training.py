@@ -1,9 +1,11 @@
 """``app.learning.training``: tokenization with assistant-only labels (the real Qwen2.5 tokenizer),
-batching, rehearsal mixing, early stopping, the schedule and the options."""
+preference pairs and the DPO loss, batching, rehearsal mixing, early stopping, the schedule and
+the options."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -20,14 +22,19 @@ from app.learning.training import (
     EvaluationConfig,
     FinetuneConfig,
     ForgettingConfig,
+    ObjectiveConfig,
     OptimizerConfig,
     ResourceConfig,
     collate,
+    describe_report,
+    dpo_loss,
+    draw_pairs,
     lr_factor,
     mix_rehearsal,
     rehearsal_count,
     steps_per_epoch,
     tokenize_messages,
+    tokenize_pair,
 )
 
 
@@ -98,6 +105,63 @@ def test_truncation_and_bad_rows(tokenizer) -> None:
         tokenize_messages(tokenizer, [{"content": "x"}], max_length=16)
 
 
+def test_a_pair_labels_its_answer_alone_after_the_same_prompt(tokenizer) -> None:
+    prompt = [
+        {"role": "user", "content": "What is in main.py?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "main.py"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "print('hi')"},
+    ]
+    pair = tokenize_pair(tokenizer, json.dumps(prompt), "It prints hi.", "It prints nothing.", max_length=1024)
+
+    # The tool call is the same on both sides: only the answers carry labels.
+    assert _labelled(tokenizer, pair["chosen"]) == "It prints hi.<|im_end|>"
+    assert _labelled(tokenizer, pair["rejected"]) == "It prints nothing.<|im_end|>"
+    first = pair["chosen"]["labels"].index(next(t for t in pair["chosen"]["labels"] if t != IGNORE_INDEX))
+    assert pair["chosen"]["input_ids"][:first] == pair["rejected"]["input_ids"][:first]
+    whole = tokenize_messages(tokenizer, [*prompt, {"role": "assistant", "content": "It prints hi."}], 1024)
+    assert whole["input_ids"] == pair["chosen"]["input_ids"]  # the same tokens as a training row
+    with pytest.raises(ValueError, match="ends with an assistant answer"):
+        tokenize_pair(tokenizer, [*prompt, {"role": "assistant", "content": "x"}], "a", "b", max_length=64)
+
+
+def test_dpo_loss_is_log_2_at_the_reference_and_falls_as_the_chosen_answer_gains() -> None:
+    reference_chosen, reference_rejected = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    loss, margin = dpo_loss(reference_chosen, reference_rejected, reference_chosen, reference_rejected, beta=0.1)
+    assert torch.allclose(loss, torch.full((2,), math.log(2))) and torch.equal(margin, torch.zeros(2))
+
+    policy_chosen = reference_chosen.clone().requires_grad_(True)
+    policy_rejected = reference_rejected.clone().requires_grad_(True)
+    loss, margin = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.5)
+    loss.sum().backward()
+    # Descending the loss raises the chosen answer's log-likelihood and lowers the rejected one's.
+    assert (policy_chosen.grad < 0).all() and (policy_rejected.grad > 0).all()
+    # Chosen up by 2 nats and rejected down by 1 against the reference: margin beta * 3.
+    loss, margin = dpo_loss(
+        torch.tensor([-8.0]), torch.tensor([-13.0]), torch.tensor([-10.0]), torch.tensor([-12.0]), 0.5
+    )
+    assert margin.item() == pytest.approx(1.5) and loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.5))))
+
+
+def test_pairs_are_drawn_in_shuffled_passes() -> None:
+    pairs = ["a", "b", "c"]
+    drawn = draw_pairs(pairs, 8, seed=0, epoch=0)
+    assert len(drawn) == 8 and sorted(drawn[:3]) == sorted(drawn[3:6]) == pairs  # whole passes first
+    assert draw_pairs(pairs, 8, seed=0, epoch=0) == drawn  # the same epoch after a restart
+    assert any(draw_pairs(pairs, 3, seed=0, epoch=e) != draw_pairs(pairs, 3, seed=0, epoch=0) for e in range(1, 6))
+    assert draw_pairs([], 5, seed=0, epoch=0) == []
+
+
+def test_a_report_line_shows_the_dpo_figures() -> None:
+    line = describe_report({"step": 3, "epoch": 1.5, "loss": 0.6, "dpo_loss": 0.6, "dpo_accuracy": 0.75})
+    assert line.startswith("step 3 (epoch 1.50): loss 0.6000, dpo_loss 0.6000, dpo_accuracy 0.7500")
+
+
 def test_collate_pads_on_the_right() -> None:
     batch = collate(
         [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_token_id=0
@@ -165,6 +229,7 @@ def test_learning_rate_schedule() -> None:
 def test_options_come_in_typed_groups_under_flat_keys() -> None:
     groups = (
         AdapterConfig,
+        ObjectiveConfig,
         OptimizerConfig,
         BatchConfig,
         EvaluationConfig,
@@ -172,9 +237,9 @@ def test_options_come_in_typed_groups_under_flat_keys() -> None:
         ResourceConfig,
         CheckpointingConfig,
     )
-    # Every key is in one group (seed aside), and the whole takes and gives them flat.
+    # Every key is in one group (seed and deterministic aside), and the whole takes and gives them flat.
     keys = [k for group in groups for k in group.model_fields]
-    assert len(keys) == len(set(keys)) and set(keys) | {"seed"} == set(FinetuneConfig.model_fields)
+    assert len(keys) == len(set(keys)) and set(keys) | {"seed", "deterministic"} == set(FinetuneConfig.model_fields)
     opts = FinetuneConfig(lora_rank=4, masking="fggm", num_workers=2)
     assert all(isinstance(opts, group) for group in groups)
     assert opts.model_dump()["lora_rank"] == 4 and FinetuneConfig.model_validate(opts.model_dump()) == opts
@@ -187,6 +252,8 @@ def test_options_come_in_typed_groups_under_flat_keys() -> None:
 def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
     opts = FinetuneConfig()
     assert opts.masking == "none" and opts.continue_from == "champion" and opts.precision == "fp32"
+    assert (opts.objective, opts.dpo_beta) == ("sft", 0.1)
+    assert list(FinetuneConfig.model_fields).index("objective") == len(AdapterConfig.model_fields)  # after LoRA
     assert FinetuneConfig(use_gpu=True).precision == "bf16"
     assert all(f.description for f in FinetuneConfig.model_fields.values())
 
@@ -202,6 +269,8 @@ def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
         ("finetune.strategy=deepspeed", "finetune.strategy: deepspeed needs use_gpu=true"),
         ("finetune.quantize_4bit=true", "finetune.quantize_4bit: 4-bit QLoRA"),
         ("finetune.continue_from=../x", "finetune.continue_from:"),
+        ("finetune.objective=ppo", "finetune.objective:"),
+        ("finetune.dpo_beta=0", "finetune.dpo_beta:"),
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             section_options("finetune", [override])
