@@ -60,7 +60,15 @@ def _tree(root: Path) -> list[str]:
 
 def test_new_ids_have_their_kinds_prefix_sort_by_time_and_differ_within_a_second() -> None:
     now = datetime(2025, 1, 31, 12, 0, 5, tzinfo=UTC)
-    prefixes = {"dataset": "ds", "rehearsal": "ssr", "adapter": "adp", "model": "model", "report": "report"}
+    prefixes = {
+        "dataset": "ds",
+        "rehearsal": "ssr",
+        "adapter": "adp",
+        "model": "model",
+        "report": "report",
+        "validation": "val",
+        "deployment": "dep",
+    }
     assert set(KINDS) == set(prefixes)
     for kind, prefix in prefixes.items():
         assert re.fullmatch(rf"{prefix}-20250131-120005-[0-9a-f]{{6}}", new_id(kind, now))
