@@ -43,7 +43,7 @@ from app.learning.sweep import (
     relevant_search,
     tune_space,
 )
-from app.learning.training import FinetuneConfig, rehearsal_count, steps_per_epoch
+from app.learning.training import OBJECTIVES_WITH_PAIRS, FinetuneConfig, rehearsal_count, steps_per_epoch
 from app.learning.training_data import add_data_arguments, check_data, read_datasets
 from app.ray_setup import start_ray
 
@@ -99,7 +99,9 @@ def main(
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
     start_ray(cfg)
-    data = read_datasets(train, validation, rehearsal, fisher_data, heldout)
+    data = read_datasets(
+        train, validation, rehearsal, fisher_data, heldout, preferences=opts.objective in OBJECTIVES_WITH_PAIRS
+    )
     if "validation" not in data.datasets:
         raise ValueError(
             "a sweep ranks trials by validation loss: give --validation rows (or a dataset folder with them)"
@@ -268,8 +270,11 @@ def _progress_callback(emit: Callable[[str], None], params: list[str]) -> Any:
 
 
 def _total_steps(opts: FinetuneConfig, rows: Mapping[str, int]) -> int:
-    per_worker = rows["train"] // opts.num_workers
-    mixed = per_worker + (rehearsal_count(per_worker, opts.rehearsal_ratio) if "rehearsal" in rows else 0)
+    if opts.objective == "dpo":  # an epoch is a pass over the pairs
+        mixed = rows.get("preferences", 0) // opts.num_workers
+    else:  # sft+dpo draws a micro-batch of pairs per micro-batch of rows
+        per_worker = rows["train"] // opts.num_workers
+        mixed = per_worker + (rehearsal_count(per_worker, opts.rehearsal_ratio) if "rehearsal" in rows else 0)
     total = opts.epochs * steps_per_epoch(mixed, opts.batch_size, opts.grad_accumulation)
     return min(total, opts.max_steps or total)
 

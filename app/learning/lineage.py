@@ -135,6 +135,7 @@ def publish_adapter(
             "mask",
             "peak_rss_mb",
             "peak_vram_gb",
+            "dpo",
         )
     }
     metrics["steps"] = metrics.pop("step")
