@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ __all__ = [
 
 ACTOR_NAME = "kaizen-scheduler"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SUBMIT_RETRY_S = 60.0
+"""How long a submission is retried while the job server says it has no agent yet (a new head)."""
 LOG_TAIL_BYTES = 4 * 1024 * 1024
 """How much of the end of a cycle's output is read back for its record and its last words."""
 
@@ -124,12 +127,7 @@ class JobLauncher:
         command = shell_command(self.python, cycle_arguments(str(config), run))
         client = self._jobs()
         if client is not None:
-            job_id = client.submit_job(
-                entrypoint=f"cd {shlex.quote(str(PROJECT_ROOT))} && {command}",
-                submission_id=f"kaizen-{run.id}",
-                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
-                metadata={"kaizen": "learn", "run_id": run.id},
-            )
+            job_id = self._submit(client, run, command)
             return {"via": "ray_job", "job_id": job_id, "config": str(config), "command": command}
         logfile, status = self.folder / f"{run.id}.log", self.folder / f"{run.id}.exit"
         # The shell writes the exit status beside the log, so that a restarted scheduler (another
@@ -151,6 +149,22 @@ class JobLauncher:
             "config": str(config),
             "command": command,
         }
+
+    def _submit(self, client: Any, run: TrainingRun, command: str) -> str:
+        deadline = time.monotonic() + SUBMIT_RETRY_S
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=f"cd {shlex.quote(str(PROJECT_ROOT))} && {command}",
+                    submission_id=f"kaizen-{run.id}",
+                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
+                    metadata={"kaizen": "learn", "run_id": run.id},
+                )
+            except RuntimeError as exc:
+                # A head that has just started answers "No available agent ... try again later".
+                if "try again later" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
 
     def _environment(self) -> dict[str, str]:
         # The cycle is a driver of its own that joins this cluster: this worker's identity stays

@@ -173,7 +173,7 @@ class TrainingConfig(_Section):
         lt=1,
         description="Quality trigger: a cycle starts when the unlearned interactions' mean quality is above the "
         "champion's training set's by this much (absolute, 0-1), or the champion's live quality fell by this "
-        "much, either significantly (confidence sequence at 5 %).",
+        "much; either also significantly (an always-valid confidence sequence at 5 % error).",
     )
     quality_window: int = Field(
         100,
