@@ -66,8 +66,14 @@ def test_actor_killed_mid_canary_resumes_where_it_was(ray_session: None, tmp_pat
         assert before["active"]["id"] == d.id and before["deployer"]["last_error"] is None
 
         ray.kill(handle, no_restart=False)  # dies mid-canary; Ray starts it again
-        after = ray.get(handle.status.remote(), timeout=120)
-        assert after["deployer"]["pid"] != before["deployer"]["pid"]
+        # The kill lands asynchronously: a call sent at once may still be answered by the old process.
+        after = _wait_for(
+            "the restarted deployer",
+            lambda: (
+                (x := ray.get(handle.status.remote(), timeout=120))["deployer"]["pid"] != before["deployer"]["pid"]
+                and x
+            ),
+        )
         assert after["active"]["id"] == d.id and after["active"]["state"] == "canary"
 
         serve(store, 200, model=OLD, arm="champion", deployment_id=d.id, quality=0.8, seed=1)

@@ -40,12 +40,13 @@ def test_config_check_lists_every_key_and_warns_about_keys_nothing_reads(
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(
-        "training:\n  interval_hours: 12\nprivacy:\n  hmac_key: very-secret\n"
+        "training:\n  interval_hours: 12\nprivacy:\n  hmac_key: very-secret\n  encryption: true\n"
         "store:\n  postgres_dsn: postgresql://kaizen:pw123@db:5432/kaizen\n"
     )
     assert main(["config", "check", "--list", str(cfg_file), "finetune.lora_rank=4"]) == 0
     out = capsys.readouterr().out
-    assert "warning: training.interval_hours: set to 12.0, but nothing reads it yet" in out
+    assert "warning: privacy.encryption: set to True, but nothing reads it yet" in out
+    assert "training.interval_hours: set to" not in out  # the scheduler reads it
     listed = [line.split(" = ")[0] for line in out.splitlines() if " = " in line and not line.startswith(" ")]
     assert listed == [k.key for k in config_keys(load_config(cfg_file, ["finetune.lora_rank=4"]))]
     assert "training.interval_hours = 12.0   (default 24.0)" in out and "finetune.lora_rank = 4   (default 8)" in out
@@ -54,7 +55,7 @@ def test_config_check_lists_every_key_and_warns_about_keys_nothing_reads(
 
     assert main(["config", "check", "--markdown", str(ROOT / "configs/default.yaml")]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert len(table) == len(config_keys(load_config())) and table[0].startswith("| `enabled` | `true` | Not yet used")
+    assert len(table) == len(config_keys(load_config())) and table[0].startswith("| `enabled` | `true` | ")
     bad = tmp_path / "bad.yaml"
     bad.write_text("collection:\n  capture_rate: 2\n")
     assert main(["config", "check", "--list", str(bad)]) == 1
