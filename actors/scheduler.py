@@ -38,7 +38,7 @@ import yaml
 from app.config import KaizenConfig
 from app.scheduling.launcher import CycleOutcome, cycle_arguments, outcome_from_log, shell_command
 from app.scheduling.scheduler import Scheduler
-from app.scheduling.state import TrainingRun
+from app.scheduling.state import SCHEDULER_ACTOR, TrainingRun
 from app.store import open_store
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
     "stop_scheduler",
 ]
 
-ACTOR_NAME = "kaizen-scheduler"
+ACTOR_NAME = SCHEDULER_ACTOR
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SUBMIT_RETRY_S = 60.0
 """How long a submission is retried while the job server says it has no agent yet (a new head)."""

@@ -82,8 +82,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
 
     from actors.deployer import start_deployer, stop_deployer
+    from actors.scheduler import start_scheduler, stop_scheduler
 
     start_deployer(cfg, detached=True)
+    start_scheduler(cfg, detached=True)
     store_desc = cfg.store.sqlite_path if cfg.store.engine == "sqlite" else cfg.store.postgres_dsn.split("@")[-1]
     print(f"Kaizen is up ({cfg.store.engine}: {store_desc})")
     print(f"  events      POST {url}/v1/events")
@@ -101,6 +103,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(
         f"  deployments GET  {url}/v1/deployments   POST {url}/v1/deployments/{{id}}/rollback   "
         f"(deployer: {cfg.model.deployment_strategy}; kaizen deploy status)"
+    )
+    print(
+        f"  training    GET  {url}/v1/training   POST {url}/v1/training/runs   "
+        f"(scheduler: {'on' if cfg.enabled and cfg.training.auto_training else 'reporting only'})"
     )
     print(f"  health      GET  {url}/healthz  {url}/readyz")
     print(f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)")
@@ -124,6 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     print("\nShutting down ...")
+    stop_scheduler(cfg.ray.namespace)
     stop_deployer(cfg.ray.namespace)
     serve.shutdown()
     ray.shutdown()
@@ -384,6 +391,34 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_training_status(args: argparse.Namespace) -> int:
+    """``kaizen training status``: the cycles and the scheduler's latest decisions, from the store."""
+    from app.serve.training_api import store_view
+    from app.store import open_store
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        view = store_view(store)
+    finally:
+        store.close()
+    view.pop("scheduler")
+    if args.json:
+        print(json.dumps(view, indent=2, default=str))
+        return 0
+    running = view["running"]
+    print(
+        f"running: {running['id']} ({running['trigger']}) since {running['started_at']}" if running else "running: none"
+    )
+    for d in view["decisions"]:
+        print(f"  {d.get('at')}  {d.get('code', '-'):<10} {d.get('reason', '')}")
+    for r in view["recent"]:
+        print(f"  {r['id']}  {r['status']:<10} {r.get('trigger') or '-':<8} {r.get('adapter_id') or ''}")
+    if not view["decisions"] and not view["recent"]:
+        print("(no decisions yet: kaizen up starts the scheduler)")
+    return 0
+
+
 def cmd_adapters_alias(args: argparse.Namespace) -> int:
     from app.registry import AdapterNotRegisteredError, AdapterRegistry
     from app.store import open_store
@@ -484,6 +519,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--actor", default=who, help="who decides (audit)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=cmd_deploy)
+
+    training = sub.add_parser("training", help="the scheduler's learning cycles and decisions")
+    training_sub = training.add_subparsers(dest="training_command", required=True)
+    tstatus = training_sub.add_parser("status", help="the running cycle, the latest decisions and their reasons")
+    with_config(tstatus)
+    tstatus.add_argument("--json", action="store_true", help="print JSON")
+    tstatus.set_defaults(func=cmd_training_status)
 
     validate = sub.add_parser(
         "validate",

@@ -34,6 +34,7 @@ from app.store.base import InteractionStore
 __all__ = [
     "DECISION_ACTION",
     "FINAL_STATUSES",
+    "SCHEDULER_ACTOR",
     "STATUSES",
     "TRIGGER_ORDER",
     "RunStatus",
@@ -44,6 +45,10 @@ __all__ = [
     "as_time",
     "new_run_id",
 ]
+
+SCHEDULER_ACTOR = "kaizen-scheduler"
+"""The scheduler actor's name in ``ray.namespace`` (``actors/scheduler.py``); the HTTP API reaches
+it by this name."""
 
 RunStatus = Literal["scheduled", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = get_args(RunStatus)

@@ -33,6 +33,7 @@ from app.registry import AdapterRegistry
 from app.schemas import EventResult
 from app.serve.deployments_api import add_deployment_routes
 from app.serve.openai_api import GenerationBackend, add_openai_routes
+from app.serve.training_api import add_training_routes
 from app.store import InteractionStore, StoredEvent, open_store
 
 __all__ = ["CollectorService", "create_api"]
@@ -508,6 +509,7 @@ def create_api(service: CollectorService) -> FastAPI:
         )
 
     add_deployment_routes(api, cfg, service.store, [require("operator")])
+    add_training_routes(api, cfg, service.store, [require("operator")])
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -156,6 +156,8 @@ def test_kaizen_up_serves_seeds_and_stops_cleanly(tmp_path: Path) -> None:
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"], reply.text
         deployments = httpx.get(f"http://127.0.0.1:{port}/v1/deployments", timeout=10).json()
         assert deployments["strategy"] == "staged" and deployments["active"] is None
+        training = httpx.get(f"http://127.0.0.1:{port}/v1/training", timeout=30).json()
+        assert training["scheduler"]["running"] and training["running"] is None, training
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
@@ -238,6 +240,8 @@ def test_calibrate_and_adapter_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert "is cancelled" in capsys.readouterr().out
     assert registry.get("adp-cli-1")["status"] == "rejected"
     assert main(["deploy", "rollback", "--reason", "again", *deploy]) == 2  # nothing active
+    assert main(["training", "status", "--config", str(cfg_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["running"] is None
     store.close()
 
 

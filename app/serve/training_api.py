@@ -1,0 +1,78 @@
+"""The training routes: ``GET /v1/training`` (the scheduler's view: the current cycle, the triggers
+and what holds a cycle back, the last decision with its reasons, the next check) and
+``POST /v1/training/runs`` (an operator asks for a cycle). Both talk to the scheduler actor by name
+(``kaizen-scheduler`` in ``ray.namespace``); without it, the view comes from the store alone and a
+request is refused (503)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.config import KaizenConfig
+from app.scheduling.state import SCHEDULER_ACTOR, TrainingRunStore
+from app.store import InteractionStore
+
+__all__ = ["TrainingRequest", "add_training_routes", "scheduler_or_none"]
+
+
+class TrainingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000, description="Why a cycle is wanted now (audited).")
+    actor: str = Field("operator", min_length=1, max_length=200, description="Who asks (audited).")
+
+
+def scheduler_or_none(namespace: str) -> Any | None:
+    """The running scheduler actor's handle, or None (no Ray here, or no scheduler started)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_actor(SCHEDULER_ACTOR, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def store_view(store: InteractionStore) -> dict[str, Any]:
+    """What the store says of training without the scheduler: the cycles and the last decisions."""
+    runs = TrainingRunStore(store)
+    running = runs.running()
+    return {
+        "scheduler": {"running": False},
+        "running": running.to_json() if running else None,
+        "last_decision": runs.last_decision(),
+        "decisions": runs.decisions(limit=10),
+        "recent": [r.to_json() for r in runs.list(limit=10)],
+    }
+
+
+def add_training_routes(api: FastAPI, cfg: KaizenConfig, store: InteractionStore, operator: list[Any]) -> None:
+    """Mount the routes; ``operator`` are the dependencies that require the operator role."""
+    namespace = cfg.ray.namespace
+
+    @api.get("/v1/training", dependencies=operator, summary="The scheduler: current cycle, triggers, decisions")
+    async def training() -> dict[str, Any]:
+        handle = await asyncio.to_thread(scheduler_or_none, namespace)
+        if handle is None:
+            return await asyncio.to_thread(store_view, store)
+        return await handle.status.remote()
+
+    @api.post("/v1/training/runs", status_code=202, dependencies=operator, summary="Ask for a learning cycle")
+    async def request_cycle(body: TrainingRequest) -> dict[str, Any]:
+        """The manual trigger: the cycle starts at the scheduler's next check unless one is running
+        or resources are short (it waits); refused while ``enabled`` is false."""
+        handle = await asyncio.to_thread(scheduler_or_none, namespace)
+        if handle is None:
+            raise HTTPException(503, {"field": None, "reason": "the scheduler is not running (kaizen up starts it)"})
+        try:
+            return await handle.request.remote(body.actor, body.reason)
+        except Exception as exc:  # a refusal comes back as the actor's ValueError
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, ValueError):
+                raise HTTPException(409, {"field": "training", "reason": str(cause)}) from None
+            raise
