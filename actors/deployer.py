@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from actors.named import find_actor, start_actor, stop_actor
 from app.config import KaizenConfig
 from app.deployment.deployer import Deployer
 from app.deployment.probe import HttpProbe
@@ -106,28 +107,14 @@ def start_deployer(cfg: KaizenConfig, *, detached: bool = True) -> Any:
     """The deployer actor of ``cfg.ray.namespace``, started if it is not running (Ray must be up:
     :func:`app.ray_setup.start_ray`). ``detached``: it outlives the driver that started it (what
     ``kaizen up`` wants); stop it with :func:`stop_deployer`. Returns its handle."""
-    options: dict[str, Any] = {"name": ACTOR_NAME, "namespace": cfg.ray.namespace, "get_if_exists": True}
-    if detached:
-        options["lifetime"] = "detached"
-    return DeployerActor.options(**options).remote(cfg.model_dump(mode="json"))
+    return start_actor(DeployerActor, ACTOR_NAME, cfg, detached=detached)
 
 
 def deployer_handle(namespace: str) -> Any | None:
     """The running deployer actor of ``namespace``, or None."""
-    try:
-        return ray.get_actor(ACTOR_NAME, namespace=namespace)
-    except ValueError:
-        return None
+    return find_actor(ACTOR_NAME, namespace)
 
 
 def stop_deployer(namespace: str, timeout_s: float = 60.0) -> bool:
     """Stop and remove the deployer actor of ``namespace`` (no restart); False if none was running."""
-    handle = deployer_handle(namespace)
-    if handle is None:
-        return False
-    try:
-        ray.get(handle.stop.remote(), timeout=timeout_s)
-    except Exception:  # already dying, or stuck: removed below all the same
-        log.warning("the deployer did not stop cleanly; removing it", exc_info=True)
-    ray.kill(handle, no_restart=True)
-    return True
+    return stop_actor(ACTOR_NAME, namespace, timeout_s)

@@ -35,6 +35,7 @@ from typing import Any
 import ray
 import yaml
 
+from actors.named import find_actor, start_actor, stop_actor
 from app.config import KaizenConfig
 from app.scheduling.launcher import CycleOutcome, cycle_arguments, outcome_from_log, shell_command
 from app.scheduling.scheduler import Scheduler
@@ -306,29 +307,15 @@ def start_scheduler(cfg: KaizenConfig, *, detached: bool = True) -> Any:
     """The scheduler actor of ``cfg.ray.namespace``, started if it is not running (Ray must be up:
     :func:`app.ray_setup.start_ray`). ``detached``: it outlives the driver that started it (what
     ``kaizen up`` wants); stop it with :func:`stop_scheduler`. Returns its handle."""
-    options: dict[str, Any] = {"name": ACTOR_NAME, "namespace": cfg.ray.namespace, "get_if_exists": True}
-    if detached:
-        options["lifetime"] = "detached"
-    return SchedulerActor.options(**options).remote(cfg.model_dump(mode="json"))
+    return start_actor(SchedulerActor, ACTOR_NAME, cfg, detached=detached)
 
 
 def scheduler_handle(namespace: str) -> Any | None:
     """The running scheduler actor of ``namespace``, or None."""
-    try:
-        return ray.get_actor(ACTOR_NAME, namespace=namespace)
-    except ValueError:
-        return None
+    return find_actor(ACTOR_NAME, namespace)
 
 
 def stop_scheduler(namespace: str, timeout_s: float = 60.0) -> bool:
     """Stop and remove the scheduler actor of ``namespace`` (no restart); False if none was running.
     A cycle it started goes on (a Ray job, or a process of its own)."""
-    handle = scheduler_handle(namespace)
-    if handle is None:
-        return False
-    try:
-        ray.get(handle.stop.remote(), timeout=timeout_s)
-    except Exception:  # already dying, or stuck: removed below all the same
-        log.warning("the scheduler did not stop cleanly; removing it", exc_info=True)
-    ray.kill(handle, no_restart=True)
-    return True
+    return stop_actor(ACTOR_NAME, namespace, timeout_s)

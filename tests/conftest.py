@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.common import train_answer_adapter
 
-__all__ = ["free_port", "ingest_samples", "train_answer_adapter"]
+__all__ = ["free_port", "ingest_samples", "train_answer_adapter", "wait_for"]
 
 # The code passes local_files_only everywhere; this also stops any library that reads the
 # variable from reaching for the hub.
@@ -191,3 +191,17 @@ def ingest_samples(store, n: int) -> list[str]:
     prepared = pipeline.prepare(events)
     assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
     return [e["id"] for e in events]
+
+
+def wait_for(what: str, check: Any, timeout_s: float = 60.0, every_s: float = 0.2) -> Any:
+    """``check()``'s first truthy value, polled every ``every_s``; AssertionError naming ``what``
+    past ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out waiting for {what}")

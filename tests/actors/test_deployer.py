@@ -5,11 +5,8 @@ The tests of the logic itself, on both store engines, are in tests/app/deploymen
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,18 +16,9 @@ from app.deployment.state import DeploymentStore
 from app.registry import AdapterRegistry
 from app.store.sqlite import SQLiteStore
 from tests.app.deployment.helpers import Endpoint, make_champion, register, serve, validate
+from tests.conftest import wait_for
 
 OLD, NEW = "adp-old", "adp-new"
-
-
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.integration
@@ -60,14 +48,14 @@ def test_actor_killed_mid_canary_resumes_where_it_was(ray_session: None, tmp_pat
     try:
         handle = start_deployer(cfg, detached=True)
         assert deployer_handle(namespace) is not None
-        d = _wait_for("the canary", lambda: (x := deployments.active()) is not None and x.state == "canary" and x)
+        d = wait_for("the canary", lambda: (x := deployments.active()) is not None and x.state == "canary" and x)
         assert endpoint.requests[-1][1]["model"] == NEW  # smoke-tested through the endpoint first
         before = ray.get(handle.status.remote())
         assert before["active"]["id"] == d.id and before["deployer"]["last_error"] is None
 
         ray.kill(handle, no_restart=False)  # dies mid-canary; Ray starts it again
         # The kill lands asynchronously: a call sent at once may still be answered by the old process.
-        after = _wait_for(
+        after = wait_for(
             "the restarted deployer",
             lambda: (
                 (x := ray.get(handle.status.remote(), timeout=120))["deployer"]["pid"] != before["deployer"]["pid"]
@@ -78,7 +66,7 @@ def test_actor_killed_mid_canary_resumes_where_it_was(ray_session: None, tmp_pat
 
         serve(store, 200, model=OLD, arm="champion", deployment_id=d.id, quality=0.8, seed=1)
         serve(store, 30, model=NEW, arm="challenger", deployment_id=d.id, quality=0.82, seed=2)
-        d = _wait_for("the promotion", lambda: (x := deployments.get(d.id)).state == "watching" and x)
+        d = wait_for("the promotion", lambda: (x := deployments.get(d.id)).state == "watching" and x)
         decisions = [r["decision"] for r in deployments.decisions(d.id)]
         assert decisions.count("start") == 1 and decisions.count("canary") == 1 and decisions[-1] == "promote"
         assert AdapterRegistry(store).champion() == NEW

@@ -7,11 +7,8 @@ The tests of the logic itself, on both store engines, are in tests/app/schedulin
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,16 +16,7 @@ from actors.scheduler import ACTOR_NAME, scheduler_handle, start_scheduler, stop
 from app.config import KaizenConfig
 from app.scheduling.state import TrainingRunStore
 from app.store.sqlite import SQLiteStore
-
-
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import wait_for
 
 
 @pytest.mark.integration
@@ -55,7 +43,7 @@ def test_actor_checks_starts_a_requested_cycle_and_reads_its_end(ray_session: No
     try:
         handle = start_scheduler(cfg, detached=True)
         assert scheduler_handle(namespace) is not None
-        status = _wait_for("a check", lambda: (s := ray.get(handle.status.remote()))["scheduler"]["ticks"] and s)
+        status = wait_for("a check", lambda: (s := ray.get(handle.status.remote()))["scheduler"]["ticks"] and s)
         assert status["scheduler"]["last_error"] is None and status["last_decision"]["code"] == "no_trigger"
         assert status["resources"]["ok"] and 0 < status["resources"]["free"]["CPU"] <= 2
         assert [t["name"] for t in status["triggers"]] == ["volume", "quality", "time"]
@@ -65,7 +53,7 @@ def test_actor_checks_starts_a_requested_cycle_and_reads_its_end(ray_session: No
         assert run["status"] == "running" and run["trigger"] == "manual", run
         launch = run["config"]["launch"]
         assert launch["via"] == "process" and "dataset.until=" in launch["command"]
-        ended = _wait_for("the cycle's end", lambda: (r := runs.get(run["id"])).status != "running" and r, 180)
+        ended = wait_for("the cycle's end", lambda: (r := runs.get(run["id"])).status != "running" and r, 180)
         assert ended.status == "failed", ended.metrics
         assert "kaizen learn: not enough data for a cycle" in ended.metrics["reason"]
         assert Path(launch["log"]).read_text().startswith("[1/4] dataset")
