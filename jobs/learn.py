@@ -13,7 +13,10 @@ The stages, each the job of the same name with its config section:
    (``none``); the first cycle, without a champion, has no earlier domains;
 3. ``jobs/finetune.py`` (``finetune``), or ``jobs/sweep.py`` (``sweep``, ``learn.train_with=sweep``),
    continuing the champion, with forgetting measured on the earlier set's validation split;
-4. the new adapter is registered as a ``candidate`` (promotion is the validator's job).
+4. the new adapter is registered as a ``candidate``;
+5. ``jobs/validate.py`` (``validation``, ``learn.validate``): the candidate against the champion
+   (or the base model), the verdict recorded and the registry status following it; the deployer
+   takes up a production verdict by itself.
 
 Each stage prints a line as it starts and ends, training prints its steps, and the cycle's
 record (stages, paths, timings, the adapter) is written to
@@ -55,7 +58,7 @@ from app.ray_setup import start_ray
 __all__ = ["cli", "earlier_dataset", "main", "submit"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STAGES = 4
+STAGES = 5
 # What a submitted job does not need: the local environment, data and history.
 SUBMIT_EXCLUDES = [".venv/", "data/", ".git/", "**/__pycache__/", ".pytest_cache/", "benchmarks/results/"]
 
@@ -69,7 +72,8 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
 
     Returns:
         The cycle's record: ``cycle_id``, ``dataset``, ``earlier``, ``rehearsal``, ``training``
-        (the finetune or sweep result), ``adapter`` (id, uri, status, metrics), ``stages``
+        (the finetune or sweep result), ``adapter`` (id, uri, status, metrics), ``validation``
+        (verdict, reason, baseline, report; None with ``learn.validate`` false), ``stages``
         (seconds each), ``record`` (where the record was written).
 
     Raises:
@@ -81,6 +85,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     from app.learning.training import format_metric
     from jobs import build_dataset, finetune, synthesize
     from jobs import sweep as sweep_job
+    from jobs import validate as validate_job
 
     started = time.time()
     cfg = resolve_paths(cfg.model_copy(deep=True))
@@ -198,6 +203,21 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         f"adapter {adapter['adapter_id']} registered as {adapter['status']}"
         f"{' (from ' + adapter['parent_adapter_id'] + ')' if adapter.get('parent_adapter_id') else ''}"
     )
+
+    done = stage(5, "validation")
+    if learn.validate:
+        outcome = validate_job.main(cfg, adapter["adapter_id"], progress=lambda line: progress(f"      {line}"))
+        record["validation"] = {
+            "validation_id": outcome.validation_id,
+            "verdict": outcome.verdict,
+            "reason": outcome.reason,
+            "baseline": outcome.baseline,
+            "report_uri": outcome.report_uri,
+        }
+        done(f"{outcome.verdict} against {outcome.baseline} ({outcome.reason}); report {outcome.report_uri}")
+    else:
+        record["validation"] = None
+        done("learn.validate is false: the candidate waits for kaizen validate")
 
     record["seconds"] = round(time.time() - started, 2)
     record["record"] = _write_record(cfg, cycle_id, record)

@@ -84,18 +84,28 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     from app.store import open_store
 
     cfg = load_config(config_file)
-    _, first, text = _learn(config_file, capsys)
-    assert "[1/4] dataset" in text and "[4/4] candidate" in text
+    _, first, text = _learn(config_file, capsys, "validation.max_examples=4", "validation.max_new_tokens=8")
+    assert "[1/5] dataset" in text and "[4/5] candidate" in text and "[5/5] validation" in text
     assert "nothing to rehearse: no champion adapter yet" in text
     assert "step 3 (epoch" in text  # the training's own progress, forwarded from Ray Train
     assert first["rehearsal"] is None and first["earlier"] is None
     adapter = first["adapter"]
     assert adapter["status"] == "candidate" and adapter["parent_adapter_id"] is None
+    # The cycle ends with the validation job: a verdict against the base model, and the status follows it.
+    verdict = first["validation"]
+    assert verdict["verdict"] in ("production", "staging", "rejected") and verdict["baseline"] == "base:tiny"
+    store = open_store(cfg.store)
+    try:
+        status = AdapterRegistry(store).get(adapter["adapter_id"])["status"]
+    finally:
+        store.close()
+    assert status == ("rejected" if verdict["verdict"] == "rejected" else "validated")
     assert Path(first["record"]).is_file() and set(first["stages"]) == {
         "dataset",
         "rehearsal",
         "training (finetune)",
         "candidate",
+        "validation",
     }
     lineage = AdapterStore(cfg.model.storage_root).manifest(adapter["adapter_id"]).lineage
     assert lineage.dataset_uri == first["dataset"]["uri"]
@@ -107,7 +117,8 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
         store.close()
 
     # The second cycle builds a new dataset; the champion's is the earlier domain.
-    _, second, text = _learn(config_file, capsys, "finetune.continue_from=champion")
+    _, second, text = _learn(config_file, capsys, "finetune.continue_from=champion", "learn.validate=false")
+    assert second["validation"] is None and "learn.validate is false" in text
     assert second["earlier"] == first["dataset"]["uri"]
     # SSR ran on the earlier dataset with the champion writing the outputs; whether the tiny
     # random model's answers survive the filters is up to it, and the cycle says which happened.
@@ -119,7 +130,9 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     assert second["adapter"]["parent_adapter_id"] == adapter["adapter_id"]
 
     # Real rehearsal: the champion's own training rows are mixed in.
-    _, third, text = _learn(config_file, capsys, "learn.rehearsal=real", "finetune.continue_from=null")
+    _, third, text = _learn(
+        config_file, capsys, "learn.rehearsal=real", "finetune.continue_from=null", "learn.validate=false"
+    )
     assert third["rehearsal"] == str(Path(first["dataset"]["uri"]) / "train.parquet")
     assert (
         third["adapter"]["metrics"]["rows"]["rehearsal"]
