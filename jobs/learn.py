@@ -14,7 +14,7 @@ The stages, each the job of the same name with its config section:
 3. ``jobs/finetune.py`` (``finetune``), or ``jobs/sweep.py`` (``sweep``, ``learn.train_with=sweep``),
    continuing the champion, with forgetting measured on the earlier set's validation split;
 4. the new adapter is registered as a ``candidate``;
-5. ``jobs/validate.py`` (``validation``, ``learn.validate``): the candidate against the champion
+5. ``jobs/validate.py`` (``validation``, ``learn.validate_candidate``): the candidate against the champion
    (or the base model), the verdict recorded and the registry status following it; the deployer
    takes up a production verdict by itself.
 
@@ -73,7 +73,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     Returns:
         The cycle's record: ``cycle_id``, ``dataset``, ``earlier``, ``rehearsal``, ``training``
         (the finetune or sweep result), ``adapter`` (id, uri, status, metrics), ``validation``
-        (verdict, reason, baseline, report; None with ``learn.validate`` false), ``stages``
+        (verdict, reason, baseline, report; None with ``learn.validate_candidate`` false), ``stages``
         (seconds each), ``record`` (where the record was written).
 
     Raises:
@@ -205,7 +205,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
     )
 
     done = stage(5, "validation")
-    if learn.validate:
+    if learn.validate_candidate:
         outcome = validate_job.main(cfg, adapter["adapter_id"], progress=lambda line: progress(f"      {line}"))
         record["validation"] = {
             "validation_id": outcome.validation_id,
@@ -217,7 +217,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
         done(f"{outcome.verdict} against {outcome.baseline} ({outcome.reason}); report {outcome.report_uri}")
     else:
         record["validation"] = None
-        done("learn.validate is false: the candidate waits for kaizen validate")
+        done("learn.validate_candidate is false: the candidate waits for kaizen validate")
 
     record["seconds"] = round(time.time() - started, 2)
     record["record"] = _write_record(cfg, cycle_id, record)

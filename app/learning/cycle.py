@@ -40,7 +40,7 @@ class LearnConfig(BaseModel):
         True,
         description="Measure forgetting on the champion's dataset's validation split (held out from training).",
     )
-    validate: bool = Field(
+    validate_candidate: bool = Field(
         True,
         description="End the cycle with the validation job on the candidate (kaizen validate: the verdict, the report, "
         "the registry status); a production verdict is what the deployer takes up. false: the cycle ends with the "

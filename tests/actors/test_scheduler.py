@@ -56,7 +56,7 @@ def test_actor_checks_starts_a_requested_cycle_and_reads_its_end(ray_session: No
         ended = wait_for("the cycle's end", lambda: (r := runs.get(run["id"])).status != "running" and r, 180)
         assert ended.status == "failed", ended.metrics
         assert "kaizen learn: not enough data for a cycle" in ended.metrics["reason"]
-        assert Path(launch["log"]).read_text().startswith("[1/4] dataset")
+        assert Path(launch["log"]).read_text().startswith("[1/5] dataset")
         after = ray.get(handle.status.remote())
         assert after["recent"][0]["id"] == run["id"] and after["backoff"]["failures"] == 1
         about = [d["code"] for d in runs.decisions() if d["target"] == run["id"]]

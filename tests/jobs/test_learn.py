@@ -117,8 +117,8 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
         store.close()
 
     # The second cycle builds a new dataset; the champion's is the earlier domain.
-    _, second, text = _learn(config_file, capsys, "finetune.continue_from=champion", "learn.validate=false")
-    assert second["validation"] is None and "learn.validate is false" in text
+    _, second, text = _learn(config_file, capsys, "finetune.continue_from=champion", "learn.validate_candidate=false")
+    assert second["validation"] is None and "learn.validate_candidate is false" in text
     assert second["earlier"] == first["dataset"]["uri"]
     # SSR ran on the earlier dataset with the champion writing the outputs; whether the tiny
     # random model's answers survive the filters is up to it, and the cycle says which happened.
@@ -131,7 +131,7 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
 
     # Real rehearsal: the champion's own training rows are mixed in.
     _, third, text = _learn(
-        config_file, capsys, "learn.rehearsal=real", "finetune.continue_from=null", "learn.validate=false"
+        config_file, capsys, "learn.rehearsal=real", "finetune.continue_from=null", "learn.validate_candidate=false"
     )
     assert third["rehearsal"] == str(Path(first["dataset"]["uri"]) / "train.parquet")
     assert (
