@@ -109,8 +109,8 @@ def simulate(
     max_interactions: int,
 ) -> tuple[Outcome, Outcome]:
     """One canary under the sequential rule and, on the same draws, the fixed-duration baseline."""
-    from app.deployment.deployer import decide_canary
     from app.deployment.live import ArmEvidence, CanaryEvidence
+    from app.deployment.rules import decide_canary
     from app.deployment.stats import Sample
 
     champion, challenger = Sample(), Sample()

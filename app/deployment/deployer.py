@@ -16,22 +16,7 @@ writes the decision, so a restarted deployer goes on from where the store says i
 After a promotion the new champion is watched against the previous champion's baseline for
 ``deploy.watch_minutes`` (:func:`decide_watch`), and a significant drop rolls it back.
 
-The decision rule on live traffic (each "significantly" is an always-valid confidence sequence of
-:mod:`app.deployment.stats` at ``deploy.alpha``, so looking at every tick does not inflate errors):
-
-* **roll back at once** on a guardrail breach: the challenger's error rate above the champion's by
-  more than ``deploy.max_error_rate``; its median latency above the champion's by more than
-  ``deploy.max_latency_increase`` (once both arms have ``deploy.min_interactions_per_arm``); its
-  quality score, users' satisfaction or acceptance significantly worse;
-* **promote** when both arms have ``deploy.min_interactions_per_arm`` scored interactions and the
-  challenger is non-inferior: the lower bound of the quality difference is above
-  ``-deploy.non_inferiority_margin`` (and, having passed the guardrails, the users' signals are not
-  significantly worse);
-* **hold** otherwise: inconclusive evidence never promotes.
-
-Durations (time preloading, in the canary, watching; how often a hold is recorded) are measured on
-the deployer's ``clock``, whose time of each change of state it keeps in the deployment's evidence
-(``entered``); what it reads from the store is selected by the store's own timestamps.
+The decision rule on live traffic is :mod:`app.deployment.rules` (promote, roll back, hold).
 
 Every transition goes through :meth:`DeploymentStore.transition` (optimistic concurrency: a
 decision made on a deployment that changed since it was read is refused, not written), and the
@@ -47,25 +32,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from app.config import DeployConfig, KaizenConfig
-from app.deployment.live import ArmEvidence, CanaryEvidence, LiveComparison
+from app.config import KaizenConfig
+from app.deployment.live import ArmEvidence, LiveComparison
 from app.deployment.probe import ServingProbe
+from app.deployment.rules import decide_canary, decide_watch
 from app.deployment.state import Deployment, DeploymentStore, StaleDeploymentError
-from app.deployment.stats import Interval, mean_difference, proportion_difference
 from app.registry import AdapterNotRegisteredError, AdapterRegistry
 from app.store.base import InteractionStore
 
 __all__ = [
     "BASELINE_INTERACTIONS",
     "HOLD_RECORD_S",
-    "Decision",
     "Deployer",
-    "decide_canary",
-    "decide_watch",
 ]
 
 log = logging.getLogger("kaizen.deployer")
@@ -75,130 +56,6 @@ HOLD_RECORD_S = 300.0
 BASELINE_INTERACTIONS = 1000
 """When no canary measured the champion being replaced (``immediate``, or an operator's promote of
 an adapter that had no canary), its baseline for the watch is its last this many answers."""
-
-
-@dataclass
-class Decision:
-    """What the rule says about a deployment now: the action, a stable code for the reason (a hold
-    is recorded again when its code changes), the reason in words, and the evidence behind it."""
-
-    action: Literal["promote", "rollback", "hold"]
-    code: str
-    reason: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-
-# --- the decision rule (pure: the benchmark and the tests run it without a store) ----------------
-
-
-def decide_canary(evidence: CanaryEvidence, deploy: DeployConfig) -> Decision:
-    """Promote, roll back or hold a running canary on its two arms' live evidence."""
-    champion, challenger = evidence.champion, evidence.challenger
-    intervals = _intervals(champion, challenger, deploy)
-    record = {"arms": evidence.to_json(), "intervals": {k: v.to_json() for k, v in intervals.items()}}
-    breaches = _breaches(champion, challenger, intervals, deploy, quality_drop=0.0, signal_drop=0.0)
-    if breaches:
-        return Decision("rollback", "guardrail", "; ".join(breaches), record)
-    m = deploy.min_interactions_per_arm
-    if champion.quality.n < m or challenger.quality.n < m:
-        reason = (
-            f"collecting: {challenger.quality.n} challenger and {champion.quality.n} champion scored interactions "
-            f"of the {m} each arm needs (deploy.min_interactions_per_arm)"
-        )
-        return Decision("hold", "min_sample", reason, record)
-    quality = intervals["quality"]
-    if quality.low > -deploy.non_inferiority_margin:
-        reason = (
-            f"non-inferior: quality challenger - champion {quality} > -{deploy.non_inferiority_margin:g} "
-            f"(deploy.non_inferiority_margin) at alpha {deploy.alpha:g}; users' signals not significantly worse; "
-            f"challenger {challenger.summary()}; champion {champion.summary()}"
-        )
-        return Decision("promote", "non_inferior", reason, record)
-    reason = (
-        f"inconclusive: quality challenger - champion {quality}, not yet above "
-        f"-{deploy.non_inferiority_margin:g} (deploy.non_inferiority_margin) nor significantly below 0"
-    )
-    return Decision("hold", "inconclusive", reason, record)
-
-
-def decide_watch(baseline: ArmEvidence, current: ArmEvidence, deploy: DeployConfig) -> Decision:
-    """Roll back a promoted champion whose live evidence dropped against the previous champion's
-    baseline: quality or users' satisfaction significantly lower by more than ``deploy.watch_drop``
-    of the baseline's, or an error-rate or latency guardrail breached; hold otherwise."""
-    intervals = _intervals(baseline, current, deploy)
-    record = {
-        "baseline": baseline.to_json(),
-        "current": current.to_json(),
-        "intervals": {k: v.to_json() for k, v in intervals.items()},
-    }
-    breaches = _breaches(
-        baseline,
-        current,
-        intervals,
-        deploy,
-        quality_drop=deploy.watch_drop * baseline.quality.mean,
-        signal_drop=deploy.watch_drop * baseline.satisfaction.mean,
-        acceptance_drop=deploy.watch_drop * (baseline.acceptance.rate or 0.0),
-    )
-    if breaches:
-        return Decision("rollback", "dropped", "; ".join(breaches), record)
-    if baseline.quality.n == 0:
-        reason = "no baseline of the previous champion to compare with; watching errors and latency only"
-        return Decision("hold", "no_baseline", reason, record)
-    reason = f"watching: quality new - previous {intervals['quality']}; new {current.summary()}"
-    return Decision("hold", "watching", reason, record)
-
-
-def _intervals(base: ArmEvidence, new: ArmEvidence, deploy: DeployConfig) -> dict[str, Interval]:
-    settings = {"alpha": deploy.alpha, "n_opt": deploy.min_interactions_per_arm}
-    return {
-        "quality": mean_difference(base.quality, new.quality, **settings),
-        "satisfaction": mean_difference(base.satisfaction, new.satisfaction, **settings),
-        "acceptance": proportion_difference(base.acceptance, new.acceptance, **settings),
-        "error_rate": proportion_difference(base.errors, new.errors, **settings),
-    }
-
-
-def _breaches(
-    base: ArmEvidence,
-    new: ArmEvidence,
-    intervals: Mapping[str, Interval],
-    deploy: DeployConfig,
-    *,
-    quality_drop: float,
-    signal_drop: float,
-    acceptance_drop: float | None = None,
-) -> list[str]:
-    """The guardrails ``new`` breaches against ``base``, in words (empty: none)."""
-    found = []
-    errors = intervals["error_rate"]
-    if errors.low > deploy.max_error_rate:
-        found.append(
-            f"error rate {new.errors.rate:.1%} ({new.failures} of {new.errors.n} requests failed) against "
-            f"{base.errors.rate or 0:.1%}: higher by {errors} > {deploy.max_error_rate:g} (deploy.max_error_rate)"
-        )
-    m = deploy.min_interactions_per_arm
-    if (
-        base.latency_n >= m
-        and new.latency_n >= m
-        and base.latency_p50_ms
-        and new.latency_p50_ms is not None
-        and new.latency_p50_ms > base.latency_p50_ms * (1 + deploy.max_latency_increase)
-    ):
-        found.append(
-            f"median latency {new.latency_p50_ms:.0f} ms against {base.latency_p50_ms:.0f} ms: more than "
-            f"{deploy.max_latency_increase:.0%} higher (deploy.max_latency_increase)"
-        )
-    for name, label, drop in (
-        ("quality", "quality score", quality_drop),
-        ("satisfaction", "users' satisfaction", signal_drop),
-        ("acceptance", "acceptance rate", signal_drop if acceptance_drop is None else acceptance_drop),
-    ):
-        iv = intervals[name]
-        if iv.high < -drop:
-            bound = f"< -{drop:.3f}" if drop else "< 0"
-            found.append(f"{label} significantly lower: difference {iv} {bound} at alpha {deploy.alpha:g}")
-    return found
 
 
 # --- the deployer --------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.deployment.deployer import HOLD_RECORD_S, Deployer, decide_canary
+from app.deployment.deployer import HOLD_RECORD_S, Deployer
 from app.deployment.live import ArmEvidence, CanaryEvidence
+from app.deployment.rules import decide_canary
 from app.deployment.state import Deployment, DeploymentStore, StaleDeploymentError
 from app.deployment.stats import Count, Sample
 from app.registry import AdapterNotRegisteredError, AdapterRegistry
