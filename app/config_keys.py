@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from app.config import JOB_SECTIONS, NOT_YET_USED, KaizenConfig, job_options, job_options_class
+from app.config import JOB_SECTIONS, KaizenConfig, job_options, job_options_class
+from app.config_sections import NOT_YET_USED
 
 __all__ = ["ConfigKey", "config_keys"]
 

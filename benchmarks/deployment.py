@@ -11,7 +11,7 @@ Measures, on this machine, in one run:
    same stream with nothing moving.
 2. **Validation wall time** of a tiny adapter (``jobs.validate.main``: both models on its rows,
    throughput, memory, safety sets, report), on this machine's CPUs.
-3. **How the live comparison decides** (:func:`app.deployment.deployer.decide_canary`, the rule the
+3. **How the live comparison decides** (:func:`app.deployment.rules.decide_canary`, the rule the
    deployer runs at every tick): interactions arrive one at a time, a ``deploy.canary_share`` of
    them on the challenger; each arm's quality scores are drawn from the real scorer's scores of the
    sample interactions (``app.sample``, scored by :class:`app.quality.service.QualityService`),
@@ -452,7 +452,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
 
-    from app.config import DeployConfig
+    from app.config_sections import DeployConfig
 
     started = time.perf_counter()
     deploy = DeployConfig()

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.config import DeployConfig
+from app.config_sections import DeployConfig
 from app.deployment.live import ArmEvidence, CanaryEvidence
 from app.deployment.stats import Interval, mean_difference, proportion_difference
 

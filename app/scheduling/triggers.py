@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from app.config import KaizenConfig, TrainingConfig
+from app.config import KaizenConfig
+from app.config_sections import TrainingConfig
 from app.deployment.stats import Sample, mean_difference
 from app.registry import AdapterRegistry
 from app.scheduling.state import as_time

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from app.store.base import InteractionStore, StoredEvent
 
 if TYPE_CHECKING:
-    from app.config import StoreConfig
+    from app.config_sections import StoreConfig
 
 __all__ = ["InteractionStore", "StoredEvent", "open_store"]
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from app.config import ValidationConfig
+from app.config_sections import ValidationConfig
 from app.validation.forgetting import ForgettingEvidence
 from app.validation.performance import PerformanceEvidence
 from app.validation.quality import QualityEvidence

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from app.config import DeployConfig
+from app.config_sections import DeployConfig
 from benchmarks.deployment import FIXED_CANARY_CHALLENGER, simulate, summarize
 
 # Scores shaped like the scorer's: most answers good, a quarter poor.

@@ -76,7 +76,7 @@ class ReadInteractions:
     read with this actor's own store connection."""
 
     def __init__(self, store_config: Mapping[str, Any]):
-        from app.config import StoreConfig
+        from app.config_sections import StoreConfig
         from app.store import open_store
 
         self.store = open_store(StoreConfig.model_validate(dict(store_config)), migrate=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import ValidationConfig
+from app.config_sections import ValidationConfig
 from app.deployment.state import DeploymentStore
 from app.model.adapters import AdapterManifest
 from app.registry import AdapterRegistry

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import ValidationConfig
+from app.config_sections import ValidationConfig
 from app.validation.verdict import decide
 from tests.app.validation.evidence import make_evidence
 
