@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.learning.training import IGNORE_INDEX, AdapterConfig, FinetuneConfig, ResourceConfig
+from app.learning.tokenization import IGNORE_INDEX
+from app.learning.training import AdapterConfig, FinetuneConfig, ResourceConfig
 
 __all__ = ["CausalLMLoss", "init_lora", "load_lora_model", "require", "setup_device"]
 

@@ -56,18 +56,15 @@ from app.learning.checkpointing import (
 from app.learning.lora_model import CausalLMLoss, init_lora, load_lora_model, require, setup_device
 from app.learning.masking import ForgettingProtection, fisher_source, trainable_parameters
 from app.learning.run_state import RngState, RunState, TrialResult, objective
+from app.learning.tokenization import IGNORE_INDEX, collate, tokenize_messages, tokenize_pair
 from app.learning.training import (
-    IGNORE_INDEX,
     OBJECTIVES_WITH_PAIRS,
     EarlyStopping,
-    collate,
     dpo_loss,
     draw_pairs,
     lr_factor,
     mix_rehearsal,
     no_pairs_error,
-    tokenize_messages,
-    tokenize_pair,
 )
 from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
 
@@ -88,7 +85,7 @@ PREFERENCES = "preferences"
 @dataclass
 class StepWindow:
     """What one optimizer step trains on: micro-batches of training rows (their answers are
-    targets) and of preference pairs (tokenized by :func:`~app.learning.training.tokenize_pair`,
+    targets) and of preference pairs (tokenized by :func:`~app.learning.tokenization.tokenize_pair`,
     with their reference log-likelihoods)."""
 
     targets: list[Rows] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""The pure pieces of LoRA fine-tuning: options, tokenization, batching, rehearsal mixing, early
+"""The pure pieces of LoRA fine-tuning: options, the preference loss, rehearsal mixing, early
 stopping, the learning-rate schedule and the lines that describe a run's reports. The trainer
 (:mod:`app.learning.trainer`) runs them on every Ray Train worker; here they are plain Python and
 torch, tested without Ray or a model.
@@ -8,11 +8,7 @@ torch, tested without Ray or a model.
   :class:`ObjectiveConfig`, :class:`OptimizerConfig`, :class:`BatchConfig`, :class:`EvaluationConfig`,
   :class:`ForgettingConfig`, :class:`ResourceConfig`, :class:`CheckpointingConfig`) are typed
   models of their own.
-* :func:`tokenize_messages`: an OpenAI-style chat rendered with the tokenizer's chat template
-  (Qwen2.5's ChatML), labels on the assistant tokens only (-100 elsewhere), cut to a length.
-* :func:`tokenize_pair`: a preference pair as two tokenized conversations, labels on the final
-  answer only.
-* :func:`collate`: right-padded tensors for a batch of tokenized rows.
+* rows as token ids (chat rendering, labels, pairs, batches): :mod:`app.learning.tokenization`.
 * :func:`dpo_loss`: the loss of direct preference optimisation on summed answer log-likelihoods.
 * :func:`mix_rehearsal`: one epoch's rows, the training rows plus rehearsal rows of earlier
   domains making up a configured share of the epoch, shuffled; :func:`draw_pairs`: an epoch's
@@ -24,7 +20,6 @@ torch, tested without Ray or a model.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -42,7 +37,6 @@ from pydantic import (
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
-    "IGNORE_INDEX",
     "OBJECTIVES_WITH_PAIRS",
     "AdapterConfig",
     "BatchConfig",
@@ -54,7 +48,6 @@ __all__ = [
     "ObjectiveConfig",
     "OptimizerConfig",
     "ResourceConfig",
-    "collate",
     "describe_report",
     "dpo_loss",
     "draw_pairs",
@@ -62,15 +55,9 @@ __all__ = [
     "lr_factor",
     "mix_rehearsal",
     "no_pairs_error",
-    "parse_messages",
     "rehearsal_count",
     "steps_per_epoch",
-    "tokenize_messages",
-    "tokenize_pair",
 ]
-
-IGNORE_INDEX = -100
-"""The label of tokens that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear layer of a Qwen2/Llama block: LoRA on all of them, as QLoRA recommends."""
@@ -386,147 +373,7 @@ class FinetuneConfig(
         return self
 
 
-# --- tokenization ----------------------------------------------------------------------------------
-
-
-def parse_messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """A row's ``messages`` (a JSON string or a list of dicts) as a list of dicts that the chat
-    template can render: ``content`` None becomes "" except on assistant turns with tool calls,
-    and tool-call ``arguments`` given as a JSON string (the OpenAI wire format) become the
-    object the Qwen template serialises.
-
-    Raises:
-        ValueError: not a list of messages with a ``role`` each.
-    """
-    if isinstance(messages, (str, bytes)):
-        messages = json.loads(messages)
-    if not isinstance(messages, Sequence) or not messages:
-        raise ValueError("messages must be a non-empty list of chat messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message:
-            raise ValueError(f"messages[{i}] has no role: {message!r}")
-        message = dict(message)
-        if message.get("content") is None and not (message["role"] == "assistant" and message.get("tool_calls")):
-            message["content"] = ""
-        if message.get("tool_calls"):
-            calls = []
-            for call in message["tool_calls"]:
-                call = dict(call)
-                function = dict(call.get("function", call))
-                if isinstance(function.get("arguments"), str):
-                    try:
-                        function["arguments"] = json.loads(function["arguments"])
-                    except json.JSONDecodeError:
-                        pass  # kept as the string it is; the template quotes it
-                calls.append({**call, "function": function} if "function" in call else function)
-            message["tool_calls"] = calls
-        out.append(message)
-    return out
-
-
-def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in ``text``: each turn's content and its end-of-turn
-    token (``<|im_end|>``), not the newline after it nor the ``<|im_start|>assistant`` header.
-
-    Found by rendering the conversation up to each assistant turn: with and without the
-    generation prompt, that is where the turn starts, and through the turn, where it ends. This
-    needs a template whose renderings of a prefix are prefixes of the whole (ChatML's is).
-    """
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        if i == 0:
-            raise ValueError("the conversation starts with an assistant message; a prompt must come first")
-        head = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
-        if not (text.startswith(head) and text.startswith(through) and len(through) > len(head)):
-            raise ValueError(
-                "the chat template does not render a conversation's prefixes as prefixes of the whole; "
-                "assistant tokens cannot be located"
-            )
-        end = len(through)
-        # The separator after the end-of-turn token belongs to no one's answer.
-        while end > len(head) and through[end - 1] in "\n":
-            end -= 1
-        spans.append((len(head), end))
-    return spans
-
-
-def tokenize_messages(
-    tokenizer: Any, messages: str | Sequence[Mapping[str, Any]], max_length: int, *, last_turn_only: bool = False
-) -> dict[str, Any]:
-    """Token ids and labels of one conversation for supervised fine-tuning.
-
-    The conversation is rendered with the tokenizer's chat template (for Qwen2.5, ChatML with its
-    default system prompt when the conversation has none) and tokenized as one text, so tokens
-    are exactly those the model sees at inference. Labels copy the ids of the assistant turns'
-    tokens (content and ``<|im_end|>``; every assistant turn of a multi-turn chat) and are
-    :data:`IGNORE_INDEX` elsewhere: system, user and tool messages are context, not targets.
-
-    Args:
-        tokenizer: a fast Hugging Face tokenizer with a chat template (offsets are needed).
-        messages: OpenAI-style chat messages, or their JSON string (the ``messages`` column).
-        max_length: rows are cut to this many tokens, at the end (the answer's tail goes first).
-        last_turn_only: labels on the last assistant turn alone (a preference pair's answer; the
-            turns before it, tool calls included, are the same on both sides).
-
-    Returns:
-        ``{"input_ids": list[int], "labels": list[int], "truncated": bool}``; a row whose answers
-        were cut away entirely has no label left (its loss is zero; count those with
-        ``all(l == IGNORE_INDEX ...)``).
-
-    Raises:
-        ValueError: malformed messages, or a template whose assistant turns cannot be located.
-    """
-    messages = parse_messages(messages)
-    text = _render(tokenizer, messages)
-    spans = _assistant_spans(tokenizer, messages, text)
-    if last_turn_only:
-        spans = spans[-1:]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    span = 0
-    for t, (start, end) in enumerate(encoded["offset_mapping"]):
-        while span < len(spans) and start >= spans[span][1]:
-            span += 1
-        if span == len(spans):
-            break
-        if start >= spans[span][0] and end > start:
-            labels[t] = ids[t]
-    truncated = len(ids) > max_length
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
-
-
-def tokenize_pair(
-    tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]], chosen: str, rejected: str, max_length: int
-) -> dict[str, Any]:
-    """A preference pair (a :data:`app.artifacts.PREFERENCE_ROW_SCHEMA` row's ``prompt``, ``chosen``
-    and ``rejected``) as two tokenized conversations, the prompt followed by each answer, with
-    labels on that answer only (:func:`tokenize_messages` with ``last_turn_only``).
-
-    Returns:
-        ``{"chosen": tokenized, "rejected": tokenized}``; either may have lost every label to
-        ``max_length`` (count those with ``all(l == IGNORE_INDEX ...)``).
-
-    Raises:
-        ValueError: malformed prompt messages, or a prompt that ends with an assistant message.
-    """
-    messages = parse_messages(prompt)
-    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
-        raise ValueError("the prompt ends with an assistant answer; a pair's answers come after it")
-    return {
-        side: tokenize_messages(
-            tokenizer, [*messages, {"role": "assistant", "content": answer}], max_length, last_turn_only=True
-        )
-        for side, answer in (("chosen", chosen), ("rejected", rejected))
-    }
+# --- the preference objective ----------------------------------------------------------------------
 
 
 def dpo_loss(
@@ -556,29 +403,6 @@ def no_pairs_error(objective: str) -> ValueError:
         "from interactions with users' corrections (jobs.build_dataset writes them to the training folder's "
         "train_preferences.parquet) or set finetune.objective=sft"
     )
-
-
-def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """A batch of tokenized rows as right-padded ``input_ids``, ``attention_mask`` and ``labels``
-    (``pad_token_id`` and :data:`IGNORE_INDEX` in the padding), each ``[batch, longest]``.
-
-    Raises:
-        ValueError: an empty batch, or a row whose ids and labels differ in length.
-    """
-    if not examples:
-        raise ValueError("cannot collate an empty batch")
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        if len(e["labels"]) != n:
-            raise ValueError(f"row {i}: {n} input ids but {len(e['labels'])} labels")
-        input_ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 # --- epochs --------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from app.learning.checkpointing import STATE_FILE, trainable_state
+from app.learning.tokenization import IGNORE_INDEX, tokenize_messages
 from app.learning.trainer import StepWindow, Trainer
-from app.learning.training import IGNORE_INDEX, FinetuneConfig, tokenize_messages
+from app.learning.training import FinetuneConfig
 from app.learning.worker_context import LocalContext, WorkerSpec, deterministic_algorithms
 
 ANSWER = "```python\ndef add_one(x):\n    return x + 1\n```"
@@ -195,7 +196,7 @@ def test_exact_match_is_what_greedy_decoding_writes(model_root: Path) -> None:
     reference's tokens before it: the tokens greedy decoding writes are an exact answer, and the
     same answer with one token changed is not."""
     from app.generation.engine import GenerationEngine, Prompt
-    from app.learning.training import IGNORE_INDEX
+    from app.learning.tokenization import IGNORE_INDEX
 
     trainer = _trainer(model_root, LocalContext({"train": _rows(4)}), lora_dropout=0.0)
     trainer.peft_model.eval()

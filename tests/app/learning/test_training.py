@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from app.config import ConfigError, section_options
+from app.learning.tokenization import IGNORE_INDEX, collate, tokenize_messages, tokenize_pair
 from app.learning.training import (
-    IGNORE_INDEX,
     AdapterConfig,
     BatchConfig,
     CheckpointingConfig,
@@ -25,7 +25,6 @@ from app.learning.training import (
     ObjectiveConfig,
     OptimizerConfig,
     ResourceConfig,
-    collate,
     describe_report,
     dpo_loss,
     draw_pairs,
@@ -33,8 +32,6 @@ from app.learning.training import (
     mix_rehearsal,
     rehearsal_count,
     steps_per_epoch,
-    tokenize_messages,
-    tokenize_pair,
 )
 
 
