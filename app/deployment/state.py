@@ -281,10 +281,6 @@ class DeploymentStore:
         )
         return Deployment.from_row(rows[0]) if rows else None
 
-    def of_adapter(self, adapter_id: str) -> list[Deployment]:
-        rows = self.store._fetch("SELECT * FROM deployments WHERE adapter_id = ? ORDER BY started_at", [adapter_id])
-        return [Deployment.from_row(r) for r in rows]
-
     def transition(
         self,
         deployment: Deployment,
