@@ -1,11 +1,11 @@
-"""What every benchmark program shares: percentiles and the printed table."""
+"""What every benchmark program shares: percentiles, the printed table, a training run's learning curve."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["pct", "print_table", "train_answer_adapter"]
+__all__ = ["curve_summary", "keep_evaluations", "pct", "print_table", "train_answer_adapter"]
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -65,3 +65,38 @@ def train_answer_adapter(model_root: Any, store: Any, adapter_id: str, answer: s
     if not (logits.argmax(-1) == labels).all():
         raise RuntimeError(f"adapter {adapter_id!r} did not learn its answer {answer!r} in 15 steps; choose another")
     return store.save(model, base_model="tiny", adapter_id=adapter_id)
+
+
+def keep_evaluations(curve: list[dict[str, Any]]) -> Any:
+    """A progress callback that keeps each evaluation of a run: its step, the training loss of the
+    steps since the last report, the validation loss and exact match."""
+
+    def keep(metrics: dict[str, Any]) -> None:
+        if "val_loss" in metrics and not metrics.get("final"):
+            steps = metrics.get("step_metrics") or []
+            losses = [m["loss"] for m in steps if m.get("loss") is not None]
+            curve.append(
+                {
+                    "step": metrics.get("step"),
+                    "train_loss": sum(losses) / len(losses) if losses else metrics.get("loss"),
+                    "val_loss": metrics["val_loss"],
+                    "val_exact_match": metrics.get("val_exact_match"),
+                }
+            )
+
+    return keep
+
+
+def curve_summary(name: str, info: dict[str, Any]) -> str:
+    """One line for a stage: where its curve started and ended, the step whose adapter was kept,
+    and what that adapter scored on the stage's own task."""
+    curve = info.get("curve") or []
+    if not curve:
+        return f"    {name}: no evaluations"
+    first, last = curve[0], curve[-1]
+    return (
+        f"    {name}: {len(curve)} evaluations to step {last['step']}, train loss {first['train_loss']:.3f} -> "
+        f"{last['train_loss']:.3f}, val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f}, val exact "
+        f"{first['val_exact_match']:.2f} -> {last['val_exact_match']:.2f}; kept step {info.get('kept_step')} "
+        f"(val exact {info.get('val_exact_match') or 0:.2f}); test {info.get('own_score', float('nan')):.2f}"
+    )

@@ -70,7 +70,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import print_table
+from benchmarks.common import curve_summary, keep_evaluations, print_table
 from benchmarks.tasks import (
     BENCHMARK_TASKS,
     INSTRUCTION_WORDS,
@@ -499,7 +499,13 @@ def _finetune(
     curve: list[dict[str, Any]] = []
     try:
         result = finetune.main(
-            cfg, opts, data.folder, rehearsal=rehearsal, fisher_data=fisher, run_name=name, progress=_evaluations(curve)
+            cfg,
+            opts,
+            data.folder,
+            rehearsal=rehearsal,
+            fisher_data=fisher,
+            run_name=name,
+            progress=keep_evaluations(curve),
         )
     except TrainingDidNotLearn as exc:
         # A failed stage publishes nothing: the method goes on from the adapter it had (its run is
@@ -513,41 +519,6 @@ def _finetune(
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["curve"] = curve
     return result
-
-
-def _evaluations(curve: list[dict[str, Any]]) -> Any:
-    """A progress callback that keeps each evaluation of a run: its step, the training loss of the
-    steps since the last report, the validation loss and exact match."""
-
-    def keep(metrics: dict[str, Any]) -> None:
-        if "val_loss" in metrics and not metrics.get("final"):
-            steps = metrics.get("step_metrics") or []
-            losses = [m["loss"] for m in steps if m.get("loss") is not None]
-            curve.append(
-                {
-                    "step": metrics.get("step"),
-                    "train_loss": sum(losses) / len(losses) if losses else metrics.get("loss"),
-                    "val_loss": metrics["val_loss"],
-                    "val_exact_match": metrics.get("val_exact_match"),
-                }
-            )
-
-    return keep
-
-
-def curve_summary(name: str, info: dict[str, Any]) -> str:
-    """One line for a stage: where its curve started and ended, the step whose adapter was kept,
-    and what that adapter scored on the stage's own task."""
-    curve = info.get("curve") or []
-    if not curve:
-        return f"    {name}: no evaluations"
-    first, last = curve[0], curve[-1]
-    return (
-        f"    {name}: {len(curve)} evaluations to step {last['step']}, train loss {first['train_loss']:.3f} -> "
-        f"{last['train_loss']:.3f}, val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f}, val exact "
-        f"{first['val_exact_match']:.2f} -> {last['val_exact_match']:.2f}; kept step {info.get('kept_step')} "
-        f"(val exact {info.get('val_exact_match') or 0:.2f}); test {info.get('own_score', float('nan')):.2f}"
-    )
 
 
 def _synthesize(
