@@ -53,10 +53,8 @@ def _seed(url: str, count: int, seed: int, api_key: str | None) -> dict[str, int
 
 def cmd_up(args: argparse.Namespace) -> int:
     import ray
-    from ray import serve
 
-    from app.client import wait_until_ready
-    from app.serve.build import build_app
+    from app.stack import KaizenNotReady, start_kaizen, stop_kaizen
     from app.store import open_store
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
@@ -65,27 +63,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
 
     start_ray(cfg, address=args.address, logging_level="WARNING", log_to_driver=True)
-    logging_config = {"log_level": cfg.serve.log_level, "enable_access_log": cfg.serve.access_log}
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
-    serve.run(
-        build_app(cfg),
-        name=cfg.serve.app_name,
-        route_prefix=cfg.serve.route_prefix,
-        blocking=False,
-        logging_config=logging_config,
-    )
-    url = cfg.api_url()
-    if not wait_until_ready(url):
-        print(f"error: Kaizen did not become ready at {url}/readyz", file=sys.stderr)
-        serve.shutdown()
+    try:
+        url = start_kaizen(cfg)
+    except KaizenNotReady as exc:
+        print(f"error: {exc}", file=sys.stderr)
         ray.shutdown()
         return 1
-
-    from actors.deployer import start_deployer, stop_deployer
-    from actors.scheduler import start_scheduler, stop_scheduler
-
-    start_deployer(cfg, detached=True)
-    start_scheduler(cfg, detached=True)
     store_desc = cfg.store.sqlite_path if cfg.store.engine == "sqlite" else cfg.store.postgres_dsn.split("@")[-1]
     print(f"Kaizen is up ({cfg.store.engine}: {store_desc})")
     print(f"  events      POST {url}/v1/events")
@@ -130,9 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     print("\nShutting down ...")
-    stop_scheduler(cfg.ray.namespace)
-    stop_deployer(cfg.ray.namespace)
-    serve.shutdown()
+    stop_kaizen(cfg)
     ray.shutdown()
     print("Stopped.")
     return 0

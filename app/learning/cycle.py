@@ -40,6 +40,37 @@ class LearnConfig(BaseModel):
         True,
         description="Measure forgetting on the champion's dataset's validation split (held out from training).",
     )
+    min_train_rows: int = Field(
+        32, ge=1, description="Dataset check: fewest training rows a cycle trains on; fewer stop the cycle."
+    )
+    max_duplicate_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Dataset check: largest share of rows whose request repeats another row's; more stop the cycle.",
+    )
+    max_group_share: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description=(
+            "Dataset check: largest share of rows one group (alike in dataset.balance_by) may hold when there are "
+            "several; more stop the cycle (a set of one group passes)."
+        ),
+    )
+    max_redacted_share: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Dataset check: largest share of rows holding a privacy filter's [REDACTED:...] placeholder.",
+    )
+    run_id: str | None = Field(
+        None,
+        description=(
+            "The scheduler's training run this cycle is (set by the scheduler): each stage is kept in its "
+            "training_runs row as it starts and ends. None: a cycle run by hand, kept in its record file only."
+        ),
+    )
     validate_candidate: bool = Field(
         True,
         description="End the cycle with the validation job on the candidate (kaizen validate: the verdict, the report, "

@@ -46,8 +46,9 @@ class CycleLauncher(Protocol):
 def cycle_arguments(config_path: str, run: TrainingRun) -> list[str]:
     """The command-line arguments of ``python -m jobs.learn`` for ``run``: the config file, its data
     cut-off as the dataset's end (``dataset.until``: the cycle learns what came before it, and the
-    next cycle's new data is what came after), and ``--json`` so that its record is read back."""
-    args = ["--config", config_path, "--json"]
+    next cycle's new data is what came after), the run's id (``learn.run_id``: the cycle keeps its
+    stages in the run's row as it goes), and ``--json`` so that its record is read back."""
+    args = ["--config", config_path, "--json", f"learn.run_id={run.id}"]
     if run.data_cutoff is not None:
         args.append(f"dataset.until={run.data_cutoff.isoformat()}")
     return args

@@ -326,7 +326,13 @@ class TrainingRunStore:
                 raise TrainingRunNotFoundError(f"training run {run.id!r} does not exist")
             if rows[0]["status"] in FINAL_STATUSES:
                 raise ValueError(f"training run {run.id} has already ended ({rows[0]['status']})")
-            merged = {**dict(rows[0]["metrics"] or {}), **dict(metrics or {}), "reason": reason}
+            kept, new = dict(rows[0]["metrics"] or {}), dict(metrics or {})
+            # A stage the cycle kept as it ran keeps what it said; the outcome's figures join it.
+            stages = {
+                name: {**dict((kept.get("stages") or {}).get(name) or {}), **dict(info)}
+                for name, info in (new.get("stages") or {}).items()
+            }
+            merged = {**kept, **new, "stages": {**dict(kept.get("stages") or {}), **stages}, "reason": reason}
             self.store._execute(
                 cur,
                 "UPDATE training_runs SET status = ?, finished_at = ?, metrics = ?, adapter_id = ? WHERE id = ?",

@@ -129,15 +129,26 @@ def measure(
     last_cycle_at: datetime | None,
 ) -> DataEvidence:
     """The evidence of one check: new data since ``cutoff`` (None: every interaction is new), the
-    champion's training set and its live answers since ``cutoff``."""
+    champion's training set and its live answers since ``cutoff``. A corrected answer counts as new
+    data of quality 1.0 (its correction is what a cycle learns), unless ``dataset.corrections`` is
+    false."""
     threshold = inclusion_threshold(cfg)
-    where = "quality_status = 'scored' AND quality_score >= ? AND output_content <> ''"
+    # A user's correction is a training target of quality 1.0 whatever the answer scored (as the
+    # dataset builder takes it, with dataset.corrections on).
+    corrected = (
+        "EXISTS (SELECT 1 FROM feedback f WHERE f.interaction_id = interactions.id "
+        "AND f.correction IS NOT NULL AND f.correction <> '')"
+        if (cfg.dataset or {}).get("corrections", True)
+        else "1 = 0"
+    )
+    quality = f"(CASE WHEN {corrected} THEN 1.0 ELSE quality_score END)"
+    where = f"quality_status = 'scored' AND output_content <> '' AND {quality} >= ?"
     params: list[Any] = [threshold]
     if cutoff is not None:
         where += " AND timestamp >= ?"
         params.append(cutoff)
     (row,) = store._fetch(
-        "SELECT COUNT(*) AS n, AVG(quality_score) AS mean, SUM(quality_score * quality_score) AS sq, "
+        f"SELECT COUNT(*) AS n, AVG({quality}) AS mean, SUM({quality} * {quality}) AS sq, "
         f"MIN(timestamp) AS oldest FROM interactions WHERE {where}",
         params,
     )

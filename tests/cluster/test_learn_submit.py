@@ -97,7 +97,7 @@ def test_a_submitted_cycle_runs_on_the_cluster_and_its_output_is_followed(head: 
     # The store is empty: the job runs the cycle on the cluster and stops at the dataset stage.
     assert job_id.startswith("kaizen-learn-") and status == "FAILED"
     assert "python -m jobs.learn --config configs/default.yaml" in text
-    assert "[1/5] dataset" in text and "not enough data for a cycle" in text
+    assert "[1/6] dataset" in text and "not enough data for a cycle" in text
 
 
 def test_relative_paths_and_outside_configs_are_refused(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 # Small and quick: a tiny dataset, little generation, a few optimizer steps.
 SECTIONS = {
     "dataset": {"min_examples": 8, "keep_fraction": 1.0, "validation_fraction": 0.25, "max_group_share": 1.0},
+    "learn": {"min_train_rows": 8, "max_group_share": 1.0},
     "ssr": {
         "prompts_per_domain": 3,
         "samples_per_prompt": 2,
@@ -85,7 +86,9 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
 
     cfg = load_config(config_file)
     _, first, text = _learn(config_file, capsys, "validation.max_examples=4", "validation.max_new_tokens=8")
-    assert "[1/5] dataset" in text and "[4/5] candidate" in text and "[5/5] validation" in text
+    assert "[1/6] dataset" in text and "[5/6] candidate" in text and "[6/6] validation" in text
+    assert "[2/6] dataset checks" in text and "passed: " in text
+    assert {c["name"] for c in first["checks"] if c["passed"]} == {"size", "duplicates", "balance", "redactions"}
     assert "nothing to rehearse: no champion adapter yet" in text
     assert "step 3 (epoch" in text  # the training's own progress, forwarded from Ray Train
     assert first["rehearsal"] is None and first["earlier"] is None
@@ -102,6 +105,7 @@ def test_two_cycles_from_the_store_to_a_candidate(config_file: Path, capsys, ray
     assert status == ("rejected" if verdict["verdict"] == "rejected" else "validated")
     assert Path(first["record"]).is_file() and set(first["stages"]) == {
         "dataset",
+        "dataset checks",
         "rehearsal",
         "training (finetune)",
         "candidate",
@@ -166,3 +170,35 @@ def test_bad_options_and_an_empty_store_are_named(config_file: Path, tmp_path: P
     code = cli.main(["learn", "--config", str(empty)])
     err = capsys.readouterr().err
     assert code == 1 and "not enough data for a cycle" in err
+
+
+def test_a_scheduled_cycle_keeps_its_stages_and_stops_on_a_failed_dataset_check(
+    config_file: Path, capsys, ray_session
+) -> None:
+    from datetime import UTC, datetime
+
+    from app.config import load_config
+    from app.scheduling.state import TrainingRunStore
+    from app.store import open_store
+
+    cfg = load_config(config_file)
+    store = open_store(cfg.store)
+    try:
+        runs = TrainingRunStore(store)
+        now = datetime.now(UTC)
+        run = runs.claim(runs.schedule(now, triggers={"manual": "test"}), now, data_cutoff=now, needs={})
+    finally:
+        store.close()
+    code = cli.main(["learn", "--config", str(config_file), f"learn.run_id={run.id}", "learn.min_train_rows=100000"])
+    err = capsys.readouterr().err
+    assert code == 1 and "failed its checks: size: " in err and "learn.min_train_rows: at least 100000" in err
+    store = open_store(cfg.store)
+    try:
+        stages = TrainingRunStore(store).get(run.id).metrics["stages"]
+        TrainingRunStore(store).finish(TrainingRunStore(store).get(run.id), "failed", datetime.now(UTC), reason="test")
+    finally:
+        store.close()
+    assert stages["dataset"]["status"] == "done" and "rows" in stages["dataset"]["summary"]
+    checks = stages["dataset checks"]
+    assert checks["status"] == "failed" and {c["name"]: c["passed"] for c in checks["checks"]}["size"] is False
+    assert "rehearsal" not in stages  # nothing after the failed check ran

@@ -21,6 +21,7 @@ def test_the_cycle_learns_what_came_before_its_cutoff() -> None:
         "--config",
         "/data/checkpoints/cycles/run-1.yaml",
         "--json",
+        "learn.run_id=run-1",
         "dataset.until=2025-06-01T12:30:00+00:00",
     ]
     assert (
@@ -30,8 +31,8 @@ def test_the_cycle_learns_what_came_before_its_cutoff() -> None:
     # the override is what the dataset job reads: an aware time
     from app.config import job_options, load_config
 
-    opts = job_options(load_config(None, [args[-1]]), "dataset")
-    assert opts.until == cutoff
+    cfg = load_config(None, args[-2:])
+    assert job_options(cfg, "dataset").until == cutoff and job_options(cfg, "learn").run_id == "run-1"
 
 
 def test_outcome_from_the_record_or_the_last_words() -> None:

@@ -46,6 +46,29 @@ def test_new_data_is_scored_above_the_threshold_with_an_answer_after_the_cutoff(
     # dataset.threshold overrides quality.threshold, as it does for the dataset job
     lower = cfg.model_copy(update={"dataset": {"threshold": 0.4}})
     assert inclusion_threshold(lower) == 0.4 and measure(store, lower, now, cutoff=None, last_cycle_at=None).new.n == 10
+    # A corrected answer is new data of quality 1.0 whatever it scored (its correction is the target),
+    # unless dataset.corrections is off; thumbs down alone adds nothing.
+    _feedback(store, ids[8], {"explicit": {"correction": "print('right')", "thumbs": "down"}})
+    _feedback(store, ids[9], {"explicit": {"thumbs": "down"}})
+    e = measure(store, cfg, now, cutoff=None, last_cycle_at=None)
+    assert (e.new.n, round(e.new.mean, 6)) == (9, round((8 * 0.9 + 1.0) / 9, 6))
+    ignored = cfg.model_copy(update={"dataset": {"corrections": False}})
+    assert measure(store, ignored, now, cutoff=None, last_cycle_at=None).new.n == 8
+
+
+def _feedback(store: InteractionStore, interaction_id: str, body: dict) -> None:
+    from app.config import KaizenConfig
+    from app.ingest import IngestPipeline
+
+    pipeline = IngestPipeline(KaizenConfig.model_validate({"privacy": {"hmac_key": "k"}}))
+    event = {
+        "id": f"fb-{interaction_id}",
+        "type": "feedback",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "body": {"interaction_id": interaction_id, **body},
+    }
+    prepared = pipeline.prepare([event])
+    assert all(r.status == "accepted" for r in prepared.finish(store.write(prepared.to_commit)))
 
 
 def test_live_halves_are_the_served_models_last_answers(store: InteractionStore) -> None:

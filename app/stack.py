@@ -1,0 +1,61 @@
+"""The whole of Kaizen on a Ray cluster, started and stopped as one: the Serve app (collector,
+scorer, generator), the deployer and the scheduler. ``kaizen up`` runs it until Ctrl-C; the
+closed-loop benchmark and its test run it for as long as they drive traffic through it.
+
+Ray must be up (:func:`app.ray_setup.start_ray`); the actors are detached, so :func:`stop_kaizen`
+removes them before Serve goes.
+"""
+
+from __future__ import annotations
+
+from app.config import KaizenConfig
+
+__all__ = ["KaizenNotReady", "start_kaizen", "stop_kaizen"]
+
+
+class KaizenNotReady(RuntimeError):
+    """The Serve app did not answer ``/readyz`` in time (everything started was stopped again)."""
+
+
+def start_kaizen(cfg: KaizenConfig, *, ready_timeout_s: float = 120.0) -> str:
+    """Start the Serve app with ``cfg``, wait until it is ready, then start the deployer and the
+    scheduler actors; returns the API's URL.
+
+    Raises:
+        KaizenNotReady: the app did not become ready within ``ready_timeout_s``.
+    """
+    from ray import serve
+
+    from actors.deployer import start_deployer
+    from actors.scheduler import start_scheduler
+    from app.client import wait_until_ready
+    from app.serve.build import build_app
+
+    logging_config = {"log_level": cfg.serve.log_level, "enable_access_log": cfg.serve.access_log}
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
+    serve.run(
+        build_app(cfg),
+        name=cfg.serve.app_name,
+        route_prefix=cfg.serve.route_prefix,
+        blocking=False,
+        logging_config=logging_config,
+    )
+    url = cfg.api_url()
+    if not wait_until_ready(url, timeout_s=ready_timeout_s):
+        serve.shutdown()
+        raise KaizenNotReady(f"Kaizen did not become ready at {url}/readyz within {ready_timeout_s:g} s")
+    start_deployer(cfg, detached=True)
+    start_scheduler(cfg, detached=True)
+    return url
+
+
+def stop_kaizen(cfg: KaizenConfig) -> None:
+    """Remove the scheduler and the deployer (a cycle already started goes on), then Serve."""
+    from ray import serve
+
+    from actors.deployer import stop_deployer
+    from actors.scheduler import stop_scheduler
+
+    stop_scheduler(cfg.ray.namespace)
+    stop_deployer(cfg.ray.namespace)
+    serve.shutdown()

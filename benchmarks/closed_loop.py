@@ -1,0 +1,732 @@
+"""The closed loop, measured: agent traffic goes in, and the model that serves it gets better by itself.
+
+A simulated population of users talks to a running Kaizen (``app.stack.start_kaizen``: the Serve
+app with collector, scorer and generator, the scheduler and the deployer actors) only through its
+HTTP API: chat completions for ``champion`` with the official ``openai`` client, each user in a
+session of their own (``X-Kaizen-Session``: the canary's sticky split), and their feedback on
+every answer with the Kaizen client. The base model is the benchmarks' pre-trained word model
+(``benchmarks/forgetting.py``), the tasks the word tasks of ``benchmarks/tasks.py``:
+
+* phase 1: the users ask what the base model already does (``first``, ``last``, ``first two``);
+* phase 2 (and one more per further new family): a task family it does badly appears (``next``),
+  half of the requests. Users accept right answers and correct wrong ones with the right answer.
+
+Nothing is driven by hand: the scheduler's volume trigger starts a cycle (dataset from the
+corrections and the accepted answers, the dataset checks, SSR rehearsal of the champion's
+dataset from the second cycle on, LoRA training, the validation job), the deployer canaries a
+production verdict on live traffic and promotes it or rolls it back. After the last phase the
+users go on for ``after_requests`` requests, each asked also of the base model unrecorded
+(``X-Kaizen-Record: false``): the *no learning* baseline on the same prompts.
+
+Runs, each on a fresh store with the same traffic:
+
+* ``learning``: as above;
+* ``corrections ignored``: ``dataset.corrections: false`` (learning from accepted answers alone);
+* ``sabotage``: a share of the users send wrong corrections, even of right answers (poisoned
+  feedback). Goal: the poisoned adapter is rejected by validation or rolled back by the canary,
+  and the honest users' live acceptance is never more than 10 % below the champion's for longer
+  than the canary window.
+
+Goals (issue 19): acceptance over the whole mix after against before (at least +17 % relative),
+forgetting on the earlier families (relative rate below 0.3), failed requests 0; reported also:
+acceptance on the new family, the wall time from trigger to promotion. Prints a table, writes
+``benchmarks/results/closed_loop.json`` and a plot of live acceptance per family over time
+(``benchmarks/results/closed_loop.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import print_table
+from benchmarks.tasks import BENCHMARK_TASKS, PRETRAIN_TASKS, WORDS, Task, make_examples, normalize_answer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+__all__ = ["Family", "Options", "Population", "loop_config", "main", "run_loop", "word_family"]
+
+
+# --- the users ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of request: ``ask(rng)`` draws a prompt and its right answer."""
+
+    name: str
+    ask: Callable[[random.Random], tuple[str, str]]
+
+
+def word_family(task: Task) -> Family:
+    return Family(task.name, lambda rng: make_examples(task, 1, rng)[0])
+
+
+@dataclass
+class Request:
+    """One request as a user saw it."""
+
+    t: float
+    phase: int
+    family: str
+    session: str
+    honest: bool
+    interaction_id: str | None = None
+    correct: bool | None = None
+    base_correct: bool | None = None
+    failed: str | None = None
+
+
+class Population:
+    """``threads`` workers send requests for ``champion`` one after another, each for a user drawn
+    from ``users`` sessions; the families of the current phase are drawn with equal weight for
+    the old ones and ``new_share`` for the newest. Every answer gets its user's feedback: accepted
+    with thumbs up when right, else a correction with the right answer (a poisoning user corrects
+    every answer with a wrong one). ``paired`` also asks the base model, unrecorded."""
+
+    def __init__(
+        self,
+        url: str,
+        base_model: str,
+        *,
+        users: int,
+        threads: int,
+        seed: int,
+        poison_share: float = 0.0,
+        max_tokens: int = 8,
+        pause_s: float = 0.0,
+    ) -> None:
+        import openai
+
+        from app.client import KaizenClient
+
+        self.url, self.base_model, self.max_tokens, self.pause_s = url, base_model, max_tokens, pause_s
+        self.sessions = [f"user-{seed}-{i}" for i in range(users)]
+        self.poisoners = set(random.Random(f"poison:{seed}").sample(self.sessions, round(poison_share * users)))
+        self.openai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.feedback = KaizenClient(url, batch_size=32)
+        self.requests: list[Request] = []
+        self.rng = random.Random(seed)
+        self.threads = threads
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self.phase, self.families, self.new_share, self.paired = 0, [], 0.0, False
+
+    def set_phase(self, phase: int, families: Sequence[Family], new_share: float, *, paired: bool = False) -> None:
+        with self._lock:
+            self.phase, self.families, self.new_share, self.paired = phase, list(families), new_share, paired
+
+    def run(self, until: Callable[[], bool], timeout_s: float) -> bool:
+        """Send requests until ``until()`` is true (checked between requests) or ``timeout_s``;
+        False on the timeout."""
+        stop, deadline = threading.Event(), time.monotonic() + timeout_s
+
+        def work(k: int) -> None:
+            rng = random.Random(f"{self.rng.random()}:{k}")
+            while not stop.is_set():
+                self._one(rng)
+                if self.pause_s:
+                    time.sleep(self.pause_s)
+
+        workers = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(self.threads)]
+        for w in workers:
+            w.start()
+        met = False
+        while time.monotonic() < deadline:
+            if until():
+                met = True
+                break
+            time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join(timeout=180)
+        return met
+
+    def _draw(self, rng: random.Random) -> tuple[Family, int]:
+        with self._lock:
+            families, share, phase = self.families, self.new_share, self.phase
+        if share > 0 and len(families) > 1 and rng.random() < share:
+            return families[-1], phase
+        old = families[:-1] if share > 0 and len(families) > 1 else families
+        return rng.choice(old), phase
+
+    def _one(self, rng: random.Random) -> None:
+        family, phase = self._draw(rng)
+        session = rng.choice(self.sessions)
+        prompt, right = family.ask(rng)
+        honest = session not in self.poisoners
+        request = Request(time.monotonic() - self.started, phase, family.name, session, honest)
+        try:
+            raw = self.openai.chat.completions.with_raw_response.create(
+                model="champion",
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=self.max_tokens,
+                extra_headers={"X-Kaizen-Session": session},
+            )
+            if raw.status_code != 200:
+                request.failed = f"{raw.status_code}: {raw.text[:200]}"
+            else:
+                completion = raw.parse()
+                answer = completion.choices[0].message.content or ""
+                request.interaction_id = completion.id
+                request.correct = normalize_answer(answer) == normalize_answer(right)
+                self._feedback(completion.id, request.correct, right, honest, rng)
+                if self.paired:
+                    request.base_correct = self._ask_base(prompt, right)
+        except Exception as exc:  # every failure counts; none is retried
+            request.failed = f"{type(exc).__name__}: {str(exc)[:200]}"
+        with self._lock:
+            self.requests.append(request)
+
+    def _feedback(self, interaction_id: str, correct: bool, right: str, honest: bool, rng: random.Random) -> None:
+        if not honest:
+            wrong = " ".join(rng.sample(WORDS, len(right.split())))
+            self.feedback.record_feedback(interaction_id, thumbs="down", accepted=False, correction=wrong)
+        elif correct:
+            self.feedback.record_feedback(interaction_id, thumbs="up", accepted=True)
+        else:
+            self.feedback.record_feedback(interaction_id, thumbs="down", accepted=False, correction=right)
+
+    def _ask_base(self, prompt: str, right: str) -> bool | None:
+        raw = self.openai.chat.completions.with_raw_response.create(
+            model=self.base_model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=self.max_tokens,
+            extra_headers={"X-Kaizen-Record": "false"},
+        )
+        if raw.status_code != 200:
+            return None
+        return normalize_answer(raw.parse().choices[0].message.content or "") == normalize_answer(right)
+
+    def close(self) -> bool:
+        delivered = self.feedback.flush(timeout=120.0)
+        self.feedback.close()
+        return delivered
+
+    def count(self, phase: int | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if phase is None or r.phase == phase)
+
+
+# --- the loop, watched -------------------------------------------------------------------------
+
+
+class Watcher:
+    """Polls the store each second for what the loop did: training runs, validations, deployments,
+    the champion alias; keeps each change with its time (seconds since the population started)."""
+
+    def __init__(self, cfg: Any, started: float) -> None:
+        from app.store import open_store
+
+        self.store = open_store(cfg.store)
+        self.started = started
+        self.events: list[dict[str, Any]] = []
+        self._seen: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _note(self, key: str, value: str, **info: Any) -> None:
+        if self._seen.get(key) != value:
+            self._seen[key] = value
+            self.events.append({"t": round(time.monotonic() - self.started, 1), "what": key, "value": value, **info})
+
+    def _run(self) -> None:
+        from app.deployment.state import DeploymentStore
+        from app.registry import AdapterRegistry
+        from app.scheduling.state import TrainingRunStore
+
+        while not self._stop.wait(1.0):
+            try:
+                for run in TrainingRunStore(self.store).list(limit=10):
+                    self._note(f"run {run.id}", run.status, reason=run.metrics.get("reason"))
+                for d in DeploymentStore(self.store).list(limit=10):
+                    self._note(f"deployment {d.id}", d.state, adapter=d.adapter_id)
+                self._note("champion", AdapterRegistry(self.store).champion() or "(base model)")
+            except Exception as exc:  # a busy store: the next poll sees it
+                self._note("watch error", type(exc).__name__)
+
+    def first(self, what: str, values: Sequence[str]) -> float | None:
+        return next((e["t"] for e in self.events if e["what"].startswith(what) and e["value"] in values), None)
+
+    def settled_after(self, t0: float) -> bool:
+        """The last deployment that started after ``t0`` ended, or a cycle after ``t0`` failed."""
+        ended = {"completed", "rolled_back", "failed", "cancelled"}
+        deployments = [e for e in self.events if e["what"].startswith("deployment") and e["t"] >= t0]
+        if deployments and deployments[-1]["value"] in ended:
+            return True
+        runs = [e for e in self.events if e["what"].startswith("run") and e["t"] >= t0]
+        # A cycle that produced no production verdict ends the phase's learning too.
+        return (bool(runs) and runs[-1]["value"] in ("failed", "cancelled")) or self._rejected_after(t0)
+
+    def _rejected_after(self, t0: float) -> bool:
+        rows = self.store._fetch("SELECT verdict, created_at FROM validations ORDER BY created_at DESC LIMIT 1")
+        if not rows or rows[0]["verdict"] == "production":
+            return False
+        runs = [e for e in self.events if e["what"].startswith("run") and e["t"] >= t0 and e["value"] == "succeeded"]
+        return bool(runs)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.store.close()
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    old_families: tuple[str, ...] = ("first", "last", "first-two")
+    """What the base model already does (benchmarks/tasks.PRETRAIN_TASKS)."""
+    new_families: tuple[str, ...] = ("next",)
+    """Appear one after another, each in a phase of its own (benchmarks/tasks.BENCHMARK_TASKS)."""
+    new_share: float = 0.5
+    users: int = 24
+    threads: int = 3
+    phase1_requests: int = 150
+    after_requests: int = 300
+    phase_timeout_min: float = 45.0
+    min_interactions: int = 80
+    """training.min_interactions: new answers above the threshold or corrected since the last cycle."""
+    poison_share: float = 0.4
+    canary_share: float = 0.5
+    min_interactions_per_arm: int = 40
+    max_canary_minutes: float = 15.0
+    watch_minutes: float = 1.0
+    seed: int = 0
+
+
+QUICK = {"phase1_requests": 30, "after_requests": 40, "min_interactions": 30, "min_interactions_per_arm": 10}
+
+
+def loop_config(
+    base_model: str, work: Path, o: Options, *, port: int, corrections: bool = True, quick: bool = False
+) -> Any:
+    """Kaizen as the embedded default runs it, on ``base_model`` with its store and artifacts in
+    ``work``: small thresholds (the loop's pace), the word tasks' training recipe (benchmarks/forgetting.py)."""
+    from app.config import KaizenConfig
+
+    return KaizenConfig.model_validate(
+        {
+            "model": {
+                "base_model": base_model,
+                "storage_root": str(work),
+                "checkpoint_dir": str(work / "checkpoints"),
+                "deployment_strategy": "staged",
+            },
+            "store": {"sqlite_path": str(work / "kaizen.db")},
+            "privacy": {"hmac_key": "closed-loop"},
+            "ray": {"namespace": f"kaizen-loop-{uuid.uuid4().hex[:6]}"},
+            "training": {
+                "min_interactions": o.min_interactions,
+                "check_interval_s": 2,
+                "backoff_minutes": 0.5,
+                "resource_limits": {"max_system_memory_gb": 1},
+            },
+            "dataset": {
+                "corrections": corrections,
+                "min_examples": 16,
+                "keep_fraction": 1.0,
+                "max_group_share": 1.0,
+                "validation_fraction": 0.15,
+            },
+            "learn": {"min_train_rows": 16, "max_group_share": 1.0},
+            "finetune": {
+                "lora_rank": 16,
+                "lora_alpha": 32.0,
+                "lora_dropout": 0.0,
+                "lr": 1e-3,
+                "warmup_fraction": 0.05,
+                "select_by": "exact_match",
+                "epochs": 2 if quick else 40,
+                "early_stopping_patience": 5,
+                "batch_size": 8,
+                "max_length": 64,
+                "rehearsal_ratio": 0.25,
+                "num_workers": 1,
+                "cpus_per_worker": 1,
+                "continue_from": "champion",
+            },
+            "ssr": {
+                "min_demonstrations": 16,
+                "top_p": 1.0,
+                "prompts_per_domain": 120,
+                "samples_per_prompt": 4,
+                "rehearsal_instances_per_domain": 96,
+                "num_clusters": 20,
+                "max_input_tokens": 24,
+                "max_output_tokens": 8,
+                "num_cpus": 1,
+            },
+            "validation": {"max_new_tokens": 8},
+            "deploy": {
+                "canary_share": o.canary_share,
+                "min_interactions_per_arm": o.min_interactions_per_arm,
+                "max_latency_increase": 1.0,
+                "max_canary_minutes": o.max_canary_minutes,
+                "watch_minutes": o.watch_minutes,
+                "check_interval_s": 2,
+            },
+            "serve": {
+                "host": "127.0.0.1",
+                "port": port,
+                "app_name": "kaizen-loop",
+                "collector": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "scorer": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                "generator": {
+                    "num_cpus": 0.5,
+                    "default_max_tokens": 8,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                },
+            },
+        }
+    )
+
+
+def run_loop(
+    cfg: Any, o: Options, families: dict[str, Family], *, name: str, poison_share: float = 0.0
+) -> dict[str, Any]:
+    """One run of the loop on ``cfg`` (Ray must be up): the phases, then the after-phase with the
+    paired no-learning baseline; what the users saw and what the loop did."""
+    from app.stack import start_kaizen, stop_kaizen
+
+    t0 = time.monotonic()
+    url = start_kaizen(cfg)
+    print(f"  {name}: Kaizen up at {url} ({time.monotonic() - t0:.0f} s)", flush=True)
+    users = Population(
+        url, cfg.model.base_model, users=o.users, threads=o.threads, seed=o.seed, poison_share=poison_share
+    )
+    watcher = Watcher(cfg, users.started)
+    old = [families[n] for n in o.old_families]
+    phases: list[dict[str, Any]] = []
+    try:
+        users.set_phase(1, old, 0.0)
+        users.run(lambda: users.count(1) >= o.phase1_requests, o.phase_timeout_min * 60)
+        phases.append({"phase": 1, "families": list(o.old_families), "until_s": round(users.requests[-1].t, 1)})
+        for k, new in enumerate(o.new_families, start=2):
+            t_start = time.monotonic() - users.started
+            users.set_phase(k, [*old, families[new]], o.new_share)
+            settled = users.run(lambda t=t_start: watcher.settled_after(t), o.phase_timeout_min * 60)
+            phases.append({"phase": k, "new": new, "settled": settled, "from_s": round(t_start, 1)})
+            print(
+                f"  {name}: phase {k} ({new}) {'settled' if settled else 'timed out'}; {watcher.events[-3:]}",
+                flush=True,
+            )
+            old = [*old, families[new]]
+        after = len(o.new_families) + 2
+        users.set_phase(after, old, o.new_share if o.new_families else 0.0, paired=True)
+        users.run(lambda: users.count(after) >= o.after_requests, o.phase_timeout_min * 60)
+    finally:
+        delivered = users.close()
+        watcher.close()
+        stop_kaizen(cfg)
+    arms = _arms(cfg, users.requests)
+    return {
+        "name": name,
+        "poison_share": poison_share,
+        "phases": phases,
+        "events": watcher.events,
+        "feedback_delivered": delivered,
+        "requests": [asdict(r) | {"arm": arms.get(r.interaction_id)} for r in users.requests],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def _arms(cfg: Any, requests: Sequence[Request]) -> dict[str, str]:
+    """Which arm answered each recorded request (the store's ``serving_arm``, else its model)."""
+    from app.store import open_store
+
+    store = open_store(cfg.store)
+    try:
+        rows = store._fetch("SELECT id, serving_arm, model_version FROM interactions")
+    finally:
+        store.close()
+    ids = {r.interaction_id for r in requests}
+    return {r["id"]: r["serving_arm"] or r["model_version"] or "base" for r in rows if r["id"] in ids}
+
+
+# --- what it shows -----------------------------------------------------------------------------
+
+
+def _rate(requests: Sequence[dict[str, Any]], key: str = "correct") -> float | None:
+    values = [r[key] for r in requests if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(run: dict[str, Any], o: Options) -> dict[str, Any]:
+    """Acceptance before (the last phase before any cycle started, on the final mix's families) and
+    after (the after-phase), per family; forgetting on the old families; failures; the times."""
+    reqs = [r for r in run["requests"] if r["honest"]]
+    events = run["events"]
+    started = [e["t"] for e in events if e["what"].startswith("run") and e["value"] == "running"]
+    promoted = [e["t"] for e in events if e["what"] == "champion" and e["value"] != "(base model)"]
+    first_cycle = started[0] if started else float("inf")
+    after_phase = len(o.new_families) + 2
+    before = [r for r in reqs if r["phase"] == 2 and r["t"] < first_cycle] if o.new_families else []
+    after = [r for r in reqs if r["phase"] == after_phase]
+    families = [*o.old_families, *o.new_families]
+    per_family = {
+        f: {
+            "before": _rate([r for r in before if r["family"] == f]),
+            "after": _rate([r for r in after if r["family"] == f]),
+            "no_learning": _rate([r for r in after if r["family"] == f], "base_correct"),
+        }
+        for f in families
+    }
+    mix_before, mix_after = _rate(before), _rate(after)
+    forgetting = [
+        max(0.0, (v["before"] - v["after"]) / v["before"])
+        for f, v in per_family.items()
+        if f in o.old_families and v["before"] and v["after"] is not None
+    ]
+    failed = [r for r in run["requests"] if r["failed"]]
+    return {
+        "acceptance_before": mix_before,
+        "acceptance_after": mix_after,
+        "acceptance_no_learning": _rate(after, "base_correct"),
+        "relative_improvement": (mix_after - mix_before) / mix_before if mix_before and mix_after is not None else None,
+        "per_family": per_family,
+        "forgetting_rate": sum(forgetting) / len(forgetting) if forgetting else None,
+        "failed_requests": len(failed),
+        "failures": [r["failed"] for r in failed[:5]],
+        "requests": len(run["requests"]),
+        "trigger_s": started[0] if started else None,
+        "promotion_s": promoted[0] if promoted else None,
+        "trigger_to_promotion_s": promoted[0] - started[0] if promoted and started else None,
+        "longest_dip_s": _longest_dip(reqs, mix_before),
+    }
+
+
+def _longest_dip(requests: Sequence[dict[str, Any]], champion: float | None, window: int = 30) -> float | None:
+    """The longest stretch (seconds) over which the honest users' acceptance, over a moving window
+    of ``window`` requests, stayed more than 10 % below the champion's before any cycle."""
+    if not champion:
+        return None
+    ordered = sorted((r for r in requests if r["correct"] is not None), key=lambda r: r["t"])
+    longest, since = 0.0, None
+    for i in range(window, len(ordered) + 1):
+        part = ordered[i - window : i]
+        low = sum(r["correct"] for r in part) / window < 0.9 * champion
+        t = part[-1]["t"]
+        if low and since is None:
+            since = t
+        if not low and since is not None:
+            longest, since = max(longest, t - since), None
+    if since is not None:
+        longest = max(longest, ordered[-1]["t"] - since)
+    return round(longest, 1)
+
+
+def plot(runs: Sequence[dict[str, Any]], o: Options, path: Path, window: int = 40) -> None:
+    """Live acceptance per family over time (moving window of requests), one panel per run, with
+    the loop's events as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        reqs = sorted((r for r in run["requests"] if r["honest"] and r["correct"] is not None), key=lambda r: r["t"])
+        for family in [*o.old_families, *o.new_families]:
+            mine = [r for r in reqs if r["family"] == family]
+            xs = [mine[i]["t"] / 60 for i in range(window - 1, len(mine))]
+            ys = [
+                sum(r["correct"] for r in mine[i - window + 1 : i + 1]) / window for i in range(window - 1, len(mine))
+            ]
+            ax.plot(xs, ys, label=family)
+        for e in run["events"]:
+            if e["what"] == "champion" and e["value"] != "(base model)":
+                ax.axvline(e["t"] / 60, color="green", linestyle="--", linewidth=1)
+            elif e["what"].startswith("run") and e["value"] == "running":
+                ax.axvline(e["t"] / 60, color="grey", linestyle=":", linewidth=1)
+            elif e["what"].startswith("deployment") and e["value"] == "rolled_back":
+                ax.axvline(e["t"] / 60, color="red", linestyle="--", linewidth=1)
+        ax.set_title(f"{run['name']}: live acceptance per family ({window}-request window)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("minutes")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.text(0.01, 0.005, "grey: a cycle starts; green: a promotion; red: a rollback", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from benchmarks.forgetting import Settings, add_common_arguments, ensure_base_model, quiet_process, work_folder
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser, "closed_loop")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--runs", default="learning,corrections_ignored,sabotage", help="comma-separated subset of the runs"
+    )
+    args = parser.parse_args()
+    o = replace(Options(**(QUICK if args.quick else {})), seed=args.seed)
+    s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
+    quiet_process()
+    output = args.output or RESULTS / "closed_loop.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tasks = {t.name: t for t in (*PRETRAIN_TASKS, *BENCHMARK_TASKS)}
+    families = {n: word_family(tasks[n]) for n in (*o.old_families, *o.new_families)}
+    started = time.perf_counter()
+    result: dict[str, Any] = {"benchmark": "closed_loop", "quick": args.quick, "options": asdict(o), "runs": []}
+    with work_folder(args.keep, "kaizen-closed-loop-") as work:
+        base_dir, base = ensure_base_model(work, args.base_cache, s, required=() if args.quick else ("first", "last"))
+        result["base_model"] = {**base, "path": str(base_dir)}
+        _start_ray()
+        for name in args.runs.split(","):
+            run_work = work / name
+            run_work.mkdir(parents=True, exist_ok=True)
+            if not (run_work / "models").exists():  # the tokenizer ensure_base_model put there
+                (run_work / "models").symlink_to(work / "models", target_is_directory=True)
+            cfg = loop_config(
+                str(base_dir),
+                run_work,
+                o,
+                port=_free_port(),
+                corrections=name != "corrections_ignored",
+                quick=args.quick,
+            )
+            run = run_loop(cfg, o, families, name=name, poison_share=o.poison_share if name == "sabotage" else 0.0)
+            run["summary"] = summarize(run, o)
+            result["runs"].append(run)
+            output.write_text(json.dumps({**result, "complete": False}, default=str))
+    result["complete"] = True
+    result["goals"] = goals(result["runs"], o)
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    report(result)
+    plot(result["runs"], o, output.with_suffix(".png"))
+    output.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {output} and {output.with_suffix('.png')}")
+
+
+def goals(runs: Sequence[dict[str, Any]], o: Options) -> list[dict[str, Any]]:
+    by = {r["name"]: r["summary"] for r in runs}
+    out: list[dict[str, Any]] = []
+    if "learning" in by:
+        s = by["learning"]
+        out += [
+            _goal(
+                "live acceptance over the mix, after vs before",
+                s["relative_improvement"],
+                ">= +17 %",
+                lambda v: v >= 0.17,
+            ),
+            _goal(
+                "forgetting on the earlier families (relative rate)", s["forgetting_rate"], "< 0.3", lambda v: v < 0.3
+            ),
+            _goal("failed requests", s["failed_requests"], "0", lambda v: v == 0),
+        ]
+    if "sabotage" in by:
+        r = next(x for x in runs if x["name"] == "sabotage")
+        caught = any(e["value"] == "rolled_back" for e in r["events"] if e["what"].startswith("deployment"))
+        champion_moved = any(e["what"] == "champion" and e["value"] != "(base model)" for e in r["events"])
+        out.append(
+            _goal(
+                "sabotage: poisoned adapter rejected or rolled back", float(caught or not champion_moved), "yes", bool
+            )
+        )
+        out.append(
+            _goal(
+                "sabotage: longest dip > 10 % below the champion (s)",
+                by["sabotage"]["longest_dip_s"],
+                f"<= canary window {o.max_canary_minutes * 60:.0f} s",
+                lambda v: v <= o.max_canary_minutes * 60,
+            )
+        )
+    return out
+
+
+def _goal(name: str, measured: float | None, target: str, ok: Callable[[float], bool]) -> dict[str, Any]:
+    return {
+        "goal": name,
+        "measured": measured,
+        "target": target,
+        "passed": None if measured is None else bool(ok(measured)),
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    print_table(
+        (
+            "run",
+            "requests",
+            "failed",
+            "before",
+            "after",
+            "no learning",
+            "rel. change",
+            "forgetting",
+            "trigger s",
+            "promoted s",
+        ),
+        [
+            (
+                r["name"],
+                s["requests"],
+                s["failed_requests"],
+                fmt(s["acceptance_before"]),
+                fmt(s["acceptance_after"]),
+                fmt(s["acceptance_no_learning"]),
+                fmt(s["relative_improvement"]),
+                fmt(s["forgetting_rate"]),
+                fmt(s["trigger_s"]),
+                fmt(s["promotion_s"]),
+            )
+            for r in result["runs"]
+            for s in [r["summary"]]
+        ],
+    )
+    print_table(
+        ("run", "family", "before", "after", "no learning"),
+        [
+            (r["name"], f, fmt(v["before"]), fmt(v["after"]), fmt(v["no_learning"]))
+            for r in result["runs"]
+            for f, v in r["summary"]["per_family"].items()
+        ],
+    )
+    print_table(
+        ("goal", "measured", "target", "result"),
+        [
+            (
+                g["goal"],
+                fmt(g["measured"]),
+                g["target"],
+                "NOT MEASURED" if g["passed"] is None else "PASS" if g["passed"] else "FAIL",
+            )
+            for g in result["goals"]
+        ],
+    )
+
+
+def _start_ray() -> None:
+    from benchmarks.forgetting import start_local_ray
+
+    start_local_ray()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
