@@ -7,6 +7,7 @@ kaizen seed [--count N] [--url URL] [--seed S]
 kaizen calibrate [--config FILE] [--min-ratings N] [--test-fraction F] [--dry-run] [--json]
 kaizen adapters list [--status S] [--json]
 kaizen adapters alias NAME ADAPTER|--clear [--actor WHO] [--reason WHY]
+kaizen traffic [--minutes M] [--answer TEXT]     (simulated users against a running kaizen up)
 """
 
 from __future__ import annotations
@@ -400,6 +401,19 @@ def cmd_training_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traffic(args: argparse.Namespace) -> int:
+    """``kaizen traffic``: simulated users against a running ``kaizen up``, and the loop's events."""
+    from app.simulation import run_traffic
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    url = (args.url or cfg.api_url()).rstrip("/")
+    totals = run_traffic(
+        cfg, url, minutes=args.minutes, users=args.users, threads=args.threads, pause_s=args.pause, answer=args.answer
+    )
+    print(f"{totals['requests']} requests, {totals['failed']} failed, {totals['accepted']} accepted")
+    return 0 if totals["requests"] and not totals["failed"] else 1
+
+
 def cmd_adapters_alias(args: argparse.Namespace) -> int:
     from app.registry import AdapterNotRegisteredError, AdapterRegistry
     from app.store import open_store
@@ -507,6 +521,20 @@ def _parser() -> argparse.ArgumentParser:
     with_config(tstatus)
     tstatus.add_argument("--json", action="store_true", help="print JSON")
     tstatus.set_defaults(func=cmd_training_status)
+
+    traffic = sub.add_parser(
+        "traffic",
+        help="simulated users against a running kaizen up: requests whose right answer is always --answer, "
+        "corrected when wrong; prints the acceptance and what the loop does (cycle, canary, promotion)",
+    )
+    with_config(traffic)
+    traffic.add_argument("--url", default=None, help="the Kaizen API (default: the config's serve address)")
+    traffic.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
+    traffic.add_argument("--users", type=int, default=12, help="sessions (default 12)")
+    traffic.add_argument("--threads", type=int, default=2, help="requests in flight (default 2)")
+    traffic.add_argument("--pause", type=float, default=0.2, help="seconds between a thread's requests")
+    traffic.add_argument("--answer", default="ok", help="the right answer to every request (default ok)")
+    traffic.set_defaults(func=cmd_traffic)
 
     validate = sub.add_parser(
         "validate",

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from app.simulation import normalize_answer
+
 __all__ = [
     "BENCHMARK_TASKS",
     "INSTRUCTION_WORDS",
@@ -185,11 +187,6 @@ SELECTION_MISTAKES: Mapping[str, Callable[[list[str]], list[str]]] = {
 """What an assistant answers when it misreads a :data:`SELECTION_TASKS` task (the wrong position,
 one word too many, nothing trimmed): a systematic mistake, not noise, and one the base model can
 make too (``third``, ``drop last``, ``copy``)."""
-
-
-def normalize_answer(text: str) -> str:
-    """What exact match compares: whitespace collapsed, case folded, a trailing period dropped."""
-    return " ".join(text.split()).casefold().rstrip(".")
 
 
 def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> float:

@@ -35,7 +35,9 @@ def interaction_event(
     body: dict[str, Any] = {
         "session_id": session_id,
         "sequence_number": sum(m.role == "assistant" for m in request.messages),
-        "input": {"raw": (users or request.messages)[-1].text(), "processed": generation.prompt},
+        # The user's words, not the prompt rendered with the chat template: a dataset renders its
+        # rows with the template again (as the system prompt, kept in metadata, too).
+        "input": {"raw": (users or request.messages)[-1].text()},
         "output": {
             "content": generation.text,
             "generation_time_ms": round(generation.generation_time_ms, 3),

@@ -142,7 +142,7 @@ def measure(
         else "1 = 0"
     )
     quality = f"(CASE WHEN {corrected} THEN 1.0 ELSE quality_score END)"
-    where = f"quality_status = 'scored' AND output_content <> '' AND {quality} >= ?"
+    where = f"quality_status = 'scored' AND (output_content <> '' OR {corrected}) AND {quality} >= ?"
     params: list[Any] = [threshold]
     if cutoff is not None:
         where += " AND timestamp >= ?"

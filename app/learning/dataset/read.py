@@ -33,13 +33,15 @@ READ_COLUMNS = (
 
 def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
     """One stored interaction (``InteractionStore.get_interaction``) as a flat row, or None when it
-    has no score or no answer. The request is the prompt as sent to the model when the agent
+    has no score, or no answer and no correction. The request is the prompt as sent to the model when the agent
     recorded one (``input.processed``), else what the user typed. ``correction`` is the answer the
     user wrote instead ("" without one) and ``rejected`` whether the user turned the answer down
     (:func:`~app.learning.dataset.preferences.feedback_verdict` of its feedback rows)."""
     output = as_text(record.get("output_content"))
     score, confidence = record.get("quality_score"), record.get("quality_confidence")
-    if score is None or not output.strip():
+    verdict = feedback_verdict(record.get("feedback") or [], output)
+    # No answer is nothing to learn, unless the user wrote the answer the model did not give.
+    if score is None or not (output.strip() or verdict.correction):
         return None
     tools = [
         {
@@ -48,7 +50,6 @@ def interaction_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
         }
         for tool in record.get("tool_usage") or []
     ]
-    verdict = feedback_verdict(record.get("feedback") or [], output)
     return {
         "interaction_id": str(record["id"]),
         "timestamp": as_text(record.get("timestamp")),

@@ -146,10 +146,15 @@ def to_preference_table(batch: Mapping[str, np.ndarray]) -> pa.Table:
     """The preference pairs of the batch's corrected rows (``source`` ``correction``) as a
     :data:`PREFERENCE_SCHEMA` table, in interaction-id order: the row's ``messages`` before the
     answer are the prompt, the correction (the row's answer) is chosen, the model's answer
-    (``rejected_output``) rejected. A batch without corrections gives an empty table."""
+    (``rejected_output``) rejected. A correction of an empty answer is a training target but no pair
+    (nothing was said to prefer it to). A batch without corrections gives an empty table."""
     if not num_rows(batch) or "source" not in batch:
         return PREFERENCE_SCHEMA.empty_table()
-    rows = _in_id_order(take(batch, np.asarray([as_text(s) == SOURCE_CORRECTION for s in batch["source"]])))
+    pairs = [
+        as_text(s) == SOURCE_CORRECTION and bool(as_text(r).strip())
+        for s, r in zip(batch["source"], batch["rejected_output"])
+    ]
+    rows = _in_id_order(take(batch, np.asarray(pairs, dtype=bool)))
     if not num_rows(rows):
         return PREFERENCE_SCHEMA.empty_table()
     prompts = []

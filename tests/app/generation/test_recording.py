@@ -25,7 +25,9 @@ def test_interaction_event_records_the_completion(service: GeneratorService) -> 
     interaction = parse_event_body("interaction", envelope.body)
     assert isinstance(interaction, Interaction)
     assert interaction.session_id == "session-1" and interaction.user_id == "dev-1"
-    assert interaction.input.raw == "Sort a list." and interaction.input.processed == generation.prompt
+    # The user's words; the rendered prompt is not what a dataset should wrap in the template again.
+    assert interaction.input.raw == "Sort a list." and interaction.input.processed is None
+    assert "<|im_start|>" in generation.prompt
     assert interaction.output.content == generation.text
     assert interaction.output.token_count == generation.completion_tokens
     assert interaction.output.generation_time_ms == pytest.approx(generation.generation_time_ms, abs=0.01)

@@ -39,6 +39,9 @@ def test_interaction_row_flattens_a_stored_interaction() -> None:
     assert interaction_row({**record, "input_processed": "sent"})["input"] == "sent"
     assert interaction_row({**record, "quality_score": None}) is None
     assert interaction_row({**record, "output_content": "  "}) is None
+    # No answer, but the user wrote one: a training target.
+    unanswered = interaction_row({**record, "output_content": "", "feedback": [{"correction": "x = 2"}]})
+    assert (unanswered["output"], unanswered["correction"], unanswered["rejected"]) == ("", "x = 2", True)
     assert (row["correction"], row["rejected"]) == ("", False)  # no feedback: nothing said against it
 
 

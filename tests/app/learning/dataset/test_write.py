@@ -107,6 +107,13 @@ def test_the_pairs_of_each_split_are_written_as_parquet_and_openai_preference_js
     assert count_rows(pa.concat_tables([train, validation]))["learning_type"] == {"correction": 4, "interaction": 4}
 
 
+def test_a_correction_of_an_empty_answer_is_a_target_but_no_pair() -> None:
+    batch = prepared_rows(2, output=["", "print(1)"], correction=["print(2)", "print(3)"], rejected=[True, True])
+    assert [str(o) for o in batch["output"]] == ["print(2)", "print(3)"]
+    pairs = to_preference_table(batch)
+    assert pairs.column("rejected").to_pylist() == ["print(1)"]
+
+
 def _manifest(batch: dict[str, np.ndarray], train: pa.Table, validation: pa.Table) -> DatasetManifest:
     table = pa.concat_tables([train, validation])
     n = table.num_rows
