@@ -55,12 +55,12 @@ from app.learning.checkpointing import (
 )
 from app.learning.lora_model import CausalLMLoss, init_lora, load_lora_model, require, setup_device
 from app.learning.masking import ForgettingProtection, fisher_source, trainable_parameters
+from app.learning.preference import PreferenceObjective
 from app.learning.run_state import RngState, RunState, TrialResult, objective
 from app.learning.tokenization import IGNORE_INDEX, collate, tokenize_messages, tokenize_pair
 from app.learning.training import (
     OBJECTIVES_WITH_PAIRS,
     EarlyStopping,
-    dpo_loss,
     draw_pairs,
     lr_factor,
     mix_rehearsal,
@@ -187,10 +187,19 @@ class Trainer:
         self.autocast = lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
         self.pairs: Rows = self.data.get(PREFERENCES, [])
         """This rank's preference pairs, with their reference log-likelihoods; none with objective sft."""
+        self.preference = PreferenceObjective(
+            self.loss_module,
+            self.peft_model,
+            beta=opts.dpo_beta,
+            batch_size=opts.batch_size,
+            pad_id=self.pad_id,
+            autocast=self.autocast,
+            to_device=self._to_device,
+        )
         if opts.objective in OBJECTIVES_WITH_PAIRS:
             if not self.pairs:
                 raise no_pairs_error(opts.objective)
-            self._add_reference_logps(self.pairs)
+            self.preference.add_reference_logps(self.pairs)
 
         saved = None
         self.checkpoint = self.context.latest_checkpoint()
@@ -251,40 +260,6 @@ class Trainer:
         if name == PREFERENCES:
             return tokenize_pair(self.tokenizer, row["prompt"], row["chosen"], row["rejected"], self.opts.max_length)
         return tokenize_messages(self.tokenizer, row["messages"], self.opts.max_length)
-
-    @torch.no_grad()
-    def _add_reference_logps(self, pairs: Rows) -> None:
-        """Each pair's reference log-likelihoods, ``reference_chosen`` and ``reference_rejected``: the
-        answers' summed log-probabilities under the same model with the adapter disabled (the base
-        model), without dropout. The reference never changes, so one pass here serves every step."""
-        loss_module, batch_size = self.loss_module, self.opts.batch_size
-        was_training = loss_module.training
-        loss_module.eval()
-        with self.peft_model.disable_adapter():
-            for i in range(0, len(pairs), batch_size):
-                chunk = pairs[i : i + batch_size]
-                with self.autocast():
-                    logps, _ = loss_module(**self._pair_batch(chunk), per_row=True)
-                for pair, chosen, rejected in zip(chunk, logps[: len(chunk)], logps[len(chunk) :]):
-                    pair["reference_chosen"], pair["reference_rejected"] = float(chosen), float(rejected)
-        loss_module.train(was_training)
-
-    def _pair_batch(self, pairs: Rows) -> dict[str, torch.Tensor]:
-        """The chosen answers of ``pairs``, then their rejected ones, as one batch on the device."""
-        return self._to_device(collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], self.pad_id))
-
-    def _pair_losses(self, model: nn.Module, pairs: Rows) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The DPO loss and reward margin of each of ``pairs`` under ``model`` (the policy: the loss
-        module, or its DDP or DeepSpeed wrapper in a training step), and the batch's input tokens."""
-        batch = self._pair_batch(pairs)
-        with self.autocast():
-            logps, _ = model(**batch, per_row=True)
-        k = len(pairs)
-        reference = torch.tensor(
-            [[p["reference_chosen"], p["reference_rejected"]] for p in pairs], dtype=logps.dtype, device=logps.device
-        )
-        losses, margins = dpo_loss(logps[:k], logps[k:], reference[:, 0], reference[:, 1], self.opts.dpo_beta)
-        return losses, margins, int(batch["attention_mask"].sum())
 
     def _epoch_rows(self, epoch: int, seed: int) -> Rows:
         opts = self.opts
@@ -550,7 +525,7 @@ class Trainer:
                 engine.set_gradient_accumulation_boundary(last)
             with model.no_sync() if no_sync else contextlib.nullcontext():
                 if are_pairs:
-                    losses, margins, tokens = self._pair_losses(model, rows)
+                    losses, margins, tokens = self.preference.losses(model, rows)
                     loss = losses.sum() / figures.pairs
                     figures.dpo_loss_sum += float(losses.detach().sum())
                     figures.margin_sum += float(margins.detach().sum())
@@ -637,17 +612,9 @@ class Trainer:
     def measure_pairs(self, pairs: Rows) -> dict[str, float]:
         """The mean DPO loss and reward margin of the current adapter on every rank's shard of
         tokenized preference pairs, and its accuracy: the share of pairs whose chosen answer it
-        prefers more than the reference does. Runs the unwrapped module, without dropout."""
-        loss_module, batch_size = self.loss_module, self.opts.batch_size
-        was_training = loss_module.training
-        loss_module.eval()
+        prefers more than the reference does."""
         sums = StepFigures(pairs=len(pairs))
-        for i in range(0, len(pairs), batch_size):
-            losses, margins, _ = self._pair_losses(loss_module, pairs[i : i + batch_size])
-            sums.dpo_loss_sum += float(losses.sum())
-            sums.margin_sum += float(margins.sum())
-            sums.preferred += float((margins > 0).sum())
-        loss_module.train(was_training)
+        sums.dpo_loss_sum, sums.margin_sum, sums.preferred = self.preference.sums(pairs)
         sums, _ = sums.reduced(self.context.all_reduce)
         if not sums.pairs:
             return {"pairs": 0}
