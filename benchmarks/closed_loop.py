@@ -65,8 +65,9 @@ def word_family(task: Task) -> Family:
 class Options:
     old_families: tuple[str, ...] = ("first", "last", "first-two")
     """What the base model already does (benchmarks/tasks.PRETRAIN_TASKS)."""
-    new_families: tuple[str, ...] = ("next",)
-    """Appear one after another, each in a phase of its own (benchmarks/tasks.BENCHMARK_TASKS)."""
+    new_families: tuple[str, ...] = ("next", "before")
+    """Appear one after another, each in a phase of its own (benchmarks/tasks.BENCHMARK_TASKS); the
+    baseline runs meet the first alone."""
     new_share: float = 0.5
     users: int = 24
     threads: int = 3
@@ -181,7 +182,13 @@ def loop_config(
 
 
 def run_loop(
-    cfg: Any, o: Options, families: dict[str, Family], *, name: str, poison_share: float = 0.0
+    cfg: Any,
+    o: Options,
+    families: dict[str, Family],
+    *,
+    name: str,
+    new_families: Sequence[str],
+    poison_share: float = 0.0,
 ) -> dict[str, Any]:
     """One run of the loop on ``cfg`` (Ray must be up): the phases, then the after-phase with the
     paired no-learning baseline; what the users saw and what the loop did."""
@@ -206,7 +213,7 @@ def run_loop(
         users.set_phase(1, old, 0.0)
         users.run(lambda: users.count(1) >= o.phase1_requests, o.phase_timeout_min * 60)
         phases.append({"phase": 1, "families": list(o.old_families), "until_s": round(users.requests[-1].t, 1)})
-        for k, new in enumerate(o.new_families, start=2):
+        for k, new in enumerate(new_families, start=2):
             t_start = time.monotonic() - users.started
             users.set_phase(k, [*old, families[new]], o.new_share)
             settled = users.run(lambda t=t_start: watcher.settled_after(t), o.phase_timeout_min * 60)
@@ -216,8 +223,9 @@ def run_loop(
                 flush=True,
             )
             old = [*old, families[new]]
-        after = len(o.new_families) + 2
-        users.set_phase(after, old, o.new_share if o.new_families else 0.0, paired=True)
+        after = len(new_families) + 2
+        # The after-phase asks every family alike (the new ones each as often as an old one).
+        users.set_phase(after, old, 0.0, paired=True)
         users.run(lambda: users.count(after) >= o.after_requests, o.phase_timeout_min * 60)
     finally:
         delivered = users.close()
@@ -226,6 +234,7 @@ def run_loop(
     arms = _arms(cfg, users.requests)
     return {
         "name": name,
+        "new_families": list(new_families),
         "poison_share": poison_share,
         "phases": phases,
         "events": watcher.events,
@@ -257,46 +266,51 @@ def _rate(requests: Sequence[dict[str, Any]], key: str = "correct") -> float | N
 
 
 def summarize(run: dict[str, Any], o: Options) -> dict[str, Any]:
-    """Acceptance before (the last phase before any cycle started, on the final mix's families) and
-    after (the after-phase), per family; forgetting on the old families; failures; the times."""
+    """What the honest users saw: per family, acceptance live before the first cycle started and in
+    the after-phase, and the base model's on the after-phase's own prompts (*no learning*, paired).
+    The goals compare the after-phase with no learning on the same prompts: the relative change over
+    the whole mix, and forgetting on the old families (the relative drop, 0 where there is none)."""
     reqs = [r for r in run["requests"] if r["honest"]]
+    new_families = tuple(run["new_families"])
     events = run["events"]
     started = [e["t"] for e in events if e["what"].startswith("run") and e["value"] == "running"]
     promoted = [e["t"] for e in events if e["what"] == "champion" and e["value"] != "(base model)"]
     first_cycle = started[0] if started else float("inf")
-    after_phase = len(o.new_families) + 2
-    before = [r for r in reqs if r["phase"] == 2 and r["t"] < first_cycle] if o.new_families else []
+    after_phase = len(new_families) + 2
+    live_before = [r for r in reqs if r["t"] < first_cycle and r["phase"] <= 2]
     after = [r for r in reqs if r["phase"] == after_phase]
-    families = [*o.old_families, *o.new_families]
+    paired = [r for r in after if r["base_correct"] is not None and r["correct"] is not None]
     per_family = {
         f: {
-            "before": _rate([r for r in before if r["family"] == f]),
-            "after": _rate([r for r in after if r["family"] == f]),
-            "no_learning": _rate([r for r in after if r["family"] == f], "base_correct"),
+            "live_before": _rate([r for r in live_before if r["family"] == f]),
+            "after": _rate([r for r in paired if r["family"] == f]),
+            "no_learning": _rate([r for r in paired if r["family"] == f], "base_correct"),
+            "requests_after": sum(r["family"] == f for r in paired),
         }
-        for f in families
+        for f in (*o.old_families, *new_families)
     }
-    mix_before, mix_after = _rate(before), _rate(after)
+    mix_after, mix_base = _rate(paired), _rate(paired, "base_correct")
     forgetting = [
-        max(0.0, (v["before"] - v["after"]) / v["before"])
+        max(0.0, (v["no_learning"] - v["after"]) / v["no_learning"])
         for f, v in per_family.items()
-        if f in o.old_families and v["before"] and v["after"] is not None
+        if f in o.old_families and v["no_learning"] and v["after"] is not None
     ]
     failed = [r for r in run["requests"] if r["failed"]]
     return {
-        "acceptance_before": mix_before,
+        "acceptance_live_before": _rate(live_before),
         "acceptance_after": mix_after,
-        "acceptance_no_learning": _rate(after, "base_correct"),
-        "relative_improvement": (mix_after - mix_before) / mix_before if mix_before and mix_after is not None else None,
+        "acceptance_no_learning": mix_base,
+        "relative_improvement": (mix_after - mix_base) / mix_base if mix_base and mix_after is not None else None,
         "per_family": per_family,
         "forgetting_rate": sum(forgetting) / len(forgetting) if forgetting else None,
         "failed_requests": len(failed),
         "failures": [r["failed"] for r in failed[:5]],
         "requests": len(run["requests"]),
+        "cycles_started": len(started),
         "trigger_s": started[0] if started else None,
         "promotion_s": promoted[0] if promoted else None,
         "trigger_to_promotion_s": promoted[0] - started[0] if promoted and started else None,
-        "longest_dip_s": _longest_dip(reqs, mix_before),
+        "longest_dip_s": _longest_dip(reqs, _rate(live_before)),
     }
 
 
@@ -331,7 +345,7 @@ def plot(runs: Sequence[dict[str, Any]], o: Options, path: Path, window: int = 4
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         reqs = sorted((r for r in run["requests"] if r["honest"] and r["correct"] is not None), key=lambda r: r["t"])
-        for family in [*o.old_families, *o.new_families]:
+        for family in [*o.old_families, *run["new_families"]]:
             mine = [r for r in reqs if r["family"] == family]
             xs = [mine[i]["t"] / 60 for i in range(window - 1, len(mine))]
             ys = [
@@ -391,7 +405,16 @@ def main() -> None:
                 corrections=name != "corrections_ignored",
                 quick=args.quick,
             )
-            run = run_loop(cfg, o, families, name=name, poison_share=o.poison_share if name == "sabotage" else 0.0)
+            # The learning run meets every new family (from the second on, a cycle rehearses the
+            # champion's dataset with SSR); the baselines the first, which is what they are about.
+            run = run_loop(
+                cfg,
+                o,
+                families,
+                name=name,
+                new_families=o.new_families if name == "learning" else o.new_families[:1],
+                poison_share=o.poison_share if name == "sabotage" else 0.0,
+            )
             run["summary"] = summarize(run, o)
             result["runs"].append(run)
             output.write_text(json.dumps({**result, "complete": False}, default=str))
@@ -411,7 +434,7 @@ def goals(runs: Sequence[dict[str, Any]], o: Options) -> list[dict[str, Any]]:
         s = by["learning"]
         out += [
             _goal(
-                "live acceptance over the mix, after vs before",
+                "acceptance over the whole mix, after vs no learning (same prompts)",
                 s["relative_improvement"],
                 ">= +17 %",
                 lambda v: v >= 0.17,
@@ -459,11 +482,12 @@ def report(result: dict[str, Any]) -> None:
             "run",
             "requests",
             "failed",
-            "before",
+            "live before",
             "after",
             "no learning",
-            "rel. change",
+            "after vs none",
             "forgetting",
+            "cycles",
             "trigger s",
             "promoted s",
         ),
@@ -472,11 +496,12 @@ def report(result: dict[str, Any]) -> None:
                 r["name"],
                 s["requests"],
                 s["failed_requests"],
-                fmt(s["acceptance_before"]),
+                fmt(s["acceptance_live_before"]),
                 fmt(s["acceptance_after"]),
                 fmt(s["acceptance_no_learning"]),
                 fmt(s["relative_improvement"]),
                 fmt(s["forgetting_rate"]),
+                s["cycles_started"],
                 fmt(s["trigger_s"]),
                 fmt(s["promotion_s"]),
             )
@@ -485,9 +510,9 @@ def report(result: dict[str, Any]) -> None:
         ],
     )
     print_table(
-        ("run", "family", "before", "after", "no learning"),
+        ("run", "family", "live before", "after", "no learning", "requests after"),
         [
-            (r["name"], f, fmt(v["before"]), fmt(v["after"]), fmt(v["no_learning"]))
+            (r["name"], f, fmt(v["live_before"]), fmt(v["after"]), fmt(v["no_learning"]), v["requests_after"])
             for r in result["runs"]
             for f, v in r["summary"]["per_family"].items()
         ],

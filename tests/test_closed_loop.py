@@ -106,7 +106,11 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
     watcher = Watcher(cfg, users.started)
     try:
         users.set_phase(1, [Family("ack", _ack)], 0.0)
-        promoted = users.run(lambda: watcher.settled_after(0.0), timeout_s=600)
+        # Until a deployment has been promoted and watched to its end (cycles that fall short go on).
+        promoted = users.run(
+            lambda: any(e["what"].startswith("deployment") and e["value"] == "completed" for e in watcher.events),
+            timeout_s=600,
+        )
         promoted_at = next(
             (e["t"] for e in watcher.events if e["what"] == "champion" and e["value"] != "(base model)"), None
         )
