@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.learning.run_state import Rows
 from app.learning.tokenization import collate
 from app.learning.training import dpo_loss
 
 __all__ = ["PreferenceObjective"]
-
-Rows = list[dict[str, Any]]
 
 
 class PreferenceObjective:

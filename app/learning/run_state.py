@@ -1,17 +1,20 @@
 """A fine-tuning run's state, apart from the model: where it is (:class:`RunState`, what a
-checkpoint records), a seed's trial at the choice (:class:`TrialResult`), and the objective that
-early stopping, the kept adapter and a sweep follow (:func:`objective`)."""
+checkpoint records), a seed's trial at the choice (:class:`TrialResult`), the objective that
+early stopping, the kept adapter and a sweep follow (:func:`objective`), and one optimizer step's
+rows and sums (:class:`StepWindow`, :class:`StepFigures`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import torch
 
 from app.learning.masking import ForgettingProtection
 
-__all__ = ["RngState", "RunState", "TrialResult", "objective"]
+__all__ = ["RngState", "Rows", "RunState", "StepFigures", "StepWindow", "TrialResult", "objective"]
+
+Rows = list[dict[str, Any]]
 
 RngState = tuple[torch.Tensor, torch.Tensor | None]
 """torch's CPU generator state and, on a GPU, the device's."""
@@ -106,3 +109,53 @@ class TrialResult:
     """Its steps, not reported yet."""
     rng: RngState
     """The random generators' state after it, so that its dropout goes on as in a run of its own."""
+
+
+@dataclass
+class StepWindow:
+    """What one optimizer step trains on: micro-batches of training rows (their answers are
+    targets) and of preference pairs (tokenized by :func:`~app.learning.tokenization.tokenize_pair`,
+    with their reference log-likelihoods)."""
+
+    targets: list[Rows] = field(default_factory=list)
+    pairs: list[Rows] = field(default_factory=list)
+
+
+@dataclass
+class StepFigures:
+    """One optimizer step's sums on this rank, or over every rank (:meth:`reduced`)."""
+
+    loss_sum: float = 0.0
+    """Summed token cross-entropy of the targets' answers."""
+    label_tokens: float = 0.0
+    input_tokens: float = 0.0
+    dpo_loss_sum: float = 0.0
+    """Summed DPO loss of the pairs."""
+    pairs: float = 0.0
+    margin_sum: float = 0.0
+    """Summed reward margins of the pairs (:func:`~app.learning.training.dpo_loss`)."""
+    preferred: float = 0.0
+    """Pairs whose margin is positive: the policy prefers the chosen answer more than the reference does."""
+
+    def reduced(self, all_reduce: Any, *extra: float) -> tuple[StepFigures, list[float]]:
+        """These sums over every rank (``all_reduce`` of the context), and ``extra`` values summed with them."""
+        values = all_reduce([*astuple(self), *extra])
+        n = len(astuple(self))
+        return StepFigures(*values[:n]), values[n:]
+
+    @property
+    def loss(self) -> float:
+        """The step's loss: the targets' token-weighted cross-entropy plus the pairs' mean DPO loss."""
+        return self.loss_sum / max(self.label_tokens, 1.0) + (self.dpo_loss_sum / self.pairs if self.pairs else 0.0)
+
+    def metrics(self) -> dict[str, float]:
+        """The DPO figures of a step with pairs (and its SFT loss beside them): empty without pairs."""
+        if not self.pairs:
+            return {}
+        out = {"sft_loss": self.loss_sum / self.label_tokens} if self.label_tokens else {}
+        return {
+            **out,
+            "dpo_loss": self.dpo_loss_sum / self.pairs,
+            "dpo_reward_margin": self.margin_sum / self.pairs,
+            "dpo_accuracy": self.preferred / self.pairs,
+        }

@@ -30,13 +30,11 @@ step after step, so the same options and rows give the same adapter bit for bit.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
 import tempfile
 import time
-from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +51,10 @@ from app.learning.checkpointing import (
     read_checkpoint,
     trainable_state,
 )
-from app.learning.lora_model import CausalLMLoss, init_lora, load_lora_model, require, setup_device
+from app.learning.lora_model import CausalLMLoss, load_lora_model, require, setup_device
 from app.learning.masking import ForgettingProtection, fisher_source, trainable_parameters
 from app.learning.preference import PreferenceObjective
-from app.learning.run_state import RngState, RunState, TrialResult, objective
+from app.learning.run_state import Rows, RunState, StepFigures, StepWindow, objective
 from app.learning.tokenization import IGNORE_INDEX, collate, tokenize_messages, tokenize_pair
 from app.learning.training import (
     OBJECTIVES_WITH_PAIRS,
@@ -66,13 +64,13 @@ from app.learning.training import (
     mix_rehearsal,
     no_pairs_error,
 )
+from app.learning.trials import TrialRestarts
 from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
 
 __all__ = ["LOSS_WINDOW", "PREFERENCES", "StepFigures", "StepWindow", "Trainer", "learned", "selection_key"]
 
 log = logging.getLogger("kaizen.finetune")
 
-Rows = list[dict[str, Any]]
 
 LOSS_WINDOW = 20
 """Most steps at each end of a run whose mean training loss says whether it learned: an epoch's
@@ -82,57 +80,7 @@ PREFERENCES = "preferences"
 """The set of preference pairs (``prompt``, ``chosen``, ``rejected``) among a run's sets."""
 
 
-@dataclass
-class StepWindow:
-    """What one optimizer step trains on: micro-batches of training rows (their answers are
-    targets) and of preference pairs (tokenized by :func:`~app.learning.tokenization.tokenize_pair`,
-    with their reference log-likelihoods)."""
-
-    targets: list[Rows] = field(default_factory=list)
-    pairs: list[Rows] = field(default_factory=list)
-
-
-@dataclass
-class StepFigures:
-    """One optimizer step's sums on this rank, or over every rank (:meth:`reduced`)."""
-
-    loss_sum: float = 0.0
-    """Summed token cross-entropy of the targets' answers."""
-    label_tokens: float = 0.0
-    input_tokens: float = 0.0
-    dpo_loss_sum: float = 0.0
-    """Summed DPO loss of the pairs."""
-    pairs: float = 0.0
-    margin_sum: float = 0.0
-    """Summed reward margins of the pairs (:func:`~app.learning.training.dpo_loss`)."""
-    preferred: float = 0.0
-    """Pairs whose margin is positive: the policy prefers the chosen answer more than the reference does."""
-
-    def reduced(self, all_reduce: Any, *extra: float) -> tuple[StepFigures, list[float]]:
-        """These sums over every rank (``all_reduce`` of the context), and ``extra`` values summed with them."""
-        values = all_reduce([*astuple(self), *extra])
-        n = len(astuple(self))
-        return StepFigures(*values[:n]), values[n:]
-
-    @property
-    def loss(self) -> float:
-        """The step's loss: the targets' token-weighted cross-entropy plus the pairs' mean DPO loss."""
-        return self.loss_sum / max(self.label_tokens, 1.0) + (self.dpo_loss_sum / self.pairs if self.pairs else 0.0)
-
-    def metrics(self) -> dict[str, float]:
-        """The DPO figures of a step with pairs (and its SFT loss beside them): empty without pairs."""
-        if not self.pairs:
-            return {}
-        out = {"sft_loss": self.loss_sum / self.label_tokens} if self.label_tokens else {}
-        return {
-            **out,
-            "dpo_loss": self.dpo_loss_sum / self.pairs,
-            "dpo_reward_margin": self.margin_sum / self.pairs,
-            "dpo_accuracy": self.preferred / self.pairs,
-        }
-
-
-class Trainer:
+class Trainer(TrialRestarts):
     """One worker's part of a fine-tuning run; see the module docstring.
 
     Args:
@@ -626,90 +574,6 @@ class Trainer:
             "pairs": int(sums.pairs),
         }
 
-    # --- trials ----------------------------------------------------------------------------------
-
-    def run_trials(self) -> str:
-        """Restarts from other seeds: each trains the first ``trial_fraction`` of the steps from the
-        same starting point, and the one with the lowest validation objective goes on as if alone
-        (its choice reported with every trial's figures). Returns the stop reason: a trial out of
-        time ends the trials, and the run, with the best so far."""
-        opts = self.opts
-        start_state = copy.deepcopy(self.state)
-        start_params = trainable_state(self.peft_model, opts)
-        start_optimizer = copy.deepcopy(self.optimizer.state_dict())
-        start_scheduler = self.scheduler.state_dict()
-        limit = max(1, round(opts.trial_fraction * self.total_steps))
-        trials: list[dict[str, Any]] = []
-        best: TrialResult | None = None
-        spent_tokens = 0
-        stop_reason = "completed"
-        for i in range(opts.trials):
-            self.state = copy.deepcopy(start_state)
-            self.state.seed = opts.seed + i
-            if i > 0:
-                if self.spec.parent_adapter_id is None:  # a fresh adapter: this seed's initialisation
-                    init_lora(self.peft_model, self.state.seed)
-                else:  # the parent's weights
-                    load_trainable_state(self.peft_model, start_params)
-                self.optimizer.load_state_dict(copy.deepcopy(start_optimizer))
-                self.scheduler.load_state_dict(start_scheduler)
-                if opts.masking != "none":  # the Fisher information of this seed's starting adapter
-                    self.protection = self._estimate_protection()
-            self.stopper.load_state_dict(self.state.early_stopping)
-            stop_reason = self.train_until(limit, trial=True)
-            figures = self.evaluate()
-            trials.append({"seed": self.state.seed, "steps": self.state.step, **figures})
-            spent_tokens += self.state.tokens
-            if best is None or figures["selection"] < best.figures["selection"]:
-                best = TrialResult(
-                    figures=figures,
-                    state=self.state,
-                    params=trainable_state(self.peft_model, opts),
-                    optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
-                    scheduler_state=self.scheduler.state_dict(),
-                    protection=self.protection,
-                    step_metrics=self.step_metrics.copy(),
-                    rng=_rng_state(self.device),
-                )
-            self.step_metrics.clear()
-            if stop_reason != "completed":  # out of time: the trials so far decide
-                break
-        assert best is not None
-        self._go_on_with(best, trials, spent_tokens)
-        if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
-            self.report(
-                {
-                    **self.step_metrics[-1],
-                    "epoch": self.state.step / self.steps_per_epoch,
-                    "tokens": self.state.tokens,
-                    "elapsed_s": self.state.elapsed_s,
-                    **best.figures,
-                    "best_objective": self.stopper.best,
-                    "seed": self.state.seed,
-                    "trials": trials,
-                    "step_metrics": self.step_metrics,
-                }
-            )
-            self.step_metrics, self.last_report = [], time.perf_counter()
-        return stop_reason
-
-    def _go_on_with(self, best: TrialResult, trials: list[dict[str, Any]], spent_tokens: int) -> None:
-        """Make the winning trial the run: its state, weights, optimizer, protection, unreported
-        steps and random state; tokens and time are every trial's, as they were spent."""
-        self.state, self.protection, self.step_metrics = best.state, best.protection, best.step_metrics
-        _set_rng_state(self.device, best.rng)  # its dropout goes on as in a run of its own
-        load_trainable_state(self.peft_model, best.params)
-        self.optimizer.load_state_dict(best.optimizer_state)
-        self.scheduler.load_state_dict(best.scheduler_state)
-        self.stopper.load_state_dict(self.state.early_stopping)
-        self.state.tokens, self.state.trials = spent_tokens, trials
-        self.state.elapsed_s = time.perf_counter() - self.resumed_at
-        log.info(
-            "trials: seed %d goes on (objectives %s)",
-            self.state.seed,
-            ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials),
-        )
-
     # --- the end ---------------------------------------------------------------------------------
 
     def _finish(self, stop_reason: str) -> dict[str, Any]:
@@ -808,13 +672,3 @@ def learned(trend: tuple[float, float] | None, min_drop: float) -> bool | None:
         return None
     start, end = trend
     return math.isfinite(end) and end < start * (1.0 - min_drop)
-
-
-def _rng_state(device: torch.device) -> RngState:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device: torch.device, state: RngState) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from app.learning.checkpointing import STATE_FILE, trainable_state
+from app.learning.run_state import StepWindow
 from app.learning.tokenization import IGNORE_INDEX, tokenize_messages
-from app.learning.trainer import StepWindow, Trainer
+from app.learning.trainer import Trainer
 from app.learning.training import FinetuneConfig
 from app.learning.worker_context import LocalContext, WorkerSpec, deterministic_algorithms
 

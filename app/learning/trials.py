@@ -1,0 +1,136 @@
+"""Restarts from several seeds (``finetune.trials``), as a part of :class:`app.learning.trainer.Trainer`:
+each trial trains the first ``trial_fraction`` of the steps from the same starting point, and the one
+with the best validation objective goes on as if it had been alone (Dodge et al., 2020).
+
+:class:`TrialRestarts` is the trainer's base class: it works on the trainer's state (options, model,
+optimizer and schedule, protection, early stopping, step metrics), which
+:meth:`~app.learning.trainer.Trainer.setup` builds.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+
+from app.learning.checkpointing import load_trainable_state, trainable_state
+from app.learning.lora_model import init_lora
+from app.learning.run_state import RngState, TrialResult
+
+__all__ = ["TrialRestarts", "rng_state", "set_rng_state"]
+
+log = logging.getLogger("kaizen.finetune")
+
+
+class TrialRestarts:
+    """``run_trials`` and the hand-over to the winning trial, for the trainer."""
+
+    opts: Any
+    spec: Any
+    state: Any
+    device: torch.device
+    peft_model: Any
+    optimizer: Any
+    scheduler: Any
+    protection: Any
+    stopper: Any
+    step_metrics: list[dict[str, Any]]
+    steps_per_epoch: int
+    total_steps: int
+    resumed_at: float
+    last_report: float
+
+    def run_trials(self) -> str:
+        """Restarts from other seeds: each trains the first ``trial_fraction`` of the steps from the
+        same starting point, and the one with the lowest validation objective goes on as if alone
+        (its choice reported with every trial's figures). Returns the stop reason: a trial out of
+        time ends the trials, and the run, with the best so far."""
+        opts = self.opts
+        start_state = copy.deepcopy(self.state)
+        start_params = trainable_state(self.peft_model, opts)
+        start_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        start_scheduler = self.scheduler.state_dict()
+        limit = max(1, round(opts.trial_fraction * self.total_steps))
+        trials: list[dict[str, Any]] = []
+        best: TrialResult | None = None
+        spent_tokens = 0
+        stop_reason = "completed"
+        for i in range(opts.trials):
+            self.state = copy.deepcopy(start_state)
+            self.state.seed = opts.seed + i
+            if i > 0:
+                if self.spec.parent_adapter_id is None:  # a fresh adapter: this seed's initialisation
+                    init_lora(self.peft_model, self.state.seed)
+                else:  # the parent's weights
+                    load_trainable_state(self.peft_model, start_params)
+                self.optimizer.load_state_dict(copy.deepcopy(start_optimizer))
+                self.scheduler.load_state_dict(start_scheduler)
+                if opts.masking != "none":  # the Fisher information of this seed's starting adapter
+                    self.protection = self._estimate_protection()
+            self.stopper.load_state_dict(self.state.early_stopping)
+            stop_reason = self.train_until(limit, trial=True)
+            figures = self.evaluate()
+            trials.append({"seed": self.state.seed, "steps": self.state.step, **figures})
+            spent_tokens += self.state.tokens
+            if best is None or figures["selection"] < best.figures["selection"]:
+                best = TrialResult(
+                    figures=figures,
+                    state=self.state,
+                    params=trainable_state(self.peft_model, opts),
+                    optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
+                    scheduler_state=self.scheduler.state_dict(),
+                    protection=self.protection,
+                    step_metrics=self.step_metrics.copy(),
+                    rng=rng_state(self.device),
+                )
+            self.step_metrics.clear()
+            if stop_reason != "completed":  # out of time: the trials so far decide
+                break
+        assert best is not None
+        self._go_on_with(best, trials, spent_tokens)
+        if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
+            self.report(
+                {
+                    **self.step_metrics[-1],
+                    "epoch": self.state.step / self.steps_per_epoch,
+                    "tokens": self.state.tokens,
+                    "elapsed_s": self.state.elapsed_s,
+                    **best.figures,
+                    "best_objective": self.stopper.best,
+                    "seed": self.state.seed,
+                    "trials": trials,
+                    "step_metrics": self.step_metrics,
+                }
+            )
+            self.step_metrics, self.last_report = [], time.perf_counter()
+        return stop_reason
+
+    def _go_on_with(self, best: TrialResult, trials: list[dict[str, Any]], spent_tokens: int) -> None:
+        """Make the winning trial the run: its state, weights, optimizer, protection, unreported
+        steps and random state; tokens and time are every trial's, as they were spent."""
+        self.state, self.protection, self.step_metrics = best.state, best.protection, best.step_metrics
+        set_rng_state(self.device, best.rng)  # its dropout goes on as in a run of its own
+        load_trainable_state(self.peft_model, best.params)
+        self.optimizer.load_state_dict(best.optimizer_state)
+        self.scheduler.load_state_dict(best.scheduler_state)
+        self.stopper.load_state_dict(self.state.early_stopping)
+        self.state.tokens, self.state.trials = spent_tokens, trials
+        self.state.elapsed_s = time.perf_counter() - self.resumed_at
+        log.info(
+            "trials: seed %d goes on (objectives %s)",
+            self.state.seed,
+            ", ".join(f"{t['seed']}: {t['objective']:.4f}" for t in trials),
+        )
+
+
+def rng_state(device: torch.device) -> RngState:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(device: torch.device, state: RngState) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
