@@ -73,10 +73,11 @@ class Options:
     threads: int = 3
     pause_s: float = 0.1
     """Between two requests of a thread: a busy but bounded stream (the cycle trains on the same cores)."""
-    phase1_requests: int = 150
+    phase1_requests: int = 100
+    """Fewer than min_interactions: the first cycle is triggered by the new family's traffic."""
     after_requests: int = 300
     phase_timeout_min: float = 45.0
-    min_interactions: int = 80
+    min_interactions: int = 200
     """training.min_interactions: new answers above the threshold or corrected since the last cycle."""
     poison_share: float = 0.4
     canary_share: float = 0.5
