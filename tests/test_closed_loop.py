@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.simulation import Family, Population, Watcher
@@ -102,6 +103,12 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
     serve.shutdown()  # another module's Serve would keep its own HTTP port
     cfg = _config(model_root, tmp_path, free_port())
     url = start_kaizen(cfg)
+    # An error from the scorer replica is answered with its reason, not Ray's traceback around it.
+    refused = httpx.post(f"{url}/v1/quality/assess", json={"prompt": "", "response": ""}, timeout=60)
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "response", refused.text
+    assert not any(m in refused.text for m in ("ray::", "pid=", "ip=", "actor_id", "File ", "Traceback", ".py")), (
+        refused.text
+    )
     users = Population(url, "tiny", users=12, threads=2, seed=0, max_tokens=6, pause_s=0.05)
     watcher = Watcher(cfg, users.started)
     try:

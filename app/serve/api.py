@@ -32,6 +32,7 @@ from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
 from app.schemas import EventResult
 from app.serve.deployments_api import add_deployment_routes
+from app.serve.errors import public_reason
 from app.serve.openai_api import GenerationBackend, add_openai_routes
 from app.serve.training_api import add_training_routes
 from app.store import InteractionStore, StoredEvent, open_store
@@ -349,8 +350,8 @@ def create_api(service: CollectorService) -> FastAPI:
         """The quality score of a prompt and response, with its five dimensions and confidence."""
         try:
             return await service.assess(body.model_dump(exclude_none=True))
-        except ValueError as exc:
-            raise HTTPException(422, {"field": "response", "reason": str(exc)}) from None
+        except ValueError as exc:  # from the scorer replica, Ray's wrapper (its traceback) taken off
+            raise HTTPException(422, {"field": "response", "reason": public_reason(exc)}) from None
 
     @api.post(
         "/v1/quality/stream",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import KaizenConfig
 from app.scheduling.state import SCHEDULER_ACTOR, TrainingRunStore
+from app.serve.errors import public_reason, remote_cause
 from app.store import InteractionStore
 
 __all__ = ["TrainingRequest", "add_training_routes", "scheduler_or_none"]
@@ -72,7 +73,6 @@ def add_training_routes(api: FastAPI, cfg: KaizenConfig, store: InteractionStore
         try:
             return await handle.request.remote(body.actor, body.reason)
         except Exception as exc:  # a refusal comes back as the actor's ValueError
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, ValueError):
-                raise HTTPException(409, {"field": "training", "reason": str(cause)}) from None
+            if isinstance(remote_cause(exc), ValueError):
+                raise HTTPException(409, {"field": "training", "reason": public_reason(exc)}) from None
             raise
