@@ -3,7 +3,9 @@
 :func:`redact` (and :meth:`PrivacyFilter.redact`) replaces personal data and secrets in free text
 with ``[REDACTED:<kind>]`` and reports the kinds found, never the values:
 
-* personal data: ``email``, ``ipv4``, ``ipv6``, ``phone``, ``ssn``, ``card`` (Luhn-checked) and
+* personal data: ``email``, ``ipv4``, ``ipv6`` (in URLs, after ``user@``, with ports, compressed,
+  with zone ids), ``phone`` (international, US and national forms with their trunk 0, and ten or
+  eleven bare digits after a word such as "phone" or "call"), ``ssn``, ``card`` (Luhn-checked) and
   ``home_path`` (only the user name: ``/home/[REDACTED:user]/src``);
 * secrets with a recognisable shape: ``aws_key``, ``gcp_key``, ``azure_key``, ``github_token``,
   ``gitlab_token``, ``slack_token``, ``openai_key``, ``stripe_key``, ``jwt``, ``private_key``
@@ -13,12 +15,17 @@ with ``[REDACTED:<kind>]`` and reports the kinds found, never the values:
   high-entropy literal assigned to a name ending in key/token/secret/credential/auth);
 * detect-secrets' token rules for services with a distinctive prefix: ``sendgrid_key``,
   ``pypi_token``, ``mailchimp_key``, ``square_secret``, ``twilio_key``;
+* chat and CI platforms: ``discord_token`` (bot tokens, their first part checked to be a numeric
+  id; webhooks), ``telegram_token``, ``teams_webhook``, Slack app tokens (``slack_token``), GitLab's
+  CI job, trigger, runner and deploy tokens (``gitlab_token``), ``npm_token``, ``docker_token``,
+  ``circleci_token``, ``atlassian_token``;
 * ``custom``: the operator's extra regexes (``privacy.exclude_sensitive_patterns``).
 
 Policy calls worth knowing (each has a test):
 
 * Addresses that identify nobody are kept: loopback, unspecified, multicast, reserved and
-  link-local addresses, net and host masks, the documentation ranges (``192.0.2.0/24``,
+  link-local addresses (unless the interface id is a MAC address: ``fe80::21a:2bff:fe3c:4d5e``),
+  net and host masks, the documentation ranges (``192.0.2.0/24``,
   ``2001:db8::/32``...), networks written as CIDR (``10.0.0.0/8``), public resolvers and dotted
   quads that read as versions or section numbers (three one-digit parts first: ``2.7.2.2``, or
   after ``==``, ``version``, ``section``). Other addresses, private ones included, are redacted.

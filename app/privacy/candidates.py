@@ -49,6 +49,13 @@ KINDS = (
     "mailchimp_key",
     "square_secret",
     "twilio_key",
+    "discord_token",
+    "telegram_token",
+    "teams_webhook",
+    "npm_token",
+    "docker_token",
+    "circleci_token",
+    "atlassian_token",
 )
 
 # Overlapping matches are resolved by priority: a private key block swallows whatever its base64

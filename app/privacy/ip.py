@@ -12,8 +12,9 @@ from app.privacy.candidates import P_PII, Candidate
 
 __all__ = ["ipv4_kept", "scan_ipv6"]
 
-# A dotted quad right after these is a version (``torch==2.13.0.1``, ``version 1.0.0.2``).
-_VERSION_CONTEXT_RE = re.compile(r"(?i)(?:[=<>!~]=|version\w*|release|build|section|@)[\s\"':=(]*\Z")
+# A dotted quad right after these is a version (``torch==2.13.0.1``, ``version 1.0.0.2``). Not
+# after "@": ``deploy@10.1.2.3`` is a login on a host.
+_VERSION_CONTEXT_RE = re.compile(r"(?i)(?:[=<>!~]=|version\w*|release|build|section)[\s\"':=(]*\Z")
 
 # Reserved for documentation (RFC 5737, RFC 3849): example addresses identify nobody.
 _DOC_NETS = tuple(
@@ -24,15 +25,23 @@ _CIDR_RE = re.compile(r"/(\d{1,3})(?!\d)")
 
 def _identifying(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether an address can point at someone's machine: not loopback, unspecified, multicast,
-    reserved, link-local, a net or host mask, or a documentation example."""
+    reserved, link-local (unless its interface id is a MAC address), a net or host mask, or a
+    documentation example."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return _identifying(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local and _eui64(ip):
+        return True  # its interface id is the machine's MAC address (fe80::1ff:fe23:4567:890a)
     if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local:
         return False
     bits, ones = int(ip), (1 << ip.max_prefixlen) - 1
     if any(v & (v + 1) == 0 for v in (bits, bits ^ ones)):
         return False  # 255.255.255.0, 0.0.0.255
     return not any(ip.version == net.version and ip in net for net in _DOC_NETS)
+
+
+def _eui64(ip: ipaddress.IPv6Address) -> bool:
+    """An interface id made from a MAC address (modified EUI-64): ``ff:fe`` in its middle."""
+    return ip.packed[11:13] == b"\xff\xfe"
 
 
 def _network(text: str, end: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -1,5 +1,7 @@
 """Personal data written as digits: IPv4 addresses, US social security numbers, phone numbers
-(international and US forms) and payment card numbers, all found by one regex.
+(international, US and national forms with their trunk 0, and ten or eleven digits without
+separators after a word such as "phone" or "call") and payment card numbers, all found by one
+regex.
 
 A new number shape is a named branch of ``_NUMBER_SRC`` and a case of :func:`scan_numbers`.
 """
@@ -32,6 +34,8 @@ _NUMBER_SRC = r"""
       | (?P<paren>(?<=\(\x01)\x01\x01\)\ ?\x01{3}[-.\ ]\x01{4})             # (555) 123-4567
       | (?P<card>\x01{3}(?:[\ \-]?\x01{4}){2}[\ \-]?\x01{1,7}               # 13-19 digits by 4
                 |\x01{3}[\ \-]?\x01{6}[\ \-]?\x01{5})                        # 4-6-5 (Amex)
+      | (?P<national>\x01{1,4}(?P<s3>[\ \-./])\x01{2,8}(?:(?P=s3)\x01{2,8}){0,3})  # 020 7946 0958
+      | (?P<bare>\x01{9,10})                                               # 4155550134
     )
     (?![\w\x01@]|[.\-]\x01)
 """
@@ -69,6 +73,37 @@ def _card_number(digits: str) -> bool:
     return ok and _luhn(digits)
 
 
+# Words that say a run of digits without separators is a phone number (4155550134 alone could be
+# any ten-digit constant).
+_PHONE_CONTEXT_RE = re.compile(
+    r"(?i)\b(?:phone|tel|telephone|mobile|cell|call|fax|sms|whatsapp|signal|contact|reach\s+me\s+at|ring)"
+    r"[a-z]*\.?(?:[\s:#=\"'(]|\b(?:is|at|on|me|no|nr|number)\b\.?)*\Z"
+)
+
+
+def _national_phone(value: str) -> bool:
+    """A number in a national form with its trunk prefix (``020 7946 0958``, ``06 12 34 56 78``,
+    ``030-1234567``), or one dialled with an international prefix (``0044 20 7946 0958``): it starts
+    with 0, its groups share one separator, and it has 9 to 12 digits (13 to 17 after 00)."""
+    digits = sum(c.isdigit() for c in value)
+    if value.startswith("00"):
+        return 12 <= digits <= 17
+    return value[0] == "0" and 9 <= digits <= 12
+
+
+def _bare_phone(text: str, start: int, value: str) -> bool:
+    """Ten digits (a North American number, its area code not starting with 0 or 1), eleven with
+    its leading 1, or a national number with its trunk 0 (10 or 11 digits), written without
+    separators, after a word that says it is a phone number."""
+    if value[0] == "0":
+        shaped = value[1] != "0"
+    else:
+        shaped = (len(value) == 10 and value[0] not in "01") or (
+            len(value) == 11 and value[0] == "1" and value[1] not in "01"
+        )
+    return shaped and _PHONE_CONTEXT_RE.search(text, max(0, start - 32), start) is not None
+
+
 def scan_numbers(text: str, ascii_view: bytes, out: list[Candidate]) -> None:
     """Append the IPv4 addresses, SSNs, card and phone numbers found in ``text`` to ``out``."""
     for m in _NUMBER_RE.finditer(ascii_view.translate(_DIGITS)):
@@ -94,6 +129,12 @@ def scan_numbers(text: str, ascii_view: bytes, out: list[Candidate]) -> None:
             if digits == len(value) and digits < 10:
                 continue  # +12345678 with no separators reads as a signed number
             out.append((start - 1, end, P_PII, "phone"))
+        elif shape == "national":
+            if _national_phone(value):
+                out.append((start, end, P_PII, "phone"))
+        elif shape == "bare":
+            if _bare_phone(text, start, value):
+                out.append((start, end, P_PII, "phone"))
         else:  # a US number: the area code cannot start with 0 or 1
             digits = [c for c in value if c.isdigit()]
             if shape == "paren":

@@ -7,6 +7,7 @@ line in :func:`scan_tokens` that names its kind; add the kind to ``KINDS`` in
 
 from __future__ import annotations
 
+import base64
 import re
 
 from app.privacy.candidates import P_BLOCK, P_TOKEN, Candidate, letters_and_digits
@@ -21,6 +22,10 @@ __all__ = ["scan_tokens"]
 _DASH_TOKENS_RE = re.compile(
     rb"-(?:----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
     rb"|(?<=glpat-)[A-Za-z0-9_\-]{20,50}(?![A-Za-z0-9_\-])"
+    # GitLab's other token prefixes (each lookbehind one width): CI job, trigger, runner, deploy...
+    rb"|(?:(?<=gl(?:rt|dt|ft)-)|(?<=gl(?:cbt|ptt)-)|(?<=gl(?:soat|ffct)-)|(?<=glagent-))"
+    rb"[A-Za-z0-9_\-]{20,64}(?![A-Za-z0-9_\-])"
+    rb"|(?<=xapp-)[0-9]-[A-Z0-9]{8,}-[0-9]{8,}-[a-z0-9]{32,}"
     rb"|(?<=sk-)[A-Za-z0-9_\-]{20,250}"
     rb"|(?<=xox[abposre]-)[A-Za-z0-9\-]{10,250}"
     rb"|(?<=pypi-)AgE(?:IcHlwaS5vcmc|NdGVzdC5weXBpLm9yZw)[A-Za-z0-9_\-]{70,}"
@@ -43,11 +48,35 @@ _STRIPE_RE = re.compile(rb"k_(?:live|test)_[0-9A-Za-z]{10,250}")  # after s, r o
 _JWT_RE = re.compile(rb"J(?<=eyJ)[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{8,}")
 _SAS_SIG_RE = re.compile(rb"sig=(?<=[?&]sig=)([A-Za-z0-9%+/=]{30,})")  # an Azure SAS URL's signature
 _SLACK_HOOK_RE = re.compile(rb"https://hooks\.slack\.com/services/T\w+/B\w+/\w+")
+# Chat platforms: Discord bot tokens (the base64 of the bot's numeric id, a time stamp, an HMAC;
+# one regex per first letter keeps each anchored on a literal) and webhooks, Telegram bot tokens
+# (the bot id, ":AA", 33 characters), Microsoft Teams incoming webhooks.
+_DISCORD_RES = tuple(
+    re.compile(first + rb"[A-Za-z0-9_\-]{23,27}\.[A-Za-z0-9_\-]{6}\.[A-Za-z0-9_\-]{27,40}(?![A-Za-z0-9_\-])")
+    for first in (b"M", b"N", b"O")
+)
+_DISCORD_HOOK_RE = re.compile(rb"https://(?:\w+\.)?discord(?:app)?\.com/api/webhooks/\d+/[A-Za-z0-9_\-]+")
+_TELEGRAM_RE = re.compile(rb":AA[A-Za-z0-9_\-]{33}(?![A-Za-z0-9_\-])")
+_TEAMS_HOOK_RE = re.compile(rb"https://[\w\-]+\.webhook\.office\.com/webhookb2/[\w\-@/]+")
+# Package registries and CI: npm and Docker Hub access tokens, CircleCI personal tokens, Atlassian
+# (Bitbucket, Jira) API tokens.
+_REGISTRY_RE = re.compile(
+    rb"(?:npm_[A-Za-z0-9]{36}|dckr_pat_[A-Za-z0-9_\-]{27,}|CCIPAT_[A-Za-z0-9_]{20,}|ATATT3[A-Za-z0-9_\-=]{60,})"
+    rb"(?![A-Za-z0-9_\-=])"
+)
+_REGISTRY_KINDS = {b"n": "npm_token", b"d": "docker_token", b"C": "circleci_token", b"A": "atlassian_token"}
 # The body of a PEM block with no END line (a truncated paste): base64, whitespace and the
 # ``\n`` escapes of a key embedded in JSON (a GCP service-account file).
 _PEM_BODY_RE = re.compile(r"(?:[A-Za-z0-9+/=\s]|\\[nr])*")
 # After "-", the token's prefix (read backwards) and its kind.
-_DASH_PREFIXES = (("glpat", "gitlab_token"), ("sk", "openai_key"), ("pypi", "pypi_token"), ("sq0csp", "square_secret"))
+_DASH_PREFIXES = (
+    ("glpat", "gitlab_token"),
+    *((p, "gitlab_token") for p in ("glcbt", "glptt", "glsoat", "glffct", "glrt", "gldt", "glft", "glagent")),
+    ("xapp", "slack_token"),
+    ("sk", "openai_key"),
+    ("pypi", "pypi_token"),
+    ("sq0csp", "square_secret"),
+)
 
 
 def _add_token(text: str, start: int, end: int, kind: str, out: list[Candidate]) -> None:
@@ -104,3 +133,36 @@ def scan_tokens(text: str, ascii_view: bytes, out: list[Candidate]) -> None:
     if b"hooks.slack.com" in ascii_view:
         for m in _SLACK_HOOK_RE.finditer(ascii_view):
             out.append((m.start(), m.end(), P_TOKEN, "slack_token"))
+    _scan_chat_and_ci(text, ascii_view, out)
+
+
+def _snowflake(part: bytes) -> bool:
+    """A Discord token's first part: the base64 of the bot's numeric id (17 to 20 digits), which an
+    identifier such as ``MyVeryLongClassName`` is not."""
+    try:
+        decoded = base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+    except ValueError:
+        return False
+    return 17 <= len(decoded) <= 20 and decoded.isdigit()
+
+
+def _scan_chat_and_ci(text: str, ascii_view: bytes, out: list[Candidate]) -> None:
+    """Discord, Telegram and Teams tokens and webhooks; npm, Docker Hub, CircleCI, Atlassian tokens."""
+    for regex in _DISCORD_RES:
+        for m in regex.finditer(ascii_view):
+            if _snowflake(m.group().split(b".", 1)[0]):
+                _add_token(text, m.start(), m.end(), "discord_token", out)
+    if b"/api/webhooks/" in ascii_view:
+        for m in _DISCORD_HOOK_RE.finditer(ascii_view):
+            out.append((m.start(), m.end(), P_TOKEN, "discord_token"))
+    for m in _TELEGRAM_RE.finditer(ascii_view):
+        start = m.start()
+        while start > 0 and text[start - 1].isdigit() and m.start() - start < 12:
+            start -= 1
+        if 8 <= m.start() - start <= 12 and not (start and text[start - 1].isalnum()):
+            out.append((start, m.end(), P_TOKEN, "telegram_token"))
+    if b"webhook.office.com" in ascii_view:
+        for m in _TEAMS_HOOK_RE.finditer(ascii_view):
+            out.append((m.start(), m.end(), P_TOKEN, "teams_webhook"))
+    for m in _REGISTRY_RE.finditer(ascii_view):
+        _add_token(text, m.start(), m.end(), _REGISTRY_KINDS[ascii_view[m.start() : m.start() + 1]], out)

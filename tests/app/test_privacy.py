@@ -35,6 +35,40 @@ POSITIVE = [
     ("phone", "ring +44 20 7946 0958 from London", "+44 20 7946 0958"),
     ("phone", "or +49 30 123456 in Berlin", "+49 30 123456"),
     ("phone", "toll-free 1-800-555-0199", "1-800-555-0199"),
+    ("phone", "call me on 06 12 34 56 78 tonight", "06 12 34 56 78"),
+    ("phone", "office 020 7946 0958 (London)", "020 7946 0958"),
+    ("phone", "Berlin 030-1234567", "030-1234567"),
+    ("phone", "dial 0044 20 7946 0958", "0044 20 7946 0958"),
+    ("phone", "whatsapp +4915112345678", "+4915112345678"),
+    ("phone", "phone: 4155550134", "4155550134"),
+    ("phone", "my mobile is 07911123456", "07911123456"),
+    ("phone", "Tel.: 0612345678", "0612345678"),
+    ("ipv4", "ssh deploy@10.1.2.3 -p 22", "10.1.2.3"),
+    ("ipv4", "git clone git@172.16.40.2:team/repo.git", "172.16.40.2"),
+    ("ipv4", "curl http://81.2.69.160:8080/health", "81.2.69.160"),
+    ("ipv6", "ssh admin@2a00:1450:4001:81b::200e", "2a00:1450:4001:81b::200e"),
+    ("ipv6", "open http://[2a00:1450:4001:81b::200e]:8443/", "2a00:1450:4001:81b::200e"),
+    ("ipv6", "neighbour fe80::21a:2bff:fe3c:4d5e%eth0 is up", "fe80::21a:2bff:fe3c:4d5e"),
+    ("ipv6", "compressed 2a00:1450::200e", "2a00:1450::200e"),
+    ("discord_token", "DISCORD_TOKEN=MTA4NjQ5NjAxMjM0NTY3ODkw.GxYzAb.abcdefghijklmnopqrstuvwxyz0123456789AB", "GxYzAb"),
+    ("discord_token", "post https://discord.com/api/webhooks/123456789012345678/abcDEF-ghi_jkl", "abcDEF-ghi_jkl"),
+    (
+        "telegram_token",
+        "bot = Bot('123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1')",
+        "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1",
+    ),
+    (
+        "teams_webhook",
+        "https://contoso.webhook.office.com/webhookb2/abc-123@def/IncomingWebhook/x1/y2",
+        "IncomingWebhook",
+    ),
+    ("slack_token", "SLACK_APP_TOKEN=xapp-1-A0123456789-1234567890123-" + "ab01" * 16, "A0123456789"),
+    ("gitlab_token", "CI_JOB_TOKEN=glcbt-64_abcdefghijklmnopqrstu", "abcdefghijklmnopqrstu"),
+    ("gitlab_token", "register --token glrt-t1_abcdefghijklmnopqrst", "abcdefghijklmnopqrst"),
+    ("npm_token", "//registry.npmjs.org/:_authToken=npm_abcdefghijklmnopqrstuvwxyz0123456789", "npm_abcdefghij"),
+    ("docker_token", "docker login -p dckr_pat_abcdefghijklmnopqrstuvwxyz1", "dckr_pat_abcdefghij"),
+    ("circleci_token", "CIRCLE=CCIPAT_AbCdEfGhIjKlMnOpQrStUv_0123", "CCIPAT_AbCdEfGhIj"),
+    ("atlassian_token", "JIRA_TOKEN ATATT3" + "xFfGF0" * 20, "ATATT3xFfGF0"),
     ("ssn", "SSN 123-45-6789 on file", "123-45-6789"),
     ("card", "card 4111 1111 1111 1111 exp 12/29", "4111 1111 1111 1111"),
     ("card", "card 4111-1111-1111-1111", "4111-1111-1111-1111"),
@@ -168,6 +202,17 @@ NEGATIVE = {
         "2024-01-15 10:30",
         "range(1000, 2000, 3000)",
         "call 123-456-7890 (area code 123 does not exist)",
+        "ts = 1700000000; n = 2147483647; x = 4155550134",
+        "call_count = 4155550134; recall 4155550134",
+        "date 01.02.2023 and 2023.01.02; v 0.10.12",
+        "ids 0123 4567 and [0, 12, 34, 56] and 0 12 34 56 78",
+        "the number is 4155550134",
+    ],
+    "chat_tokens": [
+        "MyClassNameIsVeryLongIndeed.method.anotherVeryLongMethodNameHereToo",
+        "Node.prototype.constructorName.toString",
+        "time 12:34:56 and ratio 16:9; url http://host:8080/AA",
+        "npm_config_cache = '/tmp/npm'; docker_pat = None",
     ],
     "ssn": [
         "000-12-3456",
@@ -275,7 +320,6 @@ CLEAN_MODULES = [
     "difflib",
     "statistics",
     "socket",
-    "urllib.parse",
     "string",
     "configparser",
     "getpass",
@@ -289,11 +333,18 @@ CLEAN_MODULES = [
 AUTHOR_MODULES = ["textwrap", "argparse", "tokenize", "inspect", "logging", "smtplib"]
 
 
-@pytest.mark.parametrize("module", CLEAN_MODULES + AUTHOR_MODULES)
+# urllib.parse's comments show a link-local address whose interface id is a MAC address
+# (fe80::822a:a8ff:fe49:470c): it identifies a machine, as the filter redacts it anywhere.
+MAC_ADDRESS_MODULES = ["urllib.parse"]
+
+
+@pytest.mark.parametrize("module", CLEAN_MODULES + AUTHOR_MODULES + MAC_ADDRESS_MODULES)
 def test_standard_library_sources_come_back_unchanged(module: str) -> None:
     source = inspect.getsource(importlib.import_module(module))
     result = redact(source)
-    if module in AUTHOR_MODULES:
+    if module in MAC_ADDRESS_MODULES:
+        assert result.counts == {"ipv6": 1} and "fe49:470c" not in result.text, result.counts
+    elif module in AUTHOR_MODULES:
         assert set(result.findings) == {"email"}, result.counts
         assert len(result.text.splitlines()) == len(source.splitlines())
     else:
@@ -409,6 +460,8 @@ def test_exclude_and_custom_patterns() -> None:
     [
         "private ranges 10.0.0.0/8, 172.16.0.0/12, fe80::/10; mask 255.255.255.0; multicast 224.0.0.1",
         "docs use 192.0.2.1, 198.51.100.7, 203.0.113.9 and 2001:db8::1 as examples",
+        "ssh admin@192.0.2.10 -p 2222 and [2001:db8::1]:8080 in the docs",
+        "link-local fe80::1%eth0 and fe80::a1b2:c3d4%en0 name no machine",
         "y = x@self.weight + b; z = h@this.proj",
     ],
 )
