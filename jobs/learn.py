@@ -225,7 +225,7 @@ def main(cfg: KaizenConfig, progress: Callable[[str], None] = print) -> dict[str
             record["training"] = {"run_path": adapter["run_path"], "warnings": adapter.get("warnings", [])}
             m, fmt = adapter["metrics"], format_metric
             done(
-                f"{m['steps']} steps: loss {m['first_loss']:.4f} -> {m['train_loss']:.4f}, "
+                f"{m['steps']} steps: loss {fmt(m.get('first_loss'))} -> {fmt(m.get('train_loss'))}, "
                 f"validation {fmt(m.get('initial_val_loss'))} -> {fmt(m.get('val_loss'))}, "
                 f"forgetting {fmt(m.get('forgetting'))}"
             )

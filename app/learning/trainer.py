@@ -435,13 +435,20 @@ class Trainer(TrialRestarts):
                     metrics.update(self.evaluate(), best_objective=self.stopper.best)
                     if self.stopper.should_stop:
                         stop_reason = "early_stopping"
-                if end_of_epoch and state.epoch < opts.epochs:
-                    state.epoch_loss, state.epoch_label_tokens = 0.0, 0
                 if state.step >= self.total_steps and stop_reason == "completed" and state.step < opts.epochs * spe:
                     stop_reason = "max_steps"
                 if over_time and stop_reason == "completed":
                     stop_reason = "time_limit"
                 done = stop_reason != "completed" or state.step >= limit
+                # A new epoch's loss starts from nothing, unless the run stops here (its final
+                # report gives the epoch just ended: an early stop on an epoch's boundary too).
+                if (
+                    end_of_epoch
+                    and state.epoch < opts.epochs
+                    and stop_reason == "completed"
+                    and state.step < self.total_steps
+                ):
+                    state.epoch_loss, state.epoch_label_tokens = 0.0, 0
                 save = not trial and state.step % opts.checkpoint_every_steps == 0 and not done
                 if not trial and (save or done or report_due or "val_loss" in metrics):
                     metrics["step_metrics"] = self.step_metrics.copy()

@@ -319,3 +319,13 @@ def test_sft_leaves_the_pairs_alone_and_dpo_without_pairs_is_refused(model_root:
             _trainer(model_root, LocalContext({"train": _rows(4)}), objective=objective)
     with pytest.raises(ValueError, match=r"finetune\.objective: dpo"):
         _trainer(model_root, LocalContext({"train": _rows(4), "preferences": []}), objective="dpo")
+
+
+def test_a_run_stopped_early_on_an_epoch_boundary_reports_that_epochs_loss(model_root: Path) -> None:
+    # Validation at the end of every epoch: an early stop always falls on an epoch's boundary, and
+    # the final report still gives the epoch just trained (it read None when the loss was reset).
+    context = LocalContext({"train": _rows(8), "validation": _rows(4, start=100, answer="something else entirely")})
+    trainer = _trainer(model_root, context, epochs=30, early_stopping_patience=1, select_by="loss", lora_dropout=0.0)
+    final = trainer.fit()
+    assert final["stop_reason"] == "early_stopping" and final["step"] % trainer.steps_per_epoch == 0, final
+    assert final["train_loss"] is not None and final["train_loss"] < final["first_loss"]
