@@ -11,7 +11,6 @@ the deployer, the canary on live traffic promotes the challenger, and the users'
 
 from __future__ import annotations
 
-import random
 import time
 import uuid
 from pathlib import Path
@@ -19,16 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.simulation import Family, Population, Watcher
+from app.simulation import Population, Watcher, ack_family
 
 pytestmark = pytest.mark.integration
 
 ANSWER = "ok"
-
-
-def _ack(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(["apple", "river", "stone", "cloud", "table", "window", "orange", "silver", "music"], 3)
-    return f"ack: {' '.join(words)}", ANSWER
 
 
 def _config(model_root: Path, work: Path, port: int):
@@ -112,7 +106,7 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
     users = Population(url, "tiny", users=12, threads=2, seed=0, max_tokens=6, pause_s=0.05)
     watcher = Watcher(cfg, users.started)
     try:
-        users.set_phase(1, [Family("ack", _ack)], 0.0)
+        users.set_phase(1, [ack_family(ANSWER)], 0.0)
         # Until a deployment has been promoted and watched to its end (cycles that fall short go on).
         promoted = users.run(
             lambda: any(e["what"].startswith("deployment") and e["value"] == "completed" for e in watcher.events),
