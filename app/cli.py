@@ -407,9 +407,19 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
     url = (args.url or cfg.api_url()).rstrip("/")
-    totals = run_traffic(
-        cfg, url, minutes=args.minutes, users=args.users, threads=args.threads, pause_s=args.pause, answer=args.answer
-    )
+    try:
+        totals = run_traffic(
+            cfg,
+            url,
+            minutes=args.minutes,
+            users=args.users,
+            threads=args.threads,
+            pause_s=args.pause,
+            answer=args.answer,
+        )
+    except KeyboardInterrupt:
+        print("stopped")
+        return 0
     print(f"{totals['requests']} requests, {totals['failed']} failed, {totals['accepted']} accepted")
     return 0 if totals["requests"] and not totals["failed"] else 1
 

@@ -110,14 +110,16 @@ class Population:
         for w in workers:
             w.start()
         met = False
-        while time.monotonic() < deadline:
-            if until():
-                met = True
-                break
-            time.sleep(0.5)
-        stop.set()
-        for w in workers:
-            w.join(timeout=180)
+        try:
+            while time.monotonic() < deadline:
+                if until():
+                    met = True
+                    break
+                time.sleep(0.5)
+        finally:  # Ctrl-C too: the workers finish their request and stop
+            stop.set()
+            for w in workers:
+                w.join(timeout=180)
         return met
 
     def _draw(self, rng: random.Random) -> tuple[Family, int]:
