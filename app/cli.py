@@ -55,7 +55,7 @@ def _seed(url: str, count: int, seed: int, api_key: str | None) -> dict[str, int
 def cmd_up(args: argparse.Namespace) -> int:
     import ray
 
-    from app.stack import KaizenNotReady, start_kaizen, stop_kaizen
+    from actors.stack import KaizenNotReady, start_kaizen, stop_kaizen
     from app.store import open_store
 
     cfg = resolve_paths(load_config(args.config, args.overrides))

@@ -1,6 +1,6 @@
 """The closed loop, measured: agent traffic goes in, and the model that serves it gets better by itself.
 
-A simulated population of users talks to a running Kaizen (``app.stack.start_kaizen``: the Serve
+A simulated population of users talks to a running Kaizen (``actors.stack.start_kaizen``: the Serve
 app with collector, scorer and generator, the scheduler and the deployer actors) only through its
 HTTP API: chat completions for ``champion`` with the official ``openai`` client, each user in a
 session of their own (``X-Kaizen-Session``: the canary's sticky split), and their feedback on
@@ -193,7 +193,7 @@ def run_loop(
 ) -> dict[str, Any]:
     """One run of the loop on ``cfg`` (Ray must be up): the phases, then the after-phase with the
     paired no-learning baseline; what the users saw and what the loop did."""
-    from app.stack import start_kaizen, stop_kaizen
+    from actors.stack import start_kaizen, stop_kaizen
 
     t0 = time.monotonic()
     url = start_kaizen(cfg)

@@ -1,6 +1,6 @@
 """The whole loop under real Ray, Serve and HTTP, left alone: traffic alone leads to a promoted adapter.
 
-Kaizen runs as ``kaizen up`` starts it (``app.stack.start_kaizen``: collector, scorer and generator
+Kaizen runs as ``kaizen up`` starts it (``actors.stack.start_kaizen``: collector, scorer and generator
 on Serve, the scheduler and the deployer actors) on the tiny model. Simulated users
 (``benchmarks.closed_loop.Population``, the official ``openai`` client and the Kaizen client)
 ask for ``champion``; the right answer to every request is ``ok``, which the tiny model never
@@ -90,7 +90,7 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
     from app.deployment.state import DeploymentStore
     from app.registry import AdapterRegistry
     from app.scheduling.state import TrainingRunStore
-    from app.stack import start_kaizen, stop_kaizen
+    from actors.stack import start_kaizen, stop_kaizen
     from app.store import open_store
     from tests.conftest import free_port
 
