@@ -87,10 +87,10 @@ def _config(model_root: Path, work: Path, port: int):
 def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path, tmp_path: Path) -> None:
     from ray import serve
 
+    from actors.stack import start_kaizen, stop_kaizen
     from app.deployment.state import DeploymentStore
     from app.registry import AdapterRegistry
     from app.scheduling.state import TrainingRunStore
-    from actors.stack import start_kaizen, stop_kaizen
     from app.store import open_store
     from tests.conftest import free_port
 
