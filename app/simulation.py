@@ -233,6 +233,12 @@ class Watcher:
     def first(self, what: str, values: Sequence[str]) -> float | None:
         return next((e["t"] for e in self.events if e["what"].startswith(what) and e["value"] in values), None)
 
+    def promoted_after(self, t0: float) -> bool:
+        """A deployment seen after ``t0`` completed: promoted and watched to its end."""
+        return any(
+            e["what"].startswith("deployment") and e["t"] >= t0 and e["value"] == "completed" for e in self.events
+        )
+
     def settled_after(self, t0: float) -> bool:
         """The last deployment that started after ``t0`` ended, or a cycle after ``t0`` failed."""
         ended = {"completed", "rolled_back", "failed", "cancelled"}

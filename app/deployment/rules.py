@@ -9,7 +9,11 @@ Each "significantly" is an always-valid confidence sequence of :mod:`app.deploym
   ``deploy.max_latency_increase`` (once both arms have ``deploy.min_interactions_per_arm``); its
   quality score, users' satisfaction or acceptance significantly worse;
 * **promote** when both arms have the minimum sample and the challenger is non-inferior (the
-  quality difference's lower bound above ``-deploy.non_inferiority_margin``);
+  quality difference's lower bound above ``-deploy.non_inferiority_margin``), or the users' own
+  signals (satisfaction, acceptance) are significantly better on the challenger;
+* the users outrank the scorer: while their signals favour the challenger significantly, a lower
+  quality score is reported but is no reason to roll back (the scorer estimates what users say,
+  and a real-time score is made before their feedback arrives);
 * **hold** otherwise: inconclusive evidence never promotes.
 """
 
@@ -45,7 +49,10 @@ def decide_canary(evidence: CanaryEvidence, deploy: DeployConfig) -> Decision:
     champion, challenger = evidence.champion, evidence.challenger
     intervals = _intervals(champion, challenger, deploy)
     record = {"arms": evidence.to_json(), "intervals": {k: v.to_json() for k, v in intervals.items()}}
-    breaches = _breaches(champion, challenger, intervals, deploy, quality_drop=0.0, signal_drop=0.0)
+    preferred = _users_prefer(intervals)
+    breaches = _breaches(
+        champion, challenger, intervals, deploy, quality_drop=0.0, signal_drop=0.0, scores_outranked=preferred
+    )
     if breaches:
         return Decision("rollback", "guardrail", "; ".join(breaches), record)
     m = deploy.min_interactions_per_arm
@@ -63,6 +70,12 @@ def decide_canary(evidence: CanaryEvidence, deploy: DeployConfig) -> Decision:
             f"challenger {challenger.summary()}; champion {champion.summary()}"
         )
         return Decision("promote", "non_inferior", reason, record)
+    if preferred:
+        reason = (
+            f"the users prefer the challenger: {preferred}; the scorer's quality difference {quality} is outranked "
+            f"by what the users did with the answers; challenger {challenger.summary()}; champion {champion.summary()}"
+        )
+        return Decision("promote", "users_prefer", reason, record)
     reason = (
         f"inconclusive: quality challenger - champion {quality}, not yet above "
         f"-{deploy.non_inferiority_margin:g} (deploy.non_inferiority_margin) nor significantly below 0"
@@ -88,6 +101,7 @@ def decide_watch(baseline: ArmEvidence, current: ArmEvidence, deploy: DeployConf
         quality_drop=deploy.watch_drop * baseline.quality.mean,
         signal_drop=deploy.watch_drop * baseline.satisfaction.mean,
         acceptance_drop=deploy.watch_drop * (baseline.acceptance.rate or 0.0),
+        scores_outranked=_users_prefer(intervals),
     )
     if breaches:
         return Decision("rollback", "dropped", "; ".join(breaches), record)
@@ -108,6 +122,17 @@ def _intervals(base: ArmEvidence, new: ArmEvidence, deploy: DeployConfig) -> dic
     }
 
 
+def _users_prefer(intervals: Mapping[str, Interval]) -> str:
+    """In words, where the users' own signals favour the new arm significantly (satisfaction or
+    acceptance higher at the rule's alpha); empty when they do not."""
+    better = [
+        f"{label} higher by {intervals[name]}"
+        for name, label in (("satisfaction", "satisfaction"), ("acceptance", "acceptance"))
+        if intervals[name].low > 0
+    ]
+    return "; ".join(better)
+
+
 def _breaches(
     base: ArmEvidence,
     new: ArmEvidence,
@@ -117,8 +142,11 @@ def _breaches(
     quality_drop: float,
     signal_drop: float,
     acceptance_drop: float | None = None,
+    scores_outranked: str = "",
 ) -> list[str]:
-    """The guardrails ``new`` breaches against ``base``, in words (empty: none)."""
+    """The guardrails ``new`` breaches against ``base``, in words (empty: none). A lower quality
+    score is no breach while the users' own signals favour ``new`` (``scores_outranked``): the
+    scorer estimates what the users say, and a real-time score is made before their feedback."""
     found = []
     errors = intervals["error_rate"]
     if errors.low > deploy.max_error_rate:
@@ -139,7 +167,7 @@ def _breaches(
             f"{deploy.max_latency_increase:.0%} higher (deploy.max_latency_increase)"
         )
     for name, label, drop in (
-        ("quality", "quality score", quality_drop),
+        *([] if scores_outranked else [("quality", "quality score", quality_drop)]),
         ("satisfaction", "users' satisfaction", signal_drop),
         ("acceptance", "acceptance rate", signal_drop if acceptance_drop is None else acceptance_drop),
     ):
