@@ -454,3 +454,43 @@ def test_rule_on_simulated_canaries() -> None:
     worse = [_simulate(rng, 0.7, 0.49) for _ in range(100)]
     assert all(action == "rollback" for action, _ in worse)
     assert max(n for _, n in worse) <= 200
+
+
+def _arm(scores: list[float], accepted: list[bool]) -> ArmEvidence:
+    signals = [1.0 if a else 0.0 for a in accepted]
+    return ArmEvidence(
+        completions=len(scores),
+        quality=Sample.of(scores),
+        satisfaction=Sample.of(signals),
+        acceptance=Count(sum(accepted), len(accepted)),
+    )
+
+
+def test_the_users_outrank_the_scorer() -> None:
+    """The scorer rates the challenger's answers lower (a real-time score, made before the users'
+    feedback) while the users accept far more of them: promoted, not rolled back. Where the users'
+    signals do not favour it, the lower score still rolls it back."""
+    deploy = make_cfg().deploy.model_copy(update={"min_interactions_per_arm": 30})
+    rng = random.Random(3)
+    champion = _arm([rng.uniform(0.6, 0.8) for _ in range(200)], [rng.random() < 0.5 for _ in range(200)])
+    lower_scores = [rng.uniform(0.5, 0.7) for _ in range(200)]
+
+    preferred = decide_canary(
+        CanaryEvidence("d", champion, _arm(lower_scores, [rng.random() < 0.9 for _ in range(200)])), deploy
+    )
+    assert (preferred.action, preferred.code) == ("promote", "users_prefer"), preferred.reason
+    assert "acceptance higher by" in preferred.reason and "outranked" in preferred.reason
+
+    same_users = decide_canary(
+        CanaryEvidence("d", champion, _arm(lower_scores, [rng.random() < 0.5 for _ in range(200)])), deploy
+    )
+    assert same_users.action == "rollback" and "quality score significantly lower" in same_users.reason
+
+    # The users' own signals significantly worse roll back whatever the scorer says.
+    worse_users = decide_canary(
+        CanaryEvidence(
+            "d", champion, _arm([rng.uniform(0.6, 0.8) for _ in range(200)], [rng.random() < 0.1 for _ in range(200)])
+        ),
+        deploy,
+    )
+    assert worse_users.action == "rollback" and "acceptance rate significantly lower" in worse_users.reason
