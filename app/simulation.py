@@ -246,8 +246,9 @@ class Watcher:
         if deployments and deployments[-1]["value"] in ended:
             return True
         runs = [e for e in self.events if e["what"].startswith("run") and e["t"] >= t0]
-        # A cycle that produced no production verdict ends the phase's learning too.
-        return (bool(runs) and runs[-1]["value"] in ("failed", "cancelled")) or self._rejected_after(t0)
+        # A cycle that failed, or produced no production verdict, ends the phase's learning too; a
+        # scheduled one cancelled before it started (its triggers stopped firing) does not.
+        return (bool(runs) and runs[-1]["value"] == "failed") or self._rejected_after(t0)
 
     def _rejected_after(self, t0: float) -> bool:
         rows = self.store._fetch("SELECT verdict, created_at FROM validations ORDER BY created_at DESC LIMIT 1")
