@@ -399,8 +399,10 @@ def main() -> None:
     with work_folder(args.keep, "kaizen-closed-loop-") as work:
         base_dir, base = ensure_base_model(work, args.base_cache, s, required=() if args.quick else ("first", "last"))
         result["base_model"] = {**base, "path": str(base_dir)}
-        _start_ray()
         for name in args.runs.split(","):
+            # A Ray cluster of its own for each run: a cycle still training when a run ends (the
+            # scheduler's cycles outlive Serve) goes with it instead of holding the next run's CPU.
+            _start_ray()
             run_work = work / name
             run_work.mkdir(parents=True, exist_ok=True)
             if not (run_work / "models").exists():  # the tokenizer ensure_base_model put there
@@ -423,6 +425,7 @@ def main() -> None:
                 new_families=o.new_families if name == "learning" else o.new_families[:1],
                 poison_share=o.poison_share if name == "sabotage" else 0.0,
             )
+            _stop_ray()
             run["summary"] = summarize(run, o)
             result["runs"].append(run)
             output.write_text(json.dumps({**result, "complete": False}, default=str))
@@ -543,6 +546,12 @@ def _start_ray() -> None:
     from benchmarks.forgetting import start_local_ray
 
     start_local_ray()
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def _free_port() -> int:
