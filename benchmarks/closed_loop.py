@@ -430,14 +430,25 @@ def main() -> None:
             _stop_ray()
             run["summary"] = summarize(run, o)
             result["runs"].append(run)
-            output.write_text(json.dumps({**result, "complete": False}, default=str))
+            partial = {**result, "runs": [compact(r) for r in result["runs"]], "complete": False}
+            output.write_text(json.dumps(partial, default=str))
     result["complete"] = True
     result["goals"] = goals(result["runs"], o)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     report(result)
     plot(result["runs"], o, output.with_suffix(".png"))
-    output.write_text(json.dumps(result, indent=2, default=str))
+    output.write_text(json.dumps({**result, "runs": [compact(r) for r in result["runs"]]}, default=str))
     print(f"\nwrote {output} and {output.with_suffix('.png')}")
+
+
+REQUEST_COLUMNS = ("t", "phase", "family", "honest", "correct", "base_correct", "arm", "failed")
+
+
+def compact(run: dict[str, Any]) -> dict[str, Any]:
+    """The run as the results file keeps it: its requests as rows of :data:`REQUEST_COLUMNS`
+    (tens of thousands of them: a table, not objects)."""
+    rows = [[round(r["t"], 1) if c == "t" else r.get(c) for c in REQUEST_COLUMNS] for r in run["requests"]]
+    return {**run, "requests": {"columns": list(REQUEST_COLUMNS), "rows": rows}}
 
 
 def goals(runs: Sequence[dict[str, Any]], o: Options) -> list[dict[str, Any]]:
