@@ -388,8 +388,20 @@ def main() -> None:
     parser.add_argument(
         "--runs", default="learning,corrections_ignored,sabotage", help="comma-separated subset of the runs"
     )
+    parser.add_argument(
+        "--new-families",
+        default=None,
+        help="comma-separated new task families, one phase each (default next); from the second on a cycle "
+        "rehearses the champion's dataset with SSR",
+    )
     args = parser.parse_args()
     o = replace(Options(**(QUICK if args.quick else {})), seed=args.seed)
+    if args.new_families:
+        known = {t.name for t in BENCHMARK_TASKS}
+        families = tuple(args.new_families.split(","))
+        if not set(families) <= known:
+            parser.error(f"--new-families: each of {', '.join(sorted(known))}")
+        o = replace(o, new_families=families)
     s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     output = args.output or RESULTS / "closed_loop.json"
