@@ -85,6 +85,7 @@ def _config(model_root: Path, work: Path, port: int):
 
 
 def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path, tmp_path: Path) -> None:
+    import ray
     from ray import serve
 
     from actors.stack import start_kaizen, stop_kaizen
@@ -115,7 +116,7 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
         promoted_at = next(
             (e["t"] for e in watcher.events if e["what"] == "champion" and e["value"] != "(base model)"), None
         )
-        assert promoted and promoted_at is not None, watcher.events
+        assert promoted and promoted_at is not None, (watcher.events, ray.available_resources())
         # The users go on with the promoted champion.
         before = users.count()
         users.run(lambda: users.count() >= before + 30, timeout_s=180)
