@@ -223,7 +223,7 @@ class Watcher:
         while not self._stop.wait(1.0):
             try:
                 for run in TrainingRunStore(self.store).list(limit=10):
-                    self._note(f"run {run.id}", run.status, reason=run.metrics.get("reason"))
+                    self._note(f"run {run.id}", run.status, reason=run.metrics.get("reason"), adapter=run.adapter_id)
                 for d in DeploymentStore(self.store).list(limit=10):
                     self._note(f"deployment {d.id}", d.state, adapter=d.adapter_id)
                 self._note("champion", AdapterRegistry(self.store).champion() or "(base model)")
@@ -234,9 +234,15 @@ class Watcher:
         return next((e["t"] for e in self.events if e["what"].startswith(what) and e["value"] in values), None)
 
     def promoted_after(self, t0: float) -> bool:
-        """A deployment seen after ``t0`` completed: promoted and watched to its end."""
+        """A deployment completed (promoted and watched to its end) whose adapter's cycle started
+        at or after ``t0``: it learned from data of that time (a cycle started before holds none)."""
+        started = {e["what"]: e["t"] for e in self.events if e["what"].startswith("run") and e["value"] == "running"}
+        cycle_of = {e["adapter"]: e["what"] for e in self.events if e["what"].startswith("run") and e.get("adapter")}
         return any(
-            e["what"].startswith("deployment") and e["t"] >= t0 and e["value"] == "completed" for e in self.events
+            e["what"].startswith("deployment")
+            and e["value"] == "completed"
+            and started.get(cycle_of.get(e.get("adapter")), -1.0) >= t0
+            for e in self.events
         )
 
     def settled_after(self, t0: float) -> bool:
