@@ -463,6 +463,14 @@ def compact(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "requests": {"columns": list(REQUEST_COLUMNS), "rows": rows}}
 
 
+def expand(run: dict[str, Any]) -> dict[str, Any]:
+    """A run read back from a results file, its requests as objects again (:func:`compact`'s inverse)."""
+    table = run["requests"]
+    if isinstance(table, list):
+        return run
+    return {**run, "requests": [dict(zip(table["columns"], row)) for row in table["rows"]]}
+
+
 def goals(runs: Sequence[dict[str, Any]], o: Options) -> list[dict[str, Any]]:
     by = {r["name"]: r["summary"] for r in runs}
     out: list[dict[str, Any]] = []
