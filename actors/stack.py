@@ -49,8 +49,10 @@ def start_kaizen(cfg: KaizenConfig, *, ready_timeout_s: float = 120.0) -> str:
     return url
 
 
-def stop_kaizen(cfg: KaizenConfig) -> None:
-    """Remove the scheduler and the deployer (a cycle already started goes on), then Serve."""
+def stop_kaizen(cfg: KaizenConfig, *, end_cycles: bool = False) -> None:
+    """Remove the scheduler and the deployer, then Serve. A cycle already started goes on unless
+    ``end_cycles``: then the cycles started here as processes (not Ray jobs) are ended too, so that
+    their training workers free the cluster (what a test or a benchmark that ends wants)."""
     from ray import serve
 
     from actors.deployer import stop_deployer
@@ -58,4 +60,28 @@ def stop_kaizen(cfg: KaizenConfig) -> None:
 
     stop_scheduler(cfg.ray.namespace)
     stop_deployer(cfg.ray.namespace)
+    if end_cycles:
+        _end_cycles(cfg)
     serve.shutdown()
+
+
+def _end_cycles(cfg: KaizenConfig) -> None:
+    """End the running cycles launched on this host as processes (each in a session of its own)."""
+    import os
+    import signal
+    import socket
+
+    from app.scheduling.state import TrainingRunStore
+    from app.store import open_store
+
+    store = open_store(cfg.store)
+    try:
+        running = TrainingRunStore(store).running()
+    finally:
+        store.close()
+    launch = dict((running.config or {}).get("launch") or {}) if running is not None else {}
+    if launch.get("via") == "process" and launch.get("host") == socket.gethostname():
+        try:
+            os.killpg(int(launch["pid"]), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -240,7 +240,7 @@ def run_loop(
     finally:
         delivered = users.close()
         watcher.close()
-        stop_kaizen(cfg)
+        stop_kaizen(cfg, end_cycles=True)
     arms = _arms(cfg, users.requests)
     return {
         "name": name,

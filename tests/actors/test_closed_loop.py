@@ -123,7 +123,7 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
     finally:
         delivered = users.close()
         watcher.close()
-        stop_kaizen(cfg)
+        stop_kaizen(cfg, end_cycles=True)
     assert delivered
 
     failed = [r.failed for r in users.requests if r.failed]
