@@ -230,9 +230,6 @@ class Watcher:
             except Exception as exc:  # a busy store: the next poll sees it
                 self._note("watch error", type(exc).__name__)
 
-    def first(self, what: str, values: Sequence[str]) -> float | None:
-        return next((e["t"] for e in self.events if e["what"].startswith(what) and e["value"] in values), None)
-
     def promoted_after(self, t0: float) -> bool:
         """A deployment completed (promoted and watched to its end) whose adapter's cycle started
         at or after ``t0``: it learned from data of that time (a cycle started before holds none)."""
