@@ -206,8 +206,6 @@ def _shown(value: Any, key: str = "") -> str:
     """A value as in YAML (JSON is YAML), with secrets masked: a listing may end up in a ticket."""
     if key == "privacy.hmac_key" and value:
         value = "***"
-    elif key == "security.api_keys":
-        value = [{**entry, "key": "***"} if entry.get("key") else entry for entry in value]
     elif key == "store.postgres_dsn":
         value = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
     return json.dumps(value)
@@ -444,6 +442,49 @@ def cmd_adapters_alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``kaizen keys create NAME --role R | list | revoke ID``: API keys, kept in the store as salted
+    hashes (the key is printed once, by create); every change audited."""
+    from app.security.keys import KeyStore
+    from app.store import open_store
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        store.migrate()
+        keys = KeyStore(store)
+        if args.keys_command == "create":
+            row, key = keys.create(args.name, args.role, args.actor, args.rate_per_s)
+            print(f"created key {row['id']} ({row['name']}, role {row['role']}); it is shown only now:")
+            print(key)
+        elif args.keys_command == "revoke":
+            row = keys.revoke(args.id, args.actor, args.reason)
+            print(f"revoked key {row['id']} ({row['name']}) at {row['revoked_at']}")
+        else:
+            rows = keys.list(include_revoked=args.all)
+            if args.json:
+                print(json.dumps(rows, indent=2, default=str))
+                return 0
+            print(f"{'id':<14}{'name':<28}{'role':<10}{'rate/s':<8}{'created':<34}revoked")
+            for r in rows:
+                rate = f"{r['rate_per_s']:g}" if r.get("rate_per_s") else "-"
+                print(
+                    f"{r['id']:<14}{r['name'][:27]:<28}{r['role']:<10}{rate:<8}{r['created_at']:<34}"
+                    f"{r.get('revoked_at') or '-'}"
+                )
+            if not rows:
+                print("(no keys: the API takes none unless security.api_keys names some)")
+    except KeyError as exc:
+        print(f"error: no key {exc.args[0]!r}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from jobs import learn as learn_job
     from jobs import validate as validate_job
@@ -569,6 +610,28 @@ def _parser() -> argparse.ArgumentParser:
     alias.add_argument("--reason", default="set by hand with kaizen adapters alias", help="why (audit)")
     alias.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
     alias.set_defaults(func=cmd_adapters_alias, overrides=[])
+
+    keys = sub.add_parser("keys", help="API keys and their roles (admin): create, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    actor = os.environ.get("USER") or "admin"
+    create = keys_sub.add_parser("create", help="a new key, printed once (the store keeps its salted hash)")
+    create.add_argument("name", help="what the key is for, e.g. the agent's host")
+    create.add_argument("--role", choices=["agent", "operator", "admin"], default="agent")
+    create.add_argument("--rate-per-s", type=float, default=None, help="this key's rate limit (default: the config's)")
+    create.add_argument("--actor", default=actor, help="who creates it (audit)")
+    keys_list = keys_sub.add_parser("list", help="the keys, never their secrets")
+    keys_list.add_argument("--all", action="store_true", help="revoked keys too")
+    keys_list.add_argument("--json", action="store_true", help="print JSON")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key (within seconds on every replica)")
+    revoke.add_argument("id", help="the key's id (the part after kz_)")
+    revoke.add_argument("--actor", default=actor, help="who revokes it (audit)")
+    revoke.add_argument("--reason", default="revoked with kaizen keys revoke", help="why (audit)")
+    with_config(keys_list)
+    for p in (create, revoke):  # a positional argument of their own: the config by file only
+        p.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
+        p.set_defaults(overrides=[])
+    for p in (create, keys_list, revoke):
+        p.set_defaults(func=cmd_keys)
     return parser
 
 

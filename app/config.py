@@ -281,9 +281,6 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
                 re.compile(pattern)
             except re.error as exc:
                 report.errors.append(f"{section}.{i}: not a valid regular expression ({exc})")
-    for i, key in enumerate(cfg.security.api_keys):
-        if not key.key and not key.key_env:
-            report.errors.append(f"security.api_keys.{i}: set key or key_env")
 
     report.errors += _job_section_errors({section: getattr(cfg, section) for section in JOB_SECTIONS})
 

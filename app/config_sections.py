@@ -333,7 +333,8 @@ class PrivacyConfig(_Section):
     )
     audit_trail: bool = Field(
         True,
-        description=NOT_YET_USED + "data protection will audit deletions when true (alias moves always are).",
+        description="Audit every read of interaction content through the API (which key, which interactions); "
+        "key changes, erasures, alias moves and deployments are always audited.",
     )
     hmac_key: str | None = Field(
         None, description="Key for hashing session and user ids; prefer hmac_key_env in production."
@@ -456,14 +457,23 @@ class RayConfig(_Section):
 
 
 class ApiKeyConfig(_Section):
-    key_env: str | None = Field(None, description="Environment variable that holds the key.")
-    key: str | None = Field(None, description="The key itself (prefer key_env).")
-    role: Literal["agent", "operator"] = Field(
-        "agent", description="agent: record and read interactions; operator: everything."
+    key_env: str = Field(
+        min_length=1, description="Environment variable that holds the key (a config never holds a key itself)."
+    )
+    role: Literal["agent", "operator", "admin"] = Field(
+        "agent",
+        description="agent: record, chat, assess; operator: also read data, review, train, deploy; "
+        "admin: also keys, erasure, audit.",
     )
 
 
 class SecurityConfig(_Section):
     api_keys: list[ApiKeyConfig] = Field(
-        default_factory=list, description="Accepted API keys; empty means no authentication."
+        default_factory=list,
+        description="Keys named by environment variable, besides those `kaizen keys create` keeps (as salted "
+        "hashes) in the store; with none of either, no authentication.",
     )
+    rate_limit_per_s: float = Field(
+        20.0, ge=0, description="Requests a second per key (token bucket, per collector replica); 0: no limit."
+    )
+    rate_limit_burst: float = Field(100.0, ge=1, description="Requests a key may make at once before the rate applies.")

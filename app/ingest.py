@@ -12,9 +12,11 @@ training example keeps of them (``dataset.max_tool_output_chars``).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,6 +39,8 @@ from app.store.base import OUTCOME_FIELDS, StoredEvent
 
 __all__ = ["TOOL_OUTPUT_CHARS", "IngestPipeline", "Prepared"]
 
+log = logging.getLogger("kaizen.ingest")
+
 TOOL_OUTPUT_CHARS: int = DatasetConfig.model_fields["max_tool_output_chars"].default
 """Characters of a tool's output (or error) a training example keeps: the default of
 ``dataset.max_tool_output_chars``, which a config may change (one value, the dataset options')."""
@@ -50,11 +54,13 @@ class Prepared:
     results: list[EventResult | None]
     to_commit: list[StoredEvent]
     positions: list[int]
+    notes: list[str | None] = dataclass_field(default_factory=list)
+    """What was corrected in each event of ``to_commit`` (said in its result), or None."""
 
     def finish(self, written: Sequence[bool]) -> list[EventResult]:
         """Fill in accepted or duplicate from the store's answer for ``to_commit``."""
-        for pos, ev, new in zip(self.positions, self.to_commit, written):
-            self.results[pos] = EventResult(id=ev.id, status="accepted" if new else "duplicate")
+        for pos, ev, new, note in zip(self.positions, self.to_commit, written, self.notes):
+            self.results[pos] = EventResult(id=ev.id, status="accepted" if new else "duplicate", reason=note)
         return [r for r in self.results if r is not None]
 
 
@@ -80,57 +86,62 @@ class IngestPipeline:
         now = now or datetime.now(UTC)
         out = Prepared(results=[], to_commit=[], positions=[])
         for i, raw in enumerate(raw_events):
+            note = None
             try:
-                result, stored = self._prepare_one(raw, now)
-            except Exception as exc:  # a bug must reject one event, never the batch
+                result, stored, note = self._prepare_one(raw, now)
+            except Exception:  # a bug must reject one event, never the batch; the log has the cause
+                log.exception("preparing event %d failed", i)
                 result = EventResult(
                     id=raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None,
                     status="rejected",
                     field=None,
-                    reason=f"internal error while processing the event: {type(exc).__name__}: {exc}",
+                    reason="internal error while processing the event",
                 )
                 stored = None
             out.results.append(result)
             if stored is not None:
                 out.positions.append(i)
                 out.to_commit.append(stored)
+                out.notes.append(note)
         return out
 
-    def _prepare_one(self, raw: Any, now: datetime) -> tuple[EventResult | None, StoredEvent | None]:
+    def _prepare_one(self, raw: Any, now: datetime) -> tuple[EventResult | None, StoredEvent | None, str | None]:
+        """The event's result (None when the commit decides), what to commit, and what was corrected."""
         if not isinstance(raw, dict):
-            return _rejected(None, "", f"an event must be a JSON object, not {type(raw).__name__}"), None
+            return _rejected(None, "", f"an event must be a JSON object, not {_json_type(raw)}"), None, None
         event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
         try:
             env = EventEnvelope.model_validate(raw)
         except ValidationError as exc:
             field, reason = format_validation_error(exc)
-            return _rejected(event_id, field, reason), None
-        if env.timestamp - now > self.max_skew:
+            return _rejected(event_id, field, reason), None, None
+        corrected = None
+        if env.timestamp - now > self.max_skew or env.timestamp.year < EARLIEST_YEAR:
+            # A client's clock far ahead (or one that never was set) says nothing of when it
+            # happened; the event is kept with the time it arrived, and the answer says so.
             ahead = (env.timestamp - now).total_seconds()
-            return (
-                _rejected(
-                    env.id,
-                    "timestamp",
-                    f"{ahead:.0f} s in the future (at most {self.max_skew.total_seconds():.0f} s allowed)",
-                ),
-                None,
-            )
+            corrected = (
+                f"timestamp {ahead:.0f} s in the future (at most {self.max_skew.total_seconds():.0f} s allowed): "
+                if ahead > 0
+                else f"timestamp before {EARLIEST_YEAR}: "
+            ) + "kept with the time it was received"
+            env = env.model_copy(update={"timestamp": now})
         try:
             body = parse_event_body(env.type, env.body)
         except ValidationError as exc:
             field, reason = format_validation_error(exc, prefix="body")
-            return _rejected(env.id, field, reason), None
+            return _rejected(env.id, field, reason), None, None
         except ValueError as exc:
             field, _, reason = str(exc).partition(": ")
-            return _rejected(env.id, f"body.{field}", reason), None
+            return _rejected(env.id, f"body.{field}", reason), None, None
 
         if isinstance(body, Interaction):
             if self.privacy.excluded(body.input.raw, body.output.content):
-                return EventResult(id=env.id, status="excluded", reason="matched an exclude pattern"), None
+                return EventResult(id=env.id, status="excluded", reason="matched an exclude pattern"), None, None
             if not self.privacy.should_capture(body.session_id):
-                return EventResult(id=env.id, status="sampled_out", reason="session not sampled"), None
-            return None, self._interaction(env, body, now)
-        return None, self._attachment(env, body, now)
+                return EventResult(id=env.id, status="sampled_out", reason="session not sampled"), None, None
+            return None, self._interaction(env, body, now), corrected
+        return None, self._attachment(env, body, now), corrected
 
     # --- rows ------------------------------------------------------------------------------------
 
@@ -290,6 +301,16 @@ class IngestPipeline:
                 {"event_id": env.id, "kind": kind, "count": n, "timestamp": env.timestamp}
                 for kind, n in sorted(found.items())
             ]
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (what the client sent, not Python's name for it)."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return "null" if value is None else names.get(type(value), "not an object")
+
+
+EARLIEST_YEAR = 2000
+"""An event timestamp before this year is a clock that was never set: the time received is kept."""
 
 
 def _rejected(event_id: str | None, field: str, reason: str) -> EventResult:

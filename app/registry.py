@@ -235,11 +235,7 @@ class AdapterRegistry:
         return self.store._execute(cur, sql, params)
 
     def _audit(self, cur: Any, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
-        self._execute(
-            cur,
-            "INSERT INTO audit_log (timestamp, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-            [datetime.now(UTC), actor, action, target, details],
-        )
+        self.store.audit(actor, action, target, details, cur=cur)
 
     def _require(self, adapter_id: str) -> dict[str, Any]:
         row = self.get(adapter_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -27,11 +27,14 @@ __all__ = [
     "InteractionInput",
     "InteractionMetadata",
     "InteractionOutput",
+    "IsoDatetime",
+    "JsonInt",
     "Outcome",
     "QualityScore",
     "TemporalFeedback",
     "ToolUsage",
     "format_validation_error",
+    "json_int",
     "parse_event_body",
 ]
 
@@ -40,13 +43,53 @@ MAX_TEXT = 1_000_000  # characters in one text field; larger is rejected, not tr
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False)
+    """A wire record: strict types (``"5"`` is no integer, ``0`` no boolean: what the OpenAPI
+    document promises is what is accepted), unknown fields rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False, strict=True
+    )
 
 
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _iso_datetime(value: Any) -> Any:
+    """An ISO 8601 date-time string (as JSON carries it) to a datetime; a number is refused
+    rather than read as a Unix time, which is not what the schema's ``date-time`` says."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected an ISO 8601 date-time string")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 date-time: {value[:40]!r}") from None
+
+
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_datetime)]
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 3.0 is the integer 3 (JSON Schema says so too), 3.5 is not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def json_int(ge: int = INT64_MIN, le: int = INT64_MAX) -> Any:
+    """The type of an integer field of a wire record: a JSON integer (``3`` or ``3.0``, not ``"3"``,
+    not ``true``) from ``ge`` to ``le``, within what a 64-bit database column holds. (The bounds
+    are part of the type: pydantic does not apply a field's own bounds through the validator.)"""
+    return Annotated[int, Field(ge=max(ge, INT64_MIN), le=min(le, INT64_MAX)), BeforeValidator(_integral)]
+
+
+JsonInt = json_int()
+"""A date-time field of a wire record (and a query parameter): ISO 8601 strings only."""
 
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
@@ -73,14 +116,14 @@ class InteractionOutput(_Model):
         validation_alias=AliasChoices("generation_time_ms", "generationTimeMs", "generationTime"),
         description="Time the model took to generate the response, in milliseconds.",
     )
-    token_count: int | None = Field(None, ge=0, description="Tokens in the response.")
+    token_count: json_int(0) | None = Field(None, description="Tokens in the response.")
     streaming: bool = Field(False, description="Whether the response was streamed.")
 
 
 class InteractionMetadata(_Model):
     model_version: str | None = Field(None, max_length=200, description="Model or adapter that answered.")
     temperature: float | None = Field(None, ge=0, le=5, description="Sampling temperature.")
-    max_tokens: int | None = Field(None, ge=0, description="Token limit of the request.")
+    max_tokens: json_int(0) | None = Field(None, description="Token limit of the request.")
     stop_sequences: list[str] = Field(default_factory=list, description="Stop sequences.")
     system_prompt: Text | None = Field(None, description="System prompt in effect.")
     serving_arm: Literal["champion", "challenger"] | None = Field(
@@ -97,21 +140,23 @@ class GitState(_Model):
     branch: str | None = None
     last_commit: str | None = None
     uncommitted_changes: bool | None = None
-    stash_count: int | None = Field(None, ge=0)
+    stash_count: json_int(0) | None = None
 
 
 class BuildState(_Model):
     system: str | None = None
-    last_build_time: datetime | None = None
+    last_build_time: IsoDatetime | None = None
     last_build_success: bool | None = None
     dependencies: list[str] = Field(default_factory=list)
 
 
 class TestingState(_Model):
     framework: str | None = None
-    last_test_run: datetime | None = None
+    last_test_run: IsoDatetime | None = None
     test_coverage: float | None = Field(None, ge=0, le=100)
-    test_results: dict[str, int] = Field(default_factory=dict, description="Counts such as passed, failed, skipped.")
+    test_results: dict[str, json_int(0)] = Field(
+        default_factory=dict, description="Counts such as passed, failed, skipped."
+    )
 
 
 class ContextSnapshot(_Model):
@@ -132,24 +177,24 @@ class ToolUsage(_Model):
 
     interaction_id: Id | None = Field(None, description="The interaction it belongs to (implied when nested in one).")
     tool_name: str = Field(min_length=1, max_length=200)
-    invocation_order: int = Field(0, ge=0)
+    invocation_order: json_int(0) = 0
     parameters_raw: dict[str, Any] = Field(default_factory=dict)
     parameters_processed: dict[str, Any] | None = None
-    start_time: datetime | None = None
-    end_time: datetime | None = None
+    start_time: IsoDatetime | None = None
+    end_time: IsoDatetime | None = None
     duration_ms: float | None = Field(None, ge=0)
     success: bool | None = None
-    retry_count: int = Field(0, ge=0)
+    retry_count: json_int(0) = 0
     output: Text | None = None
     error: Text | None = None
-    exit_code: int | None = None
+    exit_code: JsonInt | None = None
     resource_usage: dict[str, float] = Field(default_factory=dict, description="e.g. cpu_ms, memory_mb, io_bytes.")
 
     _utc_times = field_validator("start_time", "end_time")(_utc)
 
 
 class ExplicitFeedback(_Model):
-    rating: int | None = Field(None, ge=1, le=5, description="1-5 stars.")
+    rating: json_int(1, 5) | None = Field(None, description="1-5 stars.")
     thumbs: Literal["up", "down"] | None = Field(None, description="Binary feedback.")
     comment: Text | None = None
     correction: Text | None = Field(None, description="The answer the user would have wanted.")
@@ -165,8 +210,8 @@ class ImplicitFeedback(_Model):
 class TemporalFeedback(_Model):
     time_to_first_use_s: float | None = Field(None, ge=0)
     usage_time_s: float | None = Field(None, ge=0)
-    return_visits: int | None = Field(None, ge=0)
-    copy_events: int | None = Field(None, ge=0)
+    return_visits: json_int(0) | None = None
+    copy_events: json_int(0) | None = None
 
 
 class Feedback(_Model):
@@ -196,7 +241,7 @@ class Interaction(_Model):
 
     session_id: str = Field(min_length=1, max_length=500, description="Hashed before storage.")
     user_id: str | None = Field(None, max_length=500, description="Hashed before storage.")
-    sequence_number: int = Field(0, ge=0)
+    sequence_number: json_int(0) = 0
     input: InteractionInput
     output: InteractionOutput
     metadata: InteractionMetadata = Field(default_factory=InteractionMetadata)
@@ -210,10 +255,11 @@ class Interaction(_Model):
 
 
 class QualityScore(_Model):
+    model_config = ConfigDict(strict=False)  # built here (an interval tuple), read back from JSON
     overall: float = Field(ge=0, le=1)
     components: dict[str, float] = Field(default_factory=dict)
     confidence: float = Field(ge=0, le=1)
-    interval: tuple[float, float] | None = None
+    interval: list[float] | None = Field(None, min_length=2, max_length=2, description="[low, high]")
     assessor_version: str = "unversioned"
     cap: float | None = Field(
         None,
@@ -238,7 +284,7 @@ class EventEnvelope(_Model):
 
     id: Id
     type: str = Field(description=f"One of {', '.join(EVENT_TYPES)}.")
-    timestamp: datetime
+    timestamp: IsoDatetime
     body: dict[str, Any]
 
     _utc_ts = field_validator("timestamp")(_utc)
@@ -250,18 +296,11 @@ class EventEnvelope(_Model):
             raise ValueError(f"unknown event type {value!r} (allowed: {', '.join(EVENT_TYPES)})")
         return value
 
-    @field_validator("timestamp")
-    @classmethod
-    def _finite_time(cls, value: datetime) -> datetime:
-        if value.year < 2000:
-            raise ValueError("timestamp before the year 2000")
-        return value
-
 
 class EventResult(BaseModel):
     """The answer for one event of a batch."""
 
-    id: str | None
+    id: str | None = None
     status: Literal["accepted", "duplicate", "rejected", "excluded", "sampled_out"]
     field: str | None = None
     reason: str | None = None
@@ -272,7 +311,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> tuple[str
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-    reason = err["msg"]
+    reason = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         reason = "unknown field"
     elif err["type"] == "missing":

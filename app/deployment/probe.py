@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from app.deployment.state import HEARTBEAT_S, DeploymentStore
+from app.security.keys import KeyStore
 from app.serve.headers import RECORD_HEADER
 from app.store.base import InteractionStore
 
@@ -54,10 +55,10 @@ def loaded_everywhere(deployments: DeploymentStore, adapter_id: str, max_age_s: 
 
 
 def smoke_test_key(cfg: KaizenConfig) -> str | None:
-    """The first configured API key that has a value (the smoke test is a chat completion, which
-    any role may ask for); None when the API takes no keys."""
+    """The first API key named by environment variable that has a value (the smoke test is a chat
+    completion, which any role may ask for); None when the config names none."""
     for entry in cfg.security.api_keys:
-        key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
+        key = os.environ.get(entry.key_env)
         if key:
             return key
     return None
@@ -86,6 +87,7 @@ class HttpProbe:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.keys = KeyStore(store)
         self.deployments = DeploymentStore(store)
         self.max_heartbeat_age_s = max_heartbeat_age_s
         self.timeout_s = timeout_s
@@ -104,8 +106,21 @@ class HttpProbe:
         on a 200 whose first choice has non-empty content."""
         # Not recorded: a smoke test's answer is no interaction of a user's to learn from.
         headers = {"X-Kaizen-Session": SMOKE_SESSION, RECORD_HEADER: "false"}
+        temporary = None
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self.keys.list(include_revoked=False):
+            # The API takes the store's keys and none is named for the probe: an agent key for
+            # this one test, revoked after it (both audited); the key is never written down.
+            temporary, key = self.keys.create(f"smoke test of {adapter_id}", "agent", actor="deployer")
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            return self._post(adapter_id, headers)
+        finally:
+            if temporary is not None:
+                self.keys.revoke(temporary["id"], actor="deployer", reason="smoke test done")
+
+    def _post(self, adapter_id: str, headers: dict[str, str]) -> tuple[bool, str]:
         body = {
             "model": adapter_id,
             "messages": [{"role": "user", "content": SMOKE_PROMPT}],

@@ -458,11 +458,7 @@ class DeploymentStore:
         )
 
     def _audit(self, cur: Any, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
-        self.store._execute(
-            cur,
-            "INSERT INTO audit_log (timestamp, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-            [datetime.now(UTC), actor, action, target, dict(details)],
-        )
+        self.store.audit(actor, action, target, details, cur=cur)
 
 
 def _check_state(state: str) -> str:

@@ -74,7 +74,8 @@ class UnknownModelError(GenerationRequestError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields refused by name; strict types: "1" is no number, 0 no boolean.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextContentPart(_Strict):

@@ -42,7 +42,7 @@ from app.scheduling.state import StaleRunError, TrainingRun, TrainingRunStore, a
 from app.scheduling.triggers import DataEvidence, TriggerCheck, check_triggers, measure
 from app.store.base import InteractionStore
 
-__all__ = ["DECISION_REPEAT_S", "Backoff", "Plan", "Scheduler"]
+__all__ = ["DECISION_REPEAT_S", "Backoff", "Plan", "Scheduler", "request_cycle"]
 
 log = logging.getLogger("kaizen.scheduler")
 
@@ -334,28 +334,9 @@ class Scheduler:
         """An operator asks for a cycle (``kaizen learn --now``, ``POST /v1/training/runs``): it is
         scheduled (or merged into the scheduled one) and starts at the next check that finds no
         cycle running and the resources free, whatever the window, a back-off or
-        ``training.auto_training`` say.
-
-        Raises:
-            ValueError: an empty actor or reason, or ``enabled`` is false.
-        """
-        _check_text("actor", actor)
-        _check_text("reason", reason)
-        if not self.cfg.enabled:
-            raise ValueError("enabled is false (the master switch): no cycle starts, not even on request")
+        ``training.auto_training`` say (:func:`request_cycle`)."""
         with self._lock:
-            now = self.clock()
-            run = self.runs.schedule(now, request={"actor": actor, "reason": reason})
-            running = self.runs.running()
-            when = (
-                f"it starts after cycle {running.id}, which is running"
-                if running is not None
-                else "it starts at the next check once the resources are free"
-            )
-            self.runs.decide(
-                now, actor, "requested", f"operator {actor} asked for a cycle: {reason}; {when}", {}, run.id
-            )
-            return run
+            return request_cycle(self.cfg, self.runs, actor, reason, self.clock())
 
     def status(self) -> dict[str, Any]:
         """What ``kaizen training status`` and ``GET /v1/training`` show (nothing is decided or
@@ -404,3 +385,26 @@ class Scheduler:
 def _check_text(name: str, value: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def request_cycle(cfg: KaizenConfig, runs: TrainingRunStore, actor: str, reason: str, now: datetime) -> TrainingRun:
+    """Schedule a cycle an operator asked for (merged into the one already scheduled), with the
+    decision that says so. Kept in the store, it waits there for the scheduler's next check: a
+    request made while no scheduler runs is served when one starts.
+
+    Raises:
+        ValueError: an empty actor or reason, or ``enabled`` is false.
+    """
+    _check_text("actor", actor)
+    _check_text("reason", reason)
+    if not cfg.enabled:
+        raise ValueError("enabled is false (the master switch): no cycle starts, not even on request")
+    run = runs.schedule(now, request={"actor": actor, "reason": reason})
+    running = runs.running()
+    when = (
+        f"it starts after cycle {running.id}, which is running"
+        if running is not None
+        else "it starts at the next check once the resources are free"
+    )
+    runs.decide(now, actor, "requested", f"operator {actor} asked for a cycle: {reason}; {when}", {}, run.id)
+    return run

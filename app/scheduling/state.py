@@ -352,12 +352,9 @@ class TrainingRunStore:
         run_id: str | None = None,
     ) -> None:
         """Audit one decision (``training.decision``; target: the run it is about, else ``scheduler``)."""
-        with self.store._transaction() as cur:
-            self.store._execute(
-                cur,
-                "INSERT INTO audit_log (timestamp, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
-                [now, actor, DECISION_ACTION, run_id or "scheduler", {"code": code, "reason": reason, **details}],
-            )
+        self.store.audit(
+            actor, DECISION_ACTION, run_id or "scheduler", {"code": code, "reason": reason, **details}, now=now
+        )
 
     def decisions(self, limit: int = 20, run_id: str | None = None) -> list[dict[str, Any]]:
         """The scheduler's latest decisions, oldest first: ``{at, actor, target, code, reason, ...}``."""

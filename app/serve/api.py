@@ -8,21 +8,22 @@ concurrent requests share one transaction. Either way a 2xx is sent only after t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import os
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.config import KaizenConfig
 from app.deployment.routing import Route, Router
@@ -30,9 +31,12 @@ from app.deployment.state import DeploymentStore
 from app.ingest import IngestPipeline
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
-from app.schemas import EventResult
+from app.schemas import EventResult, IsoDatetime, QualityScore, json_int
+from app.security.keys import KEY_PATTERN, OPEN, ApiKey, Authenticator, RateLimiter, Role, allows
+from app.serve import contract
+from app.serve.contract import AUTH, BODY, EventBatchResult, Health, Readiness, errors, json_body
 from app.serve.deployments_api import add_deployment_routes
-from app.serve.errors import public_reason
+from app.serve.errors import json_problem, public_reason, unavailable
 from app.serve.openai_api import GenerationBackend, add_openai_routes
 from app.serve.training_api import add_training_routes
 from app.store import InteractionStore, StoredEvent, open_store
@@ -40,7 +44,6 @@ from app.store import InteractionStore, StoredEvent, open_store
 __all__ = ["CollectorService", "create_api"]
 
 log = logging.getLogger("kaizen.collector")
-Role = Literal["agent", "operator"]
 _SCORE_NOW_SLACK_S = 5.0  # beyond quality.assessment_timeout_ms: the call to the scorer and its queue
 
 
@@ -61,11 +64,8 @@ class CollectorService:
         self.pipeline = IngestPipeline(cfg)
         self.store = store or open_store(cfg.store)
         self.started = time.time()
-        self.keys: list[tuple[bytes, Role]] = []
-        for entry in cfg.security.api_keys:
-            key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
-            if key:
-                self.keys.append((key.encode(), entry.role))
+        self.auth = Authenticator(self.store, [(entry.key_env, entry.role) for entry in cfg.security.api_keys])
+        self.limiter = RateLimiter(cfg.security.rate_limit_per_s, cfg.security.rate_limit_burst)
         # Under Serve, ``commit`` is the deployment's @serve.batch method (group commit across
         # concurrent requests); without Serve each request commits on its own.
         self._commit = commit or self._commit_direct
@@ -105,17 +105,57 @@ class CollectorService:
 
     # --- auth ----------------------------------------------------------------------------------
 
-    @property
-    def auth_required(self) -> bool:
-        return bool(self.keys)
+    def authorize(self, headers: Mapping[str, str], needed: Role, where: str, client: str | None) -> ApiKey:
+        """The caller's key (``X-API-Key`` or ``Authorization: Bearer``), after
+        its rate limit; without any key configured every caller may do everything.
 
-    def role_of(self, presented: str | None) -> Role | None:
-        if presented is None:
-            return None
-        for key, role in self.keys:
-            if hmac.compare_digest(key, presented.encode()):
-                return role
-        return None
+        Raises:
+            HTTPException: 401 (no key, an unknown or revoked one), 403 (the role may not), 429
+                (over the key's rate, with ``Retry-After``), 503 (the store, which keeps the keys,
+                does not answer). A refusal for the key is audited
+                (``auth.failure``, with the key's id where it has one, never the key).
+        """
+        presented = headers.get("x-api-key")
+        bearer = headers.get("authorization", "")
+        if presented is None and bearer.lower().startswith("bearer "):
+            presented = bearer[7:].strip()
+        try:
+            if not self.auth.required:
+                return OPEN
+            key = self.auth.identify(presented)
+        except Exception:  # the keys live in the store: without it no key can be checked (fail closed)
+            log.exception("reading the API keys failed")
+            raise HTTPException(503, {"field": None, "reason": "API keys cannot be checked now; retry"}) from None
+        if key is None:
+            reason = "missing API key" if not presented else "unknown or revoked API key"
+            self._audit_failure(where, client, reason, presented)
+            raise HTTPException(401, {"field": "authorization", "reason": reason})
+        wait = self.limiter.take(key.id, key.rate_per_s)  # refused requests count too
+        if wait > 0:
+            raise HTTPException(
+                429,
+                {"field": "authorization", "reason": "over this key's rate limit"},
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        if not allows(key.role, needed):
+            self._audit_failure(where, client, f"role {key.role} may not: needs {needed}", presented, key)
+            raise HTTPException(403, {"field": "authorization", "reason": f"needs the {needed} role"})
+        return key
+
+    def audit_read(self, caller: ApiKey, what: str, ids: Sequence[str]) -> None:
+        """Audit a read of interaction content (``data.read``), where ``privacy.audit_trail`` is on."""
+        if self.cfg.privacy.audit_trail and ids:
+            self.store.audit(caller.label, "data.read", what, {"interactions": len(ids), "ids": list(ids[:20])})
+
+    def _audit_failure(
+        self, where: str, client: str | None, reason: str, presented: str | None, key: ApiKey | None = None
+    ) -> None:
+        match = KEY_PATTERN.match(presented or "")
+        details = {"reason": reason, "client": client, "key_id": key.id if key else (match.group(1) if match else None)}
+        try:
+            self.store.audit(key.label if key else "anonymous", "auth.failure", where, details)
+        except Exception:  # the refusal stands whether or not the audit row could be written
+            log.exception("auditing an authentication failure failed")
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -168,9 +208,11 @@ class CollectorService:
 class AssessRequest(BaseModel):
     """``POST /v1/quality/assess``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(max_length=1_000_000)
-    response: str = Field(max_length=1_000_000)
+    response: str = Field(
+        max_length=1_000_000, pattern=r"\S", description="The answer to score: not empty, not only spaces."
+    )
     feedback: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
     generation_time_ms: float | None = Field(None, ge=0)
@@ -181,7 +223,7 @@ class AssessRequest(BaseModel):
 class StreamRequest(BaseModel):
     """``POST /v1/quality/stream``: a response as the chunks it was generated in."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(max_length=1_000_000)
     chunks: list[str] = Field(max_length=100_000)
     context: dict[str, Any] | None = None
@@ -190,7 +232,7 @@ class StreamRequest(BaseModel):
 class StreamStart(BaseModel):
     """The first message on ``/v1/quality/stream`` (WebSocket)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(max_length=1_000_000)
     context: dict[str, Any] | None = None
 
@@ -198,17 +240,37 @@ class StreamStart(BaseModel):
 class ReviewRequest(BaseModel):
     """``POST /v1/review/{id}``: a person's rating of an interaction."""
 
-    model_config = ConfigDict(extra="forbid")
-    rating: int = Field(ge=1, le=5, description="1 (useless) to 5 (exemplary).")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    rating: json_int(1, 5) = Field(description="1 (useless) to 5 (exemplary).")
     rater: str = Field("operator", min_length=1, max_length=200, description="Who rated it.")
     comment: str | None = Field(None, max_length=10_000)
     dimensions: (
         dict[
             Literal["user_satisfaction", "functional_correctness", "code_quality", "context_relevance", "efficiency"],
-            Annotated[int, Field(ge=1, le=5)],
+            json_int(1, 5),
         ]
         | None
     ) = Field(None, description="Optional 1-5 ratings per dimension.")
+
+
+class StreamWindows(BaseModel):
+    windows: list[dict[str, Any]] = Field(description="Each window's provisional score; the last is final.")
+
+
+class RatingCreated(BaseModel):
+    id: str
+    interaction_id: str
+    rating: float = Field(description="The rating on the 0-1 scale calibration uses.")
+
+
+def allowed_methods(api: FastAPI, scope: Mapping[str, Any]) -> list[str]:
+    """The methods the routes matching a request's path answer (a path may have one route per method)."""
+    methods: set[str] = set()
+    for route in api.router.routes:
+        match, _ = route.matches({**scope, "type": "http"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _error(status: int, field: str | None, reason: str) -> JSONResponse:
@@ -238,33 +300,49 @@ def create_api(service: CollectorService) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path", "[key]")]
-        return _error(422, ".".join(loc) or None, err["msg"])
+        if err["type"] == "json_invalid":
+            return _error(400, "body", "not valid JSON")
+        return _error(422, ".".join(loc) or None, err["msg"].removeprefix("Value error, "))
 
-    @api.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Kaizen's own refusals carry {field, reason}; the framework's (no route, wrong method, a
+        # body it could not read) a phrase, answered in the same shape.
         if isinstance(exc.detail, dict):
-            return _error(exc.status_code, exc.detail.get("field"), exc.detail.get("reason", ""))
-        return _error(exc.status_code, None, str(exc.detail))
+            response = _error(exc.status_code, exc.detail.get("field"), exc.detail.get("reason", ""))
+        else:
+            response = _error(exc.status_code, None, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            response.headers["Allow"] = ", ".join(allowed_methods(api, request.scope))
+        return response
 
-    def authorize(headers: Mapping[str, str], role: Role) -> Role:
-        if not service.auth_required:
-            return "operator"
-        presented = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if presented is None and auth.lower().startswith("bearer "):
-            presented = auth[7:].strip()
-        got = service.role_of(presented)
-        if got is None:
-            raise HTTPException(401, {"field": "authorization", "reason": "missing or unknown API key"})
-        if role == "operator" and got != "operator":
-            raise HTTPException(403, {"field": "authorization", "reason": "needs the operator role"})
-        return got
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged here in full; the answer says nothing of the server's insides.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        if unavailable(exc):
+            return _error(503, None, "a dependency of the server is unavailable; retry")
+        return _error(500, None, "the server could not complete the request")
 
-    def require(role: Role):
-        async def check(request: Request) -> Role:
-            return authorize(request.headers, role)
+    @api.middleware("http")
+    async def _bounded_body(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        declared = request.headers.get("content-length")
+        limit = cfg.collection.max_body_bytes
+        if declared and declared.isdigit() and int(declared) > limit:
+            return _error(413, "body", f"body of {declared} bytes exceeds {limit}")
+        return await call_next(request)
+
+    def require(role: Role) -> Any:
+        async def check(request: Request) -> ApiKey:
+            client = request.client.host if request.client else None
+            where = f"{request.method} {request.url.path}"
+            return await asyncio.to_thread(service.authorize, request.headers, role, where, client)
 
         return Depends(check)
+
+    # Routes that act on who calls take the caller as a parameter (the others list the check).
+    as_operator, as_admin = require("operator"), require("admin")
 
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -277,9 +355,19 @@ def create_api(service: CollectorService) -> FastAPI:
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPException(400, {"field": "body", "reason": f"not valid JSON: {exc}"}) from None
+            raise HTTPException(400, {"field": "body", "reason": json_problem(exc)}) from None
 
-    @api.post("/v1/events", summary="Record a batch of events", dependencies=[require("agent")])
+    @api.post(
+        "/v1/events",
+        summary="Record a batch of events",
+        dependencies=[require("agent")],
+        response_model=EventBatchResult,
+        responses={
+            207: {"model": EventBatchResult, "description": "Some events were rejected: their results say why."},
+            **errors(*AUTH, *BODY, 503),
+        },
+        openapi_extra=json_body(contract.EventBatch),
+    )
     async def post_events(request: Request) -> JSONResponse:
         """Body ``{"events": [{id, type, timestamp, body}, ...]}``. Answers per event: accepted,
         duplicate, excluded, sampled_out, or rejected with the field and the reason. 200 when no
@@ -287,6 +375,9 @@ def create_api(service: CollectorService) -> FastAPI:
         data = await read_json(request)
         if not isinstance(data, dict) or not isinstance(data.get("events"), list):
             raise HTTPException(422, {"field": "events", "reason": "expected an object with an 'events' list"})
+        unknown = sorted(set(data) - {"events"})
+        if unknown:
+            raise HTTPException(422, {"field": unknown[0], "reason": "unknown field"})
         events = data["events"]
         if len(events) > cfg.collection.max_events_per_batch:
             raise HTTPException(
@@ -295,11 +386,9 @@ def create_api(service: CollectorService) -> FastAPI:
             )
         try:
             results = await service.ingest(events)
-        except Exception as exc:  # the store failed: nothing was committed, the client retries
+        except Exception:  # the store failed: nothing was committed, the client retries
             log.exception("commit failed")
-            raise HTTPException(
-                503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}
-            ) from None
+            raise HTTPException(503, {"field": None, "reason": "the store did not take the events; retry"}) from None
         status = 207 if any(r.status == "rejected" for r in results) else 200
         return JSONResponse(status_code=status, content=_summary(results))
 
@@ -308,19 +397,18 @@ def create_api(service: CollectorService) -> FastAPI:
         if not isinstance(body, dict):
             raise HTTPException(422, {"field": "body", "reason": "expected a JSON object"})
         body = dict(body)
+        event_id, timestamp = body.pop("id", None), body.pop("timestamp", None)
         event = {
-            "id": body.pop("id", None) or uuid.uuid4().hex,
+            "id": uuid.uuid4().hex if event_id is None else event_id,
             "type": event_type,
-            "timestamp": body.pop("timestamp", None) or datetime.now(UTC).isoformat(),
+            "timestamp": datetime.now(UTC).isoformat() if timestamp is None else timestamp,
             "body": body,
         }
         try:
             (result,) = await service.ingest([event])
-        except Exception as exc:
+        except Exception:
             log.exception("commit failed")
-            raise HTTPException(
-                503, {"field": None, "reason": f"store unavailable, retry: {type(exc).__name__}"}
-            ) from None
+            raise HTTPException(503, {"field": None, "reason": "the store did not take the event; retry"}) from None
         if result.status == "rejected":
             field = result.field or ""
             field = field[5:] if field.startswith("body.") else field
@@ -328,24 +416,45 @@ def create_api(service: CollectorService) -> FastAPI:
         status = 201 if result.status == "accepted" else 200
         return JSONResponse(status_code=status, content=result.model_dump(exclude_none=True))
 
-    @api.post("/v1/interactions", summary="Record one interaction", dependencies=[require("agent")])
+    def single(path: str, summary: str, body: type[BaseModel]) -> Callable[[Any], Any]:
+        return api.post(
+            path,
+            summary=summary,
+            status_code=201,
+            dependencies=[require("agent")],
+            response_model=EventResult,
+            response_model_exclude_none=True,
+            responses={
+                200: {"model": EventResult, "description": "Not stored anew: a duplicate, excluded or sampled out."},
+                **errors(*AUTH, *BODY, 503),
+            },
+            openapi_extra=json_body(body),
+        )
+
+    @single("/v1/interactions", "Record one interaction", contract.InteractionSubmission)
     async def post_interaction(request: Request) -> JSONResponse:
         """The interaction body itself; optional ``id`` and ``timestamp`` at its top level."""
         return await post_single(request, "interaction")
 
-    @api.post("/v1/feedback", summary="Record feedback on an interaction", dependencies=[require("agent")])
+    @single("/v1/feedback", "Record feedback on an interaction", contract.FeedbackSubmission)
     async def post_feedback(request: Request) -> JSONResponse:
         return await post_single(request, "feedback")
 
-    @api.post("/v1/tool-usage", summary="Record one tool invocation", dependencies=[require("agent")])
+    @single("/v1/tool-usage", "Record one tool invocation", contract.ToolUsageSubmission)
     async def post_tool_usage(request: Request) -> JSONResponse:
         return await post_single(request, "tool_usage")
 
-    @api.post("/v1/outcomes", summary="Record outcome metrics", dependencies=[require("agent")])
+    @single("/v1/outcomes", "Record outcome metrics", contract.OutcomeSubmission)
     async def post_outcome(request: Request) -> JSONResponse:
         return await post_single(request, "outcome")
 
-    @api.post("/v1/quality/assess", summary="Score a prompt and response", dependencies=[require("agent")])
+    @api.post(
+        "/v1/quality/assess",
+        summary="Score a prompt and response",
+        dependencies=[require("agent")],
+        response_model=QualityScore,
+        responses=errors(*AUTH, *BODY, 503),
+    )
     async def assess_quality(body: AssessRequest) -> dict[str, Any]:
         """The quality score of a prompt and response, with its five dimensions and confidence."""
         try:
@@ -357,6 +466,8 @@ def create_api(service: CollectorService) -> FastAPI:
         "/v1/quality/stream",
         summary="Provisional scores of a response, window by window",
         dependencies=[require("agent")],
+        response_model=StreamWindows,
+        responses=errors(*AUTH, *BODY),
     )
     async def stream_quality_post(body: StreamRequest) -> dict[str, Any]:
         """The windows a streaming assessment emits for these chunks, the last one marked final
@@ -376,7 +487,8 @@ def create_api(service: CollectorService) -> FastAPI:
         last answer has ``final: true``. A bad message is answered with ``{"error": {field, reason}}``
         and closes the socket (code 1008)."""
         try:
-            authorize(ws.headers, "agent")
+            client = ws.client.host if ws.client else None
+            await asyncio.to_thread(service.authorize, ws.headers, "agent", "WS /v1/quality/stream", client)
         except HTTPException as exc:
             await ws.close(code=1008, reason=exc.detail["reason"])
             return
@@ -416,8 +528,9 @@ def create_api(service: CollectorService) -> FastAPI:
         except WebSocketDisconnect:
             return
 
-    @api.get("/v1/review", dependencies=[require("operator")])
+    @api.get("/v1/review", responses=errors(*AUTH, 403, 422, 503))
     async def review_queue(
+        caller: ApiKey = as_operator,
         limit: int = Query(50, ge=1, le=500),
         max_confidence: float | None = Query(None, gt=0, le=1, description="Default: quality.review_confidence_below."),
     ) -> dict[str, Any]:
@@ -425,9 +538,16 @@ def create_api(service: CollectorService) -> FastAPI:
         confident first. Rate one with ``POST /v1/review/{id}``; ``kaizen calibrate`` uses the ratings."""
         bound = max_confidence if max_confidence is not None else cfg.quality.review_confidence_below
         rows = await asyncio.to_thread(service.store.review_queue, bound, limit)
+        await asyncio.to_thread(service.audit_read, caller, "GET /v1/review", [r["id"] for r in rows])
         return {"interactions": rows, "count": len(rows), "max_confidence": bound}
 
-    @api.post("/v1/review/{interaction_id}", status_code=201, dependencies=[require("operator")])
+    @api.post(
+        "/v1/review/{interaction_id}",
+        status_code=201,
+        dependencies=[require("operator")],
+        response_model=RatingCreated,
+        responses=errors(*AUTH, 403, 404, *BODY, 503),
+    )
     async def review(interaction_id: str, body: ReviewRequest) -> dict[str, Any]:
         """Add a person's rating (1-5) of an interaction; stored on a 0-1 scale for calibration."""
         scale = (body.rating - 1) / 4.0
@@ -442,22 +562,24 @@ def create_api(service: CollectorService) -> FastAPI:
             ) from None
         return {"id": rating_id, "interaction_id": interaction_id, "rating": scale}
 
-    @api.get("/v1/interactions/{interaction_id}", dependencies=[require("agent")])
-    async def get_interaction(interaction_id: str) -> dict[str, Any]:
+    @api.get("/v1/interactions/{interaction_id}", responses=errors(*AUTH, 403, 404, 503))
+    async def get_interaction(interaction_id: str, caller: ApiKey = as_operator) -> dict[str, Any]:
         """The interaction with its context, tool usage, feedback and merged outcome."""
         record = await asyncio.to_thread(service.store.get_interaction, interaction_id)
         if record is None:
             raise HTTPException(404, {"field": "interaction_id", "reason": f"no interaction {interaction_id!r}"})
+        await asyncio.to_thread(service.audit_read, caller, "GET /v1/interactions/{id}", [interaction_id])
         return record
 
-    @api.get("/v1/interactions", dependencies=[require("operator")])
+    @api.get("/v1/interactions", responses=errors(*AUTH, 403, 422, 503))
     async def list_interactions(
-        session_id: str | None = Query(None, description="Raw session id (hashed here)."),
-        since: datetime | None = Query(None, description="Inclusive lower time bound."),
-        until: datetime | None = Query(None, description="Exclusive upper time bound."),
+        caller: ApiKey = as_operator,
+        session_id: str | None = Query(None, max_length=500, description="Raw session id (hashed here)."),
+        since: IsoDatetime | None = Query(None, description="Inclusive lower time bound (ISO 8601)."),
+        until: IsoDatetime | None = Query(None, description="Exclusive upper time bound (ISO 8601)."),
         min_quality: float | None = Query(None, ge=0, le=1),
         max_quality: float | None = Query(None, ge=0, le=1),
-        quality_status: str | None = Query(None),
+        quality_status: Literal["pending", "scored", "no_evidence"] | None = Query(None),
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0),
     ) -> dict[str, Any]:
@@ -473,9 +595,29 @@ def create_api(service: CollectorService) -> FastAPI:
             limit=limit,
             offset=offset,
         )
+        await asyncio.to_thread(service.audit_read, caller, "GET /v1/interactions", [r["id"] for r in rows])
         return {"interactions": rows, "count": len(rows)}
 
-    @api.get("/v1/stats", dependencies=[require("operator")])
+    @api.get("/v1/audit", summary="The audit log (admin)", responses=errors(*AUTH, 403, 422, 503))
+    async def audit_log(
+        caller: ApiKey = as_admin,
+        action: str | None = Query(
+            None, max_length=200, description="An action (`key.create`), or a prefix ending in a dot (`deployment.`)."
+        ),
+        target: str | None = Query(None, max_length=500, description="What the entries are about."),
+        since: IsoDatetime | None = Query(None, description="Entries from this time on (ISO 8601)."),
+        before_id: int | None = Query(None, ge=1, le=2**63 - 1, description="Page back: entries older than this id."),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """Who did what, newest first: key and alias changes, erasures, deployments, training
+        decisions, authentication failures, reads of interaction content (``privacy.audit_trail``)."""
+        rows = await asyncio.to_thread(
+            service.store.audit_entries, action=action, target=target, since=since, before_id=before_id, limit=limit
+        )
+        await asyncio.to_thread(service.store.audit, caller.label, "audit.read", action, {"entries": len(rows)})
+        return {"entries": rows, "count": len(rows)}
+
+    @api.get("/v1/stats", dependencies=[require("operator")], responses=errors(*AUTH, 403, 503))
     async def stats() -> dict[str, Any]:
         """Interactions per day, redactions per kind, and the store engine."""
         return await asyncio.to_thread(service.store.stats)
@@ -512,12 +654,16 @@ def create_api(service: CollectorService) -> FastAPI:
     add_deployment_routes(api, cfg, service.store, [require("operator")])
     add_training_routes(api, cfg, service.store, [require("operator")])
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health)
     async def healthz() -> dict[str, Any]:
         """Liveness: the process answers."""
         return {"status": "ok", "uptime_s": round(time.time() - service.started, 1)}
 
-    @api.get("/readyz")
+    @api.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "The store does not answer."}},
+    )
     async def readyz() -> JSONResponse:
         """Readiness: the store answers a query."""
         ok = await asyncio.to_thread(service.store.ping)
@@ -526,4 +672,5 @@ def create_api(service: CollectorService) -> FastAPI:
             content={"status": "ready" if ok else "store unavailable", "engine": service.store.engine},
         )
 
+    contract.publish(api)
     return api

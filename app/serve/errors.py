@@ -7,7 +7,7 @@ and the wrapper's text carries the remote traceback: process id, address, actor 
 
 from __future__ import annotations
 
-__all__ = ["public_reason", "remote_cause"]
+__all__ = ["json_problem", "public_reason", "remote_cause", "unavailable"]
 
 MAX_REASON_CHARS = 500
 
@@ -23,3 +23,25 @@ def public_reason(exc: BaseException) -> str:
     lines = str(remote_cause(exc)).strip().splitlines()
     text = lines[0].strip() if lines else ""
     return text[:MAX_REASON_CHARS] or "the request could not be processed"
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an exception that no route expected means a dependency is down (the store's
+    connection, an actor that died or does not answer: 503, retry) rather than a bug (500)."""
+    import sqlite3
+
+    cause = remote_cause(exc)
+    if isinstance(cause, sqlite3.OperationalError | ConnectionError | TimeoutError):
+        return True
+    kinds = {c.__name__ for c in type(cause).__mro__}
+    # psycopg's OperationalError (a lost or refused connection), Ray's dead or unreachable actors.
+    down = {"OperationalError", "RayActorError", "ActorDiedError", "ActorUnavailableError", "GetTimeoutError"}
+    return bool(kinds & down)
+
+
+def json_problem(exc: ValueError) -> str:
+    """Why a body is not JSON, said of the client's bytes (where), not in the parser's words."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    line, column = getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    return f"not valid JSON (line {line}, column {column})" if line is not None else "not valid JSON"

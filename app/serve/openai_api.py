@@ -20,13 +20,17 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 from app.deployment.routing import Route
 from app.generation import GenerationRequestError, GeneratorService, interaction_event, parse_request
+from app.generation.protocol import ChatCompletion, ChatCompletionRequest
+from app.serve.contract import AUTH, OpenAIErrorBody, errors, json_body
+from app.serve.errors import json_problem
 from app.serve.headers import RECORD_HEADER, SESSION_HEADER
 
 __all__ = ["GenerationBackend", "HandleBackend", "LocalBackend", "add_openai_routes", "generate_items"]
@@ -153,6 +157,24 @@ class HandleBackend:
         return await self.handle.loaded_adapters.remote()
 
 
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``: the base model, an adapter, or an alias."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time it was registered (0 for the base model and aliases).")
+    owned_by: str
+    root: str = Field(description="The base model; for an alias, the adapter it points at.")
+    parent: str | None = Field(None, description="The base model an adapter or alias is trained on.")
+    status: str | None = Field(None, description="An adapter's registry status.")
+    loaded: bool | None = Field(None, description="Whether an adapter is loaded in a generator replica now.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 def _error_response(status: int, field: str | None, reason: str, code: str | None = None) -> JSONResponse:
     # Both conventions: OpenAI's clients read message/type/param/code, Kaizen's read field/reason.
     return JSONResponse(
@@ -232,7 +254,22 @@ def add_openai_routes(
             )
         return where
 
-    @api.post("/v1/chat/completions", summary="OpenAI-compatible chat completion", dependencies=dependencies)
+    @api.post(
+        "/v1/chat/completions",
+        summary="OpenAI-compatible chat completion",
+        dependencies=dependencies,
+        response_model=ChatCompletion,
+        responses={
+            200: {
+                "description": "The completion; with `stream: true`, server-sent `chat.completion.chunk` events "
+                "ending with `data: [DONE]`.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **errors(*AUTH, 413),
+            **errors(400, 404, 422, 503, model=OpenAIErrorBody),
+        },
+        openapi_extra=json_body(ChatCompletionRequest),
+    )
     async def chat_completions(request: Request) -> Any:
         """OpenAI's chat-completions API; ``stream: true`` answers with server-sent events. The
         ``X-Kaizen-Session`` header (else ``user``) groups the recorded interactions by session;
@@ -240,7 +277,7 @@ def add_openai_routes(
         try:
             payload = json.loads(await request.body())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error_response(400, "body", f"not valid JSON: {exc}")
+            return _error_response(400, "body", json_problem(exc))
         if not isinstance(payload, dict):
             return _error_response(422, "body", "expected a JSON object")
         session = request.headers.get(SESSION_HEADER) or str(payload.get("user") or "openai-api")
@@ -286,7 +323,14 @@ def add_openai_routes(
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/models", summary="The base model, its adapters and aliases", dependencies=dependencies)
+    @api.get(
+        "/v1/models",
+        summary="The base model, its adapters and aliases",
+        dependencies=dependencies,
+        response_model=ModelList,
+        response_model_exclude_none=True,
+        responses=errors(*AUTH, 503),
+    )
     async def models() -> dict[str, Any]:
         """OpenAI's model list: the base model, every registered adapter, and each alias (with
         the adapter it points at in ``root``)."""

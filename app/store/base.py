@@ -13,7 +13,7 @@ import json
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -499,6 +499,54 @@ class InteractionStore(ABC):
             "per_day": [{"day": r["day"], "interactions": int(r["n"])} for r in reversed(per_day)],
             "redactions": {r["kind"]: int(r["n"]) for r in redactions},
         }
+
+    # --- the audit log ----------------------------------------------------------------------
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str | None,
+        details: Mapping[str, Any],
+        *,
+        cur: Any = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Add one entry to ``audit_log``: in the caller's transaction (``cur``) where the action's
+        own writes are, else in one of its own."""
+        row = [now or datetime.now(UTC), actor, action, target, dict(details)]
+        sql = "INSERT INTO audit_log (timestamp, actor, action, target, details) VALUES (?, ?, ?, ?, ?)"
+        if cur is not None:
+            self._execute(cur, sql, row)
+            return
+        with self._transaction() as own:
+            self._execute(own, sql, row)
+
+    def audit_entries(
+        self,
+        *,
+        action: str | None = None,
+        target: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Audit entries, newest first: ``action`` is an exact action or a prefix ending in ``.``
+        (``deployment.``), ``before_id`` pages back from an entry."""
+        sql, params = "SELECT * FROM audit_log WHERE 1 = 1", []
+        if action is not None:
+            sql += " AND action LIKE ?" if action.endswith(".") else " AND action = ?"
+            params.append(action + "%" if action.endswith(".") else action)
+        if target is not None:
+            sql += " AND target = ?"
+            params.append(target)
+        if since is not None:
+            sql += " AND timestamp >= ?"
+            params.append(since)
+        if before_id is not None:
+            sql += " AND id < ?"
+            params.append(before_id)
+        return self._fetch(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
 
     def ping(self) -> bool:
         """True when the engine answers a trivial query."""

@@ -234,6 +234,23 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 updated_at {TS} NOT NULL)""",
         ],
     ),
+    (
+        4,
+        "API keys (salted hashes, never the key), the audit log by time and action",
+        [
+            """CREATE TABLE api_keys (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                role TEXT NOT NULL,
+                salt TEXT NOT NULL,
+                hash TEXT NOT NULL,
+                rate_per_s {REAL},
+                created_at {TS} NOT NULL,
+                created_by TEXT NOT NULL,
+                revoked_at {TS})""",
+            "CREATE INDEX idx_audit_log_action ON audit_log (action, timestamp)",
+        ],
+    ),
 ]
 
 # Tables an ingestion write may fill, with their JSON, boolean and timestamp columns (for decoding).

@@ -149,7 +149,6 @@ NOT_YET_USED = {
     "collection.retention_days",
     "model.max_checkpoints",
     "privacy.encryption",
-    "privacy.audit_trail",
 }
 
 

@@ -48,7 +48,7 @@ def test_batch_answers_per_event_and_bad_events_do_not_spoil_it(http: httpx.Clie
         "accepted",
         "rejected",
         "rejected",
-        "rejected",
+        "accepted",
         "rejected",
         "rejected",
         "rejected",
@@ -56,7 +56,8 @@ def test_batch_answers_per_event_and_bad_events_do_not_spoil_it(http: httpx.Clie
     ]
     assert results[1]["field"] == "body.output" and "missing" in results[1]["reason"]
     assert results[2]["field"] == "type" and "unknown event type" in results[2]["reason"]
-    assert results[3]["field"] == "timestamp" and "future" in results[3]["reason"]
+    # A clock far ahead: kept with the time it arrived, and the answer says so.
+    assert "future" in results[3]["reason"] and "time it was received" in results[3]["reason"]
     assert "JSON object" in results[4]["reason"]
     assert results[5]["field"].startswith("body.") and results[5]["id"] == "ev-6"
     assert results[6]["field"] == "body.input.type"
@@ -159,8 +160,9 @@ def test_queries_health_and_openapi(http: httpx.Client) -> None:
     assert "/v1/events" in spec["paths"] and "/v1/interactions/{interaction_id}" in spec["paths"]
 
 
-def test_api_keys_and_roles(tmp_path, monkeypatch) -> None:
+def test_api_keys_roles_rate_limits_and_audit(tmp_path, monkeypatch) -> None:
     from app.config import KaizenConfig
+    from app.security.keys import KeyStore
     from tests.conftest import LocalServer
 
     monkeypatch.setenv("TEST_AGENT_KEY", "agent-secret")
@@ -168,21 +170,43 @@ def test_api_keys_and_roles(tmp_path, monkeypatch) -> None:
         {
             "store": {"sqlite_path": str(tmp_path / "k.db")},
             "security": {
-                "api_keys": [{"key_env": "TEST_AGENT_KEY", "role": "agent"}, {"key": "op-secret", "role": "operator"}]
+                "api_keys": [{"key_env": "TEST_AGENT_KEY", "role": "agent"}],
+                "rate_limit_per_s": 0.2,
+                "rate_limit_burst": 3,
             },
         }
     )
     server = LocalServer(cfg).start()
     try:
+        keys = KeyStore(server.service.store)
+        _, operator = keys.create("dashboard", "operator", actor="test", rate_per_s=1000)
+        _, admin = keys.create("security team", "admin", actor="test", rate_per_s=1000)
         with httpx.Client(base_url=server.url) as http:
             assert http.post("/v1/events", json={"events": []}).status_code == 401
+            wrong = http.get("/v1/stats", headers={"authorization": "Bearer " + operator[:-2] + "xx"})
+            assert wrong.status_code == 401 and wrong.json()["error"]["field"] == "authorization"
             agent = {"authorization": "Bearer agent-secret"}
             assert http.post("/v1/events", json={"events": [event(1)]}, headers=agent).status_code == 200
-            assert http.get("/v1/stats", headers=agent).status_code == 403
-            assert http.get("/v1/stats", headers={"x-api-key": "op-secret"}).status_code == 200
+            denied = http.get("/v1/stats", headers=agent)
+            assert denied.status_code == 403 and "operator" in denied.json()["error"]["reason"]
+            assert http.post("/v1/events", json={"events": []}, headers=agent).status_code == 200
+            # The agent key's burst (3, the refused request counted) is spent: the next waits for the rate.
+            limited = http.post("/v1/events", json={"events": []}, headers=agent)
+            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+            assert http.get("/v1/stats", headers={"x-api-key": operator}).status_code == 200
+            assert http.get("/v1/interactions/ev-1", headers={"x-api-key": operator}).status_code == 200
+            assert http.get("/v1/audit", headers={"x-api-key": operator}).status_code == 403
+            audit = http.get("/v1/audit", headers={"x-api-key": admin}).json()["entries"]
             assert http.get("/healthz").status_code == 200
     finally:
         server.stop()
+    actions = [a["action"] for a in audit]
+    assert actions.count("auth.failure") == 4 and actions.count("key.create") == 2 and "data.read" in actions
+    failures = [a for a in audit if a["action"] == "auth.failure"]
+    assert {f["details"]["reason"] for f in failures} >= {"missing API key", "unknown or revoked API key"}
+    assert all("agent-secret" not in str(a) and operator not in str(a) for a in audit)
+    read = next(a for a in audit if a["action"] == "data.read")
+    assert read["actor"].startswith("key:") and read["details"]["ids"] == ["ev-1"]
 
 
 def test_exclusion_and_sampling(tmp_path) -> None:

@@ -1,0 +1,1 @@
+"""Who may call Kaizen: API keys, roles and rate limits (:mod:`.keys`)."""

@@ -1,0 +1,245 @@
+"""The HTTP contract's shared parts: the error body every route answers with, the statuses a route
+documents, the request bodies of the routes that read their JSON themselves, and response models.
+
+What ``/openapi.json`` publishes is what a client generator (the TypeScript agent's) works from,
+so every route names its request and response models and every status it can answer; the
+schemathesis run in ``tests/app/serve/test_contract.py`` holds the app to it.
+
+Routes that ingest (``/v1/events`` and the single-event routes, ``/v1/chat/completions``) read
+their body themselves: they bound its size before parsing, and a bad event is answered in the
+batch's results instead of failing the request. :func:`json_body` publishes their body's model
+all the same, and :func:`publish` puts the models it names into the document's components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas import EventResult, Feedback, Id, Interaction, IsoDatetime, Outcome, ToolUsage
+
+__all__ = [
+    "AUTH",
+    "BODY",
+    "STATUS_TEXT",
+    "ErrorBody",
+    "ErrorDetail",
+    "EventBatch",
+    "EventBatchResult",
+    "OpenAIErrorBody",
+    "errors",
+    "json_body",
+    "publish",
+]
+
+STATUS_TEXT: dict[int, str] = {
+    400: "The body is not valid JSON.",
+    401: "No API key, or an unknown one (`X-API-Key` or `Authorization: Bearer`).",
+    403: "The key's role may not do this.",
+    404: "Nothing by that id or name.",
+    409: "The request conflicts with the current state; read it again and retry.",
+    413: "The body, or its number of events, is over the limit (`collection.max_body_bytes`, "
+    "`collection.max_events_per_batch`).",
+    422: "A field is missing, of the wrong type or out of range; `field` names it.",
+    429: "Over the key's rate limit; retry after `Retry-After` seconds.",
+    503: "A dependency (the store, the scheduler, the generator) is unavailable; retry.",
+}
+
+AUTH = (401, 429)
+"""What every route behind an API key can answer besides its own statuses."""
+BODY = (400, 413, 422)
+"""What every route with a JSON body can answer besides its own statuses."""
+
+
+class ErrorDetail(BaseModel):
+    field: str | None = Field(description="The request field at fault (dotted path), or null.")
+    reason: str = Field(description="Why, for a person; never the server's internals.")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of Kaizen's own routes."""
+
+    error: ErrorDetail
+
+
+class OpenAIErrorDetail(ErrorDetail):
+    message: str = Field(description="`field: reason`, as OpenAI's clients read it.")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`.")
+    param: str | None = Field(description="The parameter at fault (OpenAI's name for `field`).")
+    code: str | None = Field(description="A machine-readable code, e.g. `model_not_found`.")
+
+
+class OpenAIErrorBody(BaseModel):
+    """The error answers of the OpenAI-compatible routes: both OpenAI's fields and Kaizen's."""
+
+    error: OpenAIErrorDetail
+
+
+def errors(*codes: int, model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry of a route for these error statuses."""
+    return {code: {"model": model, "description": STATUS_TEXT[code]} for code in sorted(set(codes))}
+
+
+# --- request bodies of the routes that read their own JSON --------------------------------------
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Id = Field(description="Unique per event; a retried event with the same id is a duplicate, not a copy.")
+    timestamp: IsoDatetime = Field(description="When it happened (ISO 8601, from the year 2000 on).")
+
+
+class InteractionEvent(_Event):
+    """An interaction; its event id is the interaction's id."""
+
+    type: Literal["interaction"]
+    body: Interaction
+
+
+class FeedbackEvent(_Event):
+    """Feedback on an interaction (``body.interaction_id`` names it)."""
+
+    type: Literal["feedback"]
+    body: Feedback
+
+
+class ToolUsageEvent(_Event):
+    """One tool invocation of an interaction (``body.interaction_id`` names it)."""
+
+    type: Literal["tool_usage"]
+    body: ToolUsage
+
+
+class OutcomeEvent(_Event):
+    """Outcome metrics of an interaction (``body.interaction_id`` names it)."""
+
+    type: Literal["outcome"]
+    body: Outcome
+
+
+class EventBatch(BaseModel):
+    """``POST /v1/events``: events of any type, validated one by one (a bad event is answered in
+    the results and spoils nothing else)."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[
+        Annotated[InteractionEvent | FeedbackEvent | ToolUsageEvent | OutcomeEvent, Field(discriminator="type")]
+    ] = Field(description="Up to `collection.max_events_per_batch` events.")
+
+
+class _Submitted(BaseModel):
+    """What the single-event routes take besides the record: its event id and time (defaults: new,
+    now)."""
+
+    id: Id | None = Field(None, description="The event id (for an interaction, its id); retries reuse it.")
+    timestamp: IsoDatetime | None = Field(None, description="When it happened (ISO 8601); default now.")
+
+
+class InteractionSubmission(Interaction, _Submitted):
+    """``POST /v1/interactions``: an interaction, optionally with its id and time."""
+
+
+class FeedbackSubmission(Feedback, _Submitted):
+    """``POST /v1/feedback``."""
+
+    interaction_id: Id = Field(description="The interaction it is about.")
+
+
+class ToolUsageSubmission(ToolUsage, _Submitted):
+    """``POST /v1/tool-usage``."""
+
+    interaction_id: Id = Field(description="The interaction it belongs to.")
+
+
+class OutcomeSubmission(Outcome, _Submitted):
+    """``POST /v1/outcomes``."""
+
+    interaction_id: Id = Field(description="The interaction it measures.")
+
+
+_BODIES: dict[str, type[BaseModel]] = {}
+
+
+def json_body(model: type[BaseModel], description: str | None = None) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself: the body's schema is
+    ``model``'s, put into the components by :func:`publish`."""
+    _BODIES[model.__name__] = model
+    body: dict[str, Any] = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+    }
+    if description:
+        body["description"] = description
+    return {"requestBody": body}
+
+
+def publish(api: FastAPI) -> None:
+    """Make ``api.openapi()`` carry the schemas of the bodies its routes' :func:`json_body` name
+    (and of the models they use) as components, and document every error as :class:`ErrorBody`."""
+    build: Callable[[], dict[str, Any]] = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is not None:
+            return api.openapi_schema
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        named = {ref.rsplit("/", 1)[-1] for ref in _body_refs(document)}
+        for model in (m for name, m in _BODIES.items() if name in named):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in schema.pop("$defs", {}).items():
+                schemas.setdefault(name, definition)
+            schemas[model.__name__] = schema
+        # FastAPI documents its own 422 body ({detail: [...]}) where a route has parameters; every
+        # error here is answered as ErrorBody (the handlers in app/serve/api.py).
+        for path in document.get("paths", {}).values():
+            for operation in path.values():
+                answer = operation.get("responses", {}).get("422") if isinstance(operation, dict) else None
+                if answer is not None and "HTTPValidationError" in str(answer):
+                    operation["responses"]["422"] = {
+                        "description": STATUS_TEXT[422],
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                    }
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
+        for name, definition in schemas["ErrorBody"].pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        api.openapi_schema = document
+        return document
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+class EventBatchResult(BaseModel):
+    """The answer to a batch: one result per event, in order, and the count per status."""
+
+    results: list[EventResult]
+    counts: dict[str, int] = Field(description="Events per status: accepted, duplicate, rejected, ...")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    uptime_s: float
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "store unavailable"]
+    engine: str = Field(description="The store's engine: sqlite or postgres.")
+
+
+def _body_refs(document: dict[str, Any]) -> list[str]:
+    refs = []
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            if isinstance(operation, dict):
+                for media in operation.get("requestBody", {}).get("content", {}).values():
+                    ref = media.get("schema", {}).get("$ref")
+                    if ref:
+                        refs.append(ref)
+    return refs
