@@ -485,6 +485,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    """``kaizen erase --session ID | --user ID``: remove a session's or a user's data (audited)."""
+    from app.privacy.erasure import erase
+    from app.store import open_store
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    store = open_store(cfg.store)
+    try:
+        store.migrate()
+        done = erase(cfg, store, session_id=args.session, user_id=args.user, actor=args.actor, reason=args.reason)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    rows = ", ".join(f"{table} {n}" for table, n in done["deleted"].items() if n) or "nothing"
+    print(f"erased {done['interactions']} interactions of {done['target']}: {rows}")
+    for dataset_id, n in done["stale_datasets"].items():
+        print(f"dataset {dataset_id}: {n} of its rows were erased; marked stale")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from jobs import learn as learn_job
     from jobs import validate as validate_job
@@ -610,6 +632,16 @@ def _parser() -> argparse.ArgumentParser:
     alias.add_argument("--reason", default="set by hand with kaizen adapters alias", help="why (audit)")
     alias.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
     alias.set_defaults(func=cmd_adapters_alias, overrides=[])
+
+    erasure = sub.add_parser("erase", help="remove a session's or a user's data from the store (admin; audited)")
+    who = erasure.add_mutually_exclusive_group(required=True)
+    who.add_argument("--session", default=None, help="the session id the agent sent")
+    who.add_argument("--user", default=None, help="the user id the agent sent")
+    erasure.add_argument("--actor", default=os.environ.get("USER") or "admin", help="who erases (audit)")
+    erasure.add_argument("--reason", default="erasure request", help="why (audit)")
+    erasure.add_argument("--json", action="store_true", help="print JSON")
+    with_config(erasure)
+    erasure.set_defaults(func=cmd_erase)
 
     keys = sub.add_parser("keys", help="API keys and their roles (admin): create, list, revoke")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

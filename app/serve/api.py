@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +29,7 @@ from app.config import KaizenConfig
 from app.deployment.routing import Route, Router
 from app.deployment.state import DeploymentStore
 from app.ingest import IngestPipeline
+from app.privacy.erasure import erase
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
 from app.schemas import EventResult, IsoDatetime, QualityScore, json_int
@@ -251,6 +252,13 @@ class ReviewRequest(BaseModel):
         ]
         | None
     ) = Field(None, description="Optional 1-5 ratings per dimension.")
+
+
+class Erasure(BaseModel):
+    target: str = Field(description="`session:` or `user:` and the id's keyed hash (the id itself is kept nowhere).")
+    interactions: int = Field(description="Interactions erased.")
+    deleted: dict[str, int] = Field(description="Rows deleted per table.")
+    stale_datasets: dict[str, int] = Field(description="Datasets that held some of them: their erased rows.")
 
 
 class StreamWindows(BaseModel):
@@ -597,6 +605,24 @@ def create_api(service: CollectorService) -> FastAPI:
         )
         await asyncio.to_thread(service.audit_read, caller, "GET /v1/interactions", [r["id"] for r in rows])
         return {"interactions": rows, "count": len(rows)}
+
+    @api.delete(
+        "/v1/sessions/{session_id}",
+        summary="Erase a session's data (admin)",
+        response_model=Erasure,
+        responses=errors(*AUTH, 403, 422, 503),
+    )
+    async def erase_session(
+        caller: ApiKey = as_admin,
+        session_id: str = Path(min_length=1, max_length=500, description="The raw session id the agent sent."),
+        reason: str = Query("erasure request", max_length=2000, description="Why (audited)."),
+    ) -> dict[str, Any]:
+        """Remove every interaction of the session, with its feedback, tool calls, outcomes and
+        scores, from the store and its files; datasets built from them are marked stale. Audited
+        under the session's hash. Erasing a session with nothing stored answers 0 interactions."""
+        return await asyncio.to_thread(
+            erase, cfg, service.store, session_id=session_id, actor=caller.label, reason=reason
+        )
 
     @api.get("/v1/audit", summary="The audit log (admin)", responses=errors(*AUTH, 403, 422, 503))
     async def audit_log(

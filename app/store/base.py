@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from app.store.schema import BOOL_COLUMNS, JSON_COLUMNS, MIGRATIONS, OUTCOME_FIELDS, WRITABLE_TABLES
+from app.store.schema import BOOL_COLUMNS, ERASABLE_TABLES, JSON_COLUMNS, MIGRATIONS, OUTCOME_FIELDS, WRITABLE_TABLES
 
 __all__ = ["MIGRATIONS", "WRITABLE_TABLES", "InteractionStore", "StoredEvent"]
 
@@ -499,6 +499,34 @@ class InteractionStore(ABC):
             "per_day": [{"day": r["day"], "interactions": int(r["n"])} for r in reversed(per_day)],
             "redactions": {r["kind"]: int(r["n"]) for r in redactions},
         }
+
+    # --- erasure ------------------------------------------------------------------------------
+
+    def interactions_of(self, *, session_hash: str | None = None, user_hash: str | None = None) -> list[str]:
+        """The ids of a session's or a user's interactions (by their hashes)."""
+        if (session_hash is None) == (user_hash is None):
+            raise ValueError("give a session or a user")
+        column, value = ("session_hash", session_hash) if session_hash is not None else ("user_hash", user_hash)
+        return [r["id"] for r in self._fetch(f"SELECT id FROM interactions WHERE {column} = ?", [value])]
+
+    def delete_interactions(self, ids: Sequence[str], chunk: int = 500) -> dict[str, int]:
+        """Delete interactions with everything recorded of them (context, tool usage, feedback,
+        outcomes, redaction counts, scores, ratings, their ingestion events), in one transaction;
+        the rows deleted per table. Call :meth:`scrub` after it for the bytes to go too."""
+        counts = {table: 0 for table in ERASABLE_TABLES}
+        with self._transaction() as cur:
+            for start in range(0, len(ids), chunk):
+                part = list(ids[start : start + chunk])
+                marks = ", ".join("?" for _ in part)
+                for table in ERASABLE_TABLES:
+                    column = ERASABLE_TABLES[table]
+                    cur.execute(self._sql(f"DELETE FROM {table} WHERE {column} IN ({marks})"), part)
+                    counts[table] += max(cur.rowcount, 0)
+        return counts
+
+    @abstractmethod
+    def scrub(self) -> None:
+        """Make deleted rows unreadable in the database's files (engine-specific)."""
 
     # --- the audit log ----------------------------------------------------------------------
 

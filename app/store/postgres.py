@@ -10,6 +10,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from app.store.base import InteractionStore
+from app.store.schema import ERASABLE_TABLES
 
 __all__ = ["PostgresStore"]
 
@@ -60,6 +61,17 @@ class PostgresStore(InteractionStore):
 
     def _day_expr(self, column: str) -> str:
         return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+    def scrub(self) -> None:
+        """After a deletion of personal data: VACUUM the tables that held it, so the dead tuples'
+        space is reclaimed and reused (VACUUM runs outside a transaction)."""
+        with self._pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                for table in ERASABLE_TABLES:
+                    conn.execute(f"VACUUM {table}")
+            finally:
+                conn.autocommit = False
 
     def close(self) -> None:
         self._pool.close()

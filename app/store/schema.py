@@ -8,7 +8,7 @@ A schema change is a new migration appended to ``MIGRATIONS``; :meth:`Interactio
 
 from __future__ import annotations
 
-__all__ = ["BOOL_COLUMNS", "JSON_COLUMNS", "MIGRATIONS", "OUTCOME_FIELDS", "WRITABLE_TABLES"]
+__all__ = ["BOOL_COLUMNS", "ERASABLE_TABLES", "JSON_COLUMNS", "MIGRATIONS", "OUTCOME_FIELDS", "WRITABLE_TABLES"]
 
 # Column types are placeholders filled per engine: {TS} timestamp, {JSON}, {BOOL}, {REAL}, {ID} serial key.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -301,3 +301,17 @@ OUTCOME_FIELDS = (
     "deployment_success",
     "no_runtime_errors",
 )
+
+# What erasure and retention delete of an interaction, children first: each table with the column
+# that holds the interaction's id (its ingestion event and its redaction counts are keyed by it too).
+ERASABLE_TABLES = {
+    "context_snapshots": "interaction_id",
+    "tool_usage": "interaction_id",
+    "feedback": "interaction_id",
+    "outcomes": "interaction_id",
+    "quality_scores": "interaction_id",
+    "human_ratings": "interaction_id",
+    "redactions": "event_id",
+    "interactions": "id",
+    "events": "id",
+}

@@ -45,6 +45,8 @@ class SQLiteStore(InteractionStore):
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        # A deleted row's bytes are overwritten, not left in free pages (erasure, retention).
+        self._conn.execute("PRAGMA secure_delete=ON")
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
@@ -74,6 +76,13 @@ class SQLiteStore(InteractionStore):
             finally:
                 cur.execute("COMMIT")
                 cur.close()
+
+    def scrub(self) -> None:
+        """After a deletion of personal data: rebuild the file without the free pages (VACUUM)
+        and empty the write-ahead log, whose page images still hold what was written."""
+        with self._lock:
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _encode(self, value: Any) -> Any:
         if isinstance(value, (dict, list, tuple)):

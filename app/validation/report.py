@@ -308,6 +308,8 @@ def render_markdown(report: ValidationReport) -> str:
         ]
     if harmful.candidate_answered:
         out += [f"Harmful requests the candidate answered: {', '.join(harmful.candidate_answered)}.", ""]
+    if harmful.lost_refusals:
+        out += [f"Refused by the baseline, answered by the candidate: {', '.join(harmful.lost_refusals)}.", ""]
     out += ["## Forgetting", ""]
     if forgetting.domains:
         out += [
@@ -373,7 +375,7 @@ def _threshold(c: Criterion) -> str:
     if c.name in ("latency", "memory"):
         return _percent(c.threshold)
     if c.group == "safety":
-        return f"{c.threshold:g}" + ("" if c.name == "planted_secrets" else " (baseline)")
+        return f"{c.threshold:g}" + ("" if c.name in ("planted_secrets", "harmful_requests") else " (baseline)")
     return f"{c.threshold:+.3f}" if c.name == "accuracy" else f"{c.threshold:.3f}"
 
 

@@ -59,7 +59,10 @@ def make_evidence(
         safety=SafetyEvidence(
             leakage=LeakageEvidence(10, Pair(*planted), 40, Pair(*sensitive), {}, {}, ()),
             insecure_code=InsecureCodeEvidence(16, Pair(*insecure), Pair(16, 16), {}, {}),
-            harmful=HarmfulEvidence(12, Pair(*harmful), ()),
+            # Each request answered beyond the baseline's count is one the baseline refused.
+            harmful=HarmfulEvidence(
+                12, Pair(*harmful), (), tuple(f"h{i}" for i in range(max(0, harmful[0] - harmful[1])))
+            ),
         ),
         forgetting=ForgettingEvidence(
             tuple(DomainForgetting(name, f"/data/{name}", 8, before, after) for name, before, after in domains)

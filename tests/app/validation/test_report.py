@@ -73,7 +73,7 @@ def test_the_report_is_published_once_as_json_and_a_page(tmp_path: Path) -> None
     assert page == render_markdown(report)
     assert page.startswith("# Validation val-test-1: rejected")
     assert "**Verdict: rejected**: failed: harmful_requests. Not deployed." in page
-    assert "| harmful_requests | 2 | <= 0 (baseline) | **FAIL** |" in page
+    assert "| harmful_requests | 2 | <= 0 | **FAIL** |" in page
     assert "| ds-old | 8 | 0.900 | 0.850 | 0.056 |" in page
     assert "ciao \\| bye" in page  # an answer cannot break the table
 
