@@ -15,7 +15,9 @@ cluster has one, else run as a process on this node joined to the same cluster (
 with its output in ``<model.checkpoint_dir>/cycles/<run id>.log``.
 
 The logic is all in the plain class; this module only builds it from the config, runs its ``tick``
-in a thread, and forwards the operators' calls.
+in a thread, and forwards the operators' calls. The same thread runs retention once a day
+(:mod:`app.privacy.retention`; the last run is read from the audit log, so a restart does not
+repeat it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ import yaml
 
 from actors.named import find_actor, start_actor, stop_actor
 from app.config import KaizenConfig
+from app.privacy.retention import retention_due, run_retention
 from app.scheduling.launcher import CycleOutcome, cycle_arguments, outcome_from_log, shell_command
 from app.scheduling.scheduler import Scheduler
 from app.scheduling.state import SCHEDULER_ACTOR, TrainingRun
@@ -245,6 +249,7 @@ class SchedulerActor:
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = KaizenConfig.model_validate(config)
+        self.cfg = cfg
         self.store = open_store(cfg.store)
         self.scheduler = Scheduler(cfg, self.store, JobLauncher(cfg), resources=RayResources())
         self.interval_s = cfg.training.check_interval_s
@@ -257,7 +262,17 @@ class SchedulerActor:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._tick()
+            self._retention()
             self._stop.wait(self.interval_s)
+
+    def _retention(self) -> None:
+        """The daily retention run (:mod:`app.privacy.retention`), when one is due."""
+        try:
+            if retention_due(self.store, datetime.now(UTC)):
+                result = run_retention(self.cfg, self.store, actor="scheduler")
+                log.info("retention: %s", result.to_json())
+        except Exception:  # tried again at the next tick; the cycle loop goes on meanwhile
+            log.exception("retention run failed")
 
     def _tick(self) -> TrainingRun | None:
         try:

@@ -507,6 +507,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention_run(args: argparse.Namespace) -> int:
+    """``kaizen retention run``: ``python -m jobs.retention`` with this command line's config."""
+    from jobs import retention
+
+    return retention.cli([*(["--config", args.config] if args.config else []), *args.overrides])
+
+
 def _parser() -> argparse.ArgumentParser:
     from jobs import learn as learn_job
     from jobs import validate as validate_job
@@ -642,6 +649,14 @@ def _parser() -> argparse.ArgumentParser:
     erasure.add_argument("--json", action="store_true", help="print JSON")
     with_config(erasure)
     erasure.set_defaults(func=cmd_erase)
+
+    retention = sub.add_parser("retention", help="data retention (the scheduler runs it daily)")
+    retention_sub = retention.add_subparsers(dest="retention_command", required=True)
+    retention_run = retention_sub.add_parser(
+        "run", help="remove interactions past collection.retention_days and adapters past model.max_checkpoints"
+    )
+    with_config(retention_run)
+    retention_run.set_defaults(func=cmd_retention_run)
 
     keys = sub.add_parser("keys", help="API keys and their roles (admin): create, list, revoke")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

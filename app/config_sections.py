@@ -60,7 +60,8 @@ class CollectionConfig(_Section):
     )
     retention_days: int = Field(
         30,
-        description=NOT_YET_USED + "data protection will delete raw interactions older than this (at least 1).",
+        description="Raw interactions older than this many days are removed by the daily retention run (kept "
+        "while a kept dataset holds them; their days' aggregates are kept).",
     )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body, in bytes (413 above)."
@@ -205,7 +206,10 @@ class ModelConfig(_Section):
         "(sweeps/) and learning-cycle records (cycles/). Adapters are kept under storage_root, not here.",
     )
     max_checkpoints: int = Field(
-        5, gt=0, description=NOT_YET_USED + "data protection will prune adapters beyond this many per lineage."
+        5,
+        gt=0,
+        description="Adapters kept with their files (the newest); older ones that are not champion, challenger "
+        "or the previous champion are retired by the daily retention run.",
     )
     deployment_strategy: Literal["immediate", "staged", "manual"] = Field(
         "staged",

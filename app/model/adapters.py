@@ -321,6 +321,17 @@ class AdapterStore:
             return model
         return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
 
+    def delete(self, adapter_id: str) -> bool:
+        """Remove a stored adapter's files (and a remote root's cached copy); False when there was
+        none. Its registry row, manifest history and audit entries stay."""
+        adapter_id = check_adapter_id(adapter_id)
+        found = self.exists(adapter_id)
+        if found:
+            self._fs.delete_dir(self._remote_dir(adapter_id))
+        if self.cache_dir is not None:
+            shutil.rmtree(self.cache_dir / adapter_id, ignore_errors=True)
+        return found
+
     # --- helpers -------------------------------------------------------------------------------
 
     def _remote_dir(self, adapter_id: str) -> str:

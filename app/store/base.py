@@ -524,6 +524,68 @@ class InteractionStore(ABC):
                     counts[table] += max(cur.rowcount, 0)
         return counts
 
+    def interactions_before(self, cutoff: datetime, limit: int = 10_000) -> list[str]:
+        """The ids of interactions older than ``cutoff``, oldest first (what retention considers)."""
+        sql = "SELECT id FROM interactions WHERE timestamp < ? ORDER BY timestamp LIMIT ?"
+        rows = self._fetch(sql, [cutoff, limit])
+        return [r["id"] for r in rows]
+
+    def aggregate_days(self, ids: Sequence[str], now: datetime, chunk: int = 500) -> dict[str, int]:
+        """Add the interactions ``ids`` to ``daily_aggregates`` (per UTC day: how many, how many
+        scored, the sums of their quality and confidence, how many had feedback or a correction),
+        with nothing that names a person or a session; the interactions per day added. Called
+        before the raw rows are deleted, in one transaction."""
+        day = self._day_expr("i.timestamp")
+        per_day: dict[str, dict[str, float]] = {}
+        with self._transaction() as cur:
+            for start in range(0, len(ids), chunk):
+                part = list(ids[start : start + chunk])
+                marks = ", ".join("?" for _ in part)
+                rows = self._execute(
+                    cur,
+                    f"SELECT {day} AS day, COUNT(*) AS n, "
+                    "SUM(CASE WHEN i.quality_status = 'scored' THEN 1 ELSE 0 END) AS scored, "
+                    "SUM(COALESCE(i.quality_score, 0)) AS q, SUM(COALESCE(i.quality_confidence, 0)) AS c, "
+                    "SUM(CASE WHEN EXISTS (SELECT 1 FROM feedback f WHERE f.interaction_id = i.id) THEN 1 ELSE 0 END) "
+                    "AS fb, SUM(CASE WHEN EXISTS (SELECT 1 FROM feedback f WHERE f.interaction_id = i.id "
+                    "AND f.correction IS NOT NULL) THEN 1 ELSE 0 END) AS corr "
+                    f"FROM interactions i WHERE i.id IN ({marks}) GROUP BY {day}",
+                    part,
+                )
+                for r in rows:
+                    acc = per_day.setdefault(r["day"], {"n": 0, "scored": 0, "q": 0.0, "c": 0.0, "fb": 0, "corr": 0})
+                    for k in acc:
+                        acc[k] += r[k] or 0
+            for d, acc in per_day.items():
+                found = self._execute(cur, "SELECT day FROM daily_aggregates WHERE day = ?", [d])
+                values = [int(acc["n"]), int(acc["scored"]), float(acc["q"]), float(acc["c"]), int(acc["fb"])]
+                values += [int(acc["corr"]), now]
+                if found:
+                    self._execute(
+                        cur,
+                        "UPDATE daily_aggregates SET interactions = interactions + ?, scored = scored + ?, "
+                        "quality_sum = quality_sum + ?, confidence_sum = confidence_sum + ?, "
+                        "with_feedback = with_feedback + ?, corrected = corrected + ?, updated_at = ? WHERE day = ?",
+                        [*values, d],
+                    )
+                else:
+                    self._execute(
+                        cur,
+                        "INSERT INTO daily_aggregates (interactions, scored, quality_sum, confidence_sum, "
+                        "with_feedback, corrected, updated_at, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [*values, d],
+                    )
+        return {d: int(acc["n"]) for d, acc in sorted(per_day.items())}
+
+    def daily_aggregates(self) -> list[dict[str, Any]]:
+        """The kept per-day aggregates, oldest first, with the mean quality and confidence of the
+        scored interactions."""
+        rows = self._fetch("SELECT * FROM daily_aggregates ORDER BY day")
+        for r in rows:
+            r["mean_quality"] = r["quality_sum"] / r["scored"] if r["scored"] else None
+            r["mean_confidence"] = r["confidence_sum"] / r["scored"] if r["scored"] else None
+        return rows
+
     @abstractmethod
     def scrub(self) -> None:
         """Make deleted rows unreadable in the database's files (engine-specific)."""

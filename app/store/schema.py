@@ -251,6 +251,21 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX idx_audit_log_action ON audit_log (action, timestamp)",
         ],
     ),
+    (
+        5,
+        "daily aggregates of interactions kept after retention removes the raw rows",
+        [
+            """CREATE TABLE daily_aggregates (
+                day TEXT PRIMARY KEY,
+                interactions INTEGER NOT NULL,
+                scored INTEGER NOT NULL,
+                quality_sum {REAL} NOT NULL,
+                confidence_sum {REAL} NOT NULL,
+                with_feedback INTEGER NOT NULL,
+                corrected INTEGER NOT NULL,
+                updated_at {TS} NOT NULL)""",
+        ],
+    ),
 ]
 
 # Tables an ingestion write may fill, with their JSON, boolean and timestamp columns (for decoding).

@@ -146,8 +146,6 @@ def test_job_sections_are_validated_by_their_jobs_options() -> None:
 
 # Validated today; data protection will read them.
 NOT_YET_USED = {
-    "collection.retention_days",
-    "model.max_checkpoints",
     "privacy.encryption",
 }
 
