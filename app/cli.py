@@ -444,16 +444,26 @@ def cmd_adapters_alias(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """``kaizen keys create NAME --role R | list | revoke ID``: API keys, kept in the store as salted
-    hashes (the key is printed once, by create); every change audited."""
+    hashes (the key is printed once, by create); every change audited. ``kaizen keys new-data-key |
+    rotate-data``: the keys of encryption at rest (``privacy.encryption``)."""
     from app.security.keys import KeyStore
     from app.store import open_store
 
+    if args.keys_command == "new-data-key":
+        from app.privacy.encryption import new_key
+
+        print(new_key())
+        return 0
     cfg = resolve_paths(load_config(args.config, args.overrides))
     store = open_store(cfg.store)
     try:
         store.migrate()
         keys = KeyStore(store)
-        if args.keys_command == "create":
+        if args.keys_command == "rotate-data":
+            done = store.rotate_encryption(progress=lambda table, n: print(f"{table}: {n} rows", file=sys.stderr))
+            store.audit(args.actor, "data.rotate", None, {"rows": done})
+            print(f"re-encrypted with the newest data key: {', '.join(f'{t} {n}' for t, n in done.items())}")
+        elif args.keys_command == "create":
             row, key = keys.create(args.name, args.role, args.actor, args.rate_per_s)
             print(f"created key {row['id']} ({row['name']}, role {row['role']}); it is shown only now:")
             print(key)
@@ -673,11 +683,17 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", help="the key's id (the part after kz_)")
     revoke.add_argument("--actor", default=actor, help="who revokes it (audit)")
     revoke.add_argument("--reason", default="revoked with kaizen keys revoke", help="why (audit)")
+    rotate = keys_sub.add_parser(
+        "rotate-data", help="re-encrypt every stored text field with the newest data key (privacy.encryption)"
+    )
+    rotate.add_argument("--actor", default=actor, help="who rotates (audit)")
+    keys_sub.add_parser("new-data-key", help="print a new data key (for privacy.encryption_key_env)")
     with_config(keys_list)
+    with_config(rotate)
     for p in (create, revoke):  # a positional argument of their own: the config by file only
         p.add_argument("--config", default=None, help="config file (default: configs/default.yaml)")
         p.set_defaults(overrides=[])
-    for p in (create, keys_list, revoke):
+    for p in (create, keys_list, revoke, rotate, keys_sub.choices["new-data-key"]):
         p.set_defaults(func=cmd_keys)
     return parser
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from app.config_sections import (
-    NOT_YET_USED,
     CollectionConfig,
     DeployConfig,
     ModelConfig,
@@ -41,7 +40,6 @@ from app.config_sections import (
 
 __all__ = [
     "JOB_SECTIONS",
-    "NOT_YET_USED",
     "ConfigError",
     "KaizenConfig",
     "ValidationReport",
@@ -126,6 +124,16 @@ class KaizenConfig(_Section):
     learn: dict[str, Any] = Field(
         default_factory=dict, description="jobs/learn.py options (app.learning.cycle.LearnConfig)."
     )
+
+    @model_validator(mode="after")
+    def _store_encrypts(self) -> KaizenConfig:
+        from app.privacy.encryption import EncryptionSettings
+
+        p = self.privacy
+        self.store._encryption = (
+            EncryptionSettings(key_env=p.encryption_key_env, key_file=p.encryption_key_file) if p.encryption else None
+        )
+        return self
 
     def api_url(self) -> str:
         """Where this node reaches the Kaizen API: Serve's HTTP proxy (``serve.host``/``serve.port``,
@@ -302,15 +310,6 @@ def validate_config(data: dict[str, Any]) -> ValidationReport:
         report.warnings.append(
             f"privacy.hmac_key: unset and ${cfg.privacy.hmac_key_env} is empty; ids are hashed with a development key"
         )
-    # Keys nothing reads yet, set to another value than their default: an effect the operator expects and does not get.
-    from app.config_keys import config_keys as _config_keys  # it reads this module's tree: imported here
-
-    report.warnings += [
-        f"{k.key}: set to {k.value!r}, but nothing reads it yet, so it has no effect "
-        f"({k.description.removeprefix(NOT_YET_USED).rstrip('.')})"
-        for k in _config_keys(cfg, job_sections=False)
-        if k.not_yet_used and k.value != k.default
-    ]
     if report.valid:
         report.config = cfg
     return report

@@ -12,7 +12,6 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from app.config import JOB_SECTIONS, KaizenConfig, job_options, job_options_class
-from app.config_sections import NOT_YET_USED
 
 __all__ = ["ConfigKey", "config_keys"]
 
@@ -25,11 +24,6 @@ class ConfigKey:
     value: Any
     default: Any
     description: str
-
-    @property
-    def not_yet_used(self) -> bool:
-        """Validated, but nothing reads it yet (its description says what will)."""
-        return self.description.startswith(NOT_YET_USED)
 
 
 def _leaves(model: BaseModel, default: BaseModel, prefix: str) -> Iterator[ConfigKey]:

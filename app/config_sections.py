@@ -6,12 +6,11 @@ puts them together; import them from :mod:`app.config`."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 __all__ = [
-    "NOT_YET_USED",
     "ApiKeyConfig",
     "AutoscalingConfig",
     "CollectionConfig",
@@ -40,7 +39,6 @@ class _Section(BaseModel):
 # --- the seed's LearningConfig sections -------------------------------------------------------
 
 # The description of a key that nothing reads yet starts so; validate_config warns when one is set.
-NOT_YET_USED = "Not yet used: "
 
 
 class CollectionConfig(_Section):
@@ -333,7 +331,15 @@ class PrivacyConfig(_Section):
         default_factory=list, description="Extra regexes whose matches are redacted as 'custom'."
     )
     encryption: bool = Field(
-        False, description=NOT_YET_USED + "data protection will encrypt stored text at rest when true."
+        False,
+        description="Encrypt every stored text field of what users sent (Fernet; app.privacy.encryption); "
+        "the keys come from encryption_key_env or encryption_key_file.",
+    )
+    encryption_key_env: str = Field(
+        "KAIZEN_DATA_KEYS", min_length=1, description="Environment variable with the data keys, newest first."
+    )
+    encryption_key_file: str | None = Field(
+        None, description="A file with the data keys, newest first, one per line (instead of the variable)."
     )
     audit_trail: bool = Field(
         True,
@@ -370,6 +376,8 @@ class PerformanceConfig(_Section):
 
 
 class StoreConfig(_Section):
+    # Set from privacy.encryption by KaizenConfig (the stores opened from this section encrypt).
+    _encryption: Any = PrivateAttr(default=None)
     engine: Literal["sqlite", "postgres"] = Field("sqlite", description="Storage engine.")
     sqlite_path: str = Field("data/kaizen.db", description="SQLite database file (engine=sqlite).")
     postgres_dsn: str = Field(

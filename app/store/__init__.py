@@ -22,6 +22,14 @@ def open_store(cfg: StoreConfig, migrate: bool = True) -> InteractionStore:
         from app.store.postgres import PostgresStore
 
         store = PostgresStore(cfg.postgres_dsn, pool_size=cfg.pool_size)
+    if cfg._encryption is not None:
+        from app.privacy.encryption import DataCipher
+
+        try:
+            store.cipher = DataCipher.from_settings(cfg._encryption)
+        except Exception:
+            store.close()
+            raise
     if migrate:
         store.migrate()
     return store

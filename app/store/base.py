@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from app.privacy.encryption import ENCRYPTED_COLUMNS, DataCipher
 from app.store.schema import BOOL_COLUMNS, ERASABLE_TABLES, JSON_COLUMNS, MIGRATIONS, OUTCOME_FIELDS, WRITABLE_TABLES
 
 __all__ = ["MIGRATIONS", "WRITABLE_TABLES", "InteractionStore", "StoredEvent"]
@@ -37,6 +38,7 @@ class StoredEvent:
 
 
 _ROWS_PER_STATEMENT = 200  # rows per multi-row INSERT: well under both engines' parameter limits
+ENCRYPTED = {c for columns in ENCRYPTED_COLUMNS.values() for c in columns}
 
 
 def _iso(value: Any) -> Any:
@@ -56,6 +58,9 @@ class InteractionStore(ABC):
 
     def __init__(self) -> None:
         self._migrate_lock = threading.Lock()
+        self.cipher: DataCipher | None = None
+        """Set by ``open_store`` with ``privacy.encryption``: text fields are sealed on write and
+        opened on read (:mod:`app.privacy.encryption`)."""
 
     # --- engine hooks ----------------------------------------------------------------------
 
@@ -85,6 +90,8 @@ class InteractionStore(ABC):
             if value is not None:
                 if col in JSON_COLUMNS and isinstance(value, str):
                     value = json.loads(value)
+                if self.cipher is not None and col in ENCRYPTED:
+                    value = self.cipher.open(value)
                 elif col in BOOL_COLUMNS:
                     value = bool(value)
                 elif isinstance(value, datetime):
@@ -205,6 +212,8 @@ class InteractionStore(ABC):
     def _insert_rows(self, cur: Any, table: str, rows: list[dict[str, Any]]) -> None:
         # Rows of one table may differ in which optional columns they carry: group by column set.
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        if self.cipher is not None and table in ENCRYPTED_COLUMNS:
+            rows = [{c: self.cipher.seal(c, v) for c, v in row.items()} for row in rows]
         for row in rows:
             groups.setdefault(tuple(row), []).append(row)
         for columns, group in groups.items():
@@ -300,7 +309,8 @@ class InteractionStore(ABC):
                 ),
                 [
                     self._encode(v)
-                    for v in (rating_id, interaction_id, float(rating), rater, comment, dimensions, datetime.now(UTC))
+                    for v in (rating_id, interaction_id, float(rating), rater, self._seal("comment", comment))
+                    + (dimensions, datetime.now(UTC))
                 ],
             )
         return rating_id
@@ -499,6 +509,49 @@ class InteractionStore(ABC):
             "per_day": [{"day": r["day"], "interactions": int(r["n"])} for r in reversed(per_day)],
             "redactions": {r["kind"]: int(r["n"]) for r in redactions},
         }
+
+    def _seal(self, column: str, value: Any) -> Any:
+        return self.cipher.seal(column, value) if self.cipher is not None else value
+
+    # --- encryption at rest --------------------------------------------------------------------
+
+    def rotate_encryption(self, batch: int = 500, progress: Any = None) -> dict[str, int]:
+        """Re-seal every encrypted column with the cipher's newest key (plain values sealed for
+        the first time), a batch of rows per transaction so writers wait at most one batch; the
+        values rewritten per table.
+
+        Raises:
+            ValueError: the store has no cipher (``privacy.encryption`` is off).
+        """
+        if self.cipher is None:
+            raise ValueError("privacy.encryption is off: there is nothing to rotate")
+        done: dict[str, int] = {}
+        for table, columns in ENCRYPTED_COLUMNS.items():
+            key = "interaction_id" if table == "context_snapshots" else "id"
+            last, done[table] = "", 0
+            while True:
+                with self._transaction() as cur:
+                    cur.execute(
+                        self._sql(
+                            f"SELECT {key}, {', '.join(columns)} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?"
+                        ),
+                        [last, batch],
+                    )
+                    rows = cur.fetchall()
+                    for row in rows:
+                        values = []
+                        for column, raw in zip(columns, row[1:]):
+                            value = json.loads(raw) if column in JSON_COLUMNS and isinstance(raw, str) else raw
+                            values.append(self._encode(self.cipher.rotate(value, column)))
+                        sets = ", ".join(f"{c} = ?" for c in columns)
+                        cur.execute(self._sql(f"UPDATE {table} SET {sets} WHERE {key} = ?"), [*values, row[0]])
+                done[table] += len(rows)
+                if progress is not None:
+                    progress(table, done[table])
+                if len(rows) < batch:
+                    break
+                last = rows[-1][0]
+        return done
 
     # --- erasure ------------------------------------------------------------------------------
 

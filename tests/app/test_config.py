@@ -6,12 +6,10 @@ import pytest
 import yaml
 
 from app.config import (
-    DEFAULT_CONFIG_PATH,
     ConfigError,
     KaizenConfig,
     apply_overrides,
     load_config,
-    read_config_file,
     validate_config,
 )
 
@@ -144,12 +142,6 @@ def test_job_sections_are_validated_by_their_jobs_options() -> None:
     assert isinstance(opts, FinetuneConfig) and opts.lora_rank == 4 and job_options(cfg, "sweep").num_samples == 2
 
 
-# Validated today; data protection will read them.
-NOT_YET_USED = {
-    "privacy.encryption",
-}
-
-
 def test_every_key_is_listed_with_a_description() -> None:
     from app.config_keys import config_keys
 
@@ -161,24 +153,5 @@ def test_every_key_is_listed_with_a_description() -> None:
     assert by_name["finetune.lora_rank"].value == 4 and by_name["finetune.lora_rank"].default != 4
     # A nested default comes from its parent: the scorer's autoscaling, not AutoscalingConfig's own.
     assert by_name["serve.scorer.autoscaling.target_ongoing_requests"].default == 8
-    assert {k.key for k in keys if k.not_yet_used} == NOT_YET_USED
     # Adapters go to model.storage_root; checkpoint_dir holds training runs, sweeps and cycle records.
     assert "Adapters are kept under storage_root, not here" in by_name["model.checkpoint_dir"].description
-
-
-@pytest.mark.parametrize("key", sorted(NOT_YET_USED))
-def test_setting_a_key_nothing_reads_yet_warns(key: str) -> None:
-    from app.config_keys import config_keys
-
-    (item,) = [k for k in config_keys(KaizenConfig(), job_sections=False) if k.key == key]
-    other = (
-        (not item.value)
-        if isinstance(item.value, bool)
-        else ("manual" if isinstance(item.value, str) else item.value + 1)
-    )
-    report = validate_config(apply_overrides({}, [f"{key}={other}"]))
-    assert report.valid
-    assert any(w.startswith(f"{key}: set to") and "nothing reads it yet" in w for w in report.warnings)
-    # At its default value it is silent (default.yaml spells every one of them out).
-    assert not [w for w in validate_config(apply_overrides({}, [f"{key}={item.value}"])).warnings if key in w]
-    assert not [w for w in validate_config(read_config_file(DEFAULT_CONFIG_PATH)).warnings if key in w]
