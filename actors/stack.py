@@ -32,7 +32,7 @@ def start_kaizen(cfg: KaizenConfig, *, ready_timeout_s: float = 120.0) -> str:
     from app.serve.build import build_app
 
     logging_config = {"log_level": cfg.serve.log_level, "enable_access_log": cfg.serve.access_log}
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
+    serve.start(http_options=cfg.http_options(), logging_config=logging_config)
     serve.run(
         build_app(cfg),
         name=cfg.serve.app_name,
@@ -41,7 +41,7 @@ def start_kaizen(cfg: KaizenConfig, *, ready_timeout_s: float = 120.0) -> str:
         logging_config=logging_config,
     )
     url = cfg.api_url()
-    if not wait_until_ready(url, timeout_s=ready_timeout_s):
+    if not wait_until_ready(url, timeout_s=ready_timeout_s, verify=cfg.tls_verify()):
         serve.shutdown()
         raise KaizenNotReady(f"Kaizen did not become ready at {url}/readyz within {ready_timeout_s:g} s")
     start_deployer(cfg, detached=True)

@@ -37,11 +37,11 @@ from app.ray_setup import start_ray
 __all__ = ["main"]
 
 
-def _seed(url: str, count: int, seed: int, api_key: str | None) -> dict[str, int]:
+def _seed(url: str, count: int, seed: int, api_key: str | None, verify: str | bool = True) -> dict[str, int]:
     from app.client import KaizenClient
     from app.sample import send_samples
 
-    with KaizenClient(url, api_key=api_key) as client:
+    with KaizenClient(url, api_key=api_key, verify=verify) as client:
         sent = send_samples(client, count, seed=seed)
         delivered = client.flush(timeout=120.0)
         sent["delivered"] = int(delivered)
@@ -101,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         store.close()
         if empty:
             print(f"The store is empty: seeding {args.seed_count} sample interactions through the client ...")
-            sent = _seed(url, args.seed_count, 0, None)
+            sent = _seed(url, args.seed_count, 0, None, cfg.tls_verify())
             print(
                 f"  sent {sent['interactions']} interactions ({sent['poor']} poor answers), "
                 f"{sent['tool_usage']} tool calls, {sent['feedback']} feedback, {sent['outcomes']} outcomes"
@@ -254,7 +254,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_seed(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     url = (args.url or cfg.api_url()).rstrip("/")
-    sent = _seed(url, args.count, args.seed, args.api_key or os.environ.get("KAIZEN_API_KEY"))
+    sent = _seed(url, args.count, args.seed, args.api_key or os.environ.get("KAIZEN_API_KEY"), cfg.tls_verify())
     print(json.dumps(sent, indent=2))
     return 0 if sent["delivered"] else 1
 

@@ -53,12 +53,13 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def wait_until_ready(base_url: str, timeout_s: float = 120.0) -> bool:
-    """Poll ``GET /readyz`` until the server and its store answer, or ``timeout_s`` passes."""
+def wait_until_ready(base_url: str, timeout_s: float = 120.0, verify: str | bool = True) -> bool:
+    """Poll ``GET /readyz`` until the server and its store answer, or ``timeout_s`` passes
+    (``verify``: an HTTPS endpoint's CA bundle, as httpx takes it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base_url.rstrip('/')}/readyz", timeout=2.0).status_code == 200:
+            if httpx.get(f"{base_url.rstrip('/')}/readyz", timeout=2.0, verify=verify).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -112,6 +113,8 @@ class KaizenClient:
             per-event results (for delivery acknowledgements and metrics); must be quick.
         max_overhead_ms: Budget of one ``record_*`` call; calls over it are counted in
             ``stats["over_budget"]`` and logged (at most once a minute). None: no budget.
+        verify: An HTTPS server's CA bundle (a self-signed certificate is its own), or True for
+            the system's.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class KaizenClient:
         exit_timeout_s: float = 5.0,
         on_delivered: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
         max_overhead_ms: float | None = None,
+        verify: str | bool = True,
     ):
         if batch_size < 1:
             raise ValueError("batch_size: must be at least 1")
@@ -151,7 +155,7 @@ class KaizenClient:
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, verify=verify)
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -188,6 +192,7 @@ class KaizenClient:
         are the other constructor arguments, and win over the config."""
         options.setdefault("batch_size", cfg.performance.batch_size)
         options.setdefault("max_overhead_ms", cfg.performance.max_collection_overhead_ms)
+        options.setdefault("verify", cfg.tls_verify())
         return cls(base_url, api_key, **options)
 
     # --- recording (the agent's hot path) --------------------------------------------------------

@@ -139,7 +139,19 @@ class KaizenConfig(_Section):
         """Where this node reaches the Kaizen API: Serve's HTTP proxy (``serve.host``/``serve.port``,
         a wildcard bind address read as the loopback) plus ``serve.route_prefix``."""
         host = "127.0.0.1" if self.serve.host in ("0.0.0.0", "::") else self.serve.host
-        return f"http://{host}:{self.serve.port}{self.serve.route_prefix.rstrip('/')}"
+        scheme = "https" if self.serve.tls_certfile else "http"
+        return f"{scheme}://{host}:{self.serve.port}{self.serve.route_prefix.rstrip('/')}"
+
+    def tls_verify(self) -> str | bool:
+        """What Kaizen's own HTTP clients verify the endpoint's certificate with (httpx's ``verify``)."""
+        return self.serve.tls_ca_file or True
+
+    def http_options(self) -> dict[str, Any]:
+        """Serve's HTTP proxy options: where it binds and, with ``serve.tls_certfile``, its TLS files."""
+        options: dict[str, Any] = {"host": self.serve.host, "port": self.serve.port}
+        if self.serve.tls_certfile:
+            options.update(ssl_certfile=self.serve.tls_certfile, ssl_keyfile=self.serve.tls_keyfile)
+        return options
 
     def hmac_key(self) -> bytes:
         """The key for hashing ids: ``privacy.hmac_key``, else the environment variable, else a

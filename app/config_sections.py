@@ -385,6 +385,11 @@ class StoreConfig(_Section):
         description="libpq connection string (engine=postgres); the password may come from PGPASSWORD.",
     )
     pool_size: int = Field(4, gt=0, description="PostgreSQL connections per process.")
+    postgres_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        None,
+        description="libpq sslmode of the PostgreSQL connections (require or verify-full in production); None: the "
+        "DSN's own, else libpq's default (prefer).",
+    )
 
 
 class AutoscalingConfig(_Section):
@@ -453,6 +458,15 @@ class ServeConfig(_Section):
         "WARNING", description="Log level of Serve and the replicas (their logs go to Ray's log folder too)."
     )
     access_log: bool = Field(False, description="Log every request (noisy at thousands per second).")
+    tls_certfile: str | None = Field(
+        None, description="PEM certificate (chain) of the HTTPS endpoint; with tls_keyfile the API answers HTTPS only."
+    )
+    tls_keyfile: str | None = Field(None, description="PEM private key of tls_certfile.")
+    tls_ca_file: str | None = Field(
+        None,
+        description="CA bundle Kaizen's own clients (readiness, the deployer's smoke test, kaizen traffic) trust for "
+        "the endpoint; None: the system's (a self-signed certificate is its own CA: name it here).",
+    )
     collector: CollectorServeConfig = Field(
         default_factory=CollectorServeConfig, description="The collector deployment."
     )

@@ -72,7 +72,9 @@ class Population:
         poison_share: float = 0.0,
         max_tokens: int = 8,
         pause_s: float = 0.0,
+        verify: str | bool = True,
     ) -> None:
+        import httpx
         import openai
 
         from app.client import KaizenClient
@@ -80,9 +82,12 @@ class Population:
         self.url, self.base_model, self.max_tokens, self.pause_s = url, base_model, max_tokens, pause_s
         self.sessions = [f"user-{seed}-{i}" for i in range(users)]
         self.poisoners = set(random.Random(f"poison:{seed}").sample(self.sessions, round(poison_share * users)))
-        self.openai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.openai = openai.OpenAI(
+            base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120, http_client=httpx.Client(verify=verify)
+        )
         # A spool of its own: another client's undelivered events are not this population's.
-        self.feedback = KaizenClient(url, batch_size=32, spool_dir=tempfile.mkdtemp(prefix="kaizen-loop-spool-"))
+        spool = tempfile.mkdtemp(prefix="kaizen-loop-spool-")
+        self.feedback = KaizenClient(url, batch_size=32, spool_dir=spool, verify=verify)
         self.requests: list[Request] = []
         self.rng = random.Random(seed)
         self.threads = threads
@@ -291,7 +296,9 @@ def run_traffic(
     """``kaizen traffic``: users of :func:`ack_family` against the running Kaizen at ``url`` for
     ``minutes``, printing every ``every_s`` the requests so far, the acceptance of the last ones,
     and what the loop did (from ``cfg``'s store); returns the totals."""
-    population = Population(url, cfg.model.base_model, users=users, threads=threads, seed=0, pause_s=pause_s)
+    population = Population(
+        url, cfg.model.base_model, users=users, threads=threads, seed=0, pause_s=pause_s, verify=cfg.tls_verify()
+    )
     watcher = Watcher(cfg, population.started)
     population.set_phase(1, [ack_family(answer)], 0.0)
     shown, deadline = 0, time.monotonic() + minutes * 60

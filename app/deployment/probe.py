@@ -74,6 +74,7 @@ class HttpProbe:
         store: the interaction store the Generator replicas heartbeat into.
         max_heartbeat_age_s: a replica not heard from for this long counts as gone.
         timeout_s: longest the smoke test's completion may take.
+        verify: an HTTPS endpoint's CA bundle (``serve.tls_ca_file``), or True for the system's.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class HttpProbe:
         *,
         max_heartbeat_age_s: float = 3 * HEARTBEAT_S,
         timeout_s: float = 60.0,
+        verify: str | bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -91,12 +93,13 @@ class HttpProbe:
         self.deployments = DeploymentStore(store)
         self.max_heartbeat_age_s = max_heartbeat_age_s
         self.timeout_s = timeout_s
+        self.verify = verify
 
     @classmethod
     def for_config(cls, cfg: KaizenConfig, store: InteractionStore) -> HttpProbe:
         """The probe of the Kaizen that ``cfg`` describes (:meth:`KaizenConfig.api_url`,
         :func:`smoke_test_key`)."""
-        return cls(cfg.api_url(), smoke_test_key(cfg), store)
+        return cls(cfg.api_url(), smoke_test_key(cfg), store, verify=cfg.tls_verify())
 
     def loaded_everywhere(self, adapter_id: str) -> tuple[bool, str]:
         return loaded_everywhere(self.deployments, adapter_id, self.max_heartbeat_age_s)
@@ -129,7 +132,7 @@ class HttpProbe:
         }
         url = f"{self.base_url}/v1/chat/completions"
         try:
-            response = httpx.post(url, json=body, headers=headers, timeout=self.timeout_s)
+            response = httpx.post(url, json=body, headers=headers, timeout=self.timeout_s, verify=self.verify)
         except httpx.HTTPError as exc:
             return False, f"POST {url} failed: {type(exc).__name__}: {exc}"
         if response.status_code != 200:

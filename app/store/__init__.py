@@ -21,7 +21,7 @@ def open_store(cfg: StoreConfig, migrate: bool = True) -> InteractionStore:
     else:
         from app.store.postgres import PostgresStore
 
-        store = PostgresStore(cfg.postgres_dsn, pool_size=cfg.pool_size)
+        store = PostgresStore(cfg.postgres_dsn, pool_size=cfg.pool_size, sslmode=cfg.postgres_sslmode)
     if cfg._encryption is not None:
         from app.privacy.encryption import DataCipher
 

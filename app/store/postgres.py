@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import psycopg
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from app.store.base import InteractionStore
 from app.store.schema import ERASABLE_TABLES
@@ -30,19 +31,28 @@ class PostgresStore(InteractionStore):
         "ID": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
     }
 
-    def __init__(self, dsn: str, pool_size: int = 4, connect_timeout_s: float = 10.0):
+    def __init__(self, dsn: str, pool_size: int = 4, connect_timeout_s: float = 10.0, sslmode: str | None = None):
         super().__init__()
         self.dsn = dsn
+        kwargs: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout_s))}
+        if sslmode is not None:
+            kwargs["sslmode"] = sslmode  # over the DSN's: store.postgres_sslmode
         self._pool = ConnectionPool(
             dsn,
             min_size=1,
             max_size=max(1, pool_size),
             open=False,
             timeout=connect_timeout_s,
-            kwargs={"connect_timeout": max(1, int(connect_timeout_s))},
+            kwargs=kwargs,
         )
-        # Fails here, with the server's reason, when the database cannot be reached.
-        self._pool.open(wait=True, timeout=connect_timeout_s)
+        # Fails here, with the server's reason, when the database cannot be reached: the pool
+        # only says it timed out, so one connection is made by hand for the reason.
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+        except PoolTimeout:
+            self._pool.close()
+            psycopg.connect(dsn, **kwargs).close()
+            raise
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
