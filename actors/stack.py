@@ -44,9 +44,29 @@ def start_kaizen(cfg: KaizenConfig, *, ready_timeout_s: float = 120.0) -> str:
     if not wait_until_ready(url, timeout_s=ready_timeout_s, verify=cfg.tls_verify()):
         serve.shutdown()
         raise KaizenNotReady(f"Kaizen did not become ready at {url}/readyz within {ready_timeout_s:g} s")
+    _audit_start(cfg, url)
     start_deployer(cfg, detached=True)
     start_scheduler(cfg, detached=True)
     return url
+
+
+def _audit_start(cfg: KaizenConfig, url: str) -> None:
+    """Audit the config Kaizen starts with (``config.apply``): the keys off their defaults,
+    secrets masked, and a hash of the whole tree."""
+    import hashlib
+    import json
+    import os
+
+    from app.config_keys import changed_keys
+    from app.store import open_store
+
+    whole = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    store = open_store(cfg.store)
+    try:
+        details = {"url": url, "sha256": hashlib.sha256(whole).hexdigest(), "changed": changed_keys(cfg)}
+        store.audit(os.environ.get("USER") or "kaizen up", "config.apply", cfg.serve.app_name, details)
+    finally:
+        store.close()
 
 
 def stop_kaizen(cfg: KaizenConfig, *, end_cycles: bool = False) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -204,11 +203,9 @@ def _reachable(address: str, timeout_s: float = 1.0) -> bool:
 
 def _shown(value: Any, key: str = "") -> str:
     """A value as in YAML (JSON is YAML), with secrets masked: a listing may end up in a ticket."""
-    if key == "privacy.hmac_key" and value:
-        value = "***"
-    elif key == "store.postgres_dsn":
-        value = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
-    return json.dumps(value)
+    from app.config_keys import masked
+
+    return json.dumps(masked(key, value))
 
 
 def _key_listing(keys: list[ConfigKey]) -> list[str]:

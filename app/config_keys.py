@@ -1,9 +1,10 @@
 """Every key of the configuration tree with its value, default and description: what
 ``kaizen config check --list`` and ``--markdown`` print (the README's key table), and what
-:func:`app.config.validate_config` reads to warn about keys set that nothing reads yet."""
+``kaizen up`` audits of the config it starts with (:func:`changed_keys`, secrets masked)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from pydantic_core import to_jsonable_python
 
 from app.config import JOB_SECTIONS, KaizenConfig, job_options, job_options_class
 
-__all__ = ["ConfigKey", "config_keys"]
+__all__ = ["ConfigKey", "changed_keys", "config_keys", "masked"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,17 @@ def config_keys(cfg: KaizenConfig, job_sections: bool = True) -> list[ConfigKey]
         elif job_sections:
             keys += _leaves(job_options(cfg, item.key), job_options_class(item.key)(), f"{item.key}.")
     return keys
+
+
+def masked(key: str, value: Any) -> Any:
+    """A key's value with its secret masked (a listing or an audit entry may end up in a ticket)."""
+    if key == "privacy.hmac_key" and value:
+        return "***"
+    if key == "store.postgres_dsn" and isinstance(value, str):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", value)
+    return value
+
+
+def changed_keys(cfg: KaizenConfig) -> dict[str, Any]:
+    """The keys set to something else than their default, secrets masked."""
+    return {k.key: masked(k.key, k.value) for k in config_keys(cfg, job_sections=False) if k.value != k.default}

@@ -9,7 +9,11 @@ Measures, on this machine, in one run:
   3. the same interactions written straight into the store without Serve (the baseline, a ratio);
   4. the privacy filter's cost per interaction and its share of the direct-ingestion time
      (``benchmarks/privacy.py`` compares the filter with detect-secrets' scanner);
-  5. fault runs: the collector replica killed, and the whole app stopped, in the middle of a load.
+  5. fault runs: the collector replica killed, and the whole app stopped, in the middle of a load;
+  6. the saturated load again with ``privacy.encryption`` on (every text field sealed before it is
+     written) against the plain run (goal: throughput ratio >= 0.8), and with the quality scorer
+     deployed beside the collector (scoring every committed interaction, as the embedded default
+     does) against the collector alone; the direct-store baseline with and without encryption too.
 
 Prints a table and writes ``benchmarks/results/collector.json``.
 """
@@ -270,16 +274,22 @@ def bench_direct(payloads: list[tuple[str, str]], n: int, workdir: Path) -> dict
     """The same ingestion (parse, validate, privacy, commit in batches of 250) without Serve."""
     from app.config import KaizenConfig
     from app.ingest import IngestPipeline
+    from app.privacy.encryption import DataCipher, new_key
     from app.store.sqlite import SQLiteStore
 
     out: dict[str, Any] = {}
-    for anonymize in (True, False):
-        db = workdir / f"direct-{anonymize}.db"
+    for name, anonymize, encrypt in (
+        ("with_privacy", True, False),
+        ("without_privacy", False, False),
+        ("with_privacy_encrypted", True, True),
+    ):
+        db = workdir / f"direct-{name}.db"
         store = SQLiteStore(db)
         store.migrate()
+        store.cipher = DataCipher([new_key()]) if encrypt else None
         cfg = KaizenConfig.model_validate({"collection": {"anonymize": anonymize}, "privacy": {"hmac_key": "b"}})
         pipeline = IngestPipeline(cfg)
-        raw = json.dumps({"events": _events(payloads, n, f"direct-{anonymize}")}).encode()
+        raw = json.dumps({"events": _events(payloads, n, f"direct-{name}")}).encode()
         t_prepare = t_write = 0.0
         t0 = time.perf_counter()
         events = json.loads(raw)["events"]
@@ -294,7 +304,7 @@ def bench_direct(payloads: list[tuple[str, str]], n: int, workdir: Path) -> dict
         assert store.count("interactions") == n
         store.close()
         total = t_parse + t_prepare + t_write
-        out["with_privacy" if anonymize else "without_privacy"] = {
+        out[name] = {
             "interactions": n,
             "per_s": n / total,
             "parse_us": t_parse / n * 1e6,
@@ -305,6 +315,7 @@ def bench_direct(payloads: list[tuple[str, str]], n: int, workdir: Path) -> dict
     on, off = out["with_privacy"], out["without_privacy"]
     out["privacy_us_per_interaction"] = on["prepare_us"] - off["prepare_us"]
     out["privacy_share_of_direct"] = out["privacy_us_per_interaction"] / on["total_us"]
+    out["encryption_throughput_ratio"] = out["with_privacy_encrypted"]["per_s"] / on["per_s"]
     return out
 
 
@@ -322,18 +333,17 @@ def deploy(cfg: Any, name: str) -> None:
         raise RuntimeError("Serve app did not become ready")
 
 
-def make_config(db: Path, port: int, replicas: int) -> Any:
+def make_config(db: Path, port: int, replicas: int, *, encryption: bool = False, scorer: bool = False) -> Any:
     from app.config import KaizenConfig
 
     return KaizenConfig.model_validate(
         {
             "store": {"sqlite_path": str(db)},
-            "privacy": {"hmac_key": "bench"},
-            # Collection alone, as the committed run measured it; scoring under this load is measured
-            # by benchmarks/quality.py.
+            "privacy": {"hmac_key": "bench", "encryption": encryption},
+            # Collection alone unless ``scorer``: the scorer scores every committed interaction.
             "serve": {
                 "port": port,
-                "scorer": {"enabled": False},
+                "scorer": {"enabled": scorer, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
                 "generator": {"enabled": False},
                 "collector": {
                     "num_cpus": 0.5,
@@ -392,7 +402,11 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from app.privacy.encryption import new_key
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The replicas inherit it from this process (the encrypted run's data key).
+    os.environ["KAIZEN_DATA_KEYS"] = new_key()
     work = Path(tempfile.mkdtemp(prefix="kaizen-bench-"))
     payloads = build_payloads()
     avg_bytes = statistics.fmean(len(p) + len(r) for p, r in payloads)
@@ -428,6 +442,26 @@ def main() -> None:
         result["saturation"] = run_load(
             url, str(work / "load.db"), "sat", args.sessions, args.max_rate, args.duration, args.procs, work / "spool"
         )
+        for run, label, options in (
+            ("encrypted", "privacy.encryption on", {"encryption": True}),
+            ("scored", "the quality scorer on", {"scorer": True}),
+        ):
+            deploy(make_config(work / f"{run}.db", port, args.replicas, **options), "kaizen-bench")
+            time.sleep(5)  # the old replicas drain
+            print(f"saturation with {label} ...", flush=True)
+            result[f"saturation_{run}"] = run_load(
+                url,
+                str(work / f"{run}.db"),
+                run,
+                args.sessions,
+                args.max_rate,
+                args.duration,
+                args.procs,
+                work / "spool",
+            )
+        sat = result["saturation"]["sustained_per_s"]
+        result["encryption_throughput_ratio"] = result["saturation_encrypted"]["sustained_per_s"] / sat
+        result["scorer_throughput_ratio"] = result["saturation_scored"]["sustained_per_s"] / sat
         if not args.skip_faults:
             # One replica, so that killing "the collector replica" is an outage the client sees.
             fault_cfg = make_config(work / "load.db", port, 1)
@@ -500,6 +534,32 @@ def report(r: dict[str, Any]) -> None:
         ),
         ("privacy share of direct ingestion", f"{direct['privacy_share_of_direct']:.0%}", "", ""),
     ]
+    if "saturation_encrypted" in r:
+        enc, scored = r["saturation_encrypted"], r["saturation_scored"]
+        rows += [
+            (
+                "ingest via Serve, saturated, encryption on (/s)",
+                f"{enc['sustained_per_s']:.0f}",
+                f"encryption off {sat['sustained_per_s']:.0f}",
+                "",
+            ),
+            ("  encryption on / off", f"{r['encryption_throughput_ratio']:.2f}", "", ">= 0.8"),
+            ("  lost / duplicated", f"{enc['lost']} / {enc['duplicated_rows']}", "", "0 / 0"),
+            (
+                "direct store, encryption on / off",
+                f"{direct['encryption_throughput_ratio']:.2f}",
+                f"{direct['with_privacy_encrypted']['per_s']:.0f} vs {on['per_s']:.0f}/s",
+                "",
+            ),
+            (
+                "ingest via Serve, saturated, scorer on (/s)",
+                f"{scored['sustained_per_s']:.0f}",
+                f"collector alone {sat['sustained_per_s']:.0f}",
+                "",
+            ),
+            ("  scorer on / off", f"{r['scorer_throughput_ratio']:.2f}", "", "(reported)"),
+            ("  lost / duplicated", f"{scored['lost']} / {scored['duplicated_rows']}", "", "0 / 0"),
+        ]
     for key, label in (("fault_kill_replica", "fault: replica killed"), ("fault_stop_app", "fault: app stopped")):
         if key in r:
             f = r[key]

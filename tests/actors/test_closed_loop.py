@@ -138,8 +138,12 @@ def test_traffic_alone_leads_to_a_promoted_adapter(ray_session, model_root: Path
         adapter_id = AdapterRegistry(store).champion()
         deployments = DeploymentStore(store).list()
         decisions = [d["code"] for d in TrainingRunStore(store).decisions(limit=50)]
+        (started,) = store.audit_entries(action="config.apply")  # kaizen up audits what it starts with
+        retention = store.audit_entries(action="retention.run")  # the scheduler's first daily run
     finally:
         store.close()
+    assert started["details"]["changed"]["training.min_interactions"] == cfg.training.min_interactions
+    assert len(started["details"]["sha256"]) == 64 and len(retention) == 1
     # The cycle that made the champion, started by the volume trigger, whose stages the store kept
     # (traffic goes on, so later cycles may have started since).
     (run,) = [r for r in runs if r.adapter_id == adapter_id]
