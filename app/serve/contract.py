@@ -48,6 +48,12 @@ STATUS_TEXT: dict[int, str] = {
     503: "A dependency (the store, the scheduler, the generator) is unavailable; retry.",
 }
 
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "An API key (`kaizen keys create`)."},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "The same key, in a header."},
+}
+"""How a key is sent; required once any key exists (with none, the API is open: bound to localhost)."""
+
 AUTH = (401, 429)
 """What every route behind an API key can answer besides its own statuses."""
 BODY = (400, 413, 422)
@@ -202,6 +208,12 @@ def publish(api: FastAPI) -> None:
                         "description": STATUS_TEXT[422],
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
                     }
+        # Every route that answers 401 takes a key, either way it may be sent.
+        document["components"]["securitySchemes"] = SECURITY_SCHEMES
+        for path in document.get("paths", {}).values():
+            for operation in path.values():
+                if isinstance(operation, dict) and "401" in operation.get("responses", {}):
+                    operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))

@@ -1,11 +1,13 @@
 """The HTTP contract, held by schemathesis against the real Serve app (collector, quality scorer
-and generator on the tiny model): every operation of ``/openapi.json`` is generated for, with every
-check on (``tests/app/serve/schemathesis.toml``), in a bounded, seeded run. It must find no server
-error and no contract failure, and no error body of the run may carry the server's insides."""
+and generator on the tiny model, an admin key required): every operation of ``/openapi.json`` is
+generated for, with every check on (``tests/app/serve/schemathesis.toml``), in a bounded, seeded
+run. It must find no server error and no contract failure (a request without the key refused
+among them), and no error body of the run may carry the server's insides."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,12 +19,14 @@ import pytest
 
 from app.client import wait_until_ready
 from app.config import KaizenConfig
+from app.security.keys import KeyStore
+from app.store import open_store
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(900)
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 6
 SEED = 20
 
 # What a server's insides look like in an answer: a traceback, a source file, a process or actor
@@ -54,13 +58,19 @@ def kaizen_url(ray_session, model_root: Path, tmp_path_factory: pytest.TempPathF
                 "scorer": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
                 "generator": {"num_cpus": 1, "max_adapters": 1, "default_max_tokens": 8},
             },
+            "security": {"rate_limit_per_s": 0},
         }
     )
+    # With a key, the API demands one: the run sends it, and schemathesis checks that a request
+    # without it is refused (ignored_auth). No rate limit: the run sends thousands of requests.
+    store = open_store(cfg.store)
+    _, key = KeyStore(store).create("contract test", "admin", actor="test")
+    store.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="kaizen-contract-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     assert wait_until_ready(url, timeout_s=180)
-    yield url
+    yield url, key
     serve.shutdown()
 
 
@@ -92,14 +102,15 @@ def test_the_markers_find_a_ray_traceback() -> None:
     assert leaks({**entry, "response": {"status": 422, "content": {"text": '{"error":{"reason":"not empty"}}'}}}) == []
 
 
-def test_schemathesis_finds_no_server_error_and_no_contract_failure(kaizen_url: str, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_server_error_and_no_contract_failure(kaizen_url, tmp_path: Path) -> None:
+    url, key = kaizen_url
     report = tmp_path / "report"
     command = [
         str(Path(sys.executable).with_name("st")),
         "--config-file",
         str(CONFIG),
         "run",
-        f"{kaizen_url}/openapi.json",
+        f"{url}/openapi.json",
         "--checks",
         "all",
         "--max-examples",
@@ -114,7 +125,8 @@ def test_schemathesis_finds_no_server_error_and_no_contract_failure(kaizen_url: 
         "--report-dir",
         str(report),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=840, check=False, cwd=tmp_path)
+    env = {**os.environ, "KAIZEN_CONTRACT_KEY": key}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=840, check=False, cwd=tmp_path, env=env)
     (summary_path,) = report.glob("json-*.json")
     (har_path,) = report.glob("har-*.json")
     summary = json.loads(summary_path.read_text())
@@ -137,8 +149,9 @@ def test_schemathesis_finds_no_server_error_and_no_contract_failure(kaizen_url: 
     )
 
 
-def test_the_official_openai_client_still_works(kaizen_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{kaizen_url}/v1", api_key="unused", max_retries=0, timeout=60)
+def test_the_official_openai_client_still_works(kaizen_url) -> None:
+    url, key = kaizen_url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
     answer = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=4
     )
@@ -147,3 +160,6 @@ def test_the_official_openai_client_still_works(kaizen_url: str) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.body["code"] == "model_not_found"
+    anonymous = openai.OpenAI(base_url=f"{url}/v1", api_key="not-a-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
