@@ -26,7 +26,7 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.timeout(900)
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-MAX_EXAMPLES = 6
+MAX_EXAMPLES = 4
 SEED = 20
 
 # What a server's insides look like in an answer: a traceback, a source file, a process or actor
