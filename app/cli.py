@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from typing import Any
@@ -36,7 +37,7 @@ from app.ray_setup import start_ray
 __all__ = ["main"]
 
 
-def _seed(url: str, count: int, seed: int, api_key: str | None, verify: str | bool = True) -> dict[str, int]:
+def _seed(url: str, count: int, seed: int, api_key: str | None, verify: ssl.SSLContext | bool = True) -> dict[str, int]:
     from app.client import KaizenClient
     from app.sample import send_samples
 

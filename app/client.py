@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import tempfile
 import threading
 import time
@@ -53,7 +54,7 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def wait_until_ready(base_url: str, timeout_s: float = 120.0, verify: str | bool = True) -> bool:
+def wait_until_ready(base_url: str, timeout_s: float = 120.0, verify: ssl.SSLContext | bool = True) -> bool:
     """Poll ``GET /readyz`` until the server and its store answer, or ``timeout_s`` passes
     (``verify``: an HTTPS endpoint's CA bundle, as httpx takes it)."""
     deadline = time.monotonic() + timeout_s
@@ -113,7 +114,7 @@ class KaizenClient:
             per-event results (for delivery acknowledgements and metrics); must be quick.
         max_overhead_ms: Budget of one ``record_*`` call; calls over it are counted in
             ``stats["over_budget"]`` and logged (at most once a minute). None: no budget.
-        verify: An HTTPS server's CA bundle (a self-signed certificate is its own), or True for
+        verify: An SSL context trusting an HTTPS server's CA (a self-signed certificate is its own), or True for
             the system's.
     """
 
@@ -134,7 +135,7 @@ class KaizenClient:
         exit_timeout_s: float = 5.0,
         on_delivered: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
         max_overhead_ms: float | None = None,
-        verify: str | bool = True,
+        verify: ssl.SSLContext | bool = True,
     ):
         if batch_size < 1:
             raise ValueError("batch_size: must be at least 1")

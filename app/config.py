@@ -142,9 +142,12 @@ class KaizenConfig(_Section):
         scheme = "https" if self.serve.tls_certfile else "http"
         return f"{scheme}://{host}:{self.serve.port}{self.serve.route_prefix.rstrip('/')}"
 
-    def tls_verify(self) -> str | bool:
-        """What Kaizen's own HTTP clients verify the endpoint's certificate with (httpx's ``verify``)."""
-        return self.serve.tls_ca_file or True
+    def tls_verify(self) -> Any:
+        """What Kaizen's own HTTP clients verify the endpoint's certificate with (httpx's
+        ``verify``): an SSL context trusting ``serve.tls_ca_file``, else True (the system's CAs)."""
+        import ssl
+
+        return ssl.create_default_context(cafile=self.serve.tls_ca_file) if self.serve.tls_ca_file else True
 
     def http_options(self) -> dict[str, Any]:
         """Serve's HTTP proxy options: where it binds and, with ``serve.tls_certfile``, its TLS files."""

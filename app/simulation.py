@@ -14,6 +14,7 @@ deployments and the champion alias, each change with its time.
 from __future__ import annotations
 
 import random
+import ssl
 import tempfile
 import threading
 import time
@@ -72,7 +73,7 @@ class Population:
         poison_share: float = 0.0,
         max_tokens: int = 8,
         pause_s: float = 0.0,
-        verify: str | bool = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         import httpx
         import openai

@@ -11,6 +11,7 @@ API-key check, the router and the multiplexed adapter loader.
 from __future__ import annotations
 
 import os
+import ssl
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -74,7 +75,7 @@ class HttpProbe:
         store: the interaction store the Generator replicas heartbeat into.
         max_heartbeat_age_s: a replica not heard from for this long counts as gone.
         timeout_s: longest the smoke test's completion may take.
-        verify: an HTTPS endpoint's CA bundle (``serve.tls_ca_file``), or True for the system's.
+        verify: an SSL context trusting the endpoint's CA (``KaizenConfig.tls_verify``), or True for the system's.
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class HttpProbe:
         *,
         max_heartbeat_age_s: float = 3 * HEARTBEAT_S,
         timeout_s: float = 60.0,
-        verify: str | bool = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key

@@ -536,7 +536,7 @@ def create_api(service: CollectorService) -> FastAPI:
         except WebSocketDisconnect:
             return
 
-    @api.get("/v1/review", responses=errors(*AUTH, 403, 422, 503))
+    @api.get("/v1/review", response_model=contract.ReviewQueue, responses=errors(*AUTH, 403, 422, 503))
     async def review_queue(
         caller: ApiKey = as_operator,
         limit: int = Query(50, ge=1, le=500),
@@ -570,7 +570,11 @@ def create_api(service: CollectorService) -> FastAPI:
             ) from None
         return {"id": rating_id, "interaction_id": interaction_id, "rating": scale}
 
-    @api.get("/v1/interactions/{interaction_id}", responses=errors(*AUTH, 403, 404, 503))
+    @api.get(
+        "/v1/interactions/{interaction_id}",
+        response_model=contract.InteractionDetail,
+        responses=errors(*AUTH, 403, 404, 503),
+    )
     async def get_interaction(interaction_id: str, caller: ApiKey = as_operator) -> dict[str, Any]:
         """The interaction with its context, tool usage, feedback and merged outcome."""
         record = await asyncio.to_thread(service.store.get_interaction, interaction_id)
@@ -579,7 +583,7 @@ def create_api(service: CollectorService) -> FastAPI:
         await asyncio.to_thread(service.audit_read, caller, "GET /v1/interactions/{id}", [interaction_id])
         return record
 
-    @api.get("/v1/interactions", responses=errors(*AUTH, 403, 422, 503))
+    @api.get("/v1/interactions", response_model=contract.InteractionList, responses=errors(*AUTH, 403, 422, 503))
     async def list_interactions(
         caller: ApiKey = as_operator,
         session_id: str | None = Query(None, max_length=500, description="Raw session id (hashed here)."),
@@ -624,7 +628,12 @@ def create_api(service: CollectorService) -> FastAPI:
             erase, cfg, service.store, session_id=session_id, actor=caller.label, reason=reason
         )
 
-    @api.get("/v1/audit", summary="The audit log (admin)", responses=errors(*AUTH, 403, 422, 503))
+    @api.get(
+        "/v1/audit",
+        summary="The audit log (admin)",
+        response_model=contract.AuditLog,
+        responses=errors(*AUTH, 403, 422, 503),
+    )
     async def audit_log(
         caller: ApiKey = as_admin,
         action: str | None = Query(
@@ -643,7 +652,12 @@ def create_api(service: CollectorService) -> FastAPI:
         await asyncio.to_thread(service.store.audit, caller.label, "audit.read", action, {"entries": len(rows)})
         return {"entries": rows, "count": len(rows)}
 
-    @api.get("/v1/stats", dependencies=[require("operator")], responses=errors(*AUTH, 403, 503))
+    @api.get(
+        "/v1/stats",
+        dependencies=[require("operator")],
+        response_model=contract.Stats,
+        responses=errors(*AUTH, 403, 503),
+    )
     async def stats() -> dict[str, Any]:
         """Interactions per day, redactions per kind, and the store engine."""
         return await asyncio.to_thread(service.store.stats)

@@ -255,3 +255,76 @@ def _body_refs(document: dict[str, Any]) -> list[str]:
                     if ref:
                         refs.append(ref)
     return refs
+
+
+class InteractionRecord(BaseModel):
+    """A stored interaction as the read routes answer it (text as the privacy filter left it, ids
+    hashed); columns without a value are null."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    session_hash: str | None = Field(None, description="The session id's keyed hash.")
+    user_hash: str | None = Field(None, description="The user id's keyed hash (none with data_minimization).")
+    timestamp: str | None = Field(None, description="When it happened (ISO 8601).")
+    received_at: str | None = None
+    sequence_number: int | None = None
+    input_raw: str | None = None
+    input_processed: str | None = None
+    input_type: str | None = None
+    intent: str | None = None
+    complexity: str | None = None
+    output_content: str | None = None
+    output_format: str | None = None
+    generation_time_ms: float | None = None
+    token_count: int | None = None
+    streaming: bool | None = None
+    model_version: str | None = Field(None, description="The model or adapter that answered.")
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop_sequences: list[str] | None = None
+    system_prompt: str | None = None
+    redaction_count: int | None = None
+    quality_score: float | None = None
+    quality_confidence: float | None = None
+    quality_status: str | None = Field(None, description="pending, scored or no_evidence.")
+    serving_arm: str | None = None
+    deployment_id: str | None = None
+
+
+class InteractionDetail(InteractionRecord):
+    """``GET /v1/interactions/{id}``: the interaction with what is attached to it."""
+
+    context: dict[str, Any] | None = Field(None, description="The project context snapshot.")
+    tool_usage: list[dict[str, Any]] = Field(default_factory=list, description="Tool invocations, in order.")
+    feedback: list[dict[str, Any]] = Field(default_factory=list, description="Feedback events, oldest first.")
+    outcome: dict[str, Any] | None = Field(None, description="The outcome fields, later reports winning.")
+
+
+class InteractionList(BaseModel):
+    interactions: list[InteractionRecord]
+    count: int
+
+
+class ReviewQueue(InteractionList):
+    max_confidence: float = Field(description="The confidence bound the queue was read with.")
+
+
+class Stats(BaseModel):
+    """``GET /v1/stats``."""
+
+    model_config = ConfigDict(extra="allow")
+    engine: str
+    schema_version: int
+    events: int
+    interactions: int
+    feedback: int
+    tool_usage: int
+    outcomes: int
+    quality_status: dict[str, int] = Field(description="Interactions per quality status.")
+    per_day: list[dict[str, Any]] = Field(description="`{day, interactions}`, oldest first.")
+    redactions: dict[str, int] = Field(description="Redactions per kind (never the values).")
+
+
+class AuditLog(BaseModel):
+    entries: list[dict[str, Any]] = Field(description="`{id, timestamp, actor, action, target, details}`, newest first")
+    count: int

@@ -77,7 +77,7 @@ def test_the_api_over_https_with_a_self_signed_certificate(tmp_path: Path) -> No
                 session_id="s", prompt="over TLS", response="```python\nprint(1)\n```", id="tls-1"
             )
             assert client.flush(timeout=20)
-        assert httpx.get(f"{url}/v1/interactions/tls-1", verify=str(cert)).json()["input_raw"] == "over TLS"
+        assert httpx.get(f"{url}/v1/interactions/tls-1", verify=cfg.tls_verify()).json()["input_raw"] == "over TLS"
         with pytest.raises(httpx.ConnectError):  # the system's CAs do not know a self-signed certificate
             httpx.get(f"{url}/healthz")
         with pytest.raises(httpx.HTTPError):  # and plain HTTP is not served
