@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from app.artifacts import new_id
-from app.store.base import InteractionStore
+from app.store.base import InteractionStore, where_clause
 
 __all__ = [
     "ACTIVE_STATES",
@@ -373,17 +373,10 @@ class DeploymentStore:
         self, *, deployment_id: str | None = None, adapter_id: str | None = None, since: datetime | None = None
     ) -> list[dict[str, Any]]:
         """Failed requests of a deployment's arms, or of an adapter, since a time; oldest first."""
-        sql, params = "SELECT * FROM request_failures WHERE 1 = 1", []
-        if deployment_id is not None:
-            sql += " AND deployment_id = ?"
-            params.append(deployment_id)
-        if adapter_id is not None:
-            sql += " AND adapter_id = ?"
-            params.append(adapter_id)
-        if since is not None:
-            sql += " AND created_at >= ?"
-            params.append(since)
-        return self.store._fetch(sql + " ORDER BY id", params)
+        where, params = where_clause(
+            [("deployment_id = ?", deployment_id), ("adapter_id = ?", adapter_id), ("created_at >= ?", since)]
+        )
+        return self.store._fetch(f"SELECT * FROM request_failures{where} ORDER BY id", params)
 
     def heartbeat(self, replica_id: str, adapters: Sequence[str]) -> None:
         """A Generator replica says which adapters it has loaded now."""

@@ -676,20 +676,16 @@ class InteractionStore(ABC):
     ) -> list[dict[str, Any]]:
         """Audit entries, newest first: ``action`` is an exact action or a prefix ending in ``.``
         (``deployment.``), ``before_id`` pages back from an entry."""
-        sql, params = "SELECT * FROM audit_log WHERE 1 = 1", []
-        if action is not None:
-            sql += " AND action LIKE ?" if action.endswith(".") else " AND action = ?"
-            params.append(action + "%" if action.endswith(".") else action)
-        if target is not None:
-            sql += " AND target = ?"
-            params.append(target)
-        if since is not None:
-            sql += " AND timestamp >= ?"
-            params.append(since)
-        if before_id is not None:
-            sql += " AND id < ?"
-            params.append(before_id)
-        return self._fetch(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        prefix = action is not None and action.endswith(".")
+        where, params = where_clause(
+            [
+                ("action LIKE ?" if prefix else "action = ?", f"{action}%" if prefix else action),
+                ("target = ?", target),
+                ("timestamp >= ?", since),
+                ("id < ?", before_id),
+            ]
+        )
+        return self._fetch(f"SELECT * FROM audit_log{where} ORDER BY id DESC LIMIT ?", [*params, limit])
 
     def ping(self) -> bool:
         """True when the engine answers a trivial query."""
@@ -698,6 +694,13 @@ class InteractionStore(ABC):
             return True
         except Exception:
             return False
+
+
+def where_clause(conditions: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
+    """`` WHERE a AND b`` of the conditions whose value is not None, and their values (empty when
+    none is set)."""
+    kept = [(sql, value) for sql, value in conditions if value is not None]
+    return (" WHERE " + " AND ".join(sql for sql, _ in kept) if kept else ""), [value for _, value in kept]
 
 
 def _merge_outcomes(outcomes: list[dict[str, Any]]) -> dict[str, Any] | None:
