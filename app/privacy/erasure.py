@@ -29,7 +29,6 @@ from app.store import InteractionStore
 __all__ = ["STALE_FILE", "erase", "mark_stale_datasets"]
 
 STALE_FILE = "stale.json"
-DATASET_SPLITS = ("train.parquet", "validation.parquet")
 
 
 def erase(
@@ -65,24 +64,20 @@ def mark_stale_datasets(storage_root: str, ids: set[str], target: str) -> dict[s
     """Mark the local datasets holding any of ``ids`` as stale (``stale.json``, the count added to
     any earlier erasure's); the erased rows per dataset id. A dataset on a remote root is left as
     it is (its rows are in the store no more, and the next build leaves them out)."""
-    import pyarrow.parquet as pq
+    from app.privacy.retention import dataset_interaction_ids
 
-    root = Path(storage_root) / "datasets"
-    if "://" in storage_root or not root.is_dir():
+    if "://" in storage_root:
         return {}
     stale: dict[str, int] = {}
-    for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").exists()):
-        held = 0
-        for split in DATASET_SPLITS:
-            if (folder / split).exists():
-                column = pq.read_table(folder / split, columns=["interaction_id"]).column(0).to_pylist()
-                held += sum(1 for i in column if i in ids)
-        if not held:
+    for dataset_id, held in sorted(dataset_interaction_ids(storage_root).items()):
+        folder = Path(storage_root) / "datasets" / dataset_id
+        erased = len(held & ids)
+        if not erased or not (folder / "manifest.json").exists():
             continue
         marker = folder / STALE_FILE
         earlier = json.loads(marker.read_text()) if marker.exists() else {"erased_rows": 0, "erasures": []}
-        earlier["erased_rows"] += held
-        earlier["erasures"].append({"at": datetime.now(UTC).isoformat(), "target": target, "rows": held})
+        earlier["erased_rows"] += erased
+        earlier["erasures"].append({"at": datetime.now(UTC).isoformat(), "target": target, "rows": erased})
         marker.write_text(json.dumps(earlier, indent=2))
-        stale[folder.name] = held
+        stale[dataset_id] = erased
     return stale

@@ -24,7 +24,15 @@ from typing import Any
 from app.config import KaizenConfig
 from app.store import InteractionStore
 
-__all__ = ["EVERY", "RetentionResult", "kept_dataset_ids", "prune_adapters", "retention_due", "run_retention"]
+__all__ = [
+    "EVERY",
+    "RetentionResult",
+    "dataset_interaction_ids",
+    "kept_dataset_ids",
+    "prune_adapters",
+    "retention_due",
+    "run_retention",
+]
 
 BATCH = 5_000
 EVERY = timedelta(days=1)
@@ -44,26 +52,32 @@ class RetentionResult:
         return asdict(self)
 
 
-def kept_dataset_ids(storage_root: str) -> set[str]:
-    """The interaction ids the datasets under ``<storage_root>/datasets`` hold (a local root; a
-    remote root's datasets are read where they are)."""
+def dataset_interaction_ids(storage_root: str) -> dict[str, set[str]]:
+    """The interaction ids each dataset under ``<storage_root>/datasets`` holds (its train and
+    validation rows), by dataset id; a local or a remote root."""
     import pyarrow.dataset as pads
 
     from app.artifacts import locate
 
     folder = locate(storage_root).child("datasets")
-    ids: set[str] = set()
+    held: dict[str, set[str]] = {}
     if "://" not in storage_root and not Path(folder.path).is_dir():
-        return ids
+        return held
     for child in folder.filesystem.get_file_info(_selector(folder.path)):
         if child.type.name != "Directory":
             continue
+        ids = held.setdefault(child.base_name, set())
         for split in ("train.parquet", "validation.parquet"):
             path = f"{child.path}/{split}"
             if folder.filesystem.get_file_info(path).type.name == "File":
                 table = pads.dataset(path, filesystem=folder.filesystem).to_table(columns=["interaction_id"])
                 ids.update(v for v in table.column(0).to_pylist() if v)
-    return ids
+    return held
+
+
+def kept_dataset_ids(storage_root: str) -> set[str]:
+    """The interaction ids any kept dataset holds (what retention leaves in the store)."""
+    return set().union(*dataset_interaction_ids(storage_root).values())
 
 
 def _selector(path: str) -> Any:

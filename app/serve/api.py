@@ -21,7 +21,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -32,10 +32,25 @@ from app.ingest import IngestPipeline
 from app.privacy.erasure import erase
 from app.quality.streaming import CircuitBreaker, StreamingAssessor
 from app.registry import AdapterRegistry
-from app.schemas import EventResult, IsoDatetime, QualityScore, json_int
+from app.schemas import EventResult, IsoDatetime, QualityScore
 from app.security.keys import KEY_PATTERN, OPEN, ApiKey, Authenticator, RateLimiter, Role, allows
 from app.serve import contract
-from app.serve.contract import AUTH, BODY, EventBatchResult, Health, Readiness, errors, json_body
+from app.serve.contract import (
+    AUTH,
+    BODY,
+    AssessRequest,
+    Erasure,
+    EventBatchResult,
+    Health,
+    RatingCreated,
+    Readiness,
+    ReviewRequest,
+    StreamRequest,
+    StreamStart,
+    StreamWindows,
+    errors,
+    json_body,
+)
 from app.serve.deployments_api import add_deployment_routes
 from app.serve.errors import json_problem, public_reason, unavailable
 from app.serve.openai_api import GenerationBackend, add_openai_routes
@@ -206,71 +221,6 @@ class CollectorService:
         return self.pipeline.privacy.hash_id(session_id)
 
 
-class AssessRequest(BaseModel):
-    """``POST /v1/quality/assess``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: str = Field(max_length=1_000_000)
-    response: str = Field(
-        max_length=1_000_000, pattern=r"\S", description="The answer to score: not empty, not only spaces."
-    )
-    feedback: dict[str, Any] | None = None
-    outcome: dict[str, Any] | None = None
-    generation_time_ms: float | None = Field(None, ge=0)
-    context: dict[str, Any] | None = None
-    execute: bool = Field(True, description="Run the examples and tests found, in the sandbox.")
-
-
-class StreamRequest(BaseModel):
-    """``POST /v1/quality/stream``: a response as the chunks it was generated in."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: str = Field(max_length=1_000_000)
-    chunks: list[str] = Field(max_length=100_000)
-    context: dict[str, Any] | None = None
-
-
-class StreamStart(BaseModel):
-    """The first message on ``/v1/quality/stream`` (WebSocket)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: str = Field(max_length=1_000_000)
-    context: dict[str, Any] | None = None
-
-
-class ReviewRequest(BaseModel):
-    """``POST /v1/review/{id}``: a person's rating of an interaction."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    rating: json_int(1, 5) = Field(description="1 (useless) to 5 (exemplary).")
-    rater: str = Field("operator", min_length=1, max_length=200, description="Who rated it.")
-    comment: str | None = Field(None, max_length=10_000)
-    dimensions: (
-        dict[
-            Literal["user_satisfaction", "functional_correctness", "code_quality", "context_relevance", "efficiency"],
-            json_int(1, 5),
-        ]
-        | None
-    ) = Field(None, description="Optional 1-5 ratings per dimension.")
-
-
-class Erasure(BaseModel):
-    target: str = Field(description="`session:` or `user:` and the id's keyed hash (the id itself is kept nowhere).")
-    interactions: int = Field(description="Interactions erased.")
-    deleted: dict[str, int] = Field(description="Rows deleted per table.")
-    stale_datasets: dict[str, int] = Field(description="Datasets that held some of them: their erased rows.")
-
-
-class StreamWindows(BaseModel):
-    windows: list[dict[str, Any]] = Field(description="Each window's provisional score; the last is final.")
-
-
-class RatingCreated(BaseModel):
-    id: str
-    interaction_id: str
-    rating: float = Field(description="The rating on the 0-1 scale calibration uses.")
-
-
 def allowed_methods(api: FastAPI, scope: Mapping[str, Any]) -> list[str]:
     """The methods the routes matching a request's path answer (a path may have one route per method)."""
     methods: set[str] = set()
@@ -353,10 +303,9 @@ def create_api(service: CollectorService) -> FastAPI:
     as_operator, as_admin = require("operator"), require("admin")
 
     async def read_json(request: Request) -> Any:
-        declared = request.headers.get("content-length")
+        # A declared length over the limit was refused by _bounded_body; this is a body sent
+        # without one (chunked).
         limit = cfg.collection.max_body_bytes
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, {"field": "body", "reason": f"body of {declared} bytes exceeds {limit}"})
         body = await request.body()
         if len(body) > limit:
             raise HTTPException(413, {"field": "body", "reason": f"body of {len(body)} bytes exceeds {limit}"})

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import EventResult, Feedback, Id, Interaction, IsoDatetime, Outcome, ToolUsage
+from app.schemas import EventResult, Feedback, Id, Interaction, IsoDatetime, Outcome, ToolUsage, json_int
 
 __all__ = [
     "AUTH",
@@ -328,3 +328,71 @@ class Stats(BaseModel):
 class AuditLog(BaseModel):
     entries: list[dict[str, Any]] = Field(description="`{id, timestamp, actor, action, target, details}`, newest first")
     count: int
+
+
+# --- the routes' own bodies and answers ------------------------------------------------------------
+
+
+class AssessRequest(BaseModel):
+    """``POST /v1/quality/assess``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(max_length=1_000_000)
+    response: str = Field(
+        max_length=1_000_000, pattern=r"\S", description="The answer to score: not empty, not only spaces."
+    )
+    feedback: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+    generation_time_ms: float | None = Field(None, ge=0)
+    context: dict[str, Any] | None = None
+    execute: bool = Field(True, description="Run the examples and tests found, in the sandbox.")
+
+
+class StreamRequest(BaseModel):
+    """``POST /v1/quality/stream``: a response as the chunks it was generated in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(max_length=1_000_000)
+    chunks: list[str] = Field(max_length=100_000)
+    context: dict[str, Any] | None = None
+
+
+class StreamStart(BaseModel):
+    """The first message on ``/v1/quality/stream`` (WebSocket)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(max_length=1_000_000)
+    context: dict[str, Any] | None = None
+
+
+class ReviewRequest(BaseModel):
+    """``POST /v1/review/{id}``: a person's rating of an interaction."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    rating: json_int(1, 5) = Field(description="1 (useless) to 5 (exemplary).")
+    rater: str = Field("operator", min_length=1, max_length=200, description="Who rated it.")
+    comment: str | None = Field(None, max_length=10_000)
+    dimensions: (
+        dict[
+            Literal["user_satisfaction", "functional_correctness", "code_quality", "context_relevance", "efficiency"],
+            json_int(1, 5),
+        ]
+        | None
+    ) = Field(None, description="Optional 1-5 ratings per dimension.")
+
+
+class Erasure(BaseModel):
+    target: str = Field(description="`session:` or `user:` and the id's keyed hash (the id itself is kept nowhere).")
+    interactions: int = Field(description="Interactions erased.")
+    deleted: dict[str, int] = Field(description="Rows deleted per table.")
+    stale_datasets: dict[str, int] = Field(description="Datasets that held some of them: their erased rows.")
+
+
+class StreamWindows(BaseModel):
+    windows: list[dict[str, Any]] = Field(description="Each window's provisional score; the last is final.")
+
+
+class RatingCreated(BaseModel):
+    id: str
+    interaction_id: str
+    rating: float = Field(description="The rating on the 0-1 scale calibration uses.")
