@@ -60,7 +60,15 @@ def _seed_run(seed: int, scores: dict[str, float], times: dict[str, float]) -> d
     return {
         "seed": seed,
         "runs": {
-            n: {"score": s, "score_on_hard_words": s, "train_time_s": times[n], "rows": 10} for n, s in scores.items()
+            n: {
+                "score": s,
+                "score_on_hard_words": s,
+                "learned_scores": [s, s, s],
+                "valid": s >= 0.9,
+                "train_time_s": times[n],
+                "rows": 10,
+            }
+            for n, s in scores.items()
         },
     }
 
@@ -76,7 +84,10 @@ def test_the_goals_are_judged_on_the_means_over_seeds() -> None:
     assert summary["kaizen"]["score"]["mean"] == pytest.approx(0.875)
     assert summary["kaizen"]["score"]["sd"] == pytest.approx(0.10607, abs=1e-4)  # sample standard deviation
     assert (summary["random"]["score"]["min"], summary["random"]["score"]["max"]) == (0.5, 0.7)
-    score, time = goals
+    learned, score, time = goals
+    # random (0.5, 0.7) and kaizen at seed 1 (0.80) did not learn every task where the answers were right.
+    assert not learned["passed"] and learned["measured"] == pytest.approx(0.5)
+    assert (summary["all"]["valid_runs"], summary["kaizen"]["valid_runs"], summary["random"]["valid_runs"]) == (2, 1, 0)
     assert not score["passed"] and score["seeds_at_least_as_good"] == 1
     assert score["per_seed_difference"] == pytest.approx([0.05, -0.1])
     assert time["passed"] and time["measured"] == pytest.approx(30.0)  # 30 <= 310 / 10
@@ -87,7 +98,7 @@ def test_the_goals_are_judged_on_the_means_over_seeds() -> None:
 
 
 def test_a_seed_whose_baseline_did_not_learn_is_left_out_of_the_means() -> None:
-    """A seed where training on all rows left a task below 0.9 is invalid (marked by the run):
+    """A seed where training on all rows left a task below 0.9 where the answers were right is invalid:
     the means and goals come from the valid seeds, and the invalid ones are named."""
     from benchmarks.data_selection import summarize
 
@@ -95,5 +106,5 @@ def test_a_seed_whose_baseline_did_not_learn_is_left_out_of_the_means() -> None:
     invalid = {**_seed_run(1, {"all": 0.4, "kaizen": 0.1}, {"all": 300.0, "kaizen": 25.0}), "valid": False}
     summary, goals = summarize([{**valid, "valid": True}, invalid])
     assert summary["invalid_seeds"] == [1]
-    assert summary["kaizen"]["score"]["mean"] == pytest.approx(0.97) and goals[0]["passed"]
+    assert summary["kaizen"]["score"]["mean"] == pytest.approx(0.97) and goals[0]["passed"] and goals[1]["passed"]
     assert summarize([invalid]) == ({"invalid_seeds": [1]}, [])
