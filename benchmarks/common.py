@@ -69,7 +69,8 @@ def train_answer_adapter(model_root: Any, store: Any, adapter_id: str, answer: s
 
 def keep_evaluations(curve: list[dict[str, Any]]) -> Any:
     """A progress callback that keeps each evaluation of a run: its step, the training loss of the
-    steps since the last report, the validation loss and exact match."""
+    steps since the last report, the validation loss and exact match (and, with held-out rows of
+    earlier domains, theirs)."""
 
     def keep(metrics: dict[str, Any]) -> None:
         if "val_loss" in metrics and not metrics.get("final"):
@@ -81,6 +82,11 @@ def keep_evaluations(curve: list[dict[str, Any]]) -> Any:
                     "train_loss": sum(losses) / len(losses) if losses else metrics.get("loss"),
                     "val_loss": metrics["val_loss"],
                     "val_exact_match": metrics.get("val_exact_match"),
+                    **(
+                        {"heldout_exact_match": metrics["heldout_exact_match"], "heldout_loss": metrics["heldout_loss"]}
+                        if metrics.get("heldout_exact_match") is not None
+                        else {}
+                    ),
                 }
             )
 
@@ -97,6 +103,12 @@ def curve_summary(name: str, info: dict[str, Any]) -> str:
     return (
         f"    {name}: {len(curve)} evaluations to step {last['step']}, train loss {first['train_loss']:.3f} -> "
         f"{last['train_loss']:.3f}, val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f}, val exact "
-        f"{first['val_exact_match']:.2f} -> {last['val_exact_match']:.2f}; kept step {info.get('kept_step')} "
+        f"{first['val_exact_match']:.2f} -> {last['val_exact_match']:.2f}"
+        + (
+            f", held-out exact {first['heldout_exact_match']:.2f} -> {last['heldout_exact_match']:.2f}"
+            if "heldout_exact_match" in first
+            else ""
+        )
+        + f"; kept step {info.get('kept_step')} "
         f"(val exact {info.get('val_exact_match') or 0:.2f}); test {info.get('own_score', float('nan')):.2f}"
     )

@@ -401,6 +401,19 @@ def make_task_data(root: Path, s: Settings) -> list[TaskData]:
     return out
 
 
+def _heldout(root: Path, tasks: list[TaskData], stage: int, name: str) -> Path:
+    """The validation rows of every task before ``stage`` (0-based), never trained on, as a dataset
+    folder: what ``kaizen learn`` hands a cycle as its held-out earlier domains
+    (``learn.measure_forgetting``), whose loss and exact match the trainer's objective and kept
+    adapter follow."""
+    folder = root / "heldout" / name
+    _write_rows(
+        folder / "validation.parquet",
+        [row for data in tasks[:stage] for row in task_rows(data.task, data.validation, prefix="val-")],
+    )
+    return folder
+
+
 def _earlier_rows(tasks: list[TaskData], stage: int, per_task: int, seed: int) -> list[dict[str, Any]]:
     """``per_task`` real training rows of each task before ``stage`` (0-based), drawn at random."""
     rows = []
@@ -467,6 +480,7 @@ def _finetune(
     *,
     rehearsal: Path | None = None,
     fisher: Path | None = None,
+    heldout: Path | None = None,
     masking: str = "none",
 ) -> dict[str, Any]:
     from app.learning.training import FinetuneConfig
@@ -504,6 +518,7 @@ def _finetune(
             data.folder,
             rehearsal=rehearsal,
             fisher_data=fisher,
+            heldout=heldout,
             run_name=name,
             progress=keep_evaluations(curve),
         )
@@ -673,6 +688,7 @@ def run_method(
             name,
             rehearsal=rehearsal,
             fisher=fisher,
+            heldout=_heldout(root, tasks, stage, name),
             masking=masking,
         )
         parent = result["adapter_id"]

@@ -529,7 +529,7 @@ class Trainer(TrialRestarts):
             result["heldout_loss"] = state.last_heldout_loss
             result["forgetting"] = state.last_heldout_loss - state.initial_heldout_loss
         result["objective"] = objective(state.last_val_loss, result.get("forgetting"), self.opts.forgetting_weight)
-        result["selection"] = selection_key(result, self.opts.select_by)
+        result["selection"] = selection_key(result, self.opts.select_by, self.opts.learned_exact_match)
         if self.stopper.update(result["selection"]):
             state.best_params = trainable_state(self.peft_model, self.opts)
             state.best_figures = {**result, "kept_step": state.step}
@@ -662,14 +662,19 @@ def _unlabelled(row: dict[str, Any]) -> bool:
     return all(t == IGNORE_INDEX for t in row["labels"])
 
 
-def selection_key(figures: dict[str, Any], select_by: str) -> list[float]:
+def selection_key(figures: dict[str, Any], select_by: str, learned_at: float = 1.0) -> list[float]:
     """What early stopping, the kept adapter and the choice between trials minimise, compared in
-    order: with ``exact_match``, fewer validation rows answered exactly first, then the objective
+    order. With ``exact_match``: fewer validation rows answered exactly first, then the objective
     (the loss decides between equal exact matches, as on a model that answers nothing exactly
-    yet); with ``loss``, the objective alone."""
-    if select_by == "exact_match":
-        return [1.0 - figures["val_exact_match"], figures["objective"]]
-    return [figures["objective"]]
+    yet); with held-out rows of earlier domains, the validation match counts up to ``learned_at``
+    (the new task learned), then fewer held-out rows answered exactly (forgetting), then the
+    validation match, then the objective. With ``loss``, the objective alone."""
+    if select_by != "exact_match":
+        return [figures["objective"]]
+    exact = figures["val_exact_match"]
+    if figures.get("heldout_exact_match") is None:
+        return [1.0 - exact, figures["objective"]]
+    return [1.0 - min(exact, learned_at), 1.0 - figures["heldout_exact_match"], 1.0 - exact, figures["objective"]]
 
 
 def learned(trend: tuple[float, float] | None, min_drop: float) -> bool | None:

@@ -80,6 +80,19 @@ class GeneratorDeployment:
                 log.warning("adapter heartbeat failed", exc_info=True)
             await asyncio.sleep(HEARTBEAT_S)
 
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown of this replica (scaled down, redeployed, deleted): stop the
+        heartbeat and leave the store's list of replicas, so that the deployer does not wait for an
+        adapter to load on a replica that is gone until its heartbeat ages out."""
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None:
+            keeper.cancel()
+        if getattr(self, "deployments", None) is not None:
+            try:
+                await asyncio.to_thread(self.deployments.forget_replica, self.replica_id)
+            except Exception:  # the store away: the heartbeat ages out instead
+                log.warning("leaving the replica list failed", exc_info=True)
+
     def _cap_adapters(self, count: int) -> None:
         """``@serve.multiplexed`` takes its cap when the class is defined; the configured one is
         installed by creating the wrapper it would create lazily on the first call."""

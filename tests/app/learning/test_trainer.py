@@ -236,6 +236,31 @@ def test_selection_puts_exact_match_first_and_the_loss_second() -> None:
     assert not by_loss.update(selection_key(worse_loss_more_exact, "loss")) and by_loss.should_stop
 
 
+def test_once_the_new_task_is_learned_forgetting_less_counts_first() -> None:
+    """With held-out rows of earlier domains: past the learned threshold the adapter that keeps
+    more of them wins over one with a higher validation match; below it, the new task comes first."""
+    from app.learning.trainer import selection_key
+    from app.learning.training import EarlyStopping
+
+    def key(exact: float, heldout: float, objective: float = 1.0) -> list[float]:
+        return selection_key(
+            {"val_exact_match": exact, "heldout_exact_match": heldout, "objective": objective}, "exact_match", 0.95
+        )
+
+    stopper = EarlyStopping(patience=2)
+    assert stopper.update(key(1.0, 0.4))  # the new task learned, most of the earlier one forgotten
+    assert stopper.update(key(0.97, 0.8))  # still learned (>= 0.95), the rehearsal teaching it back
+    assert not stopper.update(key(0.9, 1.0))  # below the threshold: the new task first
+    assert stopper.update(key(1.0, 0.8))  # equal held-out match: the higher validation match
+    assert not stopper.update(key(1.0, 0.8, objective=2.0)) and not stopper.should_stop
+    assert not stopper.update(key(1.0, 0.6)) and stopper.should_stop  # two without a better one
+    # Without held-out rows the threshold plays no part: the validation match, then the objective.
+    assert selection_key({"val_exact_match": 0.97, "objective": 1.0}, "exact_match", 0.95) == [
+        pytest.approx(0.03),
+        1.0,
+    ]
+
+
 def test_the_same_seed_and_data_train_the_same_adapter_under_deterministic_algorithms(model_root: Path) -> None:
     def adapter() -> dict[str, torch.Tensor]:
         with deterministic_algorithms(True):

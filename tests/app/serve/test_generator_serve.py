@@ -16,7 +16,7 @@ from app.config import KaizenConfig
 from app.model.adapters import AdapterStore
 from app.registry import AdapterRegistry
 from app.store.sqlite import SQLiteStore
-from tests.conftest import free_port, train_answer_adapter
+from tests.conftest import free_port, train_answer_adapter, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +246,17 @@ def test_a_registered_adapter_that_will_not_load_fails_as_the_server_and_is_coun
         time.sleep(0.2)
     (row,) = DeploymentStore(store).failures(adapter_id="answer-broken")
     assert row["status"] == 503 and row["model"] == "answer-broken" and row["serving_arm"] is None
+
+
+def test_a_replica_shut_down_takes_itself_off_the_replica_list(kaizen) -> None:
+    """Last in the module (it deletes the app): a Generator replica shut down gracefully leaves the
+    list of replicas the deployer reads at once, instead of after its heartbeat ages out."""
+    from ray import serve
+
+    from app.deployment.state import DeploymentStore
+
+    _, store, _, _ = kaizen
+    deployments = DeploymentStore(store)
+    wait_for("the replica's heartbeat", lambda: len(deployments.replicas()) == 1)
+    serve.delete("kaizen-gen-test")
+    assert deployments.replicas() == {}
