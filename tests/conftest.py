@@ -23,6 +23,10 @@ __all__ = ["free_port", "ingest_samples", "train_answer_adapter", "wait_for"]
 # The code passes local_files_only everywhere; this also stops any library that reads the
 # variable from reaching for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Train V2's controller polls its workers every 2 s, and a run's start, each report and its end
+# wait for a poll: the tests' runs are a few steps long, so they poll often (the workers and the
+# jobs' processes inherit this from the session's Ray).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 PG_ADMIN_DSN = os.environ.get("KAIZEN_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

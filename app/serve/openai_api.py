@@ -20,18 +20,21 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from app.deployment.routing import Route
-from app.generation import GenerationRequestError, GeneratorService, interaction_event, parse_request
-from app.generation.protocol import ChatCompletion, ChatCompletionRequest
+from app.generation.protocol import ChatCompletion, ChatCompletionRequest, GenerationRequestError, parse_request
+from app.generation.recording import interaction_event
 from app.serve.contract import AUTH, OpenAIErrorBody, errors, json_body
 from app.serve.errors import json_problem
 from app.serve.headers import RECORD_HEADER, SESSION_HEADER
+
+if TYPE_CHECKING:
+    from app.generation.service import GeneratorService
 
 __all__ = ["GenerationBackend", "HandleBackend", "LocalBackend", "add_openai_routes", "generate_items"]
 

@@ -74,9 +74,10 @@ def head(tmp_path: Path):
     yield url
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=5)  # `ray start --block` often outwaits this: its node is killed as a group
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
     # `ray start` left its address for bare ray.init() calls to find: put back what was there.
     if previous is None:
         current.unlink(missing_ok=True)
