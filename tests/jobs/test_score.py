@@ -46,7 +46,9 @@ def test_pending_then_all_are_scored_by_the_actor_pool(tmp_path: Path, ray_sessi
     store.close()
 
 
-def test_the_command_line(tmp_path: Path) -> None:
+def test_the_command_line(tmp_path: Path, ray_session) -> None:
+    import ray
+
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"store:\n  sqlite_path: {tmp_path / 'k.db'}\nprivacy:\n  hmac_key: k\n")
     store = SQLiteStore(tmp_path / "k.db")
@@ -63,7 +65,8 @@ def test_the_command_line(tmp_path: Path) -> None:
             "--actors",
             "1",
             "--no-execute",
-            "ray.num_cpus=1",
+            # It joins the session's Ray, as a job joins a cluster (starting its own takes longer).
+            f"ray.address={ray.get_runtime_context().gcs_address}",
         ],
         capture_output=True,
         text=True,
