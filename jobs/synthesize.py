@@ -86,7 +86,6 @@ from app.learning.ssr import (
     sample_demonstrations,
     select_by_clusters,
 )
-from app.model.adapters import AdapterStore
 from app.ray_setup import start_ray
 from app.registry import champion_adapter
 
@@ -323,6 +322,8 @@ def latest_adapter(cfg: KaizenConfig) -> str | None:
     """
     adapter_id = champion_adapter(cfg)
     if adapter_id is not None:
+        from app.model.adapters import AdapterStore  # torch and transformers: not for a bad option's error
+
         base = AdapterStore(cfg.model.storage_root).manifest(adapter_id).base_model
         if base != cfg.model.base_model:
             raise ValueError(
