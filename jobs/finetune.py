@@ -31,7 +31,8 @@ on the command line or a ``finetune:`` section in the config file):
    learning rate warms up (``finetune.warmup_fraction``) and decays; validation exact match
    (``finetune.select_by``; the loss objective breaks ties) drives early stopping and picks the
    adapter kept; with held-out rows of earlier domains, once the validation match reaches
-   ``finetune.learned_exact_match`` the held-out rows' exact match (forgetting) counts first. With ``finetune.trials`` > 1 the run first trains that many seeds for
+   ``finetune.learned_exact_match`` the held-out rows' exact match (forgetting) counts first.
+   With ``finetune.trials`` > 1 the run first trains that many seeds for
    ``finetune.trial_fraction`` of its steps each and goes on with the best by validation.
    Every step's loss, learning rate and tokens/s reach Ray Train in the ``step_metrics`` of the
    next report (an epoch's last step with the epoch's loss), sent at evaluations, checkpoints,

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import psycopg
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from app.store.base import InteractionStore
 from app.store.schema import ERASABLE_TABLES
@@ -37,6 +37,10 @@ class PostgresStore(InteractionStore):
         kwargs: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout_s))}
         if sslmode is not None:
             kwargs["sslmode"] = sslmode  # over the DSN's: store.postgres_sslmode
+        # One connection by hand first: a server that refuses (no such database, a password, TLS
+        # required) fails here at once with its reason, where the pool would retry until its
+        # timeout and then say only that it timed out.
+        psycopg.connect(dsn, **kwargs).close()
         self._pool = ConnectionPool(
             dsn,
             min_size=1,
@@ -45,14 +49,7 @@ class PostgresStore(InteractionStore):
             timeout=connect_timeout_s,
             kwargs=kwargs,
         )
-        # Fails here, with the server's reason, when the database cannot be reached: the pool
-        # only says it timed out, so one connection is made by hand for the reason.
-        try:
-            self._pool.open(wait=True, timeout=connect_timeout_s)
-        except PoolTimeout:
-            self._pool.close()
-            psycopg.connect(dsn, **kwargs).close()
-            raise
+        self._pool.open(wait=True, timeout=connect_timeout_s)
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:

@@ -173,3 +173,14 @@ def test_all_interaction_ids_walks_the_pages_in_id_order(store) -> None:
     assert len(every) == 12 and every == sorted(every) == store.interaction_ids(limit=100)
     assert store.all_interaction_ids(page_size=5, limit=7) == every[:7]
     assert store.all_interaction_ids(quality_status="scored") == []
+
+
+def test_a_postgres_server_that_refuses_says_why(pg_dsn: str) -> None:
+    """The server's own reason (here: no such database), not the pool's timeout."""
+    import psycopg
+
+    from app.store.postgres import PostgresStore
+
+    missing = pg_dsn.rsplit("/", 1)[0] + "/kaizen_no_such_database"
+    with pytest.raises(psycopg.OperationalError, match="kaizen_no_such_database"):
+        PostgresStore(missing)
