@@ -92,10 +92,12 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_retention_run(args: argparse.Namespace) -> int:
-    """``kaizen retention run``: ``python -m jobs.retention`` with this command line's config."""
-    from jobs import retention
+    """``kaizen retention run``: what ``python -m jobs.retention`` does, with this command line's config."""
+    from app.job_cli import to_jsonable
+    from app.privacy.retention import retain
 
-    return retention.cli([*(["--config", args.config] if args.config else []), *args.overrides])
+    print(json.dumps(to_jsonable(retain(resolve_paths(load_config(args.config, args.overrides)))), indent=2))
+    return 0
 
 
 def add_admin_commands(sub: argparse._SubParsersAction, with_config: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -16,21 +16,14 @@ from collections.abc import Sequence
 
 from app.config import KaizenConfig
 from app.job_cli import job_parser, run_job
-from app.privacy.retention import RetentionResult, run_retention
+from app.privacy.retention import RetentionResult, retain
 
 __all__ = ["cli", "main", "parser"]
 
 
 def main(cfg: KaizenConfig, *, actor: str = "retention") -> RetentionResult:
     """One retention run on the configured store."""
-    from app.store import open_store
-
-    store = open_store(cfg.store)
-    try:
-        store.migrate()
-        return run_retention(cfg, store, actor=actor)
-    finally:
-        store.close()
+    return retain(cfg, actor=actor)
 
 
 def parser() -> argparse.ArgumentParser:

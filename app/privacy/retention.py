@@ -30,6 +30,7 @@ __all__ = [
     "dataset_interaction_ids",
     "kept_dataset_ids",
     "prune_adapters",
+    "retain",
     "retention_due",
     "run_retention",
 ]
@@ -153,3 +154,16 @@ def retention_due(store: InteractionStore, now: datetime, every: timedelta = EVE
     at = last[0]["timestamp"]
     at = datetime.fromisoformat(at) if isinstance(at, str) else at
     return now - (at if at.tzinfo else at.replace(tzinfo=UTC)) >= every
+
+
+def retain(cfg: KaizenConfig, *, actor: str = "retention") -> RetentionResult:
+    """One retention run on the configured store (opened, migrated and closed here): what
+    ``python -m jobs.retention`` and ``kaizen retention run`` do."""
+    from app.store import open_store
+
+    store = open_store(cfg.store)
+    try:
+        store.migrate()
+        return run_retention(cfg, store, actor=actor)
+    finally:
+        store.close()
