@@ -1,11 +1,14 @@
-"""What every benchmark program shares: percentiles, the printed table, a training run's learning curve."""
+"""What every benchmark program shares: percentiles, the printed table, a training run's learning
+curve, and the seeds that a stopped multi-seed run had finished."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["curve_summary", "keep_evaluations", "pct", "print_table", "train_answer_adapter"]
+__all__ = ["curve_summary", "finished_seeds", "keep_evaluations", "pct", "print_table", "train_answer_adapter"]
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -112,3 +115,38 @@ def curve_summary(name: str, info: dict[str, Any]) -> str:
         + f"; kept step {info.get('kept_step')} "
         f"(val exact {info.get('val_exact_match') or 0:.2f}); test {info.get('own_score', float('nan')):.2f}"
     )
+
+
+def finished_seeds(
+    output: Path, benchmark: str, key: str, seeds: Sequence[int], settings: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The runs of ``seeds`` that a stopped run of ``benchmark`` left in its partial results file
+    ``output`` (``complete: false``, the runs under ``key``), so that ``--resume`` runs only the
+    others; none when the file is missing or complete.
+
+    Raises:
+        ValueError: the file is another benchmark's, or a finished run's settings (its own
+            ``settings``, else the file's ``options``; the seed aside) differ from ``settings``,
+            naming the first that does."""
+    if not output.is_file():
+        return []
+    prior = json.loads(output.read_text())
+    if prior.get("benchmark") != benchmark:
+        raise ValueError(f"{output} holds {prior.get('benchmark')!r} results, not {benchmark!r}")
+    if prior.get("complete"):
+        return []
+    runs = [r for r in prior.get(key, []) if r.get("seed") in seeds]
+    for run in runs:
+        theirs = _plain(run.get("settings", prior.get("options", {})))
+        for name, value in _plain(settings).items():
+            if name != "seed" and theirs.get(name) != value:
+                raise ValueError(
+                    f"{output}: seed {run['seed']} ran with {name}={theirs.get(name)!r}, this run has {value!r}; "
+                    "resume only with the settings it started with"
+                )
+    return runs
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from the results file (tuples as lists, paths as text)."""
+    return json.loads(json.dumps(value, default=str))

@@ -55,7 +55,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.common import curve_summary, keep_evaluations, print_table
+from benchmarks.common import curve_summary, finished_seeds, keep_evaluations, print_table
 from benchmarks.forgetting import (
     REQUIRED_ABILITIES,
     Evaluator,
@@ -510,6 +510,11 @@ def main() -> None:
         metavar="OPTION=VALUE",
         help="change one of the benchmark's Options (e.g. quality_neighbours=0); repeatable",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds that a stopped run with these options and sets finished in --output; run the others",
+    )
     args = parser.parse_args()
     sets = tuple(n for n in SETS if n in args.sets.split(","))
     if not sets or args.seeds < 1:
@@ -526,17 +531,35 @@ def main() -> None:
     output = args.output or RESULTS / "data_selection.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "data_selection", "quick": args.quick, "options": asdict(o), "sets": sets}
+    seeds = [o.seed + i for i in range(args.seeds)]
+    result["seeds"], result["base_models"] = [], []
+    if args.resume:
+        try:
+            finished = finished_seeds(output, "data_selection", "seeds", seeds, asdict(o))
+        except ValueError as exc:
+            parser.error(str(exc))
+        prior = json.loads(output.read_text()) if finished else {}
+        for run in finished:
+            if set(run["runs"]) != set(sets):
+                parser.error(
+                    f"{output}: seed {run['seed']} trained {', '.join(run['runs'])}, this run {', '.join(sets)}"
+                )
+            result["seeds"].append(run)
+            result["base_models"].append(prior["base_models"][prior["seeds"].index(run)])
+    ray_started = False
     with work_folder(args.keep, "kaizen-data-selection-") as work:
-        result["seeds"], result["base_models"] = [], []
-        for i in range(args.seeds):
-            seed = o.seed + i
+        for seed in seeds:
+            if any(r["seed"] == seed for r in result["seeds"]):
+                print(f"seed {seed}: finished in {output}, kept", flush=True)
+                continue
             # Each seed pre-trains its own base (or reuses it from --base-cache) and fine-tunes from it.
             base_dir, base = ensure_base_model(
                 work, args.base_cache, replace(s, seed=seed), required=() if args.quick else REQUIRED_ABILITIES
             )
             result["base_models"].append({**base, "path": str(base_dir)})
-            if i == 0:
+            if not ray_started:
                 start_local_ray()
+                ray_started = True
             run = run_seed(replace(o, seed=seed), base_dir, work / f"seed-{seed}", sets)
             all_rows = run["runs"].get("all")
             run["valid"] = all_rows is None or all_rows["valid"]
@@ -548,6 +571,9 @@ def main() -> None:
                         flush=True,
                     )
             result["seeds"].append(run)
+            order = sorted(range(len(result["seeds"])), key=lambda k: result["seeds"][k]["seed"])
+            result["seeds"] = [result["seeds"][k] for k in order]
+            result["base_models"] = [result["base_models"][k] for k in order]
             # The seeds done so far, so that a run stopped part-way keeps them (``complete`` says which).
             output.write_text(json.dumps({**result, "complete": False}, default=str))
     result["complete"] = True

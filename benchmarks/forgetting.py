@@ -70,7 +70,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import curve_summary, keep_evaluations, print_table
+from benchmarks.common import curve_summary, finished_seeds, keep_evaluations, print_table
 from benchmarks.tasks import (
     BENCHMARK_TASKS,
     INSTRUCTION_WORDS,
@@ -964,6 +964,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs, each with its own base and fine-tuning seed")
     parser.add_argument("--seed", type=int, default=0, help="the first run's seed (the next runs count up)")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds that a stopped run with the same settings finished in --output, and run the others",
+    )
+    parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)}",
@@ -983,9 +988,18 @@ def main() -> None:
     output = args.output or RESULTS / "forgetting.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
+    if args.resume:
+        try:
+            runs = finished_seeds(output, "forgetting", "runs", seeds, asdict(s))
+        except ValueError as exc:
+            parser.error(str(exc))
     for seed in seeds:
+        if any(r["seed"] == seed for r in runs):
+            print(f"\n=== seed {seed}: finished in {output}, kept", flush=True)
+            continue
         print(f"\n=== seed {seed} (base pre-training and fine-tuning)", flush=True)
         runs.append(run_seed(args, replace(s, seed=seed)))
+        runs.sort(key=lambda r: r["seed"])
         # The seeds done so far, so that a run stopped part-way keeps them (``complete`` says which).
         output.write_text(json.dumps({"benchmark": "forgetting", "complete": False, "runs": runs}, default=str))
     result: dict[str, Any] = {

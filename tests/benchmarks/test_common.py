@@ -1,0 +1,44 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import finished_seeds
+
+
+def _partial(path: Path, runs: list[dict], complete: bool = False, benchmark: str = "forgetting") -> Path:
+    path.write_text(json.dumps({"benchmark": benchmark, "complete": complete, "runs": runs}))
+    return path
+
+
+def test_a_stopped_run_keeps_the_seeds_it_finished_with_the_same_settings(tmp_path: Path) -> None:
+    settings = {"seed": 1, "lr": 0.001, "methods": ("naive", "ssr")}
+    runs = [{"seed": s, "settings": {**settings, "seed": s, "methods": ["naive", "ssr"]}} for s in (1, 2)]
+    output = _partial(tmp_path / "r.json", runs)
+    assert finished_seeds(output, "forgetting", "runs", [1, 2, 3], settings) == runs
+    assert [r["seed"] for r in finished_seeds(output, "forgetting", "runs", [2, 3], settings)] == [2]
+    # Nothing to keep: no file, or a complete one (a new run starts over).
+    assert finished_seeds(tmp_path / "none.json", "forgetting", "runs", [1], settings) == []
+    assert finished_seeds(_partial(tmp_path / "c.json", runs, complete=True), "forgetting", "runs", [1], settings) == []
+
+
+def test_resuming_with_other_settings_or_another_benchmarks_file_is_refused(tmp_path: Path) -> None:
+    output = _partial(tmp_path / "r.json", [{"seed": 1, "settings": {"seed": 1, "lr": 0.001}}])
+    with pytest.raises(ValueError, match=r"seed 1 ran with lr=0.001, this run has 0.0005"):
+        finished_seeds(output, "forgetting", "runs", [1, 2], {"seed": 1, "lr": 0.0005})
+    with pytest.raises(ValueError, match="holds 'forgetting' results, not 'data_selection'"):
+        finished_seeds(output, "data_selection", "seeds", [1], {"lr": 0.001})
+    # Runs without their own settings are compared with the file's options.
+    tmp_path.joinpath("d.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "data_selection",
+                "complete": False,
+                "options": {"seed": 0, "lr": 1e-3},
+                "seeds": [{"seed": 0}],
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="lr=0.001"):
+        finished_seeds(tmp_path / "d.json", "data_selection", "seeds", [0], {"seed": 0, "lr": 5e-4})
+    assert finished_seeds(tmp_path / "d.json", "data_selection", "seeds", [0], {"seed": 0, "lr": 1e-3}) == [{"seed": 0}]
