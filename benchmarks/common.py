@@ -71,27 +71,30 @@ def train_answer_adapter(model_root: Any, store: Any, adapter_id: str, answer: s
 
 
 def keep_evaluations(curve: list[dict[str, Any]]) -> Any:
-    """A progress callback that keeps each evaluation of a run: its step, the training loss of the
-    steps since the last report, the validation loss and exact match (and, with held-out rows of
-    earlier domains, theirs)."""
+    """A progress callback that keeps each evaluation of a run (with ``finetune.trials``, from the
+    winning trial's): its step, the training loss of the steps since the last one, the validation
+    loss and exact match (and, with held-out rows of earlier domains, theirs)."""
+
+    def point(e: dict[str, Any], train_loss: Any) -> dict[str, Any]:
+        return {
+            "step": e.get("step"),
+            "train_loss": train_loss,
+            "val_loss": e["val_loss"],
+            "val_exact_match": e.get("val_exact_match"),
+            **(
+                {"heldout_exact_match": e["heldout_exact_match"], "heldout_loss": e["heldout_loss"]}
+                if e.get("heldout_exact_match") is not None
+                else {}
+            ),
+        }
 
     def keep(metrics: dict[str, Any]) -> None:
-        if "val_loss" in metrics and not metrics.get("final"):
+        if metrics.get("trial_evaluations"):  # the winning trial's validations, the last at the choice
+            curve.extend(point(e, e.get("train_loss")) for e in metrics["trial_evaluations"])
+        elif "val_loss" in metrics and not metrics.get("final"):
             steps = metrics.get("step_metrics") or []
             losses = [m["loss"] for m in steps if m.get("loss") is not None]
-            curve.append(
-                {
-                    "step": metrics.get("step"),
-                    "train_loss": sum(losses) / len(losses) if losses else metrics.get("loss"),
-                    "val_loss": metrics["val_loss"],
-                    "val_exact_match": metrics.get("val_exact_match"),
-                    **(
-                        {"heldout_exact_match": metrics["heldout_exact_match"], "heldout_loss": metrics["heldout_loss"]}
-                        if metrics.get("heldout_exact_match") is not None
-                        else {}
-                    ),
-                }
-            )
+            curve.append(point(metrics, sum(losses) / len(losses) if losses else metrics.get("loss")))
 
     return keep
 

@@ -109,6 +109,8 @@ class TrialResult:
     """Its steps, not reported yet."""
     rng: RngState
     """The random generators' state after it, so that its dropout goes on as in a run of its own."""
+    evaluations: list[dict[str, Any]]
+    """Its validations, the last at its end."""
 
 
 @dataclass

@@ -104,6 +104,11 @@ class Trainer(TrialRestarts):
         self.last_report = time.perf_counter()
         self.resumed_at = time.perf_counter()
         """``perf_counter()`` less the time trained before: the run's clock."""
+        self.evaluated_at: int | None = None
+        """The step of the last validation."""
+        self.trial_evaluations: list[dict[str, Any]] | None = None
+        """In a trial (:meth:`run_trials`), its validations so far, each with the mean training loss
+        of the steps before it: they are reported with the trials' choice, not one by one."""
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -378,7 +383,8 @@ class Trainer(TrialRestarts):
 
     def train_until(self, limit: float, trial: bool = False) -> str:
         """Train from the state's position to step ``limit`` (or an earlier stop); the stop reason.
-        A ``trial`` neither evaluates, reports nor checkpoints: its steps travel in the next report."""
+        A ``trial`` validates on the run's schedule (its best adapter can be the one kept) but
+        neither reports nor checkpoints: its steps travel in the next report."""
         opts, spe = self.opts, self.steps_per_epoch
         stop_reason = "completed"
         # Nothing left (a checkpoint of the last step): straight to the final report.
@@ -431,7 +437,7 @@ class Trainer(TrialRestarts):
                     )
                 due = opts.eval_every_steps is not None and state.step % opts.eval_every_steps == 0
                 at_epoch_end = opts.eval_every_steps is None and end_of_epoch
-                if not trial and self.validation is not None and (due or at_epoch_end):
+                if self.validation is not None and (due or at_epoch_end):
                     metrics.update(self.evaluate(), best_objective=self.stopper.best)
                     if self.stopper.should_stop:
                         stop_reason = "early_stopping"
@@ -520,6 +526,7 @@ class Trainer(TrialRestarts):
         early stopping and the kept adapter follow (``finetune.select_by``): a new best keeps the
         adapter's weights as the one to publish."""
         state = self.state
+        self.evaluated_at = state.step
         state.last_val_loss, exact_match = self.measure_on(self.validation)
         result: dict[str, Any] = {"val_loss": state.last_val_loss, "val_exact_match": exact_match}
         if self.heldout is not None:
@@ -534,6 +541,11 @@ class Trainer(TrialRestarts):
             state.best_params = trainable_state(self.peft_model, self.opts)
             state.best_figures = {**result, "kept_step": state.step}
         state.early_stopping = self.stopper.state_dict()
+        if self.trial_evaluations is not None:
+            since = self.trial_evaluations[-1]["step"] if self.trial_evaluations else 0
+            losses = [m["loss"] for m in self.step_metrics if m["step"] > since and m.get("loss") is not None]
+            train_loss = sum(losses) / len(losses) if losses else None
+            self.trial_evaluations.append({"step": state.step, "train_loss": train_loss, **result})
         return result
 
     def loss_on(self, rows: Rows) -> float:

@@ -243,9 +243,11 @@ class EvaluationConfig(_Group):
         ge=1,
         description=(
             "Start from this many seeds (seed, seed + 1, ...: the LoRA initialisation and the data order), train "
-            "each for trial_fraction of the steps, and go on with the one whose validation objective is lowest; "
-            "the others are dropped. On a few hundred rows the seed alone can decide whether an adapter learns "
-            "the task, and a seed that fails shows it early (Dodge et al., 2020, 'Fine-Tuning Pretrained "
+            "each for trial_fraction of the steps, validating as the run does, and go on with the one whose best "
+            "validation is best (select_by); the others are dropped, and the winner's best adapter so far is the "
+            "one kept unless a later one beats it (a small set can learn its task inside a trial, then memorise). "
+            "On a few hundred rows the seed alone can decide whether an adapter learns the task, and a seed that "
+            "fails shows it early (Dodge et al., 2020, 'Fine-Tuning Pretrained "
             "Language Models: Weight Initializations, Data Orders, and Early Stopping'). Costs "
             "(trials - 1) * trial_fraction more steps; needs validation rows."
         ),

@@ -1,6 +1,7 @@
 """Restarts from several seeds (``finetune.trials``), as a part of :class:`app.learning.trainer.Trainer`:
-each trial trains the first ``trial_fraction`` of the steps from the same starting point, and the one
-with the best validation objective goes on as if it had been alone (Dodge et al., 2020).
+each trial trains the first ``trial_fraction`` of the steps from the same starting point, validating on
+the run's schedule, and the one whose best validation was best goes on as if it had been alone (Dodge
+et al., 2020), its best adapter so far the one kept unless a later one beats it.
 
 :class:`TrialRestarts` is the trainer's base class: it works on the trainer's state (options, model,
 optimizer and schedule, protection, early stopping, step metrics), which
@@ -45,9 +46,13 @@ class TrialRestarts:
 
     def run_trials(self) -> str:
         """Restarts from other seeds: each trains the first ``trial_fraction`` of the steps from the
-        same starting point, and the one with the lowest validation objective goes on as if alone
-        (its choice reported with every trial's figures). Returns the stop reason: a trial out of
-        time ends the trials, and the run, with the best so far."""
+        same starting point (or until it stops early), validating as the run does, and the one
+        whose best validation has the lowest selection key goes on as if alone (its choice reported
+        with every trial's best figures). A small set can learn its task inside a trial and then
+        memorise its rows, so the trial's best adapter, not its last, is what the trials compare
+        and what the run keeps unless a later one beats it. Returns the stop reason: the winner's
+        (``early_stopping`` when it stopped in its trial); a trial out of time ends the trials, and
+        the run, with the best so far."""
         opts = self.opts
         start_state = copy.deepcopy(self.state)
         start_params = trainable_state(self.peft_model, opts)
@@ -57,7 +62,7 @@ class TrialRestarts:
         trials: list[dict[str, Any]] = []
         best: TrialResult | None = None
         spent_tokens = 0
-        stop_reason = "completed"
+        stop_reason = winner_stop = "completed"
         for i in range(opts.trials):
             self.state = copy.deepcopy(start_state)
             self.state.seed = opts.seed + i
@@ -71,11 +76,16 @@ class TrialRestarts:
                 if opts.masking != "none":  # the Fisher information of this seed's starting adapter
                     self.protection = self._estimate_protection()
             self.stopper.load_state_dict(self.state.early_stopping)
+            self.trial_evaluations = []
             stop_reason = self.train_until(limit, trial=True)
-            figures = self.evaluate()
+            if self.evaluated_at != self.state.step:
+                self.evaluate()
+            evaluations, self.trial_evaluations = self.trial_evaluations, None
+            figures = self.state.best_figures
             trials.append({"seed": self.state.seed, "steps": self.state.step, **figures})
             spent_tokens += self.state.tokens
             if best is None or figures["selection"] < best.figures["selection"]:
+                winner_stop = stop_reason
                 best = TrialResult(
                     figures=figures,
                     state=self.state,
@@ -85,23 +95,28 @@ class TrialRestarts:
                     protection=self.protection,
                     step_metrics=self.step_metrics.copy(),
                     rng=rng_state(self.device),
+                    evaluations=evaluations,
                 )
             self.step_metrics.clear()
-            if stop_reason != "completed":  # out of time: the trials so far decide
+            if stop_reason not in ("completed", "early_stopping"):  # out of time: the trials so far decide
                 break
         assert best is not None
         self._go_on_with(best, trials, spent_tokens)
-        if stop_reason == "completed":  # the winner's steps, its evaluation and the trials
+        if stop_reason in ("completed", "early_stopping"):
+            stop_reason = winner_stop
+            # The winner's steps, its last evaluation, its validations and the trials.
+            last = {k: v for k, v in best.evaluations[-1].items() if k not in ("step", "train_loss")}
             self.report(
                 {
                     **self.step_metrics[-1],
                     "epoch": self.state.step / self.steps_per_epoch,
                     "tokens": self.state.tokens,
                     "elapsed_s": self.state.elapsed_s,
-                    **best.figures,
+                    **last,
                     "best_objective": self.stopper.best,
                     "seed": self.state.seed,
                     "trials": trials,
+                    "trial_evaluations": best.evaluations,
                     "step_metrics": self.step_metrics,
                 }
             )

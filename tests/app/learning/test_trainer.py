@@ -354,3 +354,30 @@ def test_a_run_stopped_early_on_an_epoch_boundary_reports_that_epochs_loss(model
     final = trainer.fit()
     assert final["stop_reason"] == "early_stopping" and final["step"] % trainer.steps_per_epoch == 0, final
     assert final["train_loss"] is not None and final["train_loss"] < final["first_loss"]
+
+
+def test_trials_validate_on_the_runs_schedule_and_the_best_validation_of_all_is_kept(model_root: Path) -> None:
+    # 2 steps an epoch, 4 epochs; each of 2 seeds trains the first 4 steps, validating at each.
+    context = LocalContext({"train": _rows(8), "validation": _rows(4, start=100)})
+    trainer = _trainer(
+        model_root, context, epochs=4, trials=2, trial_fraction=0.5, eval_every_steps=1, select_by="loss", lr=0.05
+    )
+    initial = trainer.loss_on(trainer.data["validation"])
+
+    final = trainer.fit()
+
+    (choice,) = [r for r in context.reports if "trials" in r and not r.get("final")]
+    in_trial = choice["trial_evaluations"]
+    assert [e["step"] for e in in_trial] == [1, 2, 3, 4] and all(e["train_loss"] > 0 for e in in_trial)
+    # The choice reports the winner's last validation; the trials compare their best ones.
+    assert choice["step"] == 4 and choice["val_loss"] == in_trial[-1]["val_loss"]
+    winner = min(final["trials"], key=lambda t: t["selection"])
+    assert final["seed"] == winner["seed"]
+    losses = {0: initial, **{e["step"]: e["val_loss"] for e in in_trial}}
+    assert winner["kept_step"] == min(losses, key=lambda s: (losses[s], s))
+    # The kept adapter is the best of every validation the run made, in its trial or after it.
+    later = [r for r in context.reports if "val_loss" in r and "trials" not in r and not r.get("final")]
+    assert [r["step"] for r in later] == [5, 6, 7, 8]
+    losses.update({r["step"]: r["val_loss"] for r in later})
+    assert final["kept_step"] == min(losses, key=lambda s: (losses[s], s))
+    assert final["val_loss"] == losses[final["kept_step"]]
