@@ -450,12 +450,17 @@ VALID_SCORE = 0.9
 """A set's run is valid only when it taught every task to this score on the held-out inputs where
 the assistant answered right (on the others, training on its mistakes teaches them back, by
 design). A seed counts only when training on all rows is valid: the selections are compared with a
-baseline that learned, not one that did not."""
+baseline that learned, not one that did not. A goal asks it of all rows and Kaizen's selection at
+every seed; the random subset is shown against it but not held to it, since about 30 % of its rows
+are poor answers it learns (its least task where right 0.70 to 0.92 at lr 5e-4, where runs that
+failed to learn left a task at 0.08-0.19)."""
 
 
 def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per training set: the mean, standard deviation and range over the valid seeds of its score and
-    training time; and the goals, judged on the means, with the seeds' paired differences."""
+    training time; and the goals, judged on the means, with the seeds' paired differences (that all
+    rows and Kaizen learned every task is asked of every seed, the invalid ones too)."""
+    every = seeds
     invalid = [r for r in seeds if r.get("valid") is False]
     seeds = [r for r in seeds if r.get("valid") is not False]
     if not seeds:
@@ -478,12 +483,13 @@ def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
         return summary, []
     a, c = summary["all"], summary["kaizen"]
     diffs = [r["runs"]["kaizen"]["score"] - r["runs"]["all"]["score"] for r in seeds]
+    compared = ("all", "kaizen")  # random is a reference: ~30 % of its rows are poor, and it learns them
     goals = [
         {
-            "goal": f"every set taught each task to {VALID_SCORE} where the assistant answered right, every seed",
-            "measured": min(summary[n]["least_learned"]["min"] for n in names),
+            "goal": f"all and Kaizen taught each task to {VALID_SCORE} where the assistant answered right, every seed",
+            "measured": min(min(r["runs"][n]["learned_scores"]) for r in every for n in compared),
             "target": f">= {VALID_SCORE}",
-            "passed": all(summary[n]["valid_runs"] == summary[n]["runs"] for n in names),
+            "passed": all(r["runs"][n]["valid"] for r in every for n in compared),
         },
         {
             "goal": "Kaizen's selection scores at least as well as all (mean over seeds)",
