@@ -452,8 +452,8 @@ the assistant answered right (on the others, training on its mistakes teaches th
 design). A seed counts only when training on all rows is valid: the selections are compared with a
 baseline that learned, not one that did not. A goal asks it of all rows and Kaizen's selection at
 every seed; the random subset is shown against it but not held to it, since about 30 % of its rows
-are poor answers it learns (its least task where right 0.70 to 0.92 at lr 5e-4, where runs that
-failed to learn left a task at 0.08-0.19)."""
+are poor answers it learns (its least task where right 0.70 to 0.93 at lr 5e-4, on the bases on
+which all rows learned every task)."""
 
 
 def summarize(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -43,6 +43,8 @@ class TrialRestarts:
     total_steps: int
     resumed_at: float
     last_report: float
+    evaluated_at: int | None
+    trial_evaluations: list[dict[str, Any]] | None
 
     def run_trials(self) -> str:
         """Restarts from other seeds: each trains the first ``trial_fraction`` of the steps from the

@@ -42,3 +42,26 @@ def test_resuming_with_other_settings_or_another_benchmarks_file_is_refused(tmp_
     with pytest.raises(ValueError, match="lr=0.001"):
         finished_seeds(tmp_path / "d.json", "data_selection", "seeds", [0], {"seed": 0, "lr": 5e-4})
     assert finished_seeds(tmp_path / "d.json", "data_selection", "seeds", [0], {"seed": 0, "lr": 1e-3}) == [{"seed": 0}]
+
+
+def test_the_curve_keeps_the_winning_trials_validations_and_then_the_runs() -> None:
+    from benchmarks.common import curve_summary, keep_evaluations
+
+    curve: list[dict] = []
+    keep = keep_evaluations(curve)
+    trial = [
+        {"step": 25, "train_loss": 2.0, "val_loss": 1.5, "val_exact_match": 0.2},
+        {"step": 50, "train_loss": 1.0, "val_loss": 0.9, "val_exact_match": 0.6},
+    ]
+    # The choice carries the winner's last validation as its own figures: kept once, from the trial.
+    keep({"step": 50, "val_loss": 0.9, "val_exact_match": 0.6, "trials": [{}, {}], "trial_evaluations": trial})
+    keep({"step": 60, "loss": 0.7, "step_metrics": [{"loss": 0.6}, {"loss": 0.8}]})  # a progress report
+    keep({"step": 75, "val_loss": 0.5, "val_exact_match": 0.8, "step_metrics": [{"loss": 0.5}, {"loss": 0.3}]})
+    keep({"step": 75, "val_loss": 0.9, "val_exact_match": 0.6, "final": True})
+    assert [(p["step"], p["train_loss"], p["val_exact_match"]) for p in curve] == [
+        (25, 2.0, 0.2),
+        (50, 1.0, 0.6),
+        (75, 0.4, 0.8),
+    ]
+    line = curve_summary("kaizen", {"curve": curve, "kept_step": 50, "val_exact_match": 0.6, "own_score": 0.9})
+    assert "3 evaluations to step 75" in line and "kept step 50" in line and "test 0.90" in line
