@@ -548,6 +548,7 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "data_selection", "quick": args.quick, "options": asdict(o), "sets": sets}
     seeds = [o.seed + i for i in range(args.seeds)]
     result["seeds"], result["base_models"] = [], []
+    bases: dict[int, dict[str, Any]] = {}  # seed -> its base model, listed in the seeds' order on writing
     if args.resume:
         try:
             finished = finished_seeds(output, "data_selection", "seeds", seeds, asdict(o))
@@ -560,7 +561,7 @@ def main() -> None:
                     f"{output}: seed {run['seed']} trained {', '.join(run['runs'])}, this run {', '.join(sets)}"
                 )
             result["seeds"].append(run)
-            result["base_models"].append(prior["base_models"][prior["seeds"].index(run)])
+            bases[run["seed"]] = prior["base_models"][prior["seeds"].index(run)]
     ray_started = False
     with work_folder(args.keep, "kaizen-data-selection-") as work:
         for seed in seeds:
@@ -571,7 +572,7 @@ def main() -> None:
             base_dir, base = ensure_base_model(
                 work, args.base_cache, replace(s, seed=seed), required=() if args.quick else REQUIRED_ABILITIES
             )
-            result["base_models"].append({**base, "path": str(base_dir)})
+            bases[seed] = {**base, "path": str(base_dir)}
             if not ray_started:
                 start_local_ray()
                 ray_started = True
@@ -586,11 +587,11 @@ def main() -> None:
                         flush=True,
                     )
             result["seeds"].append(run)
-            order = sorted(range(len(result["seeds"])), key=lambda k: result["seeds"][k]["seed"])
-            result["seeds"] = [result["seeds"][k] for k in order]
-            result["base_models"] = [result["base_models"][k] for k in order]
+            result["seeds"].sort(key=lambda r: r["seed"])
+            result["base_models"] = [bases[r["seed"]] for r in result["seeds"]]
             # The seeds done so far, so that a run stopped part-way keeps them (``complete`` says which).
             output.write_text(json.dumps({**result, "complete": False}, default=str))
+    result["base_models"] = [bases[r["seed"]] for r in result["seeds"]]
     result["complete"] = True
     result["summary"], result["goals"] = summarize(result["seeds"])
     result["total_seconds"] = round(time.perf_counter() - started, 1)
