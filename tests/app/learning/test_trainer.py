@@ -141,6 +141,22 @@ def test_a_checkpoint_goes_on_at_its_step_with_its_optimizer_state(model_root: P
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_is_not_resumed_with_other_options(model_root: Path, tmp_path: Path) -> None:
+    # A second run under the same name with another adapter shape: refused before any weight is
+    # copied, naming the option, not a tensor size mismatch; where it runs may change.
+    whole = LocalContext({"train": _rows(8)}, checkpoint_root=tmp_path)
+    assert _trainer(model_root, whole, lora_dropout=0.0, checkpoint_every_steps=2).fit()["step"] == 4
+    checkpoint = whole.checkpoints["checkpoint-step000002"]
+
+    refused = r"finetune\.lora_rank: the run's checkpoint was written with 8, this run has 4"
+    with pytest.raises(ValueError, match=refused):
+        _trainer(model_root, LocalContext({"train": _rows(8)}, resume_from=checkpoint), lora_dropout=0.0, lora_rank=4)
+    resumed = _trainer(
+        model_root, LocalContext({"train": _rows(8)}, resume_from=checkpoint), lora_dropout=0.0, report_every_s=5.0
+    )
+    assert resumed.state.resumed_from_step == 2
+
+
 def test_fisher_guided_masking_keeps_the_masked_entries_in_place(model_root: Path) -> None:
     context = LocalContext({"train": _rows(8), "rehearsal": _rows(4, start=200, answer=OLD_ANSWER)})
     trainer = _trainer(model_root, context, rehearsal_ratio=0.2, masking="fggm", mask_fraction=0.5, fisher_samples=4)
