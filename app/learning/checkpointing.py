@@ -5,7 +5,8 @@ A checkpoint is a folder (Ray Train copies it to the run's storage):
 * ``adapter/``: the adapter as PEFT saves it (what :func:`app.learning.lineage.publish_adapter`
   stores);
 * ``train_state.pt``: where the run is (:class:`app.learning.run_state.RunState`'s fields), the
-  adapter's weights (``params``) and, without DeepSpeed, the optimizer's and the schedule's state;
+  adapter's weights (``params``), the options that decide the run (``options``,
+  :func:`run_options`) and, without DeepSpeed, the optimizer's and the schedule's state;
 * ``forgetting.pt``: the Fisher information, anchor and masks of the run's protection against
   forgetting (:meth:`app.learning.masking.ForgettingProtection.state_dict`), when it has one;
 * ``deepspeed/``: with DeepSpeed, every rank's partition of the optimizer state.
@@ -25,16 +26,18 @@ import torch
 from torch import nn
 
 from app.learning.masking import trainable_parameters
-from app.learning.training import ResourceConfig
+from app.learning.training import CheckpointingConfig, FinetuneConfig, ResourceConfig
 
 __all__ = [
     "ADAPTER_DIR",
     "DEEPSPEED_DIR",
     "FORGETTING_FILE",
     "STATE_FILE",
+    "check_resumable",
     "full_parameters",
     "load_trainable_state",
     "read_checkpoint",
+    "run_options",
     "trainable_state",
 ]
 
@@ -83,3 +86,27 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any] | N
     path = directory / FORGETTING_FILE
     forgetting = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
     return saved, forgetting
+
+
+def run_options(opts: FinetuneConfig) -> dict[str, Any]:
+    """The options that decide a run's path (all but where it runs and how it is checkpointed): a
+    checkpoint records them, and a run that resumes it must have the same."""
+    skip = {*ResourceConfig.model_fields, *CheckpointingConfig.model_fields, "deterministic"}
+    return {k: v for k, v in opts.model_dump(mode="json").items() if k not in skip}
+
+
+def check_resumable(saved: dict[str, Any] | None, opts: FinetuneConfig) -> None:
+    """Refuse to resume a checkpoint written with other :func:`run_options` (a checkpoint without
+    them, from before they were recorded, is resumed as it is).
+
+    Raises:
+        ValueError: naming the first option that differs, both values, and what to do."""
+    if saved is None:
+        return
+    for key, value in run_options(opts).items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"finetune.{key}: the run's checkpoint was written with {saved[key]!r}, this run has {value!r}; "
+                "a run resumes only with the options it started with (give a new run another name, or continue "
+                "from its adapter with finetune.continue_from)"
+            )

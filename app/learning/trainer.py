@@ -46,9 +46,11 @@ from app.learning.checkpointing import (
     DEEPSPEED_DIR,
     FORGETTING_FILE,
     STATE_FILE,
+    check_resumable,
     full_parameters,
     load_trainable_state,
     read_checkpoint,
+    run_options,
     trainable_state,
 )
 from app.learning.lora_model import CausalLMLoss, load_lora_model, require, setup_device
@@ -58,10 +60,7 @@ from app.learning.run_state import Rows, RunState, StepFigures, StepWindow, obje
 from app.learning.tokenization import IGNORE_INDEX, collate, tokenize_messages, tokenize_pair
 from app.learning.training import (
     OBJECTIVES_WITH_PAIRS,
-    CheckpointingConfig,
     EarlyStopping,
-    FinetuneConfig,
-    ResourceConfig,
     draw_pairs,
     lr_factor,
     mix_rehearsal,
@@ -73,30 +72,6 @@ from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSp
 __all__ = ["LOSS_WINDOW", "PREFERENCES", "StepFigures", "StepWindow", "Trainer", "learned", "selection_key"]
 
 log = logging.getLogger("kaizen.finetune")
-
-
-def run_options(opts: FinetuneConfig) -> dict[str, Any]:
-    """The options that decide a run's path (all but where it runs and how it is checkpointed): a
-    checkpoint records them, and a run that resumes it must have the same."""
-    skip = {*ResourceConfig.model_fields, *CheckpointingConfig.model_fields, "deterministic"}
-    return {k: v for k, v in opts.model_dump(mode="json").items() if k not in skip}
-
-
-def check_resumable(saved: dict[str, Any] | None, opts: FinetuneConfig) -> None:
-    """Refuse to resume a checkpoint written with other :func:`run_options` (a checkpoint without
-    them, from before they were recorded, is resumed as it is).
-
-    Raises:
-        ValueError: naming the first option that differs, both values, and what to do."""
-    if saved is None:
-        return
-    for key, value in run_options(opts).items():
-        if key in saved and saved[key] != value:
-            raise ValueError(
-                f"finetune.{key}: the run's checkpoint was written with {saved[key]!r}, this run has {value!r}; "
-                "a run resumes only with the options it started with (give a new run another name, or continue "
-                "from its adapter with finetune.continue_from)"
-            )
 
 
 LOSS_WINDOW = 20
