@@ -5,7 +5,7 @@ app with collector, scorer and generator, the scheduler and the deployer actors)
 HTTP API: chat completions for ``champion`` with the official ``openai`` client, each user in a
 session of their own (``X-Kaizen-Session``: the canary's sticky split), and their feedback on
 every answer with the Kaizen client. The base model is the benchmarks' pre-trained word model
-(``benchmarks/forgetting.py``), the tasks the word tasks of ``benchmarks/tasks.py``:
+(``benchmarks/base_model.py``), the tasks the word tasks of ``benchmarks/tasks.py``:
 
 * phase 1: the users ask what the base model already does (``first``, ``last``, ``first two``);
 * phase 2 (and one more per further new family): a task family it does badly appears (``next``),
@@ -380,7 +380,8 @@ def plot(runs: Sequence[dict[str, Any]], o: Options, path: Path, window: int = 4
 
 
 def main() -> None:
-    from benchmarks.forgetting import Settings, add_common_arguments, ensure_base_model, quiet_process, work_folder
+    from benchmarks.base_model import BaseSettings, ensure_base_model
+    from benchmarks.common import add_common_arguments, quiet_process, work_folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "closed_loop")
@@ -402,7 +403,7 @@ def main() -> None:
         if not set(families) <= known:
             parser.error(f"--new-families: each of {', '.join(sorted(known))}")
         o = replace(o, new_families=families)
-    s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
+    s = BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     output = args.output or RESULTS / "closed_loop.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -576,7 +577,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def _start_ray() -> None:
-    from benchmarks.forgetting import start_local_ray
+    from benchmarks.common import start_local_ray
 
     start_local_ray()
 

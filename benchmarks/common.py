@@ -1,14 +1,34 @@
 """What every benchmark program shares: percentiles, the printed table, a training run's learning
-curve, and the seeds that a stopped multi-seed run had finished."""
+curve, the seeds that a stopped multi-seed run had finished, and the learning benchmarks' harness
+(their common options, a quiet process, a work folder, a Kaizen config and a local Ray)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["curve_summary", "finished_seeds", "keep_evaluations", "pct", "print_table", "train_answer_adapter"]
+__all__ = [
+    "add_common_arguments",
+    "curve_summary",
+    "finished_seeds",
+    "kaizen_config",
+    "keep_evaluations",
+    "pct",
+    "print_table",
+    "quiet_process",
+    "start_local_ray",
+    "train_answer_adapter",
+    "work_folder",
+]
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -153,3 +173,76 @@ def finished_seeds(
 def _plain(value: Any) -> Any:
     """``value`` as it reads back from the results file (tuples as lists, paths as text)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options both learning benchmarks take."""
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers mean little)")
+    parser.add_argument(
+        "--base-cache",
+        type=Path,
+        default=None,
+        help="keep the pre-trained base model in this folder and reuse it (keyed by its settings)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"results file (default benchmarks/results/{name}.json)"
+    )
+
+
+def quiet_process() -> None:
+    """Offline, no usage stats, no warnings or Ray Data progress lines, torch on both cores."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def work_folder(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """The run's folder (``keep``, else a temp folder removed afterwards); Ray, if the run started
+    it, is shut down on the way out."""
+    work = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def kaizen_config(base_dir: Path, work: Path) -> Any:
+    """A Kaizen config whose base model is ``base_dir`` and whose store and storage live in ``work``."""
+    from app.config import KaizenConfig
+
+    return KaizenConfig.model_validate(
+        {
+            "model": {
+                "base_model": str(base_dir),
+                "storage_root": str(work),
+                "checkpoint_dir": str(work / "checkpoints"),
+            },
+            "store": {"sqlite_path": str(work / "kaizen.db")},
+            "privacy": {"hmac_key": "benchmark"},
+            "ray": {"num_cpus": 2},
+        }
+    )
+
+
+def start_local_ray() -> None:
+    """A local 2-CPU Ray for the jobs."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

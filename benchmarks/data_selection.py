@@ -56,16 +56,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.common import curve_summary, finished_seeds, keep_evaluations, print_table
-from benchmarks.forgetting import (
-    REQUIRED_ABILITIES,
-    Evaluator,
-    Settings,
-    TaskData,
-    _write_rows,
+from benchmarks.base_model import BaseSettings, Evaluator, ensure_base_model
+from benchmarks.common import (
     add_common_arguments,
-    ensure_base_model,
+    curve_summary,
+    finished_seeds,
     kaizen_config,
+    keep_evaluations,
+    print_table,
     quiet_process,
     start_local_ray,
     work_folder,
@@ -78,6 +76,7 @@ from benchmarks.tasks import (
     make_examples,
     task_rows,
     words_of,
+    write_rows,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -251,6 +250,12 @@ def _rows(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+REQUIRED_ABILITIES = ("first", "first-two", "drop-last")
+"""What ``benchmarks/data_selection.py`` needs of the base model (each at least 0.5): its tasks are
+``first``, ``first two`` and ``drop last`` renamed, which a few hundred examples teach only to a
+model that does them under their own names."""
+
+
 SETS = ("all", "random", "kaizen")
 
 
@@ -299,7 +304,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
         held[task.name] = {words_of(task, x) for x, _ in test}
         for on_hard in (True, False):
             part = [(x, y) for x, y in test if (words_of(task, x)[0] in hard) == on_hard]
-            tests.append(TaskData(task, [], [], part, work))
+            tests.append(part)
     pool = make_pool(o, rng, held)
     result["pool"] = {
         "interactions": len(pool),
@@ -356,9 +361,9 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
     result["selection"]["per_task"] = {t.name: sum(p["task"] == t.name for p in picked) for t in SELECTION_TASKS}
 
     folders = {"all": work / "sets" / "all", "random": work / "sets" / "random", "kaizen": Path(manifest.uri)}
-    _write_rows(folders["all"] / "train.parquet", _rows(pool))
+    write_rows(folders["all"] / "train.parquet", _rows(pool))
     # As many rows as Kaizen's selection trains on (its validation rows only validate).
-    _write_rows(
+    write_rows(
         folders["random"] / "train.parquet", _rows(random.Random(o.seed + 1).sample(pool, manifest.funnel.train))
     )
     evaluator = Evaluator(base_dir, work)
@@ -407,7 +412,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
             out["metrics"].setdefault("rows", {"train": pq.read_metadata(folders[name] / "train.parquet").num_rows})
         wall = time.perf_counter() - t0
         parts = evaluator.scores(out["adapter_id"], tests)
-        sizes = [len(t.test) for t in tests]
+        sizes = [len(t) for t in tests]
         # Per task, over all its held-out inputs; and over the inputs where the assistant errs.
         scores = [
             sum(parts[j] * sizes[j] for j in (i, i + 1) if sizes[j]) / (sizes[i] + sizes[i + 1])
@@ -542,7 +547,7 @@ def main() -> None:
             o = replace(o, seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
-    s = Settings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
+    s = BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     started = time.perf_counter()
     output = args.output or RESULTS / "data_selection.json"

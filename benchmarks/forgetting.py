@@ -34,17 +34,8 @@ earlier tasks of the best score minus the final one) and the seed's relative for
 much as naive fine-tuning, its forgetting rate is under 0.3, and its last-task score is within 5%
 of naive's.
 
-The base model. Kaizen's built-in ``tiny`` profile has random weights, and SSR needs a base model
-that can continue a few-shot prompt with a plausible input. So the benchmark first builds its own
-small base model, the analogue of an LLM's pre-training: Qwen2 architecture with Qwen2.5's real
-tokenizer and vocabulary (128 wide, 2 layers, tied embeddings), pre-trained with full parameters for a
-few minutes on a general corpus (``benchmarks.tasks.pretraining_texts``) of other transformations of
-the same inputs, as few-shot ``Input: ... Output: ...`` blocks and as chat exchanges. The corpus
-uses about 150 distinct tokens, so pre-training computes the output layer on those rows only and
-keeps the others at zero, which makes the softmax exact: every unused token has logit 0, which the
-loss counts as one term of log(151,936 - used). The model is saved as a Hugging Face directory and
-is ``model.base_model`` for every job. ``--base-cache`` keeps it between runs (keyed by its
-settings), reported as reused.
+The base model is pre-trained by ``benchmarks/base_model.py`` (shared with the other learning
+benchmarks through ``--base-cache``).
 
 Prints a table and writes ``benchmarks/results/forgetting.json`` (config, base model, the score
 matrices, rehearsal statistics, the summary and the goals with pass/fail).
@@ -54,67 +45,46 @@ matrices, rehearsal statistics, the summary and the goals with pass/fail).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import logging
-import math
-import os
 import random
-import shutil
-import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import curve_summary, finished_seeds, keep_evaluations, print_table
+from benchmarks.base_model import TASK_DESCRIPTION, BaseSettings, Evaluator, ensure_base_model
+from benchmarks.common import (
+    add_common_arguments,
+    curve_summary,
+    finished_seeds,
+    kaizen_config,
+    keep_evaluations,
+    print_table,
+    quiet_process,
+    start_local_ray,
+    work_folder,
+)
 from benchmarks.tasks import (
     BENCHMARK_TASKS,
-    INSTRUCTION_WORDS,
-    PRETRAIN_TASKS,
-    TRAINING_SCHEMA_COLUMNS,
     WORDS,
     Task,
-    exact_match,
     make_examples,
-    pretraining_texts,
     summarize,
     task_rows,
     words_of,
+    write_rows,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCABULARY = frozenset(WORDS)
 METHODS = ("naive", "ssr", "real", "fggm", "ssr+fggm")
-TASK_DESCRIPTION = 'Examples of "{domain}".'
-"""The SSR prompts' first paragraph, and the pre-training corpus's description of each block."""
-
-
-CORPUS_VERSION = 6
-"""Part of the cached base model's key: raise it when ``benchmarks.tasks.pretraining_texts`` or the
-pre-training changes (5: deterministic algorithms; 6: a word's bare token is its spaced one plus a shared offset,
-:func:`spelling_pairs`)."""
 
 
 @dataclass
-class Settings:
-    """Everything that decides the numbers; written to the JSON."""
+class Settings(BaseSettings):
+    """Everything that decides the numbers (with the base model's, :class:`BaseSettings`); written to
+    the JSON."""
 
-    # the base model
-    hidden: int = 128
-    layers: int = 2
-    pretrain_steps: int = 5000
-    """2,500 steps left the word positions half learned, and what a base got depended on the CPU:
-    on an Intel Xeon it missed the fourth word (copy 0.02, last 0.02, drop last 0.94); on an AMD
-    EPYC three seeds of it missed the third (drop last 0.00 to 0.06). With 5,000 steps the EPYC's
-    base does all five (copy 0.96, last 1.00, first 1.00, first two 0.98, drop last 0.94)."""
-    pretrain_batch: int = 32
-    pretrain_lr: float = 2e-3
-    input_word_weight: float = 0.1
-    copy_warmup_steps: int = 400
     # the tasks
     train_rows: int = 320
     """Twenty examples of each of a task's 16 associations. With 160 (ten each) whether a stage learned
@@ -174,22 +144,7 @@ class Settings:
     inputs at 0.64 and up, median 0.85), so the floor is calibrated on its answers to the real
     sample's inputs."""
     ssr_answer_before_selecting: bool = True
-    seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-
-    def base_key(self) -> str:
-        keys = (
-            "hidden",
-            "layers",
-            "pretrain_steps",
-            "pretrain_batch",
-            "pretrain_lr",
-            "input_word_weight",
-            "copy_warmup_steps",
-            "seed",
-        )
-        text = json.dumps({**{k: getattr(self, k) for k in keys}, "corpus": CORPUS_VERSION}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 QUICK = {
@@ -207,171 +162,6 @@ QUICK = {
 }
 
 
-# --- the base model ------------------------------------------------------------------------------
-
-
-def spelling_pairs(tokenizer: Any, remap: Any) -> list[tuple[int, int]]:
-    """Rows of the pre-training table of each word's bare and spaced token (``apple``, `` apple``),
-    where both are single tokens the corpus uses.
-
-    In pre-training, a bare token's embedding is its spaced token's plus one offset all words
-    share. An LLM's pre-training has long made the two alike; this corpus shows a bare word only
-    at the start of an answer, and a small model trained on it may never learn which bare token
-    goes with which spaced one: it then copies every word of an input but the first (on one
-    machine, a base copied 0 of 50 inputs in chat form, its first answer token at a loss of 3.9;
-    starting the pairs as the same vector did not change that)."""
-    pairs = []
-    for word in sorted({*WORDS, *INSTRUCTION_WORDS}):
-        bare = tokenizer(word, add_special_tokens=False)["input_ids"]
-        spaced = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        if len(bare) == 1 and len(spaced) == 1 and remap[bare[0]] >= 0 and remap[spaced[0]] >= 0:
-            pairs.append((int(remap[bare[0]]), int(remap[spaced[0]])))
-    return pairs
-
-
-def build_base_model(directory: Path, tokenizer_dir: Path, s: Settings) -> dict[str, Any]:
-    """Pre-train a small Qwen2 model on the general corpus and save it (with the tokenizer) as a
-    Hugging Face directory; returns the pre-training statistics."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from app.learning.worker_context import deterministic_algorithms
-    from app.model.profiles import ENDOFTEXT_ID, IM_END_ID
-
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    rng = random.Random(s.seed)
-
-    def describe(name: str) -> str:
-        return TASK_DESCRIPTION.replace("{domain}", name)
-
-    def chat(user: str, answer: str) -> str:
-        messages = [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": answer},
-        ]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-
-    # A curriculum: copying first (a small model learns it after a plateau of a few hundred
-    # steps, and the other transformations build on it), then the whole corpus.
-    warm = min(s.copy_warmup_steps, s.pretrain_steps)
-    copy = [t for t in PRETRAIN_TASKS if t.name == "copy"]
-    docs = pretraining_texts(warm * s.pretrain_batch, rng, chat, describe, tasks=copy)
-    docs += pretraining_texts((s.pretrain_steps - warm) * s.pretrain_batch, rng, chat, describe)
-    rows, weights = [], []
-    for doc in docs:
-        ids: list[int] = []
-        weight: list[float] = []
-        for text, random_words in doc:
-            # Segments start before a space or a special token, where the tokenizer splits anyway.
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            weight += [s.input_word_weight if random_words else 1.0] * len(piece)
-        rows.append(ids + [ENDOFTEXT_ID])
-        weights.append(weight + [1.0])
-    vocab = 151936
-    used = torch.tensor(sorted({t for r in rows for t in r}))
-    remap = torch.full((vocab,), -1, dtype=torch.long)
-    remap[used] = torch.arange(len(used))
-    unused_logsumexp = math.log(vocab - len(used))  # the unused rows stay 0: logit 0 each
-
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=s.hidden,
-        intermediate_size=2 * s.hidden,
-        num_hidden_layers=s.layers,
-        num_attention_heads=max(2, s.hidden // 32),
-        num_key_value_heads=max(1, s.hidden // 64),
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_sliding_window=False,
-        bos_token_id=ENDOFTEXT_ID,
-        eos_token_id=IM_END_ID,
-    )
-    torch.manual_seed(s.seed)
-    # The embedding table's gradient (an index_put that accumulates) is summed in a different order
-    # from run to run otherwise, and 2,500 steps grow the last bits into a different model.
-    with deterministic_algorithms():
-        model = Qwen2ForCausalLM(config)
-        # Only the rows of the tokens the corpus uses are trained (as one small table, input and output
-        # alike: the embeddings are tied, as in Qwen2.5's small models); the others end up zero.
-        table = torch.nn.Parameter(model.model.embed_tokens.weight.data[used].clone())
-        # A word's bare token is its spaced token plus one offset that all words share.
-        pairs = spelling_pairs(tokenizer, remap)
-        bare_rows = torch.tensor([b for b, _ in pairs], dtype=torch.long)
-        spaced_rows = torch.tensor([sp for _, sp in pairs], dtype=torch.long)
-        bare_offset = torch.nn.Parameter(torch.zeros(s.hidden))
-
-        def embeddings() -> torch.Tensor:
-            return table.index_copy(0, bare_rows, table[spaced_rows] + bare_offset) if pairs else table
-
-        params = [p for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n] + [
-            table,
-            bare_offset,
-        ]
-        optimizer = torch.optim.AdamW(params, lr=s.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0)
-        warmup = max(1, s.pretrain_steps // 20)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.pretrain_steps))),
-        )
-        model.train()
-        losses = []
-        for step in range(s.pretrain_steps):
-            batch = rows[step * s.pretrain_batch : (step + 1) * s.pretrain_batch]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), ENDOFTEXT_ID)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            weight = torch.zeros((len(batch), width))
-            for i, r in enumerate(batch):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
-                weight[i, : len(r)] = torch.tensor(weights[step * s.pretrain_batch + i])
-            local = remap[ids]
-            full = embeddings()
-            hidden = model.model(inputs_embeds=full[local], attention_mask=mask).last_hidden_state[:, :-1]
-            keep = mask[:, 1:].bool()
-            logits = hidden[keep] @ full.T
-            logits = torch.cat([logits, torch.full((logits.shape[0], 1), unused_logsumexp)], dim=1)
-            per_token = F.cross_entropy(logits, local[:, 1:][keep], reduction="none")
-            w = weight[:, 1:][keep]
-            loss = (per_token * w).sum() / w.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step % 100 == 0 or step == s.pretrain_steps - 1:
-                print(
-                    f"  pre-training step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
-    with torch.no_grad():
-        model.model.embed_tokens.weight.zero_()
-        model.model.embed_tokens.weight[used] = embeddings()
-    model.eval()
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    stats = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "used_tokens": len(used),
-        "documents": len(docs),
-        "first_loss": losses[0],
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    (tmp / "pretraining.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-    return stats
-
-
 # --- data ----------------------------------------------------------------------------------------
 
 
@@ -382,17 +172,6 @@ class TaskData:
     validation: list[tuple[str, str]]
     test: list[tuple[str, str]]
     folder: Path
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from app.artifacts import TRAINING_ROW_SCHEMA
-
-    schema = pa.schema([TRAINING_ROW_SCHEMA.field(c) for c in TRAINING_SCHEMA_COLUMNS])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def make_task_data(root: Path, s: Settings) -> list[TaskData]:
@@ -407,8 +186,8 @@ def make_task_data(root: Path, s: Settings) -> list[TaskData]:
         rest = make_examples(task, s.train_rows + s.validation_rows, rng, exclude=held)
         train, validation = rest[: s.train_rows], rest[s.train_rows :]
         folder = root / "datasets" / f"task{k + 1}-{task.name}"
-        _write_rows(folder / "train.parquet", task_rows(task, train))
-        _write_rows(folder / "validation.parquet", task_rows(task, validation, prefix="val-"))
+        write_rows(folder / "train.parquet", task_rows(task, train))
+        write_rows(folder / "validation.parquet", task_rows(task, validation, prefix="val-"))
         (folder / "manifest.json").write_text(
             json.dumps(
                 {"dataset_id": folder.name, "task": task.name, "train": len(train), "validation": len(validation)}
@@ -424,7 +203,7 @@ def _heldout(root: Path, tasks: list[TaskData], stage: int, name: str) -> Path:
     (``learn.measure_forgetting``), whose loss and exact match the trainer's objective and kept
     adapter follow."""
     folder = root / "heldout" / name
-    _write_rows(
+    write_rows(
         folder / "validation.parquet",
         [row for data in tasks[:stage] for row in task_rows(data.task, data.validation, prefix="val-")],
     )
@@ -438,51 +217,6 @@ def _earlier_rows(tasks: list[TaskData], stage: int, per_task: int, seed: int) -
         examples = random.Random(f"{seed}:{data.task.name}:{stage}").sample(data.train, min(per_task, len(data.train)))
         rows.extend(task_rows(data.task, examples, prefix=f"s{stage}-"))
     return rows
-
-
-# --- evaluation ----------------------------------------------------------------------------------
-
-
-class Evaluator:
-    """Greedy answers of the base model with an adapter, scored by exact match per task."""
-
-    def __init__(self, base_dir: Path, storage_root: Path) -> None:
-        self.base_dir, self.storage_root = base_dir, storage_root
-
-    def scores(self, adapter_id: str | None, tasks: list[TaskData]) -> list[float]:
-        import torch
-
-        from app.model import load_model
-        from app.model.adapters import AdapterStore
-        from app.model.profiles import ENDOFTEXT_ID, IM_END_ID
-
-        model, tokenizer = load_model(str(self.base_dir), device="cpu")
-        if adapter_id is not None:
-            model = AdapterStore(self.storage_root).attach(model, adapter_id)
-        out = []
-        for data in tasks:
-            prompts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
-                )
-                for x, _ in data.test
-            ]
-            rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            width = max(map(len, rows))
-            ids = torch.tensor([[ENDOFTEXT_ID] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            with torch.inference_mode():
-                generated = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=10,
-                    do_sample=False,
-                    eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
-                    pad_token_id=ENDOFTEXT_ID,
-                )
-            answers = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-            out.append(exact_match(answers, [y for _, y in data.test]))
-        return out
 
 
 # --- the stages ----------------------------------------------------------------------------------
@@ -578,7 +312,7 @@ def _synthesize(
     finally:
         store.close()
     source = Path(cfg.model.storage_root) / "sources" / name
-    _write_rows(source / "train.parquet", task_rows(tasks[stage - 1].task, tasks[stage - 1].train))
+    write_rows(source / "train.parquet", task_rows(tasks[stage - 1].task, tasks[stage - 1].train))
     opts = SSRConfig(
         rehearsal_id=name,
         carry_over=carry,
@@ -688,13 +422,13 @@ def run_method(
                 masking = info["masking"] = "none"
         elif method == "real":
             rehearsal = root / "real" / name
-            _write_rows(
+            write_rows(
                 rehearsal / "rehearsal.parquet",
                 _earlier_rows(tasks, stage, s.ssr_instances_per_domain, s.seed),
             )
         elif method == "fggm":
             fisher = root / "fisher" / name
-            _write_rows(
+            write_rows(
                 fisher / "fisher.parquet",
                 _earlier_rows(tasks, stage, s.fisher_rows_per_task, s.seed),
             )
@@ -710,7 +444,7 @@ def run_method(
             masking=masking,
         )
         parent = result["adapter_id"]
-        scores = evaluator.scores(parent, tasks)
+        scores = evaluator.scores(parent, [t.test for t in tasks])
         matrix.append(scores)
         m = result["metrics"]
         info.update(
@@ -792,169 +526,10 @@ def goals(summary: dict[str, dict[str, float]], naive_scores: list[list[float]] 
     return out
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """The options both learning benchmarks take."""
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers mean little)")
-    parser.add_argument(
-        "--base-cache",
-        type=Path,
-        default=None,
-        help="keep the pre-trained base model in this folder and reuse it (keyed by its settings)",
-    )
-    parser.add_argument(
-        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp folder)"
-    )
-    parser.add_argument(
-        "--output", type=Path, default=None, help=f"results file (default benchmarks/results/{name}.json)"
-    )
-
-
-def quiet_process() -> None:
-    """Offline, no usage stats, no warnings or Ray Data progress lines, torch on both cores."""
-    import torch
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    torch.set_num_threads(2)
-
-
-def ensure_base_model(
-    work: Path,
-    cache: Path | None,
-    s: Settings,
-    *,
-    required: tuple[str, ...],
-    attempts: int = 3,
-) -> tuple[Path, dict[str, Any]]:
-    """The pre-trained base model's folder (reused from ``cache`` when it holds one with these
-    settings, else pre-trained now) and what its pre-training reported, with its
-    :func:`base_abilities`.
-
-    How well so small a model learns the word positions depends on the CPU's rounding (with 2,500
-    steps, the same settings pre-trained on an Intel Xeon and on an AMD EPYC gave drop last 0.94
-    and 0.04), so a base that falls short of the ``required`` abilities (each at least 0.5:
-    :data:`FORGETTING_ABILITIES` or :data:`REQUIRED_ABILITIES`; none for a --quick run) is set
-    aside and pre-trained again from the next seed, up to ``attempts`` seeds. The results record
-    the seed used and the bases set aside; the benchmark's own seed (its tasks and data) does not
-    change.
-
-    Raises:
-        RuntimeError: every attempt falls short of ``required``."""
-    from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
-
-    tokenizer_dir = ensure_tokenizer_dir(work / "models" / TOKENIZER_DIRNAME)
-    set_aside: list[dict[str, Any]] = []
-    for attempt in range(max(1, attempts)):
-        sa = replace(s, seed=s.seed + attempt)
-        base_dir = cache / f"forgetting-base-{sa.base_key()}" if cache else work / "models" / f"base-{sa.seed}"
-        t0 = time.perf_counter()
-        if (base_dir / "config.json").is_file():
-            base = {**json.loads((base_dir / "pretraining.json").read_text()), "reused": str(base_dir)}
-            print(f"base model: reused {base_dir}", flush=True)
-        else:
-            print(
-                f"base model: pre-training {s.hidden} wide, {s.layers} layers, {s.pretrain_steps} steps, "
-                f"seed {sa.seed} ...",
-                flush=True,
-            )
-            base_dir.parent.mkdir(parents=True, exist_ok=True)
-            base = build_base_model(base_dir, tokenizer_dir, sa)
-        base["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        base["pretrain_seed"] = sa.seed
-        base["abilities"] = base_abilities(base_dir)
-        print(
-            f"base model (seed {sa.seed}) abilities: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in base["abilities"].items()),
-            flush=True,
-        )
-        weak = {k: v for k, v in base["abilities"].items() if k in required and v < 0.5}
-        if not weak:
-            base["set_aside"] = set_aside
-            return base_dir, base
-        print(
-            f"base model (seed {sa.seed}) set aside: " + ", ".join(f"{k} {v:.0%}" for k, v in weak.items()) + " right",
-            flush=True,
-        )
-        set_aside.append({"pretrain_seed": sa.seed, "path": str(base_dir), "abilities": base["abilities"]})
-    raise RuntimeError(
-        f"{len(set_aside)} pre-trained base models (seeds {s.seed} to {s.seed + len(set_aside) - 1}) fall short of "
-        + ", ".join(required)
-        + " (each at least 50 %), which the benchmark's tasks build on, so a run "
-        "would measure nothing; pre-train with other Settings (more pretrain_steps); abilities: "
-        + ", ".join(
-            f"seed {a['pretrain_seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in a["abilities"].items())
-            for a in set_aside
-        )
-    )
-
-
-BASE_ABILITIES = ("copy", "last", "first", "first-two", "drop-last")
-"""What the base model is measured on before a run (recorded in the results): copying, the last
-word, and the three operations ``benchmarks/data_selection.py`` renames."""
-
 FORGETTING_ABILITIES = ("first",)
 """What this benchmark needs of the base model: its answers are one word chosen by the input's
 first (the version-5 base pre-trained on an AMD EPYC failed there: it copied every word but the
 first, and a run on it learned nothing)."""
-
-REQUIRED_ABILITIES = ("first", "first-two", "drop-last")
-"""What ``benchmarks/data_selection.py`` needs of the base model (each at least 0.5): its tasks are
-``first``, ``first two`` and ``drop last`` renamed, which a few hundred examples teach only to a
-model that does them under their own names."""
-
-
-def base_abilities(base_dir: Path, n: int = 50) -> dict[str, float]:
-    """Exact match of the base model alone on ``n`` chat-form inputs of each :data:`BASE_ABILITIES` task."""
-    tasks = [t for t in PRETRAIN_TASKS if t.name in BASE_ABILITIES]
-    data = [TaskData(t, [], [], make_examples(t, n, random.Random(f"ability:{t.name}")), base_dir) for t in tasks]
-    return {t.name: x for t, x in zip(tasks, Evaluator(base_dir, base_dir).scores(None, data))}
-
-
-@contextlib.contextmanager
-def work_folder(keep: Path | None, prefix: str) -> Iterator[Path]:
-    """The run's folder (``keep``, else a temp folder removed afterwards); Ray, if the run started
-    it, is shut down on the way out."""
-    work = keep or Path(tempfile.mkdtemp(prefix=prefix))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        yield work
-    finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            if keep is None:
-                shutil.rmtree(work, ignore_errors=True)
-
-
-def kaizen_config(base_dir: Path, work: Path) -> Any:
-    """A Kaizen config whose base model is ``base_dir`` and whose store and storage live in ``work``."""
-    from app.config import KaizenConfig
-
-    return KaizenConfig.model_validate(
-        {
-            "model": {
-                "base_model": str(base_dir),
-                "storage_root": str(work),
-                "checkpoint_dir": str(work / "checkpoints"),
-            },
-            "store": {"sqlite_path": str(work / "kaizen.db")},
-            "privacy": {"hmac_key": "benchmark"},
-            "ray": {"num_cpus": 2},
-        }
-    )
-
-
-def start_local_ray() -> None:
-    """A local 2-CPU Ray for the jobs."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
 
 def local_setup(base_dir: Path, work: Path) -> Any:
@@ -1042,12 +617,12 @@ def run_seed(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
         tasks = make_task_data(work, s)
         cfg = local_setup(base_dir, work)
         evaluator = Evaluator(base_dir, work)
-        result["base_scores"] = evaluator.scores(None, tasks)
+        result["base_scores"] = evaluator.scores(None, [t.test for t in tasks])
         print("base model scores: " + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, result["base_scores"])))
 
         # 3. Stage 1, shared; then every method's later stages.
         first = _finetune(cfg, s, tasks[0], None, f"stage1-seed{s.seed}")
-        first_scores = evaluator.scores(first["adapter_id"], tasks)
+        first_scores = evaluator.scores(first["adapter_id"], [t.test for t in tasks])
         print(
             f"stage 1 ({tasks[0].task.name}, shared, {first['seconds']:.0f} s): scores "
             + ", ".join(f"{d.task.name} {x:.2f}" for d, x in zip(tasks, first_scores)),

@@ -25,6 +25,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from app.simulation import normalize_answer
@@ -411,3 +412,15 @@ def rows_by_domain(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         domain = (row.get("domain") or ["?"])[0]
         counts[domain] = counts.get(domain, 0) + 1
     return counts
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (:func:`task_rows`) as a Parquet file of the training-row schema's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.artifacts import TRAINING_ROW_SCHEMA
+
+    schema = pa.schema([TRAINING_ROW_SCHEMA.field(c) for c in TRAINING_SCHEMA_COLUMNS])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

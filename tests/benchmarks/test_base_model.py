@@ -1,4 +1,4 @@
-"""The forgetting benchmark's base model is the same model every time its settings are."""
+"""The learning benchmarks' base model is the same model every time its settings are, and shared by them."""
 
 from __future__ import annotations
 
@@ -10,18 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from app.model.tokenizer import TOKENIZER_DIRNAME, ensure_tokenizer_dir
-from benchmarks.forgetting import (
-    QUICK,
-    REQUIRED_ABILITIES,
-    Settings,
-    build_base_model,
-    ensure_base_model,
-)
+from benchmarks.base_model import BaseSettings, build_base_model, ensure_base_model
+from benchmarks.data_selection import REQUIRED_ABILITIES
+from benchmarks.forgetting import Settings
+
+TINY = BaseSettings(pretrain_steps=12, copy_warmup_steps=4, pretrain_batch=8)
 
 
 def test_pre_training_is_deterministic(tmp_path: Path) -> None:
     tokenizer_dir = ensure_tokenizer_dir(tmp_path / TOKENIZER_DIRNAME)
-    s = replace(Settings(**QUICK), pretrain_steps=12, copy_warmup_steps=4, pretrain_batch=8)
+    s = TINY
     before = torch.are_deterministic_algorithms_enabled()
     stats = [build_base_model(tmp_path / f"base{i}", tokenizer_dir, s) for i in range(2)]
     assert torch.are_deterministic_algorithms_enabled() == before  # restored for the caller
@@ -38,7 +36,7 @@ def test_pre_training_is_deterministic(tmp_path: Path) -> None:
 def test_a_words_bare_and_spaced_tokens_are_paired(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from benchmarks.forgetting import spelling_pairs
+    from benchmarks.base_model import spelling_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_tokenizer_dir(tmp_path / TOKENIZER_DIRNAME), local_files_only=True)
     (apple,) = tokenizer("apple", add_special_tokens=False)["input_ids"]
@@ -52,7 +50,7 @@ def test_a_words_bare_and_spaced_tokens_are_paired(tmp_path: Path) -> None:
 
 def test_a_base_short_of_the_required_abilities_is_pre_trained_again_from_the_next_seed(tmp_path: Path) -> None:
     # 12 steps teach nothing, so every base falls short and each attempt is a seed of its own.
-    s = replace(Settings(**QUICK), pretrain_steps=12, copy_warmup_steps=4, pretrain_batch=8, seed=5)
+    s = replace(TINY, seed=5)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError) as caught:
         ensure_base_model(tmp_path / "work", cache, s, required=REQUIRED_ABILITIES, attempts=2)
@@ -66,3 +64,10 @@ def test_a_base_short_of_the_required_abilities_is_pre_trained_again_from_the_ne
     assert base_dir == cache / f"forgetting-base-{s.base_key()}"
     assert base["pretrain_seed"] == 5 and base["set_aside"] == [] and base["reused"] == str(base_dir)
     assert set(base["abilities"]) == {"copy", "last", "first", "first-two", "drop-last"}
+
+
+def test_the_base_is_keyed_by_its_pre_training_alone() -> None:
+    # The forgetting benchmark's own settings do not name another base: the benchmarks share one cache.
+    assert Settings(train_rows=16, lr=0.1).base_key() == BaseSettings().base_key()
+    assert Settings(seed=2).base_key() == BaseSettings(seed=2).base_key() != BaseSettings().base_key()
+    assert BaseSettings(pretrain_steps=10).base_key() != BaseSettings().base_key()
