@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import machine
 from benchmarks.tasks import INSTRUCTION_WORDS, PRETRAIN_TASKS, WORDS, exact_match, make_examples, pretraining_texts
 
 TASK_DESCRIPTION = 'Examples of "{domain}".'
@@ -220,6 +221,7 @@ def build_base_model(directory: Path, tokenizer_dir: Path, s: BaseSettings) -> d
         "first_loss": losses[0],
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
     }
     (tmp / "pretraining.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(directory, ignore_errors=True)

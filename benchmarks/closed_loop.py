@@ -381,7 +381,7 @@ def plot(runs: Sequence[dict[str, Any]], o: Options, path: Path, window: int = 4
 
 def main() -> None:
     from benchmarks.base_model import BaseSettings, ensure_base_model
-    from benchmarks.common import add_common_arguments, quiet_process, work_folder
+    from benchmarks.common import add_common_arguments, machine, quiet_process, work_folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "closed_loop")
@@ -410,7 +410,13 @@ def main() -> None:
     tasks = {t.name: t for t in (*PRETRAIN_TASKS, *BENCHMARK_TASKS)}
     families = {n: word_family(tasks[n]) for n in (*o.old_families, *o.new_families)}
     started = time.perf_counter()
-    result: dict[str, Any] = {"benchmark": "closed_loop", "quick": args.quick, "options": asdict(o), "runs": []}
+    result: dict[str, Any] = {
+        "benchmark": "closed_loop",
+        "quick": args.quick,
+        "options": asdict(o),
+        "machine": machine(),
+        "runs": [],
+    }
     with work_folder(args.keep, "kaizen-closed-loop-") as work:
         base_dir, base = ensure_base_model(work, args.base_cache, s, required=() if args.quick else ("first", "last"))
         result["base_model"] = {**base, "path": str(base_dir)}

@@ -22,6 +22,7 @@ __all__ = [
     "finished_seeds",
     "kaizen_config",
     "keep_evaluations",
+    "machine",
     "pct",
     "print_table",
     "quiet_process",
@@ -246,3 +247,23 @@ def start_local_ray() -> None:
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+
+def machine() -> dict[str, Any]:
+    """What computed a run's numbers: the CPU model (another CPU's kernels round differently, and a
+    small model pre-trained or fine-tuned on it can take another path: base 3, pre-trained with the
+    same code and settings in two sessions on different hosts, dropped the last word at 0.94 and
+    0.72), its cores, torch and torch's threads."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}

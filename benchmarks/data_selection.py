@@ -63,6 +63,7 @@ from benchmarks.common import (
     finished_seeds,
     kaizen_config,
     keep_evaluations,
+    machine,
     print_table,
     quiet_process,
     start_local_ray,
@@ -295,7 +296,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
     from jobs import build_dataset, finetune
 
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"seed": o.seed}
+    result: dict[str, Any] = {"seed": o.seed, "machine": machine()}
     rng = random.Random(o.seed)
     hard = hard_words(o)
     tests, held = [], {}  # per task: its held-out inputs where the assistant errs, then the others
@@ -549,6 +550,7 @@ def main() -> None:
         parser.error(str(exc))
     s = BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
     started = time.perf_counter()
     output = args.output or RESULTS / "data_selection.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ from benchmarks.common import (
     finished_seeds,
     kaizen_config,
     keep_evaluations,
+    machine,
     print_table,
     quiet_process,
     start_local_ray,
@@ -564,6 +565,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     quiet_process()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
     started = time.perf_counter()
     seeds = [args.seed + i for i in range(args.seeds)]
     output = args.output or RESULTS / "forgetting.json"
@@ -605,7 +607,12 @@ def run_seed(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     """One complete run at ``s.seed``: the base pre-trained from it (or reused from the cache),
     the shared first stage, every method's later stages; its table is printed."""
     started = time.perf_counter()
-    result: dict[str, Any] = {"seed": s.seed, "settings": asdict(s), "tasks": [t.name for t in BENCHMARK_TASKS]}
+    result: dict[str, Any] = {
+        "seed": s.seed,
+        "settings": asdict(s),
+        "tasks": [t.name for t in BENCHMARK_TASKS],
+        "machine": machine(),
+    }
     with work_folder(args.keep, "kaizen-forgetting-") as work:
         # 1. The base model.
         base_dir, base = ensure_base_model(

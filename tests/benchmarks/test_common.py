@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import finished_seeds
+from benchmarks.common import finished_seeds, machine
 
 
 def _partial(path: Path, runs: list[dict], complete: bool = False, benchmark: str = "forgetting") -> Path:
@@ -65,3 +65,12 @@ def test_the_curve_keeps_the_winning_trials_validations_and_then_the_runs() -> N
     ]
     line = curve_summary("kaizen", {"curve": curve, "kept_step": 50, "val_exact_match": 0.6, "own_score": 0.9})
     assert "3 evaluations to step 75" in line and "kept step 50" in line and "test 0.90" in line
+
+
+def test_a_run_records_the_machine_that_computed_it() -> None:
+    import torch
+
+    m = machine()
+    assert m["cpu"] and m["cores"] >= 1 and m["torch"] == torch.__version__
+    assert m["torch_threads"] == torch.get_num_threads()
+    json.dumps(m)  # it goes into the results file
