@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -253,7 +254,7 @@ def machine() -> dict[str, Any]:
     """What computed a run's numbers: the CPU model (another CPU's kernels round differently, and a
     small model pre-trained or fine-tuned on it can take another path: base 3, pre-trained with the
     same code and settings in two sessions on different hosts, dropped the last word at 0.94 and
-    0.72), its cores, torch and torch's threads."""
+    0.72), its cores, torch and torch's threads, and the versions of the libraries that train."""
     import platform
 
     import torch
@@ -266,4 +267,11 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name")
         ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    versions = {name: importlib.metadata.version(name) for name in ("transformers", "peft", "ray")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **versions,
+    }
