@@ -27,8 +27,8 @@ everything teaches the assistant's own mistakes back to it; that is what selecti
 Score: exact match of greedy answers on 100 held-out inputs of each task (the mean over tasks; also
 shown alone for the inputs where the assistant errs);
 time: the training loop's seconds (``train_time_s``) and the job's wall time. Goal (issue 5):
-(c) scores at least as well as (a) in at most a tenth of (a)'s training time. The base model is the
-one ``benchmarks/forgetting.py`` pre-trains (shared through ``--base-cache``).
+(c) scores at least as well as (a) in at most a tenth of (a)'s training time. The base model is
+``benchmarks/base_model.py``'s (shared with the other learning benchmarks through ``--base-cache``).
 
 Every set trains until its validation exact match stops improving (``early_stopping_patience``
 validations every ``eval_every_steps``), capped at ``max_steps``, the same for all.
