@@ -62,14 +62,16 @@ from app.learning.training import (
     OBJECTIVES_WITH_PAIRS,
     EarlyStopping,
     draw_pairs,
+    learned,
     lr_factor,
     mix_rehearsal,
     no_pairs_error,
+    selection_key,
 )
 from app.learning.trials import TrialRestarts
 from app.learning.worker_context import CheckpointSource, TrainContext, WorkerSpec
 
-__all__ = ["LOSS_WINDOW", "PREFERENCES", "StepFigures", "StepWindow", "Trainer", "learned", "selection_key"]
+__all__ = ["LOSS_WINDOW", "PREFERENCES", "StepFigures", "StepWindow", "Trainer"]
 
 log = logging.getLogger("kaizen.finetune")
 
@@ -675,27 +677,3 @@ def _label_count(row: dict[str, Any]) -> int:
 
 def _unlabelled(row: dict[str, Any]) -> bool:
     return all(t == IGNORE_INDEX for t in row["labels"])
-
-
-def selection_key(figures: dict[str, Any], select_by: str, learned_at: float = 1.0) -> list[float]:
-    """What early stopping, the kept adapter and the choice between trials minimise, compared in
-    order. With ``exact_match``: fewer validation rows answered exactly first, then the objective
-    (the loss decides between equal exact matches, as on a model that answers nothing exactly
-    yet); with held-out rows of earlier domains, the validation match counts up to ``learned_at``
-    (the new task learned), then fewer held-out rows answered exactly (forgetting), then the
-    validation match, then the objective. With ``loss``, the objective alone."""
-    if select_by != "exact_match":
-        return [figures["objective"]]
-    exact = figures["val_exact_match"]
-    if figures.get("heldout_exact_match") is None:
-        return [1.0 - exact, figures["objective"]]
-    return [1.0 - min(exact, learned_at), 1.0 - figures["heldout_exact_match"], 1.0 - exact, figures["objective"]]
-
-
-def learned(trend: tuple[float, float] | None, min_drop: float) -> bool | None:
-    """Whether a run's training loss fell: its last steps' mean below ``(1 - min_drop)`` times its
-    first steps' (``RunState.loss_trend``); None for a run too short to tell (under 2 steps)."""
-    if trend is None:
-        return None
-    start, end = trend
-    return math.isfinite(end) and end < start * (1.0 - min_drop)

@@ -196,7 +196,7 @@ def test_a_run_whose_training_loss_does_not_fall_is_marked_as_failed(model_root:
 
 def test_a_run_too_short_to_tell_is_neither_learned_nor_failed() -> None:
     from app.learning.run_state import RunState
-    from app.learning.trainer import learned
+    from app.learning.training import learned
 
     state = RunState()
     state.record_loss(3.0, window=20)
@@ -236,8 +236,7 @@ def test_exact_match_is_what_greedy_decoding_writes(model_root: Path) -> None:
 
 
 def test_selection_puts_exact_match_first_and_the_loss_second() -> None:
-    from app.learning.trainer import selection_key
-    from app.learning.training import EarlyStopping
+    from app.learning.training import EarlyStopping, selection_key
 
     worse_loss_more_exact = {"val_exact_match": 0.5, "objective": 2.0}
     better_loss_less_exact = {"val_exact_match": 0.25, "objective": 1.0}
@@ -255,8 +254,7 @@ def test_selection_puts_exact_match_first_and_the_loss_second() -> None:
 def test_once_the_new_task_is_learned_forgetting_less_counts_first() -> None:
     """With held-out rows of earlier domains: past the learned threshold the adapter that keeps
     more of them wins over one with a higher validation match; below it, the new task comes first."""
-    from app.learning.trainer import selection_key
-    from app.learning.training import EarlyStopping
+    from app.learning.training import EarlyStopping, selection_key
 
     def key(exact: float, heldout: float, objective: float = 1.0) -> list[float]:
         return selection_key(
