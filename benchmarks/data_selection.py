@@ -98,7 +98,9 @@ class Options:
     was within reach (a run's fixed costs make a set of exactly a tenth train in a little more than a
     tenth of the time: 24.0 s against 23.3 s); under a stopping rule it is not (Kaizen's ~190 rows
     took 58-74% of all rows' time), and at 8% the sets kept their adapter at step 200-375 with a task
-    at 0.88-0.89 where the assistant answered right on one seed in four."""
+    at 0.88-0.89 where the assistant answered right on one seed in four. At 10% (on another host)
+    Kaizen's sets scored 0.964, 0.931, 0.983 and 0.812 (seeds 0-3) against all rows' 0.907, 0.991,
+    0.968 and 0.938: the selections were 7.5-9.2% poor, mostly mistakes users rated 4 or 5 (README)."""
     validation_fraction: float = 1 / 3
     """The share of Kaizen's selection that validates (dataset.validation_fraction; the selection is
     keep_fraction / (1 - this) of the pool, so its training rows stay keep_fraction): ~120 rows, on
