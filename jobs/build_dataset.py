@@ -59,6 +59,7 @@ from app.learning.dataset.select import assign_split, select_diverse, selection_
 from app.learning.dataset.write import (
     DatasetManifest,
     Funnel,
+    LossFilterInfo,
     QueryInfo,
     count_rows,
     dataset_uri,
@@ -92,6 +93,25 @@ def _window(opts: DatasetConfig) -> str:
 
 def _collect(ds: Any) -> dict[str, np.ndarray]:
     return rows_to_batch(ds.take_all())
+
+
+def _loss_filter(
+    cfg: KaizenConfig, opts: DatasetConfig, batch: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], LossFilterInfo]:
+    """Stage 7c: a probe trained on the pool (a Ray task with one fine-tuning worker's resources),
+    then the rows whose answer it finds implausible dropped (:mod:`app.learning.dataset.plausibility`)."""
+    import ray
+
+    from app.config import job_options
+    from app.learning.dataset.plausibility import answer_losses, drop_implausible, probe_options
+    from app.learning.ray_trainer import check_requirements, worker_spec
+
+    probe = probe_options(job_options(cfg, "finetune"), opts.loss_filter_steps, opts.seed)
+    check_requirements(cfg, probe)
+    spec = worker_spec(cfg, probe, ["train"])
+    task = ray.remote(answer_losses).options(num_cpus=probe.cpus_per_worker, num_gpus=1 if probe.use_gpu else 0)
+    losses, final = ray.get(task.remote(spec, [str(m) for m in batch["messages"]]))
+    return drop_implausible(batch, losses, final, opts.loss_filter_ratio, opts.loss_filter_max_share)
 
 
 def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifest:
@@ -190,6 +210,10 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
         .map_batches(encode_features, batch_size=opts.batch_size)
     )
 
+    loss_filter = None
+    if opts.loss_filter_ratio:
+        embedded, loss_filter = _loss_filter(cfg, opts, embedded)
+
     chosen = select_diverse(
         embedded,
         opts.keep_fraction,
@@ -220,7 +244,8 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             exact_duplicates=exact,
             near_duplicates=near,
             over_group_cap=capped,
-            not_selected=num_rows(pool) - num_rows(chosen),
+            implausible=loss_filter.dropped if loss_filter else 0,
+            not_selected=num_rows(embedded) - num_rows(chosen),
             selected=num_rows(chosen),
             train=train.num_rows,
             validation=validation.num_rows,
@@ -237,6 +262,7 @@ def main(cfg: KaizenConfig, opts: DatasetConfig | None = None) -> DatasetManifes
             domain_adjustments=opts.domain_adjustments,
             thresholds=applied,
         ),
+        loss_filter=loss_filter,
         options=opts.model_dump(mode="json"),
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -261,7 +287,9 @@ def summary(manifest: DatasetManifest) -> str:
     funnel = (
         f"  scored {f.scored} -> at or above threshold {f.above_threshold} -> turned down -{f.rejected}"
         f" -> exact duplicates -{f.exact_duplicates}"
-        f" -> near duplicates -{f.near_duplicates} -> group cap -{f.over_group_cap} -> not selected -{f.not_selected}"
+        f" -> near duplicates -{f.near_duplicates} -> group cap -{f.over_group_cap}"
+        + (f" -> implausible -{f.implausible}" if manifest.loss_filter else "")
+        + f" -> not selected -{f.not_selected}"
     )
     return "\n".join(
         [
@@ -273,8 +301,18 @@ def summary(manifest: DatasetManifest) -> str:
             f"  targets: {mix('learning_type')}; preference pairs: train {f.train_pairs}, "
             f"validation {f.validation_pairs}",
             f"  quality: mean {manifest.quality_histogram.mean}, min {manifest.quality_histogram.min}",
+            *([_describe_filter(manifest.loss_filter)] if manifest.loss_filter else []),
             f"  written to {manifest.uri}",
         ]
+    )
+
+
+def _describe_filter(f: LossFilterInfo) -> str:
+    if f.loss_fell is False:
+        return f"  loss filter: the probe's loss did not fall in {f.steps} steps, so it judged nothing"
+    return (
+        f"  loss filter: probe {f.steps} steps on {f.rows} rows ({f.train_time_s:.1f} s), median answer loss "
+        f"{f.median_loss}, {f.over_limit} over {f.limit}, {f.dropped} dropped"
     )
 
 

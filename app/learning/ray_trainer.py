@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import ray.data
     from ray.train.torch import TorchTrainer
 
-__all__ = ["FAIL_AT_STEP_ENV", "FAIL_MARKER_ENV", "build_trainer", "check_requirements", "train_loop"]
+__all__ = ["FAIL_AT_STEP_ENV", "FAIL_MARKER_ENV", "build_trainer", "check_requirements", "train_loop", "worker_spec"]
 
 FAIL_AT_STEP_ENV = "KAIZEN_TEST_FAIL_AT_STEP"
 """Fault injection for tests: rank 0 raises once, right after reporting this optimizer step."""
@@ -45,6 +45,27 @@ def train_loop(config: dict[str, Any]) -> None:
     with deterministic_algorithms(spec.opts.deterministic):
         trainer.setup()
         trainer.fit()
+
+
+def worker_spec(
+    cfg: KaizenConfig,
+    opts: FinetuneConfig,
+    datasets: Sequence[str],
+    parent_adapter_id: str | None = None,
+    fault: InjectedFault | None = None,
+) -> WorkerSpec:
+    """What a trainer of ``opts`` on the sets ``datasets`` is told: only what it needs of ``cfg``
+    (the rest of the config, store DSNs and keys, stays on the driver)."""
+    return WorkerSpec(
+        opts=opts,
+        base_model=cfg.model.base_model,
+        storage_root=cfg.model.storage_root,
+        max_vram_gb=cfg.training.resource_limits.max_vram_gb,
+        max_seconds=cfg.training.max_hours * 3600.0,
+        parent_adapter_id=parent_adapter_id,
+        datasets=sorted(datasets),
+        fault=fault,
+    )
 
 
 def build_trainer(
@@ -93,17 +114,7 @@ def build_trainer(
             + (", or set finetune.mask_mode=most_important" if opts.masking == "fggm" else "")
         )
     check_requirements(cfg, opts)
-    spec = WorkerSpec(
-        opts=opts,
-        # Only what the workers need: the rest of the config (store DSNs, keys) stays here.
-        base_model=cfg.model.base_model,
-        storage_root=cfg.model.storage_root,
-        max_vram_gb=cfg.training.resource_limits.max_vram_gb,
-        max_seconds=cfg.training.max_hours * 3600.0,
-        parent_adapter_id=resolve_parent_adapter(cfg, opts),
-        datasets=sorted(datasets),
-        fault=_fault_injection(),
-    )
+    spec = worker_spec(cfg, opts, list(datasets), resolve_parent_adapter(cfg, opts), _fault_injection())
     resources = {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.use_gpu else {})}
     return TorchTrainer(
         train_loop,

@@ -581,6 +581,23 @@ class Trainer(TrialRestarts):
         return (total / count if count else float("nan")), (exact / answered if answered else 0.0)
 
     @torch.no_grad()
+    def row_losses(self, rows: Rows) -> list[float]:
+        """Each row's mean loss per answer token under the current adapter, in the order given (NaN
+        for a row whose answer lost every token to ``max_length``): this rank's rows only."""
+        loss_module, batch_size = self.loss_module, self.opts.batch_size
+        was_training = loss_module.training
+        loss_module.eval()
+        losses: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            with self.autocast():
+                batch = self._to_device(collate(rows[i : i + batch_size], self.pad_id))
+                logps, counts = loss_module(**batch, per_row=True)
+            for logp, count in zip(logps.tolist(), counts.tolist(), strict=True):
+                losses.append(-logp / count if count else float("nan"))
+        loss_module.train(was_training)
+        return losses
+
+    @torch.no_grad()
     def measure_pairs(self, pairs: Rows) -> dict[str, float]:
         """The mean DPO loss and reward margin of the current adapter on every rank's shard of
         tokenized preference pairs, and its accuracy: the share of pairs whose chosen answer it

@@ -30,7 +30,7 @@ from app.learning.dataset import (
 from app.quality.service import QualityService
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SQLiteStore
-from jobs.build_dataset import cli, main
+from jobs.build_dataset import cli, main, summary
 from tests.conftest import ingest_samples
 
 SAMPLES = 60
@@ -182,6 +182,42 @@ def test_too_few_interactions_stop_with_the_count_and_threshold(scored, tmp_path
     assert code == 1
     assert "min_examples=1000" in err and "threshold 0.70" in err and f"{len(scored[1])} scored" in err
     assert not (tmp_path / "root" / "datasets").exists()
+
+
+@pytest.mark.integration
+def test_the_loss_filter_drops_the_answers_its_probe_finds_implausible(scored, cfg: KaizenConfig, ray_session) -> None:
+    db, scores = scored
+    run_cfg = cfg.model_copy(
+        update={
+            "store": cfg.store.model_copy(update={"sqlite_path": str(db)}),
+            # The recipe the probe trains with (the cycle's finetune section); the tiny model moves little.
+            "finetune": {"batch_size": 4, "lr": 1e-2, "max_length": 256, "lora_dropout": 0.0},
+        }
+    )
+    opts = DatasetConfig(
+        dataset_id="ds-loss-filter",
+        min_examples=8,
+        keep_fraction=0.8,
+        validation_fraction=0.2,
+        # The tiny model's losses lie within a few percent of each other: above the median, at most a fifth.
+        loss_filter_ratio=1.0,
+        loss_filter_steps=10,
+    )
+    manifest = main(run_cfg, opts)
+    f, probe = manifest.funnel, manifest.loss_filter
+    pool = f.above_threshold - f.rejected - f.exact_duplicates - f.near_duplicates - f.over_group_cap
+    assert probe is not None and probe.rows == pool and probe.steps == 10 and probe.loss_fell is True
+    assert probe.dropped == int(0.2 * pool) and f.implausible == probe.dropped == len(probe.dropped_rows)
+    assert f.implausible + f.not_selected + f.selected == pool
+    assert min(probe.dropped_rows.values()) > probe.limit and set(probe.dropped_rows) <= set(scores)
+    written = {
+        i
+        for split in ("train", "validation")
+        for i in pq.read_table(Path(manifest.uri) / f"{split}.parquet").column("interaction_id").to_pylist()
+    }
+    assert not written & set(probe.dropped_rows)
+    assert f"loss filter: probe 10 steps on {pool} rows" in summary(manifest)
+    assert manifest.options["loss_filter_ratio"] == 1.0
 
 
 PROMPTS = {

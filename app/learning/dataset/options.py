@@ -98,6 +98,27 @@ class DatasetConfig(BaseModel):
             "of every kind rather than more of the kinds that score high (0: raw scores)."
         ),
     )
+    loss_filter_ratio: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Before the selection, drop answers a probe finds implausible: a short LoRA fine-tune of the base model "
+            "on the pool (the finetune section's recipe, loss_filter_steps steps) learns what most answers to each "
+            "kind of request say, and a row whose answer loss per token is above this multiple of the median "
+            "contradicts them: the assistant's systematic mistakes that users rated well, which the scores cannot "
+            "tell from good answers. Corrections are never dropped. 0: no probe (it costs a short training run)."
+        ),
+    )
+    loss_filter_steps: int = Field(300, ge=1, description="The probe's optimizer steps (with loss_filter_ratio).")
+    loss_filter_max_share: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description=(
+            "Most of the pool the loss filter may drop (the highest losses first): a pool in which one kind of "
+            "request is answered unlike the rest is not thrown away with its mistakes."
+        ),
+    )
     validation_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of rows in validation, chosen by a hash of the interaction id."
     )

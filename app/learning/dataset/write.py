@@ -55,6 +55,7 @@ __all__ = [
     "PREFERENCE_SCHEMA",
     "DatasetManifest",
     "Funnel",
+    "LossFilterInfo",
     "QualityHistogram",
     "QueryInfo",
     "content_hash",
@@ -243,12 +244,34 @@ class Funnel(BaseModel):
     exact_duplicates: int = Field(description="Removed: same normalised request and answer as a better row.")
     near_duplicates: int = Field(description="Removed: MinHash Jaccard at or above the threshold with a better row.")
     over_group_cap: int = Field(description="Removed by the balance: beyond their group's cap.")
+    implausible: int = Field(
+        0, description="Removed by the loss filter (dataset.loss_filter_ratio): answers a probe found implausible."
+    )
     not_selected: int = Field(description="Removed by the diverse selection.")
     selected: int = Field(description="Rows written (train + validation).")
     train: int = Field(description="Rows in train.parquet.")
     validation: int = Field(description="Rows in validation.parquet.")
     train_pairs: int = Field(0, description="Preference pairs in train_preferences.parquet (corrected train rows).")
     validation_pairs: int = Field(0, description="Preference pairs in validation_preferences.parquet.")
+
+
+class LossFilterInfo(BaseModel):
+    """What the loss filter did (a manifest's ``loss_filter``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = Field(description="Rows the probe trained on and judged.")
+    steps: int = Field(description="The probe's optimizer steps.")
+    loss_fell: bool | None = Field(description="Whether the probe's training loss fell; if not, nothing was dropped.")
+    median_loss: float | None = Field(description="Median loss per answer token over the judged rows.")
+    limit: float | None = Field(description="The loss above which a row was implausible: ratio times the median.")
+    over_limit: int = Field(description="Rows (not corrections) above the limit.")
+    dropped: int = Field(description="Rows removed: those over the limit, at most max_share of the rows.")
+    dropped_rows: dict[str, float] = Field(
+        description="The removed rows' interaction ids and losses, highest loss first (for review)."
+    )
+    train_time_s: float = Field(description="The probe's training time.")
+    scoring_s: float = Field(description="Time to measure every row's loss.")
 
 
 class QueryInfo(BaseModel):
@@ -291,6 +314,9 @@ class DatasetManifest(BaseModel):
     balance: dict[str, Any] = Field(description="Balance groups (rows per group before the cap), the cap, the share.")
     quality_histogram: QualityHistogram = Field(description="Quality scores of the rows written.")
     query: QueryInfo = Field(description="Which interactions it came from.")
+    loss_filter: LossFilterInfo | None = Field(
+        None, description="What the loss filter did (dataset.loss_filter_ratio); None: it was off."
+    )
     options: dict[str, Any] = Field(description="The DatasetConfig used.")
     seconds: float = Field(description="Time the build took.")
 
