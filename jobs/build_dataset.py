@@ -21,6 +21,9 @@ The chain, each stage in its module of :mod:`app.learning.dataset`:
    (``preferences.drop_rejected``: never a training target), exact duplicates, near duplicates
    (MinHash LSH; ``dedup``), the balance across domain, task and complexity groups (``balancing``);
 4. ``chatml.format_chatml`` → ``features.EmbedBatch`` actors (MiniLM) → ``features.encode_features``;
+   with ``dataset.loss_filter_ratio``, a probe (a short LoRA fine-tune of the base model on the pool,
+   the ``finetune`` section's recipe, as a Ray task with one training worker's resources) and the
+   answers whose loss it finds over that multiple of the median dropped (``plausibility``);
 5. on the driver: the diverse, quality-weighted selection and the split by a hash of the id
    (``select``), and the files (``write``) under ``<model.storage_root>/datasets/<dataset_id>/``:
    ``train.parquet``, ``validation.parquet`` (the seed's schema plus ``messages``), ``train.jsonl``,
