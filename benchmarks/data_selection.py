@@ -9,7 +9,8 @@ the same options) on
   (c) kaizen Kaizen's selection of at most 10%: the interactions go through the real path into a
              real SQLite store (``app.ingest.IngestPipeline``), are scored by ``app.quality``
              (``QualityService.score_pending``), and ``jobs/build_dataset.py`` keeps those above
-             the inclusion threshold, drops duplicates, balances and picks a diverse subset
+             the inclusion threshold, drops duplicates, balances, drops the answers a probe
+             trained on the pool finds implausible (``dataset.loss_filter_ratio=5``) and picks a diverse subset
              weighted by quality and confidence (k-means over MiniLM embeddings,
              ``dataset.quality_weight=4``): 10% of the pool to train on, and half as many
              again to validate every set on (a third of the selection).
@@ -124,7 +125,9 @@ class Options:
     selections of 7ff86a8 were 7.5-9.2% poor, mostly mistakes users rated 4 or 5, which the scores
     cannot tell from good answers; on each selection's ~360 rows, "loss over 5x the median" under the
     all-rows adapter would have dropped 27 of 33, 23 of 27 and 26 of 32 poor rows with 5, 17 and 3
-    good ones (seeds 1, 3, 2; README). 0: no probe."""
+    good ones (seeds 1, 3, 2; README). With it (a644d82, same host) the probe dropped 215-286 rows of
+    ~1,800 at seeds 0-2, 5-69 of them good, and the selections held no poor row; at seed 3, whose base
+    had not learned the tasks, 78 (the selection 6.1% poor). 0: no probe."""
     loss_filter_steps: int = 300
     """dataset.loss_filter_steps: the probe's steps (the sets' own recipe otherwise), about one and a
     half passes over the pool above the threshold."""
