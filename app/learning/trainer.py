@@ -30,11 +30,13 @@ step after step, so the same options and rows give the same adapter bit for bit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -557,26 +559,32 @@ class Trainer(TrialRestarts):
         """Token-weighted loss over every rank's shard of a set (:meth:`measure_on`)."""
         return self.measure_on(rows)[0]
 
+    def _forward_eval(self, rows: Rows, forward: Callable[..., Any]) -> list[Any]:
+        """``forward(**batch)`` on each micro-batch of ``rows``, on the device, under autocast, with
+        the loss module in eval mode (its mode before restored after): the outputs, in order."""
+        was_training = self.loss_module.training
+        self.loss_module.eval()
+        try:
+            outputs = []
+            for i in range(0, len(rows), self.opts.batch_size):
+                with self.autocast():
+                    outputs.append(forward(**self._to_device(collate(rows[i : i + self.opts.batch_size], self.pad_id))))
+            return outputs
+        finally:
+            self.loss_module.train(was_training)
+
     @torch.no_grad()
     def measure_on(self, rows: Rows) -> tuple[float, float]:
         """Token-weighted loss and exact match (the share of rows whose answer greedy decoding
         would write exactly; :meth:`CausalLMLoss.measure`) over every rank's shard of a set. Runs
         the unwrapped module: DDP's forward would broadcast buffers, a collective that nothing
         here needs."""
-        loss_module, batch_size = self.loss_module, self.opts.batch_size
-        was_training = loss_module.training
-        loss_module.eval()
         total, count, exact, answered = 0.0, 0, 0, 0
-        for i in range(0, len(rows), batch_size):
-            with self.autocast():
-                loss_sum, n, right, labelled = loss_module.measure(
-                    **self._to_device(collate(rows[i : i + batch_size], self.pad_id))
-                )
+        for loss_sum, n, right, labelled in self._forward_eval(rows, self.loss_module.measure):
             total += float(loss_sum)
             count += int(n)
             exact += int(right)
             answered += int(labelled)
-        loss_module.train(was_training)
         total, count, exact, answered = self.context.all_reduce([total, float(count), float(exact), float(answered)])
         return (total / count if count else float("nan")), (exact / answered if answered else 0.0)
 
@@ -584,17 +592,10 @@ class Trainer(TrialRestarts):
     def row_losses(self, rows: Rows) -> list[float]:
         """Each row's mean loss per answer token under the current adapter, in the order given (NaN
         for a row whose answer lost every token to ``max_length``): this rank's rows only."""
-        loss_module, batch_size = self.loss_module, self.opts.batch_size
-        was_training = loss_module.training
-        loss_module.eval()
         losses: list[float] = []
-        for i in range(0, len(rows), batch_size):
-            with self.autocast():
-                batch = self._to_device(collate(rows[i : i + batch_size], self.pad_id))
-                logps, counts = loss_module(**batch, per_row=True)
+        for logps, counts in self._forward_eval(rows, functools.partial(self.loss_module, per_row=True)):
             for logp, count in zip(logps.tolist(), counts.tolist(), strict=True):
                 losses.append(-logp / count if count else float("nan"))
-        loss_module.train(was_training)
         return losses
 
     @torch.no_grad()
