@@ -22,12 +22,77 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.integration
 
 
+def _start_head(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str | None]:
+    """``ray start --head --block`` on ports of its own; the process and its job server's URL, or
+    None for the URL when the process exited first (its output is in ``log``)."""
+    port, dashboard = free_port(), free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                shutil.which("ray", path=env["PATH"]),
+                "start",
+                "--head",
+                "--block",
+                "--num-cpus=1",
+                f"--port={port}",
+                f"--dashboard-port={dashboard}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                "--disable-usage-stats",
+                # Ports of its own: the session's Ray (and any other) holds the fixed defaults.
+                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            return process, None
+        time.sleep(1)
+    _stop(process)
+    pytest.fail(f"the job server did not come up in 90 s; ray start said:\n{_tail(log)}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop ``ray start`` and what it started (its process group, which outlives a ``ray start``
+    that exited half-way)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=5)  # `ray start --block` often outwaits this: its node is killed as a group
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 @pytest.fixture
 def head(tmp_path: Path):
-    """A Ray head node with the dashboard (the job server), stopped with its process group."""
+    """A Ray head node with the dashboard (the job server), stopped with its process group.
+
+    A port chosen free can be taken before Ray binds it (by this suite's other servers, or by Ray's
+    own processes picking ports of their own), and ``ray start`` then exits: it is started again
+    on other ports, up to three times, and a failure shows what it said."""
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     previous = current.read_text() if current.exists() else None
-    port, dashboard = free_port(), free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -35,54 +100,24 @@ def head(tmp_path: Path):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
-    ray_cli = shutil.which("ray", path=env["PATH"])
-    process = subprocess.Popen(
-        [
-            ray_cli,
-            "start",
-            "--head",
-            "--block",
-            "--num-cpus=1",
-            f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            "--disable-usage-stats",
-            # Ports of its own: the session's Ray (and any other) holds the fixed defaults.
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, "ray start exited"
-        time.sleep(1)
-    else:
-        pytest.fail("the job server did not come up in 90 s")
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
+    process = url = None
     try:
-        process.wait(timeout=5)  # `ray start --block` often outwaits this: its node is killed as a group
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    # `ray start` left its address for bare ray.init() calls to find: put back what was there.
-    if previous is None:
-        current.unlink(missing_ok=True)
-    else:
-        current.write_text(previous)
+        for attempt in range(3):
+            log = tmp_path / f"ray-start-{attempt}.log"
+            process, url = _start_head(env, log)
+            if url is not None:
+                break
+        else:
+            pytest.fail(f"ray start exited three times; the last said:\n{_tail(log)}")
+        yield url
+    finally:
+        if process is not None:
+            _stop(process)
+        # `ray start` left its address for bare ray.init() calls to find: put back what was there.
+        if previous is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(previous)
 
 
 def test_a_submitted_cycle_runs_on_the_cluster_and_its_output_is_followed(head: str, tmp_path: Path) -> None:
