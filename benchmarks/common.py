@@ -94,8 +94,9 @@ def train_answer_adapter(model_root: Any, store: Any, adapter_id: str, answer: s
 
 def keep_evaluations(curve: list[dict[str, Any]]) -> Any:
     """A progress callback that keeps each evaluation of a run (with ``finetune.trials``, from the
-    winning trial's): its step, the training loss of the steps since the last one, the validation
-    loss and exact match (and, with held-out rows of earlier domains, theirs)."""
+    winning trial's; with ``finetune.attempts``, every attempt's, each marked): its step, the
+    training loss of the steps since the last one, the validation loss and exact match (and, with
+    held-out rows of earlier domains, theirs)."""
 
     def point(e: dict[str, Any], train_loss: Any) -> dict[str, Any]:
         return {
@@ -103,6 +104,7 @@ def keep_evaluations(curve: list[dict[str, Any]]) -> Any:
             "train_loss": train_loss,
             "val_loss": e["val_loss"],
             "val_exact_match": e.get("val_exact_match"),
+            **({"attempt": e["attempt"]} if e.get("attempt") is not None else {}),
             **(
                 {"heldout_exact_match": e["heldout_exact_match"], "heldout_loss": e["heldout_loss"]}
                 if e.get("heldout_exact_match") is not None
@@ -135,6 +137,13 @@ def curve_summary(name: str, info: dict[str, Any]) -> str:
         + (
             f", held-out exact {first['heldout_exact_match']:.2f} -> {last['heldout_exact_match']:.2f}"
             if "heldout_exact_match" in first
+            else ""
+        )
+        + (
+            f"; {len(info['attempts'])} attempts (seeds "
+            + ", ".join(f"{a['seed']}: val exact {a['val_exact_match']:.2f}" for a in info["attempts"])
+            + f"), attempt {info.get('kept_attempt', 0) + 1}'s"
+            if info.get("attempts")
             else ""
         )
         + f"; kept step {info.get('kept_step')} "

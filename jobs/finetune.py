@@ -33,7 +33,9 @@ on the command line or a ``finetune:`` section in the config file):
    adapter kept; with held-out rows of earlier domains, once the validation match reaches
    ``finetune.learned_exact_match`` the held-out rows' exact match (forgetting) counts first.
    With ``finetune.trials`` > 1 the run first trains that many seeds for
-   ``finetune.trial_fraction`` of its steps each and goes on with the best by validation.
+   ``finetune.trial_fraction`` of its steps each and goes on with the best by validation; with
+   ``finetune.attempts`` > 1 a run that ends with its validation exact match below
+   ``finetune.learned_exact_match`` starts over from the next seed, and the best attempt is kept.
    Every step's loss, learning rate and tokens/s reach Ray Train in the ``step_metrics`` of the
    next report (an epoch's last step with the epoch's loss), sent at evaluations, checkpoints,
    the end and at most every ``finetune.report_every_s`` in between (a report waits until the

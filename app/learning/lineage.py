@@ -131,6 +131,8 @@ def publish_adapter(
             "stop_reason",
             "seed",
             "trials",
+            "attempt",
+            "attempts",
             "restarts",
             "mask",
             "peak_rss_mb",

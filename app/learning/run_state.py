@@ -58,6 +58,12 @@ class RunState:
     """The training loss of its latest steps, as many as ``loss_head`` holds at most."""
     loss_steps: int = 0
     """Steps whose loss was recorded."""
+    attempt: int = 0
+    """Which attempt this is (``finetune.attempts``), from 0; at the end, the kept adapter's."""
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    """The attempts that ended: each one's seed, steps, stop reason and kept adapter's figures."""
+    earlier: dict[str, Any] | None = None
+    """The best earlier attempt's state (its fields, ``best_params`` among them), until the run ends."""
 
     def record_loss(self, loss: float, window: int) -> None:
         """Keep a step's training loss among the first and the latest ``window`` steps, from which

@@ -30,6 +30,7 @@ step after step, so the same options and rows give the same adapter bit for bit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -160,6 +161,11 @@ class Trainer(TrialRestarts):
                 raise no_pairs_error(opts.objective)
             self.preference.add_reference_logps(self.pairs)
 
+        # What another attempt starts from (finetune.attempts): the parent's weights, taken before a
+        # checkpoint's replace them; a fresh adapter is drawn from the attempt's seed instead.
+        self.start_params = (
+            trainable_state(self.peft_model, opts) if opts.attempts > 1 and spec.parent_adapter_id else None
+        )
         saved = None
         self.checkpoint = self.context.latest_checkpoint()
         if self.checkpoint is not None:
@@ -174,6 +180,10 @@ class Trainer(TrialRestarts):
         self.loss_window = max(1, min(LOSS_WINDOW, self.steps_per_epoch))
         """How many first and latest steps' losses tell whether the run learned (``RunState.loss_trend``)."""
         self._setup_optimizer()
+        self.fresh_optimizer = (
+            (copy.deepcopy(self.optimizer.state_dict()), self.scheduler.state_dict()) if opts.attempts > 1 else None
+        )
+        """The optimizer and schedule before any step, for another attempt."""
         if saved is not None:
             self._resume_optimizer(saved)
 
@@ -386,7 +396,7 @@ class Trainer(TrialRestarts):
             stop_reason = self.run_trials()
         if stop_reason == "completed":
             stop_reason = self.train_until(self.total_steps)
-        return self._finish(stop_reason)
+        return self._finish(self.attempt_again(stop_reason))
 
     def train_until(self, limit: float, trial: bool = False) -> str:
         """Train from the state's position to step ``limit`` (or an earlier stop); the stop reason.
@@ -434,6 +444,7 @@ class Trainer(TrialRestarts):
                     "epoch": epoch + (w + 1) / len(windows),
                     "tokens": state.tokens,
                     "elapsed_s": state.elapsed_s,
+                    **({"attempt": state.attempt} if opts.attempts > 1 else {}),
                 }
                 if state.first_loss is None:
                     state.first_loss = metrics["loss"]
@@ -465,7 +476,8 @@ class Trainer(TrialRestarts):
                 save = not trial and state.step % opts.checkpoint_every_steps == 0 and not done
                 if not trial and (save or done or report_due or "val_loss" in metrics):
                     metrics["step_metrics"] = self.step_metrics.copy()
-                    self.report(metrics, checkpoint=f"checkpoint-step{state.step:06d}" if save else None)
+                    name = f"checkpoint-{self._attempt_tag()}step{state.step:06d}"
+                    self.report(metrics, checkpoint=name if save else None)
                     self.step_metrics.clear()
                     self.last_report = time.perf_counter()
                 self._maybe_fail()
@@ -646,6 +658,7 @@ class Trainer(TrialRestarts):
             "stop_reason": stop_reason,
             "seed": state.seed,
             "trials": state.trials,
+            **({"attempt": state.attempt, "attempts": state.attempts} if state.attempts else {}),
             "restarts": state.restarts,
             "resumed_from_step": state.resumed_from_step,
             "world_size": self.context.world_size,
@@ -654,7 +667,7 @@ class Trainer(TrialRestarts):
             **({"mask": summary} if summary is not None else {}),
             **({"dpo": pairs} if pairs is not None else {}),
         }
-        self.report(final, checkpoint=f"checkpoint-final-step{state.step:06d}")
+        self.report(final, checkpoint=f"checkpoint-final-{self._attempt_tag()}step{state.step:06d}")
         return final
 
     def _peak_memory(self) -> dict[str, float]:
@@ -669,6 +682,10 @@ class Trainer(TrialRestarts):
         return {"peak_rss_mb": round(peaks[0], 1), **({"peak_vram_gb": round(peaks[1], 3)} if len(peaks) > 1 else {})}
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _attempt_tag(self) -> str:
+        """A checkpoint name's attempt part: none for the first, whose names stay as they were."""
+        return f"attempt{self.state.attempt}-" if self.state.attempt else ""
 
     def _current_lr(self) -> float:
         return float((self.engine.optimizer if self.engine is not None else self.optimizer).param_groups[0]["lr"])

@@ -257,6 +257,20 @@ class EvaluationConfig(_Group):
     trial_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="trials > 1: the share of the run's steps each seed trains before the choice."
     )
+    attempts: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Whole runs at most, while the task is not learned: a run that ends (early stop or step cap) with its "
+            "kept adapter's validation exact match below learned_exact_match starts over from the next unused "
+            "seed (a fresh adapter, or the parent's weights again), and the adapter kept is the best of the "
+            "attempts (select_by). A few hundred rows can be memorised instead of learned, depending on the seed "
+            "alone, and the run that will not learn them looks like one that will for hundreds of steps (the "
+            "data-selection benchmark: 1 seed in 4 on one base, README), too late for trials to tell. Costs "
+            "nothing on a run that learns; on a task whose answers are never matched exactly it costs every "
+            "attempt, so leave it at 1 there. Needs validation rows."
+        ),
+    )
 
 
 class ForgettingConfig(_Group):
@@ -377,11 +391,12 @@ class FinetuneConfig(
                 f"masking: {self.masking} needs whole parameters on every rank; ZeRO-3 partitions them "
                 "(use zero_stage=2 or ddp)"
             )
-        if self.trials > 1 and self.strategy == "deepspeed":
-            raise ValueError(
-                "trials: restarts from other seeds reset the optimizer in place, which a DeepSpeed engine does "
-                "not allow; use trials=1 with strategy=deepspeed"
-            )
+        for key in ("trials", "attempts"):
+            if getattr(self, key) > 1 and self.strategy == "deepspeed":
+                raise ValueError(
+                    f"{key}: restarts from other seeds reset the optimizer in place, which a DeepSpeed engine does "
+                    f"not allow; use {key}=1 with strategy=deepspeed"
+                )
         if self.masking == "fggm" and self.weight_decay > 0:
             raise ValueError(
                 f"weight_decay: must be 0 with masking=fggm (got {self.weight_decay}); decoupled weight decay "
@@ -575,12 +590,18 @@ def lr_factor(
 def describe_report(metrics: Mapping[str, Any]) -> str:
     """One line for a training report: step, loss, validation figures, speed."""
     if metrics.get("final"):
-        return (
+        line = (
             f"done: {metrics.get('step')} steps, val_loss {format_metric(metrics.get('val_loss'))}, "
             f"forgetting {format_metric(metrics.get('forgetting'))}, {metrics.get('stop_reason')}"
         )
+        if metrics.get("attempts"):
+            kept, tried = metrics["attempt"] + 1, len(metrics["attempts"])
+            line += f"; attempt {kept} of {tried} kept (seed {metrics.get('seed')})"
+        return line
+    attempt = f"attempt {metrics['attempt'] + 1}, " if metrics.get("attempt") else ""
     line = (
-        f"step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): loss {format_metric(metrics.get('loss'))}"
+        f"{attempt}step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f}): "
+        f"loss {format_metric(metrics.get('loss'))}"
     )
     for key in ("dpo_loss", "dpo_accuracy", "val_loss", "forgetting", "objective"):
         if metrics.get(key) is not None:

@@ -136,7 +136,7 @@ def check_data(opts: FinetuneConfig, data: TrainingData) -> list[str]:
     """Errors for data that cannot be trained on as configured; warnings for what is odd.
 
     Raises:
-        ValueError: fewer rows of a set than workers; trials without validation; an objective
+        ValueError: fewer rows of a set than workers; trials or attempts without validation; an objective
             that trains on preference pairs (``finetune.objective``) without any.
     """
     if opts.objective in OBJECTIVES_WITH_PAIRS and not data.rows.get("preferences"):
@@ -151,6 +151,12 @@ def check_data(opts: FinetuneConfig, data: TrainingData) -> list[str]:
         raise ValueError(
             f"finetune.trials: {opts.trials} trials are chosen between by their validation loss; give validation "
             "rows (--validation, or a dataset folder with a validation split) or set trials=1"
+        )
+    if opts.attempts > 1 and "validation" not in data.datasets:
+        raise ValueError(
+            f"finetune.attempts: {opts.attempts} attempts start over while the validation exact match says the task "
+            "is not learned; give validation rows (--validation, or a dataset folder with a validation split) or "
+            "set attempts=1"
         )
     warnings = []
     if opts.objective == "dpo" and "rehearsal" in data.datasets:

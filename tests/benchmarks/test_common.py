@@ -65,6 +65,14 @@ def test_the_curve_keeps_the_winning_trials_validations_and_then_the_runs() -> N
     ]
     line = curve_summary("kaizen", {"curve": curve, "kept_step": 50, "val_exact_match": 0.6, "own_score": 0.9})
     assert "3 evaluations to step 75" in line and "kept step 50" in line and "test 0.90" in line
+    assert "attempts" not in line
+
+    # Another attempt (finetune.attempts) starts its steps again: each point says whose it is.
+    keep({"step": 25, "val_loss": 0.7, "val_exact_match": 0.9, "attempt": 1, "step_metrics": [{"loss": 0.2}]})
+    assert curve[-1]["attempt"] == 1 and "attempt" not in curve[0]
+    attempts = [{"seed": 3, "val_exact_match": 0.6}, {"seed": 4, "val_exact_match": 0.9}]
+    line = curve_summary("kaizen", {"curve": curve, "kept_step": 25, "attempts": attempts, "kept_attempt": 1})
+    assert "2 attempts (seeds 3: val exact 0.60, 4: val exact 0.90), attempt 2's; kept step 25" in line
 
 
 def test_a_run_records_the_machine_that_computed_it() -> None:

@@ -285,6 +285,8 @@ def test_bad_requests_stop_before_any_worker_starts(cfg: KaizenConfig, data: dic
         build_trainer(cfg, FinetuneConfig(masking="ewc"), {"train": object()}, "x", "/tmp")
     with pytest.raises(ValueError, match="finetune.trials: 2 trials are chosen between by their validation loss"):
         check_data(FinetuneConfig(trials=2), TrainingData({"train": object()}, {"train": 20}))
+    with pytest.raises(ValueError, match="finetune.attempts: 3 attempts start over while the validation exact match"):
+        check_data(FinetuneConfig(attempts=3), TrainingData({"train": object()}, {"train": 20}))
     with pytest.raises(ValueError, match=r"finetune\.objective: sft\+dpo trains on preference pairs"):
         check_data(FinetuneConfig(objective="sft+dpo"), TrainingData({"train": object()}, {"train": 20}))
     with pytest.raises(ValueError, match="max_cpu_cores=2"):

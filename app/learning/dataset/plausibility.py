@@ -46,7 +46,7 @@ __all__ = ["answer_losses", "drop_implausible", "implausible_rows", "probe_optio
 def probe_options(finetune: FinetuneConfig, steps: int, seed: int) -> FinetuneConfig:
     """The probe's options: ``finetune`` (rank, rate, batch, length, precision, device) trained for
     ``steps`` optimizer steps on one worker from a fresh adapter, without validation, trials,
-    rehearsal, protection against forgetting or checkpoints, on the supervised objective."""
+    attempts, rehearsal, protection against forgetting or checkpoints, on the supervised objective."""
     return FinetuneConfig.model_validate(
         {
             **finetune.model_dump(),
@@ -57,6 +57,7 @@ def probe_options(finetune: FinetuneConfig, steps: int, seed: int) -> FinetuneCo
             "eval_every_steps": None,
             "early_stopping_patience": 0,
             "trials": 1,
+            "attempts": 1,
             "rehearsal_ratio": 0.0,
             "masking": "none",
             "num_workers": 1,

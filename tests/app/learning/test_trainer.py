@@ -114,6 +114,80 @@ def test_trials_go_on_with_the_seed_of_the_best_validation_objective(model_root:
     assert choice["step"] == 2 and choice["objective"] == winner["objective"]
 
 
+def _single_token_task(**options: Any) -> tuple[LocalContext, dict[str, Any]]:
+    """A one-word answer the tiny model writes exactly after a few steps at a high rate, from some
+    seeds sooner than from others; 10 steps an attempt."""
+    context = LocalContext({"train": _rows(8, answer="yes"), "validation": _rows(4, start=100, answer="yes")})
+    return context, {"epochs": 5, "lr": 5e-2, "eval_every_steps": 2, "lora_dropout": 0.0, "attempts": 3, **options}
+
+
+def test_a_run_that_did_not_learn_its_task_starts_over_from_the_next_seed_until_one_does(
+    model_root: Path, tmp_path: Path
+) -> None:
+    context, options = _single_token_task()
+    context.checkpoint_root = tmp_path
+    trainer = _trainer(model_root, context, checkpoint_every_steps=4, **options)
+
+    final = trainer.fit()
+
+    # Seed 0 answers no validation row exactly after its 10 steps; seed 1 answers all: no third.
+    assert [(a["seed"], a["steps"], a["stop_reason"], a["val_exact_match"]) for a in final["attempts"]] == [
+        (0, 10, "completed", 0.0),
+        (1, 10, "completed", 1.0),
+    ]
+    assert final["attempt"] == 1 and final["seed"] == 1 and final["val_exact_match"] == 1.0
+    evaluations = [(r["attempt"], r["step"]) for r in context.reports if "val_loss" in r and not r.get("final")]
+    assert evaluations == [(0, s) for s in range(2, 11, 2)] + [(1, s) for s in range(2, 11, 2)]
+    assert sorted(context.checkpoints) == [
+        "checkpoint-attempt1-step000004",
+        "checkpoint-attempt1-step000008",
+        "checkpoint-final-attempt1-step000010",
+        "checkpoint-step000004",
+        "checkpoint-step000008",
+    ]
+    # A run resumed in its second attempt goes on there and ends as the uninterrupted one did.
+    resumed = _trainer(
+        model_root,
+        LocalContext(context.datasets, resume_from=context.checkpoints["checkpoint-attempt1-step000004"]),
+        **options,
+    )
+    assert (resumed.state.attempt, resumed.state.seed, resumed.state.step) == (1, 1, 4)
+    again = resumed.fit()
+    assert again["attempts"] == final["attempts"] and again["restarts"] == 1
+    a, b = trainable_state(trainer.peft_model, None), trainable_state(resumed.peft_model, None)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # With one attempt the same run ends unlearned, as it did before attempts existed.
+    alone = _trainer(model_root, _single_token_task()[0], **{**options, "attempts": 1}).fit()
+    assert "attempts" not in alone and alone["seed"] == 0 and alone["val_exact_match"] == 0.0
+    assert final["tokens"] == 2 * alone["tokens"]  # both attempts' tokens count
+
+
+def test_a_run_that_learned_its_task_is_not_attempted_again(model_root: Path) -> None:
+    context, options = _single_token_task(epochs=10)
+    final = _trainer(model_root, context, **options).fit()
+    assert final["val_exact_match"] == 1.0 and final["seed"] == 0 and final["step"] == 20
+    assert "attempts" not in final
+
+
+def test_the_best_attempt_is_kept_when_an_earlier_one_beats_the_last(model_root: Path) -> None:
+    # Validation answers the training rows never teach: no attempt learns them, and the adapter
+    # kept is the attempt whose best validation was best (here an earlier one than the last).
+    context = LocalContext({"train": _rows(8), "validation": _rows(4, start=100, answer=OLD_ANSWER)})
+    trainer = _trainer(model_root, context, epochs=3, attempts=3, eval_every_steps=1, lora_dropout=0.0)
+
+    final = trainer.fit()
+
+    attempts = final["attempts"]
+    assert [a["seed"] for a in attempts] == [0, 1, 2] and all(a["val_exact_match"] == 0.0 for a in attempts)
+    best = min(attempts, key=lambda a: a["objective"])
+    assert best["attempt"] < 2 and final["attempt"] == best["attempt"] and final["seed"] == best["seed"]
+    assert final["val_loss"] == best["val_loss"] and final["kept_step"] == best["kept_step"]
+    kept = trainer.state.best_params
+    now = trainable_state(trainer.peft_model, None)
+    assert all(torch.equal(kept[k], now[k]) for k in kept)
+
+
 def test_a_checkpoint_goes_on_at_its_step_with_its_optimizer_state(model_root: Path, tmp_path: Path) -> None:
     # No dropout: with the position, the weights and the optimizer restored, the resumed run is
     # the uninterrupted one to the last bit.

@@ -159,6 +159,13 @@ def test_a_report_line_shows_the_dpo_figures() -> None:
     assert line.startswith("step 3 (epoch 1.50): loss 0.6000, dpo_loss 0.6000, dpo_accuracy 0.7500")
 
 
+def test_report_lines_name_the_attempt() -> None:
+    assert describe_report({"step": 4, "epoch": 2.0, "loss": 0.5, "attempt": 1}).startswith("attempt 2, step 4 ")
+    assert describe_report({"step": 4, "epoch": 2.0, "loss": 0.5, "attempt": 0}).startswith("step 4 ")
+    final = {"final": True, "step": 10, "stop_reason": "max_steps", "seed": 3, "attempt": 0, "attempts": [{}, {}]}
+    assert describe_report(final).endswith("max_steps; attempt 1 of 2 kept (seed 3)")
+
+
 def test_collate_pads_on_the_right() -> None:
     batch = collate(
         [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_token_id=0
@@ -280,6 +287,10 @@ def test_options_refuse_unknown_keys_and_bad_combinations() -> None:
         )
     with pytest.raises(ConfigError, match=r"finetune\.trials: restarts from other seeds reset the optimizer"):
         section_options("finetune", ["finetune.trials=3", "finetune.use_gpu=true", "finetune.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match=r"finetune\.attempts: restarts from other seeds reset the optimizer"):
+        section_options("finetune", ["finetune.attempts=2", "finetune.use_gpu=true", "finetune.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match=r"finetune\.attempts:"):
+        section_options("finetune", ["finetune.attempts=0"])
     with pytest.raises(ConfigError, match=r"finetune\.trial_fraction:"):
         section_options("finetune", ["finetune.trials=3", "finetune.trial_fraction=1.0"])
     with pytest.raises(ConfigError, match="unknown section"):
