@@ -266,7 +266,7 @@ class EvaluationConfig(_Group):
             "seed (a fresh adapter, or the parent's weights again), and the adapter kept is the best of the "
             "attempts (select_by). A few hundred rows can be memorised instead of learned, depending on the seed "
             "alone, and the run that will not learn them looks like one that will for hundreds of steps (the "
-            "data-selection benchmark: 1 seed in 4 on one base, README), too late for trials to tell. Costs "
+            "data-selection benchmark: 1 seed in 5 on one base, README), too late for trials to tell. Costs "
             "nothing on a run that learns; on a task whose answers are never matched exactly it costs every "
             "attempt, so leave it at 1 there. Needs validation rows."
         ),
