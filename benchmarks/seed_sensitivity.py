@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.base_model import BaseSettings, ensure_base_model
 from benchmarks.common import machine, print_table, quiet_process, work_folder
-from benchmarks.data_selection import QUICK, REQUIRED_ABILITIES, Options
+from benchmarks.data_selection import QUICK, REQUIRED_ABILITIES, Options, parse_options
 from benchmarks.tasks import SELECTION_TASKS, make_examples, task_rows, words_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +59,9 @@ def task_sets(per_task: int, validation_per_task: int, test_per_task: int, data_
     return {"train": train, "validation": validation, "tests": tests}
 
 
-def train(o: Options, base_dir: Path, work: Path, data: dict[str, Any], seed: int, attempts: int) -> dict[str, Any]:
+def train(
+    o: Options, base_dir: Path, work: Path, data: dict[str, Any], seed: int, attempts: int, dropout: float = 0.0
+) -> dict[str, Any]:
     """One run of the benchmark's recipe from ``seed`` in this process: its final report, each
     task's test score, and its evaluations."""
     from app.learning.tokenization import tokenize_messages
@@ -70,7 +72,7 @@ def train(o: Options, base_dir: Path, work: Path, data: dict[str, Any], seed: in
     opts = FinetuneConfig(
         lora_rank=o.lora_rank,
         lora_alpha=o.lora_alpha,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
         lr=o.lr,
         warmup_fraction=o.warmup_fraction,
         select_by="exact_match",
@@ -136,13 +138,24 @@ def main() -> None:
     parser.add_argument("--seeds", default="3,4,5,6,7", help="fine-tuning seeds, comma-separated (default 3-7)")
     parser.add_argument("--per-task", type=int, default=77, help="training rows per task (default 77)")
     parser.add_argument("--validation-per-task", type=int, default=40, help="validation rows per task (default 40)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0, the benchmark's)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="change one of the data-selection benchmark's Options (e.g. lr=3e-4, lora_rank=4); repeatable",
+    )
     parser.add_argument("--output", type=Path, default=None, help="results file")
     args = parser.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
-    o = Options(**(QUICK if args.quick else {}))
+    try:
+        o = replace(Options(**(QUICK if args.quick else {})), **parse_options(args.set))
+    except ValueError as exc:
+        parser.error(str(exc))
     s = BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
@@ -153,6 +166,7 @@ def main() -> None:
         "options": asdict(o),
         "per_task": args.per_task,
         "validation_per_task": args.validation_per_task,
+        "lora_dropout": args.lora_dropout,
         "machine": machine(),
     }
     with work_folder(None, "kaizen-seed-sensitivity-") as work:
@@ -166,11 +180,11 @@ def main() -> None:
         data = task_sets(args.per_task, args.validation_per_task, 20 if args.quick else 100, args.pretrain_seed)
         runs = []
         for seed in seeds:
-            alone = train(o, base_dir, work, data, seed, attempts=1)
+            alone = train(o, base_dir, work, data, seed, attempts=1, dropout=args.lora_dropout)
             if alone["val_exact_match"] is not None and alone["val_exact_match"] >= 0.95:
                 again = {**alone, "same_as_one_seed": True}  # its first attempt is this run: nothing more
             else:
-                again = train(o, base_dir, work, data, seed, attempts=3)
+                again = train(o, base_dir, work, data, seed, attempts=3, dropout=args.lora_dropout)
             runs.append({"seed": seed, "one_seed": alone, "attempts": again})
             for name, r in (("one seed", alone), ("attempts", again)):
                 print(
