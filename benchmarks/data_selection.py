@@ -55,7 +55,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from benchmarks.base_model import BaseSettings, Evaluator, ensure_base_model
 from benchmarks.common import (
@@ -80,6 +80,9 @@ from benchmarks.tasks import (
     words_of,
     write_rows,
 )
+
+if TYPE_CHECKING:
+    from app.learning.training import FinetuneConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -309,6 +312,49 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def recipe(o: Options, **changes: Any) -> FinetuneConfig:
+    """The fine-tuning options every set trains with (``o``'s rate, rank, cap, patience, trials and
+    attempts, seeded by ``o.seed``), with ``changes`` (FinetuneConfig keys) on top."""
+    from app.learning.training import FinetuneConfig
+
+    return FinetuneConfig(
+        **{
+            "lora_rank": o.lora_rank,
+            "lora_alpha": o.lora_alpha,
+            "lora_dropout": 0.0,
+            "lr": o.lr,
+            "warmup_fraction": o.warmup_fraction,
+            "select_by": "exact_match",
+            "epochs": o.epochs,
+            "max_steps": o.max_steps,
+            "eval_every_steps": o.eval_every_steps,
+            "batch_size": o.batch_size,
+            "max_length": 96,
+            "rehearsal_ratio": 0.0,
+            "continue_from": None,
+            "num_workers": 1,
+            "cpus_per_worker": 2,
+            "checkpoint_every_steps": 100_000,
+            "early_stopping_patience": o.early_stopping_patience,
+            "trials": o.trials,
+            "trial_fraction": o.trial_fraction,
+            "attempts": o.attempts,
+            "seed": o.seed,
+            **changes,
+        }
+    )
+
+
+def settings(quick: bool, changes: list[str]) -> tuple[Options, BaseSettings]:
+    """The run's :class:`Options` (a --quick run's, with ``--set OPTION=VALUE`` ``changes``) and its
+    base model's settings.
+
+    Raises:
+        ValueError: a change that is not OPTION=VALUE of an option's type (:func:`parse_options`)."""
+    o = replace(Options(**(QUICK if quick else {})), **parse_options(changes))
+    return o, BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if quick else {}))
+
+
 def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> dict[str, Any]:
     """One repetition with seed ``o.seed``: the pool, its scores in a real store, Kaizen's
     selection, and an adapter trained on each of ``sets`` and scored on the held-out inputs.
@@ -319,7 +365,6 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
     from app.ingest import IngestPipeline
     from app.learning.dataset import DatasetConfig
     from app.learning.lineage import TrainingDidNotLearn
-    from app.learning.training import FinetuneConfig
     from app.quality.service import QualityService
     from app.store.sqlite import SQLiteStore
     from jobs import build_dataset, finetune
@@ -345,29 +390,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
     }
 
     # Every set's recipe; Kaizen's loss filter trains its probe with it too (the finetune section).
-    opts = FinetuneConfig(
-        lora_rank=o.lora_rank,
-        lora_alpha=o.lora_alpha,
-        lora_dropout=0.0,
-        lr=o.lr,
-        warmup_fraction=o.warmup_fraction,
-        select_by="exact_match",
-        epochs=o.epochs,
-        max_steps=o.max_steps,
-        eval_every_steps=o.eval_every_steps,
-        batch_size=o.batch_size,
-        max_length=96,
-        rehearsal_ratio=0.0,
-        continue_from=None,
-        num_workers=1,
-        cpus_per_worker=2,
-        checkpoint_every_steps=100_000,
-        early_stopping_patience=o.early_stopping_patience,
-        trials=o.trials,
-        trial_fraction=o.trial_fraction,
-        attempts=o.attempts,
-        seed=o.seed,
-    )
+    opts = recipe(o)
     cfg = kaizen_config(base_dir, work).model_copy(update={"finetune": opts.model_dump(mode="json")})
     # The real path into a real store, then the quality scores.
     t0 = time.perf_counter()
@@ -595,12 +618,11 @@ def main() -> None:
     if not sets or args.seeds < 1:
         parser.error("--sets needs at least one of all,random,kaizen and --seeds at least 1")
     try:
-        o = replace(Options(**(QUICK if args.quick else {})), **parse_options(args.set))
+        o, s = settings(args.quick, args.set)
         if args.seed is not None:
             o = replace(o, seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
-    s = BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
     started = time.perf_counter()

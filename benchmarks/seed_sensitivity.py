@@ -31,9 +31,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.base_model import BaseSettings, ensure_base_model
+from benchmarks.base_model import ensure_base_model
 from benchmarks.common import machine, print_table, quiet_process, work_folder
-from benchmarks.data_selection import QUICK, REQUIRED_ABILITIES, Options, parse_options
+from benchmarks.data_selection import REQUIRED_ABILITIES, Options, recipe, settings
 from benchmarks.tasks import SELECTION_TASKS, make_examples, task_rows, words_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,31 +66,9 @@ def train(
     task's test score, and its evaluations."""
     from app.learning.tokenization import tokenize_messages
     from app.learning.trainer import Trainer
-    from app.learning.training import FinetuneConfig
     from app.learning.worker_context import LocalContext, WorkerSpec, deterministic_algorithms
 
-    opts = FinetuneConfig(
-        lora_rank=o.lora_rank,
-        lora_alpha=o.lora_alpha,
-        lora_dropout=dropout,
-        lr=o.lr,
-        warmup_fraction=o.warmup_fraction,
-        select_by="exact_match",
-        epochs=o.epochs,
-        max_steps=o.max_steps,
-        eval_every_steps=o.eval_every_steps,
-        batch_size=o.batch_size,
-        max_length=96,
-        rehearsal_ratio=0.0,
-        continue_from=None,
-        num_workers=1,
-        cpus_per_worker=2,
-        checkpoint_every_steps=100_000,
-        early_stopping_patience=o.early_stopping_patience,
-        trials=1,
-        attempts=attempts,
-        seed=seed,
-    )
+    opts = recipe(o, trials=1, attempts=attempts, lora_dropout=dropout, seed=seed)
     spec = WorkerSpec(
         opts=opts,
         base_model=str(base_dir),
@@ -153,10 +131,9 @@ def main() -> None:
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     try:
-        o = replace(Options(**(QUICK if args.quick else {})), **parse_options(args.set))
+        o, s = settings(args.quick, args.set)
     except ValueError as exc:
         parser.error(str(exc))
-    s = BaseSettings(**({"pretrain_steps": 60, "copy_warmup_steps": 20} if args.quick else {}))
     quiet_process()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), flush=True)
     started = time.perf_counter()
