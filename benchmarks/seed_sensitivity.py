@@ -59,6 +59,36 @@ def task_sets(per_task: int, validation_per_task: int, test_per_task: int, data_
     return {"train": train, "validation": validation, "tests": tests}
 
 
+def dataset_sets(folder: Path, drop_poor: bool, test_per_task: int) -> dict[str, Any]:
+    """A dataset folder's training and validation rows (``jobs/build_dataset.py``'s, e.g. a
+    data-selection run's selection kept with ``--keep``), with the rows whose answer is not their
+    task's left out when ``drop_poor``; the tasks' held-out test rows as :func:`task_sets` draws them.
+
+    Raises:
+        ValueError: a row whose request is none of the tasks'."""
+    import pyarrow.parquet as pq
+
+    tasks = {t.instruction: t for t in SELECTION_TASKS}
+
+    def rows(name: str) -> tuple[list[dict[str, Any]], int]:
+        kept, poor = [], 0
+        for row in pq.read_table(folder / f"{name}.parquet").to_pylist():
+            messages = json.loads(row["messages"])
+            request = [m for m in messages if m["role"] == "user"][-1]["content"]
+            task = tasks.get(request.split(":")[0])
+            if task is None:
+                raise ValueError(f"{folder / name}.parquet: {request!r} is no request of {', '.join(tasks)}")
+            wrong = messages[-1]["content"].strip() != task.answer(words_of(task, request))
+            poor += wrong
+            if not (drop_poor and wrong):
+                kept.append({"messages": row["messages"]})
+        return kept, poor
+
+    (train, train_poor), (validation, validation_poor) = rows("train"), rows("validation")
+    tests = task_sets(0, 0, test_per_task, 0)["tests"]
+    return {"train": train, "validation": validation, "tests": tests, "poor": [train_poor, validation_poor]}
+
+
 def train(
     o: Options, base_dir: Path, work: Path, data: dict[str, Any], seed: int, attempts: int, dropout: float = 0.0
 ) -> dict[str, Any]:
@@ -124,6 +154,13 @@ def main() -> None:
         metavar="OPTION=VALUE",
         help="change one of the data-selection benchmark's Options (e.g. lr=3e-4, lora_rank=4); repeatable",
     )
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="train on this dataset folder's train and validation rows instead (e.g. a kept data-selection run's)",
+    )
+    parser.add_argument("--drop-poor", action="store_true", help="--dataset: leave out the rows whose answer is wrong")
     parser.add_argument("--output", type=Path, default=None, help="results file")
     args = parser.parse_args()
     try:
@@ -154,7 +191,12 @@ def main() -> None:
             required=() if args.quick else REQUIRED_ABILITIES,
         )
         result["base_model"] = {**base, "path": str(base_dir)}
-        data = task_sets(args.per_task, args.validation_per_task, 20 if args.quick else 100, args.pretrain_seed)
+        test_rows = 20 if args.quick else 100
+        if args.dataset is not None:
+            data = dataset_sets(args.dataset, args.drop_poor, test_rows)
+            result["dataset"] = {"path": str(args.dataset), "drop_poor": args.drop_poor, "poor": data["poor"]}
+        else:
+            data = task_sets(args.per_task, args.validation_per_task, test_rows, args.pretrain_seed)
         runs = []
         for seed in seeds:
             alone = train(o, base_dir, work, data, seed, attempts=1, dropout=args.lora_dropout)

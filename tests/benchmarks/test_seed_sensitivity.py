@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from benchmarks.seed_sensitivity import task_sets
 from benchmarks.tasks import SELECTION_TASKS
@@ -26,3 +27,25 @@ def test_the_sets_are_clean_drawn_by_their_seed_and_never_hold_a_test_input() ->
         task = tasks[user["content"].split(":")[0]]
         assert assistant["content"] == task.answer(tuple(user["content"].split(":", 1)[1].split()))
     assert task_sets(5, 2, 10, 3) == data and task_sets(5, 2, 10, 4)["train"] != data["train"]
+
+
+def test_a_dataset_folder_is_read_with_or_without_its_wrong_answers(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from benchmarks.seed_sensitivity import dataset_sets
+
+    def row(request: str, answer: str) -> dict:
+        turns = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+        return {"messages": json.dumps(turns)}
+
+    good, wrong = row("front: a b c d", "a b"), row("trim: a b c d", "a b c d")
+    pq.write_table(pa.Table.from_pylist([good, wrong]), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist([row("head: a b c d", "a")]), tmp_path / "validation.parquet")
+    kept = dataset_sets(tmp_path, drop_poor=False, test_per_task=5)
+    assert kept["train"] == [good, wrong] and kept["poor"] == [1, 0] and len(kept["tests"]["trim"]) == 5
+    assert dataset_sets(tmp_path, drop_poor=True, test_per_task=5)["train"] == [good]
+    pq.write_table(pa.Table.from_pylist([row("reverse: a b", "b a")]), tmp_path / "validation.parquet")
+    with pytest.raises(ValueError, match="'reverse: a b' is no request of head, front, trim"):
+        dataset_sets(tmp_path, drop_poor=False, test_per_task=5)
