@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.base_model import ensure_base_model
 from benchmarks.common import machine, print_table, quiet_process, work_folder
-from benchmarks.data_selection import REQUIRED_ABILITIES, Options, recipe, settings
+from benchmarks.data_selection import REQUIRED_ABILITIES, Options, hard_words, recipe, settings
 from benchmarks.tasks import SELECTION_TASKS, make_examples, task_rows, words_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +57,28 @@ def task_sets(per_task: int, validation_per_task: int, test_per_task: int, data_
         tests[task.name] = _rows(task, test)
     rng.shuffle(train)
     return {"train": train, "validation": validation, "tests": tests}
+
+
+def hard_limited_sets(
+    per_task: int, validation_per_task: int, test_per_task: int, data_seed: int, hard: set[str], hard_first: int
+) -> dict[str, Any]:
+    """Clean rows as :func:`task_sets` draws them (twice as many to draw from), ``per_task`` of each
+    task in their order, of which at most ``hard_first`` in all start with one of ``hard`` (the
+    words where the data-selection benchmark's assistant errs): random clean rows that cover the
+    requests as sparsely as a selection that found few good answers there."""
+    tasks = {t.instruction: t for t in SELECTION_TASKS}
+    drawn = task_sets(2 * per_task, validation_per_task, test_per_task, data_seed)
+    counts, left, train = dict.fromkeys(tasks, 0), hard_first, []
+    for row in drawn["train"]:
+        request = json.loads(row["messages"])[0]["content"]
+        instruction = request.split(":")[0]
+        on_hard = words_of(tasks[instruction], request)[0] in hard
+        if counts[instruction] >= per_task or (on_hard and left == 0):
+            continue
+        left -= on_hard
+        counts[instruction] += 1
+        train.append(row)
+    return {**drawn, "train": train}
 
 
 def dataset_sets(folder: Path, drop_poor: bool, test_per_task: int) -> dict[str, Any]:
@@ -161,6 +183,12 @@ def main() -> None:
         help="train on this dataset folder's train and validation rows instead (e.g. a kept data-selection run's)",
     )
     parser.add_argument("--drop-poor", action="store_true", help="--dataset: leave out the rows whose answer is wrong")
+    parser.add_argument(
+        "--hard-first",
+        type=int,
+        default=None,
+        help="at most this many training rows start with one of the data-selection seed's hard words",
+    )
     parser.add_argument("--output", type=Path, default=None, help="results file")
     args = parser.parse_args()
     try:
@@ -195,6 +223,12 @@ def main() -> None:
         if args.dataset is not None:
             data = dataset_sets(args.dataset, args.drop_poor, test_rows)
             result["dataset"] = {"path": str(args.dataset), "drop_poor": args.drop_poor, "poor": data["poor"]}
+        elif args.hard_first is not None:
+            hard = set(hard_words(replace(o, seed=args.pretrain_seed)))
+            data = hard_limited_sets(
+                args.per_task, args.validation_per_task, test_rows, args.pretrain_seed, hard, args.hard_first
+            )
+            result["hard_first"] = args.hard_first
         else:
             data = task_sets(args.per_task, args.validation_per_task, test_rows, args.pretrain_seed)
         runs = []
