@@ -49,3 +49,20 @@ def test_a_dataset_folder_is_read_with_or_without_its_wrong_answers(tmp_path: Pa
     pq.write_table(pa.Table.from_pylist([row("reverse: a b", "b a")]), tmp_path / "validation.parquet")
     with pytest.raises(ValueError, match="'reverse: a b' is no request of head, front, trim"):
         dataset_sets(tmp_path, drop_poor=False, test_per_task=5)
+
+
+def test_random_rows_can_cover_the_hard_words_requests_as_sparsely_as_a_selection() -> None:
+    from benchmarks.seed_sensitivity import hard_limited_sets
+    from benchmarks.tasks import words_of
+
+    tasks = {t.instruction: t for t in SELECTION_TASKS}
+    hard = {"apple", "river", "stone"}
+
+    def first_words(rows: list[dict]) -> list[str]:
+        return [words_of(tasks[x.split(":")[0]], x)[0] for x in _inputs(rows)]
+
+    data = hard_limited_sets(10, 2, 5, data_seed=3, hard=hard, hard_first=1)
+    assert len(data["train"]) == 30 and sum(w in hard for w in first_words(data["train"])) <= 1
+    assert sum(w in hard for w in first_words(task_sets(20, 2, 5, 3)["train"])) > 1  # what was left out
+    per_task = sorted(x.split(":")[0] for x in _inputs(data["train"]))
+    assert per_task == sorted([t.instruction for t in SELECTION_TASKS] * 10)
