@@ -187,7 +187,7 @@ def _plain(value: Any) -> Any:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """The options both learning benchmarks take."""
+    """The options the learning benchmarks take."""
     parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers mean little)")
     parser.add_argument(
         "--base-cache",

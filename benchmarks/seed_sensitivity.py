@@ -15,6 +15,11 @@ of ``--seeds``:
                  seed. Its first attempt is (a)'s run, step for step (deterministic algorithms),
                  so where (a) learned (b) is (a) and is not trained again.
 
+``--dataset DIR`` trains on a dataset folder's rows instead (a data-selection run's selection kept
+with ``--keep``; ``--drop-poor`` leaves its wrong answers out), and ``--hard-first N`` draws random
+clean rows of which at most N start with one of the words where that benchmark's assistant errs
+(a selection's sparse coverage of those requests, without its choice of rows).
+
 Score: exact match of greedy answers on 100 held-out inputs per task (the teacher-forced argmax,
 ``Trainer.measure_on``, which is what greedy decoding writes). A seed's run counts as learned at
 0.9 on every task. Goal: with attempts every seed learns. Prints a table and writes
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.base_model import ensure_base_model
-from benchmarks.common import machine, print_table, quiet_process, work_folder
+from benchmarks.common import add_common_arguments, machine, print_table, quiet_process, work_folder
 from benchmarks.data_selection import REQUIRED_ABILITIES, Options, hard_words, recipe, settings
 from benchmarks.tasks import SELECTION_TASKS, make_examples, task_rows, words_of
 
@@ -162,8 +167,7 @@ def train(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (numbers mean little)")
-    parser.add_argument("--base-cache", type=Path, default=None, help="pre-trained bases (keyed by their settings)")
+    add_common_arguments(parser, "seed_sensitivity")
     parser.add_argument("--pretrain-seed", type=int, default=3, help="the base model's pre-training seed (default 3)")
     parser.add_argument("--seeds", default="3,4,5,6,7", help="fine-tuning seeds, comma-separated (default 3-7)")
     parser.add_argument("--per-task", type=int, default=77, help="training rows per task (default 77)")
@@ -189,7 +193,6 @@ def main() -> None:
         default=None,
         help="at most this many training rows start with one of the data-selection seed's hard words",
     )
-    parser.add_argument("--output", type=Path, default=None, help="results file")
     args = parser.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -211,7 +214,7 @@ def main() -> None:
         "lora_dropout": args.lora_dropout,
         "machine": machine(),
     }
-    with work_folder(None, "kaizen-seed-sensitivity-") as work:
+    with work_folder(args.keep, "kaizen-seed-sensitivity-") as work:
         base_dir, base = ensure_base_model(
             work,
             args.base_cache,
