@@ -14,10 +14,11 @@
 * :meth:`~Trainer.evaluate`: the validation and held-out losses and the objective that early
   stopping and the kept adapter follow;
 * :meth:`~Trainer.run_trials`: restarts from several seeds, the best by validation objective
-  going on (:class:`app.learning.run_state.TrialResult`);
+  going on (:class:`app.learning.run_state.TrialResult`), and :meth:`~Trainer.attempt_again`:
+  whole runs again from other seeds while the task is not learned (:mod:`app.learning.trials`);
 * :meth:`~Trainer.save_checkpoint` and the resumption in :meth:`~Trainer.setup`
-  (:mod:`app.learning.checkpointing`);
-* :meth:`~Trainer.fit`: the trials, the epochs, the final report.
+  (:mod:`app.learning.checkpoint_io`, the files :mod:`app.learning.checkpointing`'s);
+* :meth:`~Trainer.fit`: the trials, the epochs, the attempts, the final report.
 
 Where it runs is its context (:mod:`app.learning.worker_context`): a Ray Train worker
 (:func:`app.learning.ray_trainer.train_loop`), or one process without Ray (tests).
@@ -35,7 +36,6 @@ import functools
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,16 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.learning.checkpoint_io import CheckpointIO
 from app.learning.checkpointing import (
-    ADAPTER_DIR,
-    DEEPSPEED_DIR,
-    FORGETTING_FILE,
-    STATE_FILE,
-    check_resumable,
     full_parameters,
     load_trainable_state,
-    read_checkpoint,
-    run_options,
     trainable_state,
 )
 from app.learning.lora_model import CausalLMLoss, load_lora_model, require, setup_device
@@ -87,7 +81,7 @@ PREFERENCES = "preferences"
 """The set of preference pairs (``prompt``, ``chosen``, ``rejected``) among a run's sets."""
 
 
-class Trainer(TrialRestarts):
+class Trainer(TrialRestarts, CheckpointIO):
     """One worker's part of a fine-tuning run; see the module docstring.
 
     Args:
@@ -322,62 +316,6 @@ class Trainer(TrialRestarts):
             self.model = self.context.prepare_model(self.loss_module)
         self.optimizer: torch.optim.Optimizer = optimizer
         self.scheduler: Any = scheduler
-
-    # --- checkpoints -----------------------------------------------------------------------------
-
-    def _resume_weights(self, checkpoint: CheckpointSource) -> dict[str, Any]:
-        """Load a checkpoint's position, protection and adapter weights; the optimizer's state,
-        returned, is loaded once the optimizer exists (:meth:`_resume_optimizer`)."""
-        with checkpoint.as_directory() as directory:
-            saved, forgetting = read_checkpoint(Path(directory))
-        check_resumable(saved.get("options"), self.opts)
-        load_trainable_state(self.peft_model, saved["params"])
-        self.state = RunState.resumed(saved)
-        if forgetting is not None:
-            device = next(iter(trainable_parameters(self.peft_model).values())).device
-            self.protection = ForgettingProtection.from_state_dict(forgetting, self.opts, device)
-        log.info("resuming at step %d (epoch %d, window %d)", self.state.step, self.state.epoch, self.state.window)
-        if "seed" not in saved:  # a checkpoint from before finetune.trials
-            self.state.seed = self.opts.seed
-        return saved
-
-    def _resume_optimizer(self, saved: dict[str, Any]) -> None:
-        if self.engine is None:
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            return
-        assert self.checkpoint is not None
-        with self.checkpoint.as_directory() as directory:
-            self.engine.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag="state", load_module_strict=False)
-
-    def save_checkpoint(self, directory: Path) -> None:
-        """Write this rank's part of a checkpoint into ``directory``: rank 0 the adapter (PEFT
-        files), the position and the optimizer, and with DeepSpeed every rank its partition of
-        the optimizer state (Ray merges the ranks' folders)."""
-        opts, rank = self.opts, self.rank
-        with full_parameters(opts, self.peft_model):
-            params = trainable_state(self.peft_model, None)
-            if rank == 0:
-                self.peft_model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
-        if rank == 0:
-            train_state = {**self.state.__dict__, "params": params, "options": run_options(opts)}
-            if self.engine is None:
-                train_state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
-            torch.save(train_state, directory / STATE_FILE)
-            if self.protection is not None:
-                torch.save(self.protection.state_dict(), directory / FORGETTING_FILE)
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
-
-    def report(self, metrics: dict[str, Any], *, checkpoint: str | None = None) -> None:
-        """Report on every rank (it is a barrier); with ``checkpoint``, a checkpoint of that name."""
-        if checkpoint is None:
-            self.context.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="kaizen-ckpt-") as tmp:
-            self.save_checkpoint(Path(tmp))
-            keep = self.rank == 0 or self.engine is not None
-            self.context.report(metrics, checkpoint=Path(tmp) if keep else None, name=checkpoint)
 
     # --- training --------------------------------------------------------------------------------
 
@@ -682,10 +620,6 @@ class Trainer(TrialRestarts):
         return {"peak_rss_mb": round(peaks[0], 1), **({"peak_vram_gb": round(peaks[1], 3)} if len(peaks) > 1 else {})}
 
     # --- helpers ---------------------------------------------------------------------------------
-
-    def _attempt_tag(self) -> str:
-        """A checkpoint name's attempt part: none for the first, whose names stay as they were."""
-        return f"attempt{self.state.attempt}-" if self.state.attempt else ""
 
     def _current_lr(self) -> float:
         return float((self.engine.optimizer if self.engine is not None else self.optimizer).param_groups[0]["lr"])

@@ -147,9 +147,13 @@ class TrialRestarts:
         ):
             self._next_attempt(stop_reason)
             stop_reason = self.train_until(self.total_steps)
-        if self.state.attempt > 0 or self.state.earlier is not None:
+        if self.state.attempt > 0:  # another attempt ran (or a checkpoint of one was resumed)
             self._keep_best_attempt(stop_reason)
         return stop_reason
+
+    def _attempt_tag(self) -> str:
+        """A checkpoint name's attempt part: none for the first, whose names stay as they were."""
+        return f"attempt{self.state.attempt}-" if self.state.attempt else ""
 
     def _task_learned(self) -> bool:
         """Whether the kept adapter so far answers ``learned_exact_match`` of the validation rows
