@@ -22,8 +22,9 @@ The chain, each stage in its module of :mod:`app.learning.dataset`:
    (MinHash LSH; ``dedup``), the balance across domain, task and complexity groups (``balancing``);
 4. ``chatml.format_chatml`` → ``features.EmbedBatch`` actors (MiniLM) → ``features.encode_features``;
    with ``dataset.loss_filter_ratio``, a probe (a short LoRA fine-tune of the base model on the pool,
-   the ``finetune`` section's recipe, as a Ray task with one training worker's resources) and the
-   answers whose loss it finds over that multiple of the median dropped (``plausibility``);
+   the ``finetune`` section's recipe, as a Ray task with one training worker's resources, until the
+   pool's median answer loss says it has learned it) and the answers whose loss it finds over that
+   multiple of the median dropped (``plausibility``);
 5. on the driver: the diverse, quality-weighted selection and the split by a hash of the id
    (``select``), and the files (``write``) under ``<model.storage_root>/datasets/<dataset_id>/``:
    ``train.parquet``, ``validation.parquet`` (the seed's schema plus ``messages``), ``train.jsonl``,
@@ -109,11 +110,13 @@ def _loss_filter(
     from app.learning.dataset.plausibility import answer_losses, drop_implausible, probe_options
     from app.learning.ray_trainer import check_requirements, worker_spec
 
-    probe = probe_options(job_options(cfg, "finetune"), opts.loss_filter_steps, opts.seed)
+    probe = probe_options(job_options(cfg, "finetune"), opts.loss_filter_max_steps, opts.seed)
     check_requirements(cfg, probe)
     spec = worker_spec(cfg, probe, ["train"])
     task = ray.remote(answer_losses).options(num_cpus=probe.cpus_per_worker, num_gpus=1 if probe.use_gpu else 0)
-    losses, final = ray.get(task.remote(spec, [str(m) for m in batch["messages"]]))
+    losses, final = ray.get(
+        task.remote(spec, [str(m) for m in batch["messages"]], opts.loss_filter_steps, opts.loss_filter_learned_loss)
+    )
     return drop_implausible(batch, losses, final, opts.loss_filter_ratio, opts.loss_filter_max_share)
 
 
@@ -313,9 +316,10 @@ def summary(manifest: DatasetManifest) -> str:
 def _describe_filter(f: LossFilterInfo) -> str:
     if f.loss_fell is False:
         return f"  loss filter: the probe's loss did not fall in {f.steps} steps, so it judged nothing"
+    learned = {True: "learned the pool", False: "did not reach the learned loss", None: ""}[f.learned]
     return (
-        f"  loss filter: probe {f.steps} steps on {f.rows} rows ({f.train_time_s:.1f} s), median answer loss "
-        f"{f.median_loss}, {f.over_limit} over {f.limit}, {f.dropped} dropped"
+        f"  loss filter: probe {f.steps} steps on {f.rows} rows ({f.train_time_s:.1f} s{', ' if learned else ''}"
+        f"{learned}), median answer loss {f.median_loss}, {f.over_limit} over {f.limit}, {f.dropped} dropped"
     )
 
 

@@ -319,9 +319,12 @@ class Trainer(TrialRestarts, CheckpointIO):
 
     # --- training --------------------------------------------------------------------------------
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, until: Callable[[], bool] | None = None, every: int = 0) -> dict[str, Any]:
         """Train to the end (the trials first, on a fresh run with ``finetune.trials`` > 1), load
-        the best adapter and make the final report and checkpoint; returns its metrics."""
+        the best adapter and make the final report and checkpoint; returns its metrics.
+
+        With ``until``, a question asked after every ``every`` steps (a probe's: has it learned
+        the pool?), training also ends when it answers True, with the stop reason ``until``."""
         if self.validation is not None and self.checkpoint is None:
             # The starting point is a candidate too: an adapter that only gets worse is not kept.
             self.state.initial_val_loss = self.evaluate()["val_loss"]
@@ -333,8 +336,18 @@ class Trainer(TrialRestarts, CheckpointIO):
         if self.opts.trials > 1 and self.checkpoint is None:
             stop_reason = self.run_trials()
         if stop_reason == "completed":
-            stop_reason = self.train_until(self.total_steps)
+            stop_reason = self.train_until(self.total_steps) if until is None else self._train_rounds(until, every)
         return self._finish(self.attempt_again(stop_reason))
+
+    def _train_rounds(self, until: Callable[[], bool], every: int) -> str:
+        """Train ``every`` steps at a time to the end, asking ``until`` after each round but the
+        last; the stop reason (``until`` when it answered True)."""
+        while True:
+            stop_reason = self.train_until(min(self.state.step + max(1, every), self.total_steps))
+            if stop_reason != "completed" or self.state.step >= self.total_steps:
+                return stop_reason
+            if until():
+                return "until"
 
     def train_until(self, limit: float, trial: bool = False) -> str:
         """Train from the state's position to step ``limit`` (or an earlier stop); the stop reason.

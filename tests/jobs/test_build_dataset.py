@@ -202,6 +202,7 @@ def test_the_loss_filter_drops_the_answers_its_probe_finds_implausible(scored, c
         # The tiny model's losses lie within a few percent of each other: above the median, at most a fifth.
         loss_filter_ratio=1.0,
         loss_filter_steps=10,
+        loss_filter_max_steps=10,
     )
     manifest = main(run_cfg, opts)
     f, probe = manifest.funnel, manifest.loss_filter

@@ -267,6 +267,16 @@ class LossFilterInfo(BaseModel):
     limit: float | None = Field(description="The loss above which a row was implausible: ratio times the median.")
     over_limit: int = Field(description="Rows (not corrections) above the limit.")
     dropped: int = Field(description="Rows removed: those over the limit, at most max_share of the rows.")
+    rounds: list[dict[str, float]] = Field(
+        default_factory=list, description="After each round of the probe's training: its step and the median loss."
+    )
+    learned: bool | None = Field(
+        None,
+        description=(
+            "Whether the probe's last median loss was at most dataset.loss_filter_learned_loss (it stopped "
+            "there); False: it trained to loss_filter_max_steps without getting there, and judged with what it had."
+        ),
+    )
     dropped_rows: dict[str, float] = Field(
         description="The removed rows' interaction ids and losses, highest loss first (for review)."
     )

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from app.learning.dataset.batch import rows_to_batch
 from app.learning.dataset.plausibility import answer_losses, drop_implausible, implausible_rows, probe_options
@@ -114,3 +115,35 @@ def test_the_probe_trains_a_fresh_adapter_alone_for_its_steps() -> None:
         None,
     )
     assert probe.max_steps == 120 and probe.seed == 7 and probe.objective == "sft" and probe.num_workers == 1
+
+
+def test_the_probe_stops_at_the_first_round_it_has_learned_the_pool(model_root: Path) -> None:
+    messages = list(_pool()["messages"])
+    # Every median is under 100: learned after the first round of 10 steps.
+    losses, final = answer_losses(_spec(model_root), messages, every=10, learned_loss=100.0)
+    assert final["step"] == 10 and final["stop_reason"] == "until" and final["learned"] is True
+    assert [r["step"] for r in final["rounds"]] == [10] and len(losses) == 40
+    assert math.isclose(final["rounds"][0]["median_loss"], float(np.median(losses)), rel_tol=1e-5)
+
+
+def test_a_probe_that_does_not_learn_the_pool_trains_to_its_cap_measured_each_round(model_root: Path) -> None:
+    messages = list(_pool()["messages"])
+    # The tiny model's median stays near 11: never under 0.05, so the probe trains its 30 steps.
+    losses, final = answer_losses(_spec(model_root), messages, every=10, learned_loss=0.05)
+    assert final["step"] == 30 and final["stop_reason"] == "max_steps" and final["learned"] is False
+    medians = [r["median_loss"] for r in final["rounds"]]
+    assert [r["step"] for r in final["rounds"]] == [10, 20, 30] and medians[2] < medians[0]
+    # Measuring between rounds changes nothing: the same losses as the probe trained in one go.
+    once, _ = answer_losses(_spec(model_root), messages)
+    np.testing.assert_allclose(losses, once, rtol=1e-5)
+    _, info = drop_implausible(_pool(), losses, final, ratio=1.03, max_share=0.2)
+    assert info.learned is False and [r["step"] for r in info.rounds] == [10, 20, 30] and info.dropped == 3
+
+
+def test_the_probe_cap_must_cover_its_first_round() -> None:
+    from pydantic import ValidationError
+
+    from app.learning.dataset import DatasetConfig
+
+    with pytest.raises(ValidationError, match="loss_filter_max_steps \\(100\\) must be at least loss_filter_steps"):
+        DatasetConfig(loss_filter_steps=300, loss_filter_max_steps=100)
