@@ -11,7 +11,7 @@ that contradicts them keeps a loss far above the rest (measured in the data-sele
 ``benchmarks/data_selection.py``: README).
 
 * :func:`probe_options`: the cycle's fine-tuning options made a probe's (a fresh adapter, no
-  validation, trials, rehearsal or protection, ``steps`` optimizer steps);
+  validation, trials, rehearsal or protection, at most ``steps`` optimizer steps);
 * :func:`answer_losses`: trains the probe in this process (the same :class:`~app.learning.trainer.Trainer`
   as every run, on a :class:`~app.learning.worker_context.LocalContext`), a round of steps at a time
   until the median answer loss over the pool says it has learned what most answers say (or to its
@@ -27,9 +27,10 @@ the base model's, which would take a new task's answers for mistakes, so no row 
 
 A probe judges well only once it has learned the pool, and how many steps that takes depends on the
 base model and the seed: on the data-selection benchmark's pool of 1,767 rows (206 poor) one base
-had a median answer loss of 0.46 after a 300-step probe, whose 5x limit left 130 poor rows in; the
-same probe trained on to 600 steps had a median of 0.035 and dropped all 206 (README). So the probe
-trains in rounds until the median is low enough (``dataset.loss_filter_learned_loss``), with a cap.
+had a median answer loss of 0.46 after a 300-step probe, whose 5x limit left 130 poor rows in; a
+probe whose rate decayed over 1,200 steps had a median of 0.035 at step 600, and dropped all 206
+(README). So the probe trains in rounds until the median is low enough
+(``dataset.loss_filter_learned_loss``), with a cap.
 """
 
 from __future__ import annotations
