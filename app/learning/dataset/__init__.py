@@ -28,7 +28,8 @@ job's order:
 7. :mod:`.features`: :class:`EmbedBatch` (MiniLM): an embedding of each request;
    :func:`encode_features`;
 7c. :mod:`.plausibility` (with ``dataset.loss_filter_ratio``): a probe, a short LoRA fine-tune of
-   the base model on the pool run as a Ray task, measures each answer's loss, and
+   the base model on the pool run as a Ray task (in rounds, until the pool's median answer loss
+   says it has learned what most answers say), measures each answer's loss, and
    :func:`~.plausibility.drop_implausible` removes the answers far above the median (the assistant's
    mistakes that users rated well; never a correction); imported from its module (it loads torch);
 8. :mod:`.select`: on the driver, :func:`select_diverse` (k-center greedy or k-means over the
