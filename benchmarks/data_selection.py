@@ -471,7 +471,7 @@ def run_seed(o: Options, base_dir: Path, work: Path, sets: tuple[str, ...]) -> d
             f"  seed {o.seed} loss filter: {probe.dropped} of {probe.rows} rows dropped "
             f"({result['selection']['loss_filter']['dropped_poor']} poor), probe {probe.steps} steps "
             f"{probe_s:.0f} s, median loss "
-            + " ".join(f"{r['step']:.0f}:{r['median_loss']:.3f}" for r in probe.rounds)
+            + " ".join(f"{r.step}:{r.median_loss:.3f}" for r in probe.rounds)
             + ("" if probe.learned else " (did not reach the learned loss)"),
             flush=True,
         )

@@ -56,6 +56,7 @@ __all__ = [
     "DatasetManifest",
     "Funnel",
     "LossFilterInfo",
+    "ProbeRound",
     "QualityHistogram",
     "QueryInfo",
     "content_hash",
@@ -255,6 +256,15 @@ class Funnel(BaseModel):
     validation_pairs: int = Field(0, description="Preference pairs in validation_preferences.parquet.")
 
 
+class ProbeRound(BaseModel):
+    """The loss filter's probe after one round of training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(description="The probe's optimizer steps so far.")
+    median_loss: float = Field(description="Median loss per answer token over the pool at that step.")
+
+
 class LossFilterInfo(BaseModel):
     """What the loss filter did (a manifest's ``loss_filter``)."""
 
@@ -267,7 +277,7 @@ class LossFilterInfo(BaseModel):
     limit: float | None = Field(description="The loss above which a row was implausible: ratio times the median.")
     over_limit: int = Field(description="Rows (not corrections) above the limit.")
     dropped: int = Field(description="Rows removed: those over the limit, at most max_share of the rows.")
-    rounds: list[dict[str, float]] = Field(
+    rounds: list[ProbeRound] = Field(
         default_factory=list, description="After each round of the probe's training: its step and the median loss."
     )
     learned: bool | None = Field(

@@ -137,7 +137,7 @@ def test_a_probe_that_does_not_learn_the_pool_trains_to_its_cap_measured_each_ro
     once, _ = answer_losses(_spec(model_root), messages)
     np.testing.assert_allclose(losses, once, rtol=1e-5)
     _, info = drop_implausible(_pool(), losses, final, ratio=1.03, max_share=0.2)
-    assert info.learned is False and [r["step"] for r in info.rounds] == [10, 20, 30] and info.dropped == 3
+    assert info.learned is False and [r.step for r in info.rounds] == [10, 20, 30] and info.dropped == 3
 
 
 def test_the_probe_cap_must_cover_its_first_round() -> None:
